@@ -1,0 +1,19 @@
+// Every labelkit op schema, in one place. Kernels register per device in ops/cpu and ops/cuda;
+// fake (meta) kernels and autograd are registered from Python (labelkit_ext/ops/).
+#include <torch/library.h>
+
+TORCH_LIBRARY(labelkit, m) {
+  // Shannon entropy (natural log) of softmax over the last dim: [..., C] -> [...].
+  // float32 out for float16/bfloat16/float32 in, float64 for float64.
+  m.def("softmax_entropy(Tensor logits) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_softmax_entropy_backward(Tensor grad, Tensor logits, Tensor entropy) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // One pass over logits [N, C]: entropy [N], uncertain [N] (entropy >= threshold),
+  // prediction [N] (argmax), and with clusters [C] (ids 0..num_clusters-1) the softmax mass
+  // per cluster [N, S] and its argmax [N]; without clusters those are [N, 0] and [0].
+  m.def(
+      "entropy_gate(Tensor logits, float threshold, Tensor? clusters, SymInt num_clusters) -> "
+      "(Tensor entropy, Tensor uncertain, Tensor prediction, Tensor cluster_probs, Tensor cluster)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,172 @@
+// Per-element math of the softmax-entropy op family, shared by the CPU and CUDA kernels so
+// that CPU tests check the arithmetic the GPU runs.
+//
+// For one row z[0..C) with max m, write d_j = z_j - m, e_j = exp(d_j), s = sum e_j and
+// t = sum e_j d_j. Then p_j = e_j / s, log p_j = d_j - log s and the Shannon entropy is
+//     H = -sum p_j log p_j = log s - t / s,
+// a sum of two non-negative terms (d_j <= 0), so it never cancels. Partial (m, s, t) triples
+// merge exactly (see merge()), which lets a GPU row be split across threads in one pass.
+//
+// Policy for special values (documented in docs/ops/entropy.md):
+//   z_j == -inf   a masked class: contributes exactly 0 to s, t and to the gradient.
+//   row all -inf  s == 0: H is NaN (softmax is undefined), like torch.softmax.
+//   NaN or +inf   propagates: H is NaN.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define LK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline: CPU loops are compiled once per ISA (target_clones) and must inline this math
+// to vectorise it in each clone.
+#define LK_HD inline __attribute__((always_inline))
+#else
+#define LK_HD inline
+#endif
+
+namespace labelkit {
+namespace entropy {
+
+template <typename T>
+LK_HD T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+LK_HD float bits_to_float(int32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(bits);
+#else
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+// exp(x) for float, accurate to ~2 ulp on [-87.3, 88]: Cody-Waite reduction by ln 2 and a
+// degree-7 polynomial. Branch-free (selects only), so CPU loops over it auto-vectorise; the GPU
+// runs the same instructions. Underflow flushes to 0, NaN propagates.
+LK_HD float fast_exp(float x) {
+  const float kLo = -87.33654475f;  // exp(kLo) is the smallest normal float
+  const float kHi = 88.0f;          // keeps 2^k finite below
+  // Clamp with selects, not fminf/fmaxf: their NaN rules stop vectorisation (NaN passes
+  // through here and is restored at the end).
+  float xc = x < kLo ? kLo : x;
+  xc = xc > kHi ? kHi : xc;
+  const float k = floorf(fmaf(xc, 1.44269504088896341f, 0.5f));
+  float r = fmaf(k, -0.693359375f, xc);  // ln 2 split in two for an exact first product
+  r = fmaf(k, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fmaf(p, r, 1.3981999507e-3f);
+  p = fmaf(p, r, 8.3334519073e-3f);
+  p = fmaf(p, r, 4.1665795894e-2f);
+  p = fmaf(p, r, 1.6666665459e-1f);
+  p = fmaf(p, r, 5.0000001201e-1f);
+  p = fmaf(p, r * r, r + 1.0f);
+  const float scale = bits_to_float((static_cast<int32_t>(k) + 127) << 23);
+  float y = p * scale;
+  y = x < kLo ? 0.0f : y;
+  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
+  return x != x ? x : y;
+}
+
+// float64 (used for gradcheck) keeps libm's exp.
+LK_HD double fast_exp(double x) {
+  return ::exp(x);
+}
+
+LK_HD float fast_log(float x) {
+  return ::logf(x);
+}
+
+LK_HD double fast_log(double x) {
+  return ::log(x);
+}
+
+// Contribution of one logit z to (s, t) relative to the row max m.
+template <typename T>
+LK_HD void term(T z, T m, T& e, T& ed) {
+  const T d = z - m;
+  const T ex = fast_exp(d);
+  const bool masked = z == neg_inf<T>();  // avoids 0 * -inf
+  e = masked ? T(0) : ex;
+  ed = masked ? T(0) : ex * d;
+}
+
+// Partial softmax moments of a slice of a row: max, s and t relative to that max.
+template <typename T>
+struct Moments {
+  T m;
+  T s;
+  T t;
+};
+
+template <typename T>
+LK_HD Moments<T> empty_moments() {
+  return Moments<T>{neg_inf<T>(), T(0), T(0)};
+}
+
+// Moments of a + b. Rescaling by exp(m_a - m) moves a's sums to the common max m:
+// e^{z-m} = e^{z-m_a} e^{m_a-m} and (z - m) = (z - m_a) + (m_a - m).
+template <typename T>
+LK_HD Moments<T> merge(const Moments<T>& a, const Moments<T>& b) {
+  if (a.m == neg_inf<T>() && a.s == T(0)) return b;  // nothing seen (or only masked) in a
+  if (b.m == neg_inf<T>() && b.s == T(0)) return a;
+  const T m = a.m > b.m ? a.m : b.m;
+  const T ra = fast_exp(a.m - m);
+  const T rb = fast_exp(b.m - m);
+  const T da = a.m - m;
+  const T db = b.m - m;
+  Moments<T> out;
+  out.m = m;
+  out.s = a.s * ra + b.s * rb;
+  out.t = ra * (a.t + da * a.s) + rb * (b.t + db * b.s);
+  return out;
+}
+
+// Online update with one logit: the single-pass form the GPU uses.
+template <typename T>
+LK_HD void push(Moments<T>& acc, T z) {
+  if (z == neg_inf<T>()) return;  // masked class
+  if (z > acc.m) {
+    // New max: move the sums (0 when empty) to it. m - z < 0 so the rescale cannot overflow.
+    const T d_old = acc.m - z;
+    const T r = acc.s == T(0) ? T(0) : fast_exp(d_old);
+    acc.t = acc.s == T(0) ? T(0) : r * (acc.t + d_old * acc.s);
+    acc.s = acc.s * r;
+    acc.m = z;
+  }
+  T e, ed;
+  term(z, acc.m, e, ed);  // NaN z (never > m) lands here and poisons s and t
+  acc.s += e;
+  acc.t += ed;
+}
+
+// H = log s - t / s; NaN when the row had no finite mass (s == 0) or held a NaN.
+template <typename T>
+LK_HD T entropy_from(T s, T t) {
+  return fast_log(s) - t / s;
+}
+
+// d H / d z_j = -p_j (log p_j + H), scaled by the incoming gradient g.
+template <typename T>
+LK_HD T entropy_grad(T z, T m, T log_s, T H, T g) {
+  if (z == neg_inf<T>()) return T(0);
+  const T log_p = (z - m) - log_s;
+  const T p = fast_exp(log_p);
+  return -g * p * (log_p + H);
+}
+
+// Argmax ordering: NaN beats everything (as torch.argmax), then larger values; ties keep the
+// earlier index, so callers scan left to right and replace only when strictly better.
+template <typename T>
+LK_HD bool better(T candidate, T best) {
+  if (best != best) return false;
+  return candidate != candidate || candidate > best;
+}
+
+}  // namespace entropy
+}  // namespace labelkit

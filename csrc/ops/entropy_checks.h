@@ -1,0 +1,48 @@
+// Argument checks shared by the CPU and CUDA kernels of the entropy family. The messages match
+// the Python wrappers' (labelkit_ext/ops/entropy.py), which check first with the same words.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace labelkit {
+
+inline void check_logits(const at::Tensor& logits, const char* op, int64_t min_dim) {
+  TORCH_CHECK(
+      at::isFloatingType(logits.scalar_type()),
+      op, ": logits must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+      logits.scalar_type());
+  TORCH_CHECK(
+      logits.dim() >= min_dim, op, ": logits must have at least ", min_dim,
+      " dimension(s), got shape ", logits.sizes());
+  TORCH_CHECK(
+      logits.size(-1) > 0, op, ": logits has an empty class dimension (C == 0), got shape ",
+      logits.sizes());
+}
+
+inline void check_gate_args(
+    const at::Tensor& logits,
+    double threshold,
+    const c10::optional<at::Tensor>& clusters,
+    int64_t num_clusters) {
+  check_logits(logits, "entropy_gate", 2);
+  TORCH_CHECK(logits.dim() == 2, "entropy_gate: logits must be 2-D [N, C], got shape ", logits.sizes());
+  TORCH_CHECK(std::isfinite(threshold), "entropy_gate: threshold must be finite, got ", threshold);
+  if (!clusters.has_value()) {
+    TORCH_CHECK(num_clusters == 0, "entropy_gate: num_clusters given without clusters");
+    return;
+  }
+  const at::Tensor& c = *clusters;
+  TORCH_CHECK(
+      c.scalar_type() == at::kLong, "entropy_gate: clusters must be int64, got ", c.scalar_type());
+  TORCH_CHECK(
+      c.dim() == 1 && c.size(0) == logits.size(1),
+      "entropy_gate: clusters must have shape [C] = [", logits.size(1), "], got ", c.sizes());
+  TORCH_CHECK(
+      c.device() == logits.device(), "entropy_gate: clusters must be on the logits' device (",
+      logits.device(), "), got ", c.device());
+  TORCH_CHECK(num_clusters >= 1, "entropy_gate: num_clusters must be >= 1, got ", num_clusters);
+}
+
+}  // namespace labelkit

@@ -1,0 +1,24 @@
+"""labelkit_ext: fused PyTorch ops (C++/CUDA) and thin training modules for label-efficient
+deep learning.
+
+Every op runs its compiled kernel when this build has one for the tensor's device, and its
+pure-PyTorch reference (``labelkit_ext.reference``) otherwise; ``labelkit_ext.info()`` says which.
+"""
+
+from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
+from labelkit_ext._info import info
+from labelkit_ext.ops.entropy import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILD_INFO",
+    "HAS_OPS",
+    "LOAD_ERROR",
+    "EntropyGate",
+    "entropy_gate",
+    "info",
+    "max_entropy_loss",
+    "softmax_entropy",
+    "__version__",
+]

@@ -1,0 +1,100 @@
+"""Loads the compiled extension ``labelkit_ext._C`` and says what it provides.
+
+A leaf module: it imports only torch and the standard library, so every other module can ask
+``HAS_OPS`` / ``has_kernel`` without import cycles. Importing ``_C`` runs its static
+``TORCH_LIBRARY`` registrations, which define every ``torch.ops.labelkit.*`` op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["HAS_OPS", "LOAD_ERROR", "BUILD_INFO", "KERNELS", "has_kernel", "BuildMismatchWarning"]
+
+_HERE = Path(__file__).resolve().parent
+
+
+class BuildMismatchWarning(UserWarning):
+    """The extension was built against another torch than the one installed."""
+
+
+def _env_disabled() -> bool:
+    return os.environ.get("LABELKIT_EXT_NO_EXT", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _read_build_info() -> dict | None:
+    path = _HERE / "_build_info.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _release(version: str) -> str:
+    """'2.14.1+cu130' -> '2.14.1': the local tag does not change the ABI we link against."""
+    return version.split("+")[0]
+
+
+def _check_build(info: dict | None) -> None:
+    if info is None:
+        return
+    built = info.get("torch", "?")
+    if _release(built) != _release(torch.__version__) or info.get("torch_cuda") != torch.version.cuda:
+        warnings.warn(
+            f"labelkit_ext._C was built against torch {built} (CUDA {info.get('torch_cuda')}) but "
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) is installed. Rebuild it: "
+            "`pip install --no-build-isolation --force-reinstall --no-deps .` in the labelkit_ext "
+            "source tree, or reinstall the matching torch.",
+            BuildMismatchWarning,
+            stacklevel=3,
+        )
+
+
+def _load() -> tuple[bool, str | None]:
+    if _env_disabled():
+        return False, "disabled by LABELKIT_EXT_NO_EXT=1"
+    try:
+        from labelkit_ext import _C  # noqa: F401  (registers torch.ops.labelkit)
+    except ImportError as exc:
+        return False, f"labelkit_ext._C could not be imported: {exc}"
+    except OSError as exc:  # a shared-library loading failure (e.g. undefined symbol)
+        return False, f"labelkit_ext._C failed to load: {exc}"
+    return True, None
+
+
+BUILD_INFO: dict | None = _read_build_info()
+if not _env_disabled():
+    _check_build(BUILD_INFO)
+HAS_OPS, LOAD_ERROR = _load()
+
+
+def _compiled_kernels() -> frozenset[tuple[str, str]]:
+    """(op, device_type) pairs with a compiled kernel, read once from the dispatcher."""
+    if not HAS_OPS:
+        return frozenset()
+    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::")]
+    return frozenset(
+        (name, dev)
+        for name in names
+        for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"labelkit::{name}", key)
+    )
+
+
+KERNELS: frozenset[tuple[str, str]] = _compiled_kernels()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when ``torch.ops.labelkit.<op>`` has a compiled kernel for ``device_type``.
+
+    A static fact of the build (a frozen set read at import), so wrappers may branch on it
+    under ``torch.compile``.
+    """
+    return (op, device_type) in KERNELS
