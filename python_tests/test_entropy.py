@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import labelkit_ext
-from labelkit_ext import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
-from labelkit_ext import _ext
+from labelkit_ext import EntropyGate, _ext, entropy_gate, max_entropy_loss, softmax_entropy
 from labelkit_ext.ops.entropy import MAX_ENTROPY_EPS
 from labelkit_ext.reference.entropy import cluster_mass_ref, entropy_gate_ref, softmax_entropy_ref
 

@@ -33,6 +33,27 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
-echo "[install] building labelkit_ext (MAX_JOBS=$MAX_JOBS, CUDA_HOME=${CUDA_HOME:-unset})"
-"$PY" -m pip install --root-user-action=ignore --no-build-isolation --no-deps --quiet -e .
+# Rebuild only when needed: the editable build recompiles everything (about 2 minutes here).
+# LABELKIT_FORCE_REBUILD=1 (or `make clean`) forces it, e.g. after changing a build knob.
+needs_build() {
+  [ "${LABELKIT_FORCE_REBUILD:-0}" = 1 ] && return 0
+  local so
+  so=$(ls labelkit_ext/_C*.so 2>/dev/null | head -n 1)
+  [ -n "$so" ] || return 0
+  [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -print -quit)" ] || return 0
+  # Installed from this tree, and the extension loads.
+  LABELKIT_EXT_NO_EXT=0 "$PY" -P -c "
+import os, sys, labelkit_ext
+here = os.path.realpath('labelkit_ext')
+sys.exit(0 if os.path.realpath(os.path.dirname(labelkit_ext.__file__)) == here and labelkit_ext.HAS_OPS else 1)
+" 2>/dev/null && return 1
+  return 0
+}
+
+if [ "${LABELKIT_EXT_NO_EXT:-0}" = 1 ] || needs_build; then
+  echo "[install] building labelkit_ext (MAX_JOBS=$MAX_JOBS, CUDA_HOME=${CUDA_HOME:-unset})"
+  "$PY" -m pip install --root-user-action=ignore --no-build-isolation --no-deps --quiet -e .
+else
+  echo "[install] labelkit_ext is installed from this tree and up to date (LABELKIT_FORCE_REBUILD=1 to rebuild)"
+fi
 "$PY" -c "import labelkit_ext; print(labelkit_ext.info())"

@@ -18,7 +18,7 @@ namespace {
 int g_failed = 0;
 int g_passed = 0;
 
-#define CHECK(cond)                                                             \
+#define EXPECT(cond)                                                             \
   do {                                                                          \
     if (!(cond)) {                                                              \
       std::fprintf(stderr, "  check failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
@@ -68,10 +68,10 @@ void test_fast_exp_accuracy() {
     const double exact = std::exp(static_cast<double>(x));
     worst = std::max(worst, std::abs(labelkit::entropy::fast_exp(x) - exact) / exact);
   }
-  CHECK(worst < 4e-7);  // ~3 ulp of float
-  CHECK(labelkit::entropy::fast_exp(-1000.0f) == 0.0f);
-  CHECK(labelkit::entropy::fast_exp(-INFINITY) == 0.0f);
-  CHECK(std::isnan(labelkit::entropy::fast_exp(NAN)));
+  EXPECT(worst < 4e-7);  // ~3 ulp of float
+  EXPECT(labelkit::entropy::fast_exp(-1000.0f) == 0.0f);
+  EXPECT(labelkit::entropy::fast_exp(-INFINITY) == 0.0f);
+  EXPECT(std::isnan(labelkit::entropy::fast_exp(NAN)));
 }
 
 void test_merge_equals_push() {
@@ -87,8 +87,8 @@ void test_merge_equals_push() {
     for (size_t j = cut; j < z.size(); ++j) labelkit::entropy::push(b, z[j]);
     const M ab = labelkit::entropy::merge(a, b);
     const M ba = labelkit::entropy::merge(b, a);
-    CHECK(ab.m == whole.m && ab.s == ba.s && ab.t == ba.t);  // commutative, bit for bit
-    CHECK(std::abs(ab.s - whole.s) < 1e-6f && std::abs(ab.t - whole.t) < 1e-5f);
+    EXPECT(ab.m == whole.m && ab.s == ba.s && ab.t == ba.t);  // commutative, bit for bit
+    EXPECT(std::abs(ab.s - whole.s) < 1e-6f && std::abs(ab.t - whole.t) < 1e-5f);
   }
 }
 
@@ -96,11 +96,11 @@ void test_softmax_entropy_matches_libtorch() {
   at::manual_seed(0);
   for (int64_t C : {1, 7, 100, 1000, 40000}) {
     const at::Tensor x = at::randn({9, C}) * 3;
-    CHECK(close(entropy_op(x), entropy_libtorch(x)));
-    CHECK(close(entropy_op(x.to(at::kBFloat16)), entropy_libtorch(x.to(at::kBFloat16))));
+    EXPECT(close(entropy_op(x), entropy_libtorch(x)));
+    EXPECT(close(entropy_op(x.to(at::kBFloat16)), entropy_libtorch(x.to(at::kBFloat16))));
   }
   const at::Tensor x3 = at::randn({4, 5, 6}).transpose(0, 2);  // non-contiguous, 3-D
-  CHECK(close(entropy_op(x3), entropy_libtorch(x3)));
+  EXPECT(close(entropy_op(x3), entropy_libtorch(x3)));
 }
 
 void test_gate_matches_libtorch() {
@@ -108,12 +108,12 @@ void test_gate_matches_libtorch() {
   const at::Tensor x = at::randn({33, 12}) * 2;
   const at::Tensor clusters = at::tensor(std::vector<int64_t>{0, 1, 2, 0, 1, 2, 3, 3, 0, 1, 2, 3});
   const auto [H, unc, pred, cprob, cl] = gate_op(x, 1.5, clusters, 4);
-  CHECK(close(H, entropy_libtorch(x)));
-  CHECK(at::equal(unc, H >= 1.5));
-  CHECK(at::equal(pred, x.argmax(-1)));
+  EXPECT(close(H, entropy_libtorch(x)));
+  EXPECT(at::equal(unc, H >= 1.5));
+  EXPECT(at::equal(pred, x.argmax(-1)));
   const at::Tensor mass = at::zeros({33, 4}, at::kDouble).index_add_(1, clusters, at::softmax(x.to(at::kDouble), -1));
-  CHECK(close(cprob, mass));
-  CHECK(at::equal(cl, cprob.argmax(-1)));
+  EXPECT(close(cprob, mass));
+  EXPECT(at::equal(cl, cprob.argmax(-1)));
 }
 
 void test_gate_rejects_bad_cluster_ids() {
@@ -124,7 +124,7 @@ void test_gate_rejects_bad_cluster_ids() {
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("num_clusters = 2") != std::string::npos;
   }
-  CHECK(threw);
+  EXPECT(threw);
 }
 
 }  // namespace
