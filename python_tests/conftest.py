@@ -54,3 +54,11 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(
             f"LABELKIT_EXT_REQUIRE_EXT=1 but the extension did not load: {_ext.LOAD_ERROR}"
         )
+    # CI also sets LABELKIT_EXT_REQUIRE_CUDA_BUILD=1: the CUDA kernels must have been compiled
+    # (they cannot run there, but they must never rot).
+    if (
+        os.environ.get("LABELKIT_EXT_REQUIRE_CUDA_BUILD") == "1"
+        and _ext.HAS_OPS
+        and not any(dev == "cuda" for _, dev in _ext.KERNELS)
+    ):
+        raise pytest.UsageError("LABELKIT_EXT_REQUIRE_CUDA_BUILD=1 but no CUDA kernel was compiled")

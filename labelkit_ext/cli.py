@@ -1,0 +1,135 @@
+"""The ``labelkit`` command: ``info``, ``run <method>``, ``bench <op>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "find_bench_dir", "main"]
+
+BENCH_DIR = "bench"
+
+
+def _add_info(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("info", help="extension, kernels, GPU and versions")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    from labelkit_ext.methods import load_methods
+    from labelkit_ext.methods.common import add_data_arguments, add_run_arguments
+
+    parser = commands.add_parser(
+        "run",
+        help="run a method (labelkit run <method> --help)",
+        description="Run a method; each writes OUT/results.json and PNG plots and prints a table. "
+        "Under `torchrun --nproc_per_node=N -m labelkit_ext run ...` training is data parallel.",
+    )
+    methods = parser.add_subparsers(dest="method", metavar="<method>", required=True)
+    for name, method in sorted(load_methods().items()):
+        sub = methods.add_parser(name, help=method.help, description=method.help)
+        add_data_arguments(sub)
+        add_run_arguments(sub)
+        if method.add_arguments is not None:
+            method.add_arguments(sub)
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="run bench/bench_<op>.py from the source tree",
+        description="Run bench/bench_<op>.py; the arguments after <op> are passed through.",
+    )
+    parser.add_argument(
+        "--bench-dir",
+        default=None,
+        metavar="DIR",
+        help="the bench/ folder (default: ./bench, else the one beside the package)",
+    )
+    parser.add_argument("op", help="the op to benchmark, e.g. entropy")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``labelkit`` argument parser (methods are loaded to build ``run``)."""
+    parser = argparse.ArgumentParser(
+        prog="labelkit", description="labelkit_ext: label-efficient deep learning"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    _add_info(commands)
+    _add_run(commands)
+    _add_bench(commands)
+    return parser
+
+
+def find_bench_dir(override: str | None = None) -> Path:
+    """``override``, else ``./bench``, else ``bench/`` beside the installed package's folder."""
+    import labelkit_ext
+
+    candidates = (
+        [Path(override)]
+        if override
+        else [
+            Path.cwd() / BENCH_DIR,
+            Path(labelkit_ext.__file__).resolve().parent.parent / BENCH_DIR,
+        ]
+    )
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"no bench/ folder found (looked in {looked}); the benchmarks live in the source tree, "
+        "not in the installed package: run from the labelkit_ext checkout or pass --bench-dir"
+    )
+
+
+def _bench(op: str, args: Sequence[str], bench_dir: str | None) -> int:
+    folder = find_bench_dir(bench_dir)
+    script = folder / f"bench_{op}.py"
+    if not script.is_file():
+        ops = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
+        raise FileNotFoundError(f"{script} not found; benchmarks in {folder}: {ops or 'none'}")
+    # From the source root, as `python bench/bench_<op>.py` would be run.
+    return subprocess.call([sys.executable, str(script), *args], cwd=folder.parent)
+
+
+def _info(as_json: bool) -> int:
+    from labelkit_ext import info
+
+    print(json.dumps(info(as_dict=True), indent=2, default=str) if as_json else info())
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from labelkit_ext.engine import init_distributed, shutdown_distributed
+    from labelkit_ext.methods import get_method
+
+    init_distributed(args.device)
+    try:
+        get_method(args.method).run(args)
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``labelkit`` / ``python -m labelkit_ext``; returns the exit status.
+
+    Mistakes in what was asked for (a missing data file, a bad option value) print one
+    ``labelkit: error:`` line and return 2; anything else raises with its traceback.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info(args.json)
+        if args.command == "bench":
+            return _bench(args.op, args.args, args.bench_dir)
+        return _run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"labelkit: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,170 @@
+"""The shared pieces of every data set: what a loader returns, datasets, splits, resizing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    "DatasetInfo",
+    "ArraySplit",
+    "FileSplit",
+    "RawDataset",
+    "TensorImageDataset",
+    "ImageFileDataset",
+    "resize_images",
+    "holdout_indices",
+]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and the metrics need to know about a data set."""
+
+    name: str
+    task: str  # "multiclass" (binary is 2-class) or "multilabel"
+    class_names: tuple[str, ...]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool = False  # horizontal flips preserve the label (natural images, not digits)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class ArraySplit:
+    """One split held in memory: ``images`` uint8 (N, C, H, W); ``targets`` int64 (N,) or
+    float32 multi-hot (N, K)."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: np.ndarray) -> ArraySplit:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return ArraySplit(self.images[idx], self.targets[idx])
+
+
+@dataclass
+class FileSplit:
+    """One split of image files read lazily; ``groups`` (e.g. patient IDs) keep a hold-out
+    from leaking one patient into both sides."""
+
+    paths: list[Path]
+    targets: torch.Tensor
+    groups: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: np.ndarray) -> FileSplit:
+        idx = [int(i) for i in index]
+        groups = [self.groups[i] for i in idx] if self.groups else []
+        return FileSplit([self.paths[i] for i in idx], self.targets[idx], groups)
+
+
+@dataclass
+class RawDataset:
+    """What a loader returns: splits by name ("train", "test", optionally "val")."""
+
+    task: str
+    class_names: tuple[str, ...]
+    splits: dict[str, ArraySplit | FileSplit]
+    in_channels: int
+    flip: bool = False  # horizontal flip is label-preserving (natural images, not digits)
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images in memory; ``transform`` maps a (C, H, W) uint8 tensor to the model input."""
+
+    def __init__(self, split: ArraySplit, transform: Callable | None = None) -> None:
+        self.images = split.images
+        self.targets = split.targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+class ImageFileDataset(Dataset):
+    """Grayscale image files read on demand and resized to ``image_size`` squares."""
+
+    def __init__(
+        self, split: FileSplit, image_size: int, transform: Callable | None = None
+    ) -> None:
+        self.paths = split.paths
+        self.targets = split.targets
+        self.image_size = image_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 (1, image_size, image_size)."""
+        with Image.open(self.paths[i]) as im:
+            # Some official NIH PNGs are RGBA; "L" makes every one single-channel.
+            im = im.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
+            return TF.pil_to_tensor(im)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.load(i)
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 (N, C, H, W) images to (size, size) with antialiased bilinear filtering."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.nn.functional.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def holdout_indices(
+    targets: torch.Tensor, fraction: float, seed: int, groups: Sequence[str] = ()
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(len(targets))`` into (keep, held_out) with ``fraction`` held out.
+
+    Grouped when ``groups`` is given (no group on both sides), stratified for class labels
+    when every class can appear on both sides, random otherwise. Sorted, deterministic in
+    ``seed``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    n = len(targets)
+    index = np.arange(n)
+    if groups:
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        keep, held = next(splitter.split(index, groups=list(groups)))
+        return np.sort(keep), np.sort(held)
+    stratify = targets.numpy() if targets.ndim == 1 and _stratifiable(targets, fraction) else None
+    keep, held = train_test_split(index, test_size=fraction, random_state=seed, stratify=stratify)
+    return np.sort(keep), np.sort(held)
+
+
+def _stratifiable(labels: torch.Tensor, fraction: float) -> bool:
+    # scikit-learn needs >= 2 members per class and room for every class on both sides.
+    counts = torch.bincount(labels)
+    counts = counts[counts > 0]
+    n_held = int(np.ceil(fraction * len(labels)))
+    return bool(counts.min() >= 2) and len(counts) <= min(n_held, len(labels) - n_held)

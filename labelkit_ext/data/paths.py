@@ -1,0 +1,50 @@
+"""Where data lives, and the error that says what is missing and where to get it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["DATA_ENV", "DataNotFoundError", "default_data_dir", "resolve_data_dir", "missing"]
+
+DATA_ENV = "LABELKIT_DATA"
+
+# The source tree's root (the folder holding labelkit_ext/); `../shared/data` is relative to it.
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+SOURCES = {
+    "medmnist": "MedMNIST v2 on Zenodo (https://zenodo.org/records/6496656), or "
+    "`pip install medmnist` then `python -m medmnist download`",
+    "cifar": "https://www.cs.toronto.edu/~kriz/cifar.html",
+    "nih": "https://nihcc.app.box.com/v/ChestXray-NIHCC",
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data file or folder is missing; the message names it, the layout and the source."""
+
+
+def default_data_dir() -> Path:
+    """The data folder used when none is given: ``$LABELKIT_DATA``, else ``../shared/data``.
+
+    ``../shared/data`` is taken relative to the source tree's root, then to the current
+    directory (for an installed package run from the project root).
+    """
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    candidates = [_PROJECT_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``data_dir`` as a path (a folder or a single data file), or the default data folder."""
+    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+
+
+def missing(what: str | os.PathLike, layout: str, source: str) -> DataNotFoundError:
+    """The error for a missing file: ``what`` it was, the ``layout`` expected, the ``source`` key."""
+    return DataNotFoundError(
+        f"{what} not found.\nExpected layout: {layout}\nOfficial release: {SOURCES[source]}\n"
+        f"Pass the folder with --data-dir (or data_dir=...), or set ${DATA_ENV}."
+    )

@@ -1,0 +1,26 @@
+"""Device selection: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["select_device"]
+
+
+def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device for ``spec``; ``auto`` is CUDA when visible, else CPU. Under DDP a bare
+    ``cuda`` (or ``auto`` with GPUs) means this process's GPU, ``cuda:<local_rank>``."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {spec!r} requested but no CUDA GPU is visible; use --device cpu"
+            )
+        device = torch.device(f"cuda:{local_rank}") if spec == "cuda" else torch.device(spec)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
+        return device
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")

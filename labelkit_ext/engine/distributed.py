@@ -1,0 +1,105 @@
+"""Distributed data parallel under ``torchrun``: process group, rank facts, gathering."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "DistInfo",
+    "current_dist",
+    "init_distributed",
+    "shutdown_distributed",
+    "barrier",
+    "broadcast_buffers",
+    "gather_shards",
+    "sum_across_ranks",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, writes checkpoints and results."""
+        return self.rank == 0
+
+
+def current_dist() -> DistInfo:
+    """The running job as torch.distributed sees it (single process when uninitialised)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1 in the
+    environment): NCCL when training on GPUs, gloo on CPU. A no-op otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1 or dist.is_initialized():
+        return current_dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return current_dist()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers before each training forward, but that forward then updates each
+    rank's copy from its own batch; without this, ranks would evaluate slightly different
+    models and rank 0's checkpoint would not be the model every rank scored.
+    """
+    if info.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def sum_across_ranks(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    """Element-wise sums of ``values`` over every rank (``values`` itself for one process)."""
+    if not info.enabled:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_shards(shard: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
+    """Reassemble rows computed on the strided shards ``range(rank, total, world_size)``."""
+    if not info.enabled:
+        return shard
+    pieces: list = [None] * info.world_size
+    dist.all_gather_object(pieces, shard.cpu())
+    out = torch.empty((total, *shard.shape[1:]), dtype=shard.dtype)
+    for rank, piece in enumerate(pieces):
+        out[rank :: info.world_size] = piece
+    return out

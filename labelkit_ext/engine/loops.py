@@ -1,0 +1,416 @@
+"""Train and evaluate loops, and ``fit``: epochs with checkpoints, resume and DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from labelkit_ext.engine.checkpoint import load_checkpoint, save_checkpoint
+from labelkit_ext.engine.config import TrainConfig, build_optimizer, build_scheduler
+from labelkit_ext.engine.device import select_device
+from labelkit_ext.engine.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_buffers,
+    current_dist,
+    gather_shards,
+    sum_across_ranks,
+)
+from labelkit_ext.engine.metrics import classification_metrics, scores_from_logits
+from labelkit_ext.engine.seeding import derive_seed, seed_everything
+
+__all__ = [
+    "LAST_CHECKPOINT",
+    "EpochEnd",
+    "FitResult",
+    "Predictions",
+    "autocast_for",
+    "evaluate",
+    "fit",
+    "loss_for_task",
+    "predict",
+    "prediction_metrics",
+    "train_one_epoch",
+]
+
+LAST_CHECKPOINT = "checkpoint_last.pt"
+
+
+@dataclass
+class Predictions:
+    """Raw outputs over a dataset, in dataset order."""
+
+    logits: torch.Tensor  # float32 (N, K), on the CPU
+    targets: torch.Tensor
+
+    def scores(self, task: str) -> torch.Tensor:
+        return scores_from_logits(self.logits, task)
+
+
+@dataclass
+class EpochEnd:
+    """What a callback sees after each epoch (and after its checkpoint is written)."""
+
+    epoch: int  # epochs completed
+    record: dict
+    model: nn.Module
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # unwrapped from DDP
+    history: list[dict] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
+    resumed_from: int = 0  # epochs already done in the checkpoint resumed from
+    train_seconds: float = 0.0
+
+
+def loss_for_task(task: str) -> nn.Module:
+    """Cross-entropy for class indices, binary cross-entropy on logits for multi-hot targets."""
+    if task == "multiclass":
+        return nn.CrossEntropyLoss()
+    if task == "multilabel":
+        return nn.BCEWithLogitsLoss()
+    raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
+
+
+def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on GPUs that support it, else float16; nothing on CPU (float32)."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _needs_scaler(device: torch.device, amp: bool) -> bool:
+    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def _show_progress(quiet: bool, info: DistInfo) -> bool:
+    return not quiet and info.is_main and sys.stderr.isatty()
+
+
+def _correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """(correct decisions, decisions): argmax hits, or per-label hits at logit 0."""
+    if targets.ndim == 1:
+        return float((logits.argmax(1) == targets).sum()), targets.numel()
+    return float(((logits > 0).float() == targets).sum()), targets.numel()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: bool = False,
+    desc: str = "train",
+    dist_info: DistInfo | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the sample-weighted mean loss and accuracy (over all
+    ranks' samples under DDP)."""
+    model.train()
+    total_loss, correct, decisions, seen = 0.0, 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_for(device, amp):
+            logits = model(images)
+            loss = loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        n = len(targets)
+        total_loss += loss.item() * n
+        hits, count = _correct(logits.detach(), targets)
+        correct, decisions, seen = correct + hits, decisions + count, seen + n
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    total_loss, correct, decisions, seen = sum_across_ranks(
+        [total_loss, correct, decisions, seen], dist_info or current_dist(), device
+    )
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(decisions, 1)}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    batch_size: int = 256,
+    amp: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+    dist_info: DistInfo | None = None,
+) -> Predictions:
+    """Logits and targets for every item of ``dataset``, in order.
+
+    Under DDP each rank scores the strided shard ``range(rank, N, world_size)`` and the shards
+    are gathered, so every rank returns the full, unpadded result.
+    """
+    info = dist_info or current_dist()
+    total = len(dataset)
+    shard = Subset(dataset, range(info.rank, total, info.world_size)) if info.enabled else dataset
+    loader = DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    )
+    model.eval()
+    logits, targets = [], []
+    for images, target in tqdm(
+        loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True
+    ):
+        with autocast_for(device, amp):
+            logits.append(model(images.to(device, non_blocking=True)).float().cpu())
+        targets.append(target)
+    if not logits:  # an empty shard still has to take part in the gather
+        sample = dataset[0][1] if total else torch.zeros(())
+        out_dim = getattr(model, "num_classes", 0)
+        logits, targets = (
+            [torch.zeros(0, out_dim)],
+            [torch.zeros((0, *sample.shape), dtype=sample.dtype)],
+        )
+    return Predictions(
+        gather_shards(torch.cat(logits), total, info),
+        gather_shards(torch.cat(targets), total, info),
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    task: str,
+    device: torch.device,
+    *,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 256,
+    amp: bool = False,
+    num_workers: int = 0,
+    progress: bool = False,
+    dist_info: DistInfo | None = None,
+) -> dict:
+    """``classification_metrics`` of the model on ``dataset``, plus its mean ``loss``."""
+    pred = predict(
+        model,
+        dataset,
+        device,
+        batch_size=batch_size,
+        amp=amp,
+        num_workers=num_workers,
+        progress=progress,
+        dist_info=dist_info,
+    )
+    return prediction_metrics(pred, task, class_names)
+
+
+def prediction_metrics(
+    pred: Predictions, task: str, class_names: Sequence[str] | None = None
+) -> dict:
+    """``classification_metrics`` of ``pred`` plus the mean ``loss`` of its logits."""
+    metrics = classification_metrics(pred.scores(task), pred.targets, task, class_names)
+    metrics["loss"] = float(loss_for_task(task)(pred.logits, pred.targets).item())
+    return metrics
+
+
+def _train_loader(
+    dataset: Dataset, config: TrainConfig, info: DistInfo, device: torch.device
+) -> DataLoader:
+    common = {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "pin_memory": device.type == "cuda",
+    }
+    if info.enabled:
+        sampler = DistributedSampler(
+            dataset, info.world_size, info.rank, shuffle=True, seed=config.seed
+        )
+        return DataLoader(dataset, sampler=sampler, **common)
+    return DataLoader(dataset, shuffle=True, generator=torch.Generator(), **common)
+
+
+def _start_epoch(loader: DataLoader, config: TrainConfig, epoch: int, info: DistInfo) -> None:
+    """Make epoch ``epoch`` a function of (seed, epoch, rank) alone (see ``derive_seed``)."""
+    seed_everything(derive_seed(config.seed, epoch, info.rank))
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(derive_seed(config.seed, epoch))
+
+
+# Settings that change the training trajectory; a resumed run must match its checkpoint on these.
+_TRAJECTORY_FIELDS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "scheduler",
+    "step_size",
+    "gamma",
+    "seed",
+)
+
+
+def _check_resumable(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
+    current = config.to_dict()
+    changed = [
+        f"{k}={saved.get(k)!r} -> {current[k]!r}"
+        for k in _TRAJECTORY_FIELDS
+        if saved.get(k) != current[k]
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained with other settings ({', '.join(changed)}); "
+            "resume with the same settings, or use another --out"
+        )
+
+
+def _log(message: str, config: TrainConfig, info: DistInfo) -> None:
+    if not config.quiet and info.is_main:
+        print(message, flush=True)
+
+
+def _summary(record: dict) -> str:
+    parts = [
+        f"epoch {record['epoch']}",
+        f"lr {record['lr']:.4g}",
+        f"train loss {record['train_loss']:.4f}",
+    ]
+    parts += [
+        f"val {k} {record[f'val_{k}']:.4f}"
+        for k in ("loss", "accuracy", "auc")
+        if record.get(f"val_{k}") is not None
+    ]
+    return " | ".join(parts + [f"{record['seconds']:.1f}s"])
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    task: str,
+    config: TrainConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    class_names: Sequence[str] | None = None,
+    callbacks: Sequence[Callable[[EpochEnd], None]] = (),
+    loss_fn: nn.Module | None = None,
+) -> FitResult:
+    """Train ``model`` for ``config.epochs`` epochs, validating after each.
+
+    With ``out_dir``, rank 0 writes ``out_dir/checkpoint_last.pt`` (model, optimiser,
+    scheduler, scaler, history) after every epoch; ``resume`` continues from it (a fresh start
+    when there is none). Under torchrun (see ``init_distributed``) the model is wrapped in
+    DDP and each rank trains on its ``DistributedSampler`` share. Seed the model's
+    initialisation yourself (``seed_everything``) before building it.
+    """
+    info = current_dist()
+    device = select_device(config.device, info.local_rank)
+    model = model.to(device)
+    optimizer = build_optimizer(model.parameters(), config)
+    scheduler = build_scheduler(optimizer, config)
+    scaler = torch.amp.GradScaler("cuda") if _needs_scaler(device, config.amp) else None
+    loss_fn = loss_fn or loss_for_task(task)
+    checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
+    result = FitResult(model=model, device=device)
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = load_checkpoint(checkpoint, map_location=device)
+        _check_resumable(state["config"], config, checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
+        _log(f"resumed from {checkpoint} after epoch {result.resumed_from}", config, info)
+    elif resume:
+        _log(f"no checkpoint at {checkpoint}; starting from scratch", config, info)
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.enabled
+        else model
+    )
+    loader = _train_loader(train_set, config, info, device)
+    progress = _show_progress(config.quiet, info)
+    start = time.perf_counter()
+    for epoch in range(result.resumed_from, config.epochs):
+        tic = time.perf_counter()
+        _start_epoch(loader, config, epoch, info)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(
+            net,
+            loader,
+            optimizer,
+            loss_fn,
+            device,
+            amp=config.amp,
+            scaler=scaler,
+            progress=progress,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            dist_info=info,
+        )
+        scheduler.step()
+        broadcast_buffers(model, info)
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+        }
+        if val_set is not None:
+            val = evaluate(
+                model,
+                val_set,
+                task,
+                device,
+                class_names=class_names,
+                batch_size=config.eval_batch_size,
+                amp=config.amp,
+                num_workers=config.num_workers,
+                dist_info=info,
+            )
+            record.update(
+                {"val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_auc": val["auc"]}
+            )
+        record["seconds"] = time.perf_counter() - tic
+        result.history.append(record)
+        _log(_summary(record), config, info)
+        if checkpoint is not None and info.is_main:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "history": result.history,
+                    "config": config.to_dict(),
+                },
+            )
+        barrier(info)
+        for callback in callbacks:
+            callback(EpochEnd(epoch + 1, record, model))
+    result.train_seconds = time.perf_counter() - start
+    return result

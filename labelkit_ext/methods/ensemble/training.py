@@ -1,0 +1,214 @@
+"""The ensemble's parts: the baseline (trained here, or given), and one sub-classifier per
+cluster, a copy of the baseline fine-tuned on that cluster's samples."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from labelkit_ext.data import DataSplits
+from labelkit_ext.engine import (
+    FitResult,
+    Predictions,
+    TrainConfig,
+    current_dist,
+    fit,
+    predict,
+    seed_everything,
+    write_json,
+)
+from labelkit_ext.methods.ensemble.clustering import cluster_members
+from labelkit_ext.models import Classifier, build_model
+
+__all__ = [
+    "SubClassifier",
+    "dataset_targets",
+    "cluster_subset",
+    "train_baseline",
+    "load_baseline",
+    "fine_tune_subclassifiers",
+    "predict_logits",
+    "stack_sub_logits",
+]
+
+CLUSTER_RECORD = "cluster.json"
+
+
+@dataclass
+class SubClassifier:
+    """The sub-classifier of one cluster. It keeps all C outputs; routing masks the classes
+    outside ``classes``. A one-class cluster needs no training: ``model`` is the baseline."""
+
+    cluster: int
+    classes: list[int]
+    model: nn.Module
+    fine_tuned: bool
+    train_size: int
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
+    """``(N,)`` int64 class targets: the dataset's ``targets``, else read item by item."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]
+    return torch.as_tensor(targets).to(torch.int64).reshape(-1)
+
+
+def cluster_subset(dataset: Dataset, classes: Sequence[int]) -> Subset:
+    """The items of ``dataset`` whose class is in ``classes``, in dataset order."""
+    keep = torch.isin(dataset_targets(dataset), torch.as_tensor(list(classes), dtype=torch.int64))
+    return Subset(dataset, keep.nonzero().flatten().tolist())
+
+
+def train_baseline(
+    splits: DataSplits,
+    model: str,
+    config: TrainConfig,
+    *,
+    pretrained: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> FitResult:
+    """Train ``model`` on every training label (the ``supervised`` recipe); with ``out_dir``
+    its checkpoint (``resume`` continues from it) lives there."""
+    info = splits.info
+    seed_everything(config.seed)  # the same initial weights for the same seed
+    net = build_model(model, info.num_classes, info.in_channels, info.image_size, pretrained)
+    return fit(
+        net,
+        splits.train,
+        splits.val,
+        info.task,
+        config,
+        out_dir=out_dir,
+        resume=resume,
+        class_names=info.class_names,
+    )
+
+
+def load_baseline(model: Classifier, file: str | os.PathLike) -> Classifier:
+    """Load trained weights into ``model`` from a labelkit checkpoint (e.g. the
+    ``checkpoint_last.pt`` of ``labelkit run supervised``) or a state dict of the same model,
+    with ``weights_only=True``. Every tensor must fit: a baseline is not partially loaded."""
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"baseline checkpoint {path} not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"baseline {path} holds no state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ValueError(
+            f"baseline {path} does not fit the model ({model.num_classes} classes): {first}"
+        ) from exc
+    return model
+
+
+def _record_cluster(folder: Path, classes: list[int], resume: bool) -> None:
+    """Refuse to resume a sub-classifier's checkpoint that was fine-tuned on other classes."""
+    record = folder / CLUSTER_RECORD
+    if resume and record.is_file():
+        saved = json.loads(record.read_text())["classes"]
+        if saved != classes:
+            raise ValueError(
+                f"cannot resume {folder}: it was fine-tuned on classes {saved}, the clustering "
+                f"now gives {classes}; use another --out"
+            )
+    if current_dist().is_main:
+        write_json(record, {"classes": classes})
+
+
+def fine_tune_subclassifiers(
+    baseline: nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    clusters: torch.Tensor,
+    config: TrainConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[SubClassifier]:
+    """One sub-classifier per cluster of ``clusters`` (``(C,)`` ids): a copy of ``baseline``
+    with all its C outputs, fine-tuned with ``config`` on the cluster's training samples only
+    (cross-entropy over all outputs; the other classes never occur, so their logits fall).
+
+    With ``out_dir`` each trains in ``out_dir/cluster<k>`` (checkpoint, ``cluster.json``);
+    ``resume`` continues those that match the cluster's classes.
+    """
+    subs = []
+    for k, classes in enumerate(cluster_members(clusters)):
+        train = cluster_subset(train_set, classes)
+        if len(train) == 0:
+            raise ValueError(f"cluster {k} (classes {classes}) has no training sample")
+        if len(classes) == 1:  # the answer within a one-class cluster is that class
+            subs.append(SubClassifier(k, classes, baseline, False, len(train)))
+            continue
+        val = cluster_subset(val_set, classes) if val_set is not None else None
+        folder = Path(out_dir) / f"cluster{k}" if out_dir is not None else None
+        if folder is not None:
+            _record_cluster(folder, classes, resume)
+        log(f"cluster {k}: classes {classes}, {len(train)} training samples")
+        fitted = fit(
+            copy.deepcopy(baseline),
+            train,
+            val if val is not None and len(val) else None,
+            "multiclass",
+            config,
+            out_dir=folder,
+            resume=resume,
+        )
+        subs.append(
+            SubClassifier(
+                k, classes, fitted.model, True, len(train), fitted.history, fitted.train_seconds
+            )
+        )
+    return subs
+
+
+def predict_logits(
+    model: nn.Module, dataset: Dataset, device: torch.device, config: TrainConfig
+) -> Predictions:
+    """``engine.predict`` with the evaluation settings of ``config``."""
+    return predict(
+        model,
+        dataset,
+        device,
+        batch_size=config.eval_batch_size,
+        amp=config.amp,
+        num_workers=config.num_workers,
+    )
+
+
+def stack_sub_logits(
+    subs: Sequence[SubClassifier],
+    baseline_logits: torch.Tensor,
+    dataset: Dataset,
+    device: torch.device,
+    config: TrainConfig,
+) -> tuple[torch.Tensor, float]:
+    """``(S, N, C)`` logits of every sub-classifier on ``dataset`` (a one-class cluster reuses
+    ``baseline_logits``), and the seconds spent predicting."""
+    tic = time.perf_counter()
+    rows = [
+        predict_logits(sub.model, dataset, device, config).logits
+        if sub.fine_tuned
+        else baseline_logits
+        for sub in subs
+    ]
+    return torch.stack(rows), time.perf_counter() - tic

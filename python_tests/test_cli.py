@@ -1,0 +1,235 @@
+"""The ``labelkit`` command end to end: info, run (single process and torchrun), bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_data import SHARED_DATA, write_medmnist
+
+from labelkit_ext.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dataset", "digits", "--image-size", "8", "--epochs", "1", "--quiet"]
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_info_text_and_json(capsys):
+    assert main(["info"]) == 0
+    assert "labelkit_ext" in capsys.readouterr().out
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"extension_loaded", "torch", "cuda_available"} <= report.keys()
+
+
+def test_run_help_lists_the_methods(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--help"])
+    assert exit_.value.code == 0
+    assert "supervised" in capsys.readouterr().out
+
+
+def test_run_supervised_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "supervised", *TINY, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "supervised | digits | small-cnn" in printed and "test" in printed and "auc" in printed
+    results = _results(out)
+    assert results["method"] == "supervised" and results["dataset"]["sizes"]["test"] == 360
+    assert results["config"]["cli"]["epochs"] == 1 and results["config"]["train"]["seed"] == 0
+    assert len(results["history"]) == 1 and results["metrics"]["test"]["n"] == 360
+    assert (
+        0.0 <= results["metrics"]["test"]["accuracy"] <= 1.0
+        and results["metrics"]["test"]["auc"] > 0.5
+    )
+    assert {"data_seconds", "train_seconds", "eval_seconds", "total_seconds"} <= results[
+        "timings"
+    ].keys()
+    assert results["versions"]["torch"] and results["world_size"] == 1
+    for plot in ("history.png", "confusion_matrix.png", "roc.png"):
+        assert plot in results["plots"] and (out / plot).read_bytes()[:4] == b"\x89PNG"
+    # Resuming a finished run trains nothing more and reports the same test metrics.
+    assert main(["run", "supervised", *TINY, "--out", str(out), "--resume"]) == 0
+    again = _results(out)
+    assert (
+        again["resumed_from_epoch"] == 1 and again["metrics"]["test"] == results["metrics"]["test"]
+    )
+
+
+def test_run_pneumoniamnist_reports_auc(tmp_path, capsys):
+    write_medmnist(tmp_path / "pneumoniamnist.npz", sizes=(40, 10, 12))
+    out = tmp_path / "run"
+    code = main(
+        [
+            "run",
+            "supervised",
+            "--dataset",
+            "pneumoniamnist",
+            "--data-dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    test = _results(out)["metrics"]["test"]
+    assert test["auc"] is not None and set(test["per_class_auc"]) == {"normal", "pneumonia"}
+    assert (out / "roc.png").is_file()
+
+
+def test_run_multilabel_mosaic(tmp_path):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "supervised",
+                "--dataset",
+                "digit-mosaic",
+                "--image-size",
+                "16",
+                "--epochs",
+                "1",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = _results(out)
+    assert results["dataset"]["task"] == "multilabel"
+    assert (
+        "exact_match" in results["metrics"]["test"]
+        and len(results["metrics"]["test"]["per_class_auc"]) == 10
+    )
+    assert "confusion_matrix.png" not in results["plots"]
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    code = main(
+        [
+            "run",
+            "supervised",
+            "--dataset",
+            "pneumoniamnist",
+            "--data-dir",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("labelkit: error:")
+        and "pneumoniamnist.npz not found" in err
+        and "zenodo" in err
+    )
+
+
+def test_bench_runs_the_script_with_its_arguments(tmp_path, capsys):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_echo.py").write_text(
+        "import json, os, sys\n"
+        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open('echo.json', 'w'))\n"
+        "sys.exit(3)\n"
+    )
+    assert (
+        main(["bench", "--bench-dir", str(bench), "echo", "--sizes", "1,2", "--device", "cpu"]) == 3
+    )
+    echoed = json.loads((tmp_path / "echo.json").read_text())
+    assert (
+        echoed["argv"] == ["--sizes", "1,2", "--device", "cpu"] and Path(echoed["cwd"]) == tmp_path
+    )
+    assert main(["bench", "--bench-dir", str(bench), "nothing"]) == 2
+    assert "['echo']" in capsys.readouterr().err
+
+
+def test_bench_without_a_bench_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--bench-dir", str(tmp_path / "absent"), "entropy"]) == 2
+    assert "no bench/ folder found" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_gloo_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "labelkit_ext",
+        "run",
+        "supervised",
+        *TINY,
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = _results(out)
+    assert results["world_size"] == 2 and results["metrics"]["test"]["n"] == 360
+    assert done.stdout.count("supervised | digits") == 1  # rank 0 alone prints the table
+    assert (out / "checkpoint_last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_main_job_command(tmp_path, monkeypatch):
+    """The README's main job: the defaults on the embedded digits."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "supervised", "--dataset", "digits", "--out", "runs/demo"]) == 0
+    assert _results(tmp_path / "runs" / "demo")["metrics"]["test"]["accuracy"] > 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (SHARED_DATA / "pneumoniamnist.npz").is_file(),
+    reason=f"no {SHARED_DATA}/pneumoniamnist.npz",
+)
+def test_real_pneumoniamnist_run(tmp_path):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "run",
+                "supervised",
+                "--dataset",
+                "pneumoniamnist",
+                "--data-dir",
+                str(SHARED_DATA),
+                "--epochs",
+                "3",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert _results(out)["metrics"]["test"]["auc"] > 0.8

@@ -1,0 +1,279 @@
+"""Engine: metrics, config, devices, seeding, checkpoints, resume after an interruption, DDP."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from sklearn.metrics import roc_auc_score
+
+from labelkit_ext.data import load_dataset
+from labelkit_ext.engine import (
+    LAST_CHECKPOINT,
+    TrainConfig,
+    build_scheduler,
+    classification_metrics,
+    fit,
+    format_table,
+    init_distributed,
+    load_checkpoint,
+    predict,
+    save_checkpoint,
+    seed_everything,
+    select_device,
+    shutdown_distributed,
+    to_jsonable,
+)
+from labelkit_ext.models import build_model
+
+TINY = {"batch_size": 64, "device": "cpu", "quiet": True}
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_dataset("digits", image_size=8)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    seed_everything(seed)
+    return build_model("small-cnn", 10, 1, image_size=8, width=8)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def test_multiclass_metrics_by_hand():
+    scores = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    targets = np.array([0, 2, 2, 1])
+    m = classification_metrics(scores, targets, "multiclass", ["a", "b", "c"], topk=(2, 5))
+    assert m["accuracy"] == 0.5 and m["top2_accuracy"] == 1.0 and "top5_accuracy" not in m
+    assert m["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [0, 1, 1]]
+    assert m["per_class_accuracy"] == {"a": 1.0, "b": 0.0, "c": 0.5}
+    assert m["auc"] == pytest.approx(roc_auc_score(targets, scores, multi_class="ovr"))
+    assert m["per_class_auc"]["a"] == pytest.approx(roc_auc_score(targets == 0, scores[:, 0]))
+    assert m["n"] == 4
+
+
+def test_binary_auc_is_the_usual_one_and_undefined_auc_is_none():
+    rng = np.random.default_rng(0)
+    p1 = rng.random(50)
+    y = (rng.random(50) < p1).astype(int)
+    m = classification_metrics(np.stack([1 - p1, p1], 1), y, "multiclass")
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p1))
+    absent = classification_metrics(
+        np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]]), np.array([0, 1]), "multiclass"
+    )
+    assert absent["per_class_auc"]["2"] is None and absent["auc"] == 1.0
+
+
+def test_multilabel_metrics():
+    scores = np.array([[0.9, 0.2], [0.4, 0.7], [0.6, 0.1], [0.1, 0.3]])
+    targets = np.array([[1, 0], [0, 1], [0, 0], [0, 1]])
+    m = classification_metrics(scores, targets, "multilabel", ["x", "y"])
+    assert m["accuracy"] == pytest.approx(6 / 8) and m["exact_match"] == 0.5
+    assert m["per_class_auc"]["x"] == pytest.approx(roc_auc_score(targets[:, 0], scores[:, 0]))
+    assert m["auc"] == pytest.approx(
+        np.mean([roc_auc_score(targets[:, k], scores[:, k]) for k in range(2)])
+    )
+    with pytest.raises(ValueError, match="multilabel targets"):
+        classification_metrics(scores, targets[:, :1], "multilabel")
+    with pytest.raises(ValueError, match="task"):
+        classification_metrics(scores, targets, "regression")
+
+
+def test_report_helpers():
+    assert to_jsonable({"a": float("nan"), "b": torch.tensor([1, 2]), "c": np.float32(0.5)}) == {
+        "a": None,
+        "b": [1, 2],
+        "c": 0.5,
+    }
+    table = format_table([["val", 10, 0.5, None]], ["split", "n", "auc", "top5"])
+    assert table.splitlines()[2] == "val    10  0.5000     -"
+
+
+# -- config, devices, seeding -----------------------------------------------------------------
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    step = build_scheduler(optimizer, TrainConfig(scheduler="step", step_size=2, gamma=0.5))
+    lrs = []
+    for _ in range(4):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        step.step()
+    assert lrs == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_device_selection():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            select_device("cuda")
+
+
+def test_same_seed_same_run(digits8):
+    config = TrainConfig(epochs=1, **TINY)
+    a = fit(_model(), digits8.train, None, "multiclass", config).model.state_dict()
+    b = fit(_model(), digits8.train, None, "multiclass", config).model.state_dict()
+    _assert_same_state(a, b)
+    c = fit(_model(), digits8.train, None, "multiclass", TrainConfig(epochs=1, seed=1, **TINY))
+    assert not torch.equal(a["classifier.weight"], c.model.state_dict()["classifier.weight"])
+
+
+# -- checkpoints and resume -------------------------------------------------------------------
+
+
+def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
+    model = _model()
+    path = save_checkpoint(
+        tmp_path / "ck.pt", {"epoch": 3, "model": model.state_dict(), "history": [{"loss": 0.5}]}
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and state["history"] == [{"loss": 0.5}]
+    _assert_same_state(state["model"], model.state_dict())
+
+    # Anything but plain data (here an arbitrary class instance) is refused at load.
+    torch.save({"format_version": 1, "x": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="weights_only"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"model": {}}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a labelkit checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_after(epoch: int):
+    def callback(end) -> None:
+        if end.epoch == epoch:
+            raise _Interrupt
+
+    return callback
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, digits8):
+    config = TrainConfig(epochs=3, **TINY)
+    full = fit(
+        _model(), digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path / "full"
+    )
+    with pytest.raises(_Interrupt):
+        fit(
+            _model(),
+            digits8.train,
+            digits8.val,
+            "multiclass",
+            config,
+            out_dir=tmp_path / "cut",
+            callbacks=[_stop_after(1)],
+        )
+    assert load_checkpoint(tmp_path / "cut" / LAST_CHECKPOINT)["epoch"] == 1
+    # A fresh process would build the model from another seed: the checkpoint must decide.
+    resumed = fit(
+        _model(seed=123),
+        digits8.train,
+        digits8.val,
+        "multiclass",
+        config,
+        out_dir=tmp_path / "cut",
+        resume=True,
+    )
+    assert resumed.resumed_from == 1 and [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    _assert_same_state(resumed.model.state_dict(), full.model.state_dict())
+    assert resumed.history[-1]["val_loss"] == full.history[-1]["val_loss"]
+
+
+def test_resume_refuses_other_settings_and_starts_fresh_without_checkpoint(tmp_path, digits8):
+    config = TrainConfig(epochs=1, **TINY)
+    fresh = fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path, resume=True)
+    assert fresh.resumed_from == 0
+    with pytest.raises(ValueError, match=r"lr=0\.05 -> 0\.1"):
+        fit(
+            _model(),
+            digits8.train,
+            None,
+            "multiclass",
+            TrainConfig(epochs=1, lr=0.1, **TINY),
+            out_dir=tmp_path,
+            resume=True,
+        )
+
+
+# -- DDP on 2 gloo processes ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        splits = load_dataset("digits", image_size=8)
+        result = fit(
+            _model(),
+            splits.train,
+            splits.val,
+            "multiclass",
+            TrainConfig(epochs=2, **TINY),
+            out_dir=out_dir,
+        )
+        pred = predict(result.model, splits.test, result.device)
+        torch.save(
+            {"state": result.model.state_dict(), "logits": pred.logits, "history": result.history},
+            os.path.join(out_dir, f"rank{info.rank}.pt"),
+        )
+    finally:
+        shutdown_distributed()
+
+
+def test_ddp_two_gloo_processes(tmp_path, digits8):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    _assert_same_state(ranks[0]["state"], ranks[1]["state"])  # parameters and BN buffers in sync
+    for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):  # reduced over ranks
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
+    # Rank 0's checkpoint holds that model, and the sharded predictions are the full test set.
+    checkpoint = load_checkpoint(tmp_path / LAST_CHECKPOINT)
+    _assert_same_state(checkpoint["model"], ranks[0]["state"])
+    model = _model()
+    model.load_state_dict(checkpoint["model"])
+    single = predict(model, digits8.test, torch.device("cpu"))
+    assert ranks[0]["logits"].shape == (360, 10)
+    torch.testing.assert_close(ranks[0]["logits"], single.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ranks[1]["logits"], single.logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,54 @@
+"""What an install reports about itself: build info, the mismatch warning, info(), the switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import requires_ops
+
+import labelkit_ext
+from labelkit_ext import _ext
+
+
+def test_mismatched_build_warns_with_the_fix():
+    with pytest.warns(_ext.BuildMismatchWarning, match="--no-build-isolation --force-reinstall"):
+        _ext._check_build({"torch": "2.0.0+cu118", "torch_cuda": "11.8"})
+
+
+def test_matching_build_is_silent(recwarn):
+    _ext._check_build({"torch": torch.__version__.split("+")[0] + "+local", "torch_cuda": torch.version.cuda})
+    assert not [w for w in recwarn if issubclass(w.category, _ext.BuildMismatchWarning)]
+
+
+def test_info_reports_state():
+    report = labelkit_ext.info(as_dict=True)
+    assert report["extension_loaded"] == _ext.HAS_OPS
+    assert report["torch"] == torch.__version__
+    assert report["cuda_available"] == torch.cuda.is_available()
+    text = labelkit_ext.info()
+    assert "CPU kernels" in text and "CUDA kernels" in text and torch.__version__ in text
+
+
+@requires_ops
+def test_build_info_matches_compiled_kernels():
+    info = _ext.BUILD_INFO
+    assert info is not None, "_build_info.json missing beside _C"
+    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert {"softmax_entropy", "_softmax_entropy_backward", "entropy_gate"} <= {
+        op for op, dev in _ext.KERNELS if dev == "cpu"
+    }
+    cuda_ops = {op for op, dev in _ext.KERNELS if dev == "cuda"}
+    assert bool(cuda_ops) == bool(info["with_cuda"])
+    if info["with_cuda"]:
+        assert "8.0" in info["cuda_archs"] and "9.0" in info["cuda_archs"]
+
+
+def test_env_switch_disables_the_extension():
+    env = dict(os.environ, LABELKIT_EXT_NO_EXT="1")
+    code = "import labelkit_ext as L; print(L.HAS_OPS, L.LOAD_ERROR)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("False disabled by LABELKIT_EXT_NO_EXT=1")
