@@ -117,6 +117,27 @@ int64_t row_argmax(const T* x, int64_t C, T m, bool has_nan) {
   return 0;  // unreachable: m is one of the values (all -inf rows match at j == 0)
 }
 
+// Max, NaN flag and exp-moments of one row: the prologue every op shares.
+template <typename T>
+struct RowStats {
+  T m;
+  bool has_nan;
+  T s;
+  T t;
+};
+
+template <typename T>
+RowStats<T> row_stats(const T* x, int64_t C, T* e_out = nullptr) {
+  RowStats<T> st;
+  st.m = row_max(x, C, st.has_nan);
+  if (e_out != nullptr) {
+    row_moments_store(x, C, st.m, e_out, st.s, st.t);
+  } else {
+    row_moments(x, C, st.m, st.s, st.t);
+  }
+  return st;
+}
+
 // ---- rows in the accumulation type ----------------------------------------------------------
 
 // Gives a pointer to row i as acc_t: the row itself for float/double, else a converted copy.
@@ -193,12 +214,8 @@ at::Tensor softmax_entropy_cpu(const at::Tensor& logits) {
     at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
       RowReader<scalar_t, acc_t> reader(xp, C);
       for (int64_t i = begin; i < end; ++i) {
-        const acc_t* r = reader.row(i);
-        bool has_nan = false;
-        const acc_t m = row_max(r, C, has_nan);
-        acc_t s, t;
-        row_moments(r, C, m, s, t);
-        op[i] = entropy::entropy_from(s, t);
+        const RowStats<acc_t> st = row_stats(reader.row(i), C);
+        op[i] = entropy::entropy_from(st.s, st.t);
       }
     });
   });
@@ -227,11 +244,8 @@ at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor
       RowWriter<scalar_t, acc_t> writer(gxp, C);
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* r = reader.row(i);
-        bool has_nan = false;
-        const acc_t m = row_max(r, C, has_nan);
-        acc_t s, t;
-        row_moments(r, C, m, s, t);
-        row_grad(r, C, m, entropy::fast_log(s), hp[i], gp[i], writer.row(i));
+        const RowStats<acc_t> st = row_stats(r, C);
+        row_grad(r, C, st.m, entropy::fast_log(st.s), hp[i], gp[i], writer.row(i));
         writer.commit(i);
       }
     });
@@ -284,23 +298,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_g
       std::vector<acc_t> e(routed ? C : 0);
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* r = reader.row(i);
-        bool has_nan = false;
-        const acc_t m = row_max(r, C, has_nan);
-        acc_t s, t;
-        if (routed) {
-          row_moments_store(r, C, m, e.data(), s, t);
-        } else {
-          row_moments(r, C, m, s, t);
-        }
-        const acc_t H = entropy::entropy_from(s, t);
+        const RowStats<acc_t> st = row_stats(r, C, routed ? e.data() : nullptr);
+        const acc_t H = entropy::entropy_from(st.s, st.t);
         ep[i] = H;
         up[i] = H >= thr;
-        pp[i] = row_argmax(r, C, m, has_nan);
+        pp[i] = row_argmax(r, C, st.m, st.has_nan);
         if (!routed) continue;
         acc_t* bins = cpp + i * S;
         for (int64_t k = 0; k < S; ++k) bins[k] = acc_t(0);
         for (int64_t j = 0; j < C; ++j) bins[cp[j]] += e[j];
-        const acc_t inv_s = acc_t(1) / s;
+        const acc_t inv_s = acc_t(1) / st.s;
         int64_t best = 0;
         for (int64_t k = 0; k < S; ++k) {
           bins[k] *= inv_s;
