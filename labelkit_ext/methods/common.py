@@ -120,7 +120,7 @@ def add_training_arguments(
     group.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on GPU")
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     group.add_argument(
-        "--resume", action="store_true", help="continue from OUT/checkpoint_last.pt when it exists"
+        "--resume", action="store_true", help="continue from the run's checkpoints in OUT when they exist"
     )
 
 

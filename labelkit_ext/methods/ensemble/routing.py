@@ -20,6 +20,7 @@ __all__ = [
     "Routing",
     "GridPoint",
     "baseline_entropy",
+    "check_quantiles",
     "check_thresholds",
     "route_nothing_threshold",
     "threshold_grid",
@@ -76,16 +77,22 @@ def check_thresholds(thresholds: Sequence[float]) -> list[float]:
     return sorted(set(values))
 
 
+def check_quantiles(quantiles: Sequence[float]) -> list[float]:
+    """Each quantile must lie in (0, 1) (0 and route-nothing are added by ``threshold_grid``)."""
+    qs = [float(q) for q in quantiles]
+    bad = [q for q in qs if not 0.0 < q < 1.0]
+    if bad:
+        raise ValueError(f"quantiles must lie in (0, 1), got {bad}")
+    return qs
+
+
 def threshold_grid(
     entropy: torch.Tensor, num_classes: int, quantiles: Sequence[float] = DEFAULT_QUANTILES
 ) -> list[float]:
     """Entropy thresholds e to search: 0 (route every sample), the ``quantiles`` of the
     baseline's validation ``entropy`` (route the top 1 - q share), and
     ``route_nothing_threshold`` (keep the baseline). Sorted, unique."""
-    qs = [float(q) for q in quantiles]
-    bad = [q for q in qs if not 0.0 < q < 1.0]
-    if bad:
-        raise ValueError(f"quantiles must lie in (0, 1), got {bad}")
+    qs = check_quantiles(quantiles)
     finite = entropy[torch.isfinite(entropy)].double()
     if finite.numel() == 0:
         raise ValueError("entropy has no finite value to take quantiles of")
@@ -289,7 +296,9 @@ class LabelEmbeddingEnsemble(nn.Module):
         return route(self.mode, base, sub_logits, self.clusters, self.threshold)
 
     def extra_repr(self) -> str:
-        return f"num_clusters={self.num_clusters}, threshold={self.threshold:.4g}, mode={self.mode!r}"
+        return (
+            f"num_clusters={self.num_clusters}, threshold={self.threshold:.4g}, mode={self.mode!r}"
+        )
 
 
 def baseline_entropy(base_logits: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from labelkit_ext.methods.ensemble.clustering import cluster_members
 from labelkit_ext.models import Classifier, build_model
 
 __all__ = [
+    "ClusterRestricted",
     "SubClassifier",
     "dataset_targets",
     "cluster_subset",
@@ -43,10 +43,30 @@ __all__ = [
 CLUSTER_RECORD = "cluster.json"
 
 
+class ClusterRestricted(nn.Module):
+    """A classifier whose logits outside ``classes`` are -inf: it keeps the architecture and
+    all C outputs, but its softmax, argmax and cross-entropy live in the cluster."""
+
+    def __init__(self, model: nn.Module, classes: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        keep = torch.zeros(num_classes, dtype=torch.bool)
+        keep[list(classes)] = True
+        self.model = model
+        self.register_buffer("keep", keep)
+
+    @property
+    def num_classes(self) -> int:
+        return self.keep.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).masked_fill(~self.keep, float("-inf"))
+
+
 @dataclass
 class SubClassifier:
-    """The sub-classifier of one cluster. It keeps all C outputs; routing masks the classes
-    outside ``classes``. A one-class cluster needs no training: ``model`` is the baseline."""
+    """The sub-classifier of one cluster: a ``ClusterRestricted`` copy of the baseline. A
+    one-class cluster needs no training: ``model`` is then the baseline itself (routing masks
+    it to that class)."""
 
     cluster: int
     classes: list[int]
@@ -55,6 +75,7 @@ class SubClassifier:
     train_size: int
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    shared: bool = False  # the same classes were fine-tuned for another S: that model, shared
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
@@ -142,15 +163,20 @@ def fine_tune_subclassifiers(
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    cache: dict[tuple[int, ...], SubClassifier] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[SubClassifier]:
-    """One sub-classifier per cluster of ``clusters`` (``(C,)`` ids): a copy of ``baseline``
-    with all its C outputs, fine-tuned with ``config`` on the cluster's training samples only
-    (cross-entropy over all outputs; the other classes never occur, so their logits fall).
+    """One sub-classifier per cluster of ``clusters`` (``(C,)`` ids): a copy of ``baseline``,
+    wrapped in ``ClusterRestricted``, fine-tuned with ``config`` on the cluster's training
+    samples only. The cross-entropy is thus over the cluster's classes: every step goes into
+    telling them apart, none into pushing down classes that routing masks anyway.
 
     With ``out_dir`` each trains in ``out_dir/cluster<k>`` (checkpoint, ``cluster.json``);
-    ``resume`` continues those that match the cluster's classes.
+    ``resume`` continues those that match the cluster's classes. ``cache`` (classes ->
+    sub-classifier, filled here) shares a cluster that another S already fine-tuned: with the
+    same baseline, data, config and seed, training it again would give the same weights.
     """
+    cache = {} if cache is None else cache
     subs = []
     for k, classes in enumerate(cluster_members(clusters)):
         train = cluster_subset(train_set, classes)
@@ -159,13 +185,18 @@ def fine_tune_subclassifiers(
         if len(classes) == 1:  # the answer within a one-class cluster is that class
             subs.append(SubClassifier(k, classes, baseline, False, len(train)))
             continue
+        known = cache.get(tuple(classes))
+        if known is not None:
+            log(f"cluster {k}: classes {classes} already fine-tuned, shared")
+            subs.append(replace(known, cluster=k, seconds=0.0, shared=True))
+            continue
         val = cluster_subset(val_set, classes) if val_set is not None else None
         folder = Path(out_dir) / f"cluster{k}" if out_dir is not None else None
         if folder is not None:
             _record_cluster(folder, classes, resume)
         log(f"cluster {k}: classes {classes}, {len(train)} training samples")
         fitted = fit(
-            copy.deepcopy(baseline),
+            ClusterRestricted(copy.deepcopy(baseline), classes, len(clusters)),
             train,
             val if val is not None and len(val) else None,
             "multiclass",
@@ -173,11 +204,11 @@ def fine_tune_subclassifiers(
             out_dir=folder,
             resume=resume,
         )
-        subs.append(
-            SubClassifier(
-                k, classes, fitted.model, True, len(train), fitted.history, fitted.train_seconds
-            )
+        sub = SubClassifier(
+            k, classes, fitted.model, True, len(train), fitted.history, fitted.train_seconds
         )
+        cache[tuple(classes)] = sub
+        subs.append(sub)
     return subs
 
 
@@ -201,14 +232,13 @@ def stack_sub_logits(
     dataset: Dataset,
     device: torch.device,
     config: TrainConfig,
-) -> tuple[torch.Tensor, float]:
+) -> torch.Tensor:
     """``(S, N, C)`` logits of every sub-classifier on ``dataset`` (a one-class cluster reuses
-    ``baseline_logits``), and the seconds spent predicting."""
-    tic = time.perf_counter()
+    ``baseline_logits``)."""
     rows = [
         predict_logits(sub.model, dataset, device, config).logits
         if sub.fine_tuned
         else baseline_logits
         for sub in subs
     ]
-    return torch.stack(rows), time.perf_counter() - tic
+    return torch.stack(rows)
