@@ -1,0 +1,1 @@
+"""Benchmarks: ``python bench/bench_<op>.py``; shared harness in ``bench.common``."""

@@ -1,0 +1,88 @@
+"""Smoke tests for the benchmark harness: bench/common.py helpers and bench/bench_entropy.py on
+tiny sizes (no torch.compile, so the whole file stays well under 30 s on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def _load_common():
+    spec = importlib.util.spec_from_file_location("labelkit_bench_common", BENCH / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load_common()
+
+
+def test_list_parsers():
+    assert common.int_list("10, 1_000,32000") == [10, 1000, 32000]
+    assert common.choice_list(common.MODES)("forward,full") == ["forward", "full"]
+    with pytest.raises(Exception, match="choose from"):
+        common.choice_list(common.MODES)("sideways")
+
+
+def test_cap_rows():
+    assert common.cap_rows(65_536, 1_000, 2**26) == 65_536
+    n = common.cap_rows(65_536, 32_000, 2**26)
+    assert n == 2_048 and n * 32_000 <= 2**26
+
+
+def test_slugs_and_peaks():
+    assert common.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert common.slug("AMD EPYC") == "amd-epyc"
+    assert common.device_slug(torch.device("cpu")).startswith("cpu-")
+    assert common.peak_gbps(torch.device("cpu")) is None
+
+
+def test_speedups_and_table():
+    rows = [
+        {"op": "x", "mode": "forward", "provider": "ours", "time_ms": 1.0},
+        {"op": "x", "mode": "forward", "provider": "eager", "time_ms": 3.0},
+    ]
+    common.add_speedups(rows, ("op", "mode"))
+    assert rows[0]["speedup_vs_eager"] == 3.0 and rows[0]["speedup_vs_compile"] == ""
+    table = common.markdown_table(rows, [("provider", "provider"), ("speedup_vs_eager", "×")])
+    assert table.splitlines()[2] == "| ours | 3 |"
+
+
+def test_backward_task_runs_repeatedly():
+    x = torch.randn(8, 5)
+    task = common.mode_task("backward", lambda t: [t.logsumexp(-1)], x, [torch.ones(8)])
+    timing = common.time_task(task, torch.device("cpu"), min_run_time=0.001, min_samples=3)
+    assert timing.samples >= 3 and timing.median_ms > 0
+
+
+def test_bench_entropy_smoke(tmp_path):
+    cmd = [
+        sys.executable, str(BENCH / "bench_entropy.py"), "--n", "64", "--c", "10,33",
+        "--dtypes", "float32,bfloat16", "--modes", "forward,full", "--min-run-time", "0.01",
+        "--no-compile", "--out", str(tmp_path),
+    ]  # fmt: skip
+    # One thread: tiny ops stay fast even when other jobs keep the CPU busy.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    files = list(tmp_path.glob("*/entropy.csv"))
+    assert len(files) == 1 and files[0].parent.name == common.device_slug(torch.device("cpu"))
+    rows = list(csv.DictReader(files[0].open()))
+    # (softmax_entropy + entropy_gate without / with clusters) x 2 dtypes x 2 C x 2 modes x 2 providers
+    assert len(rows) == 3 * 2 * 2 * 2 * 2
+    assert {r["provider"] for r in rows} == {"ours", "eager"}
+    assert all(float(r["time_ms"]) > 0 and r["correct"] == "True" for r in rows)
+    assert all(float(r["speedup_vs_eager"]) > 0 for r in rows)
+    assert (files[0].parent / "entropy.md").read_text().count("\n|") >= 24
