@@ -56,9 +56,13 @@ class Case:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common.add_common_args(p, n=DEFAULT_N, c=DEFAULT_C)
-    p.add_argument("--ops", type=common.choice_list(OPS), default=list(OPS), help="default " + ",".join(OPS))
+    p.add_argument(
+        "--ops", type=common.choice_list(OPS), default=list(OPS), help="default " + ",".join(OPS)
+    )
     p.add_argument("--clusters", type=common.int_list, default=list(DEFAULT_CLUSTERS),
                    help="entropy_gate cluster counts S, 0 = without clusters (default 0,10)")  # fmt: skip
     return p.parse_args(argv)
@@ -66,7 +70,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def cases(args: argparse.Namespace, max_elements: int) -> list[Case]:
     """Every (op, S, dtype, C, N) to run, N capped so that N*C <= ``max_elements`` (0: no cap)."""
-    rows = {(n, c): common.cap_rows(n, c, max_elements) if max_elements else n for n in args.n for c in args.c}
+    rows = {
+        (n, c): common.cap_rows(n, c, max_elements) if max_elements else n
+        for n in args.n
+        for c in args.c
+    }
     for (n, c), n_run in rows.items():
         if n_run != n:
             print(f"note: N={n} x C={c} is over --max-elements={max_elements}; running N={n_run}")
@@ -83,7 +91,9 @@ def cases(args: argparse.Namespace, max_elements: int) -> list[Case]:
 # ----------------------------------------------------------------------------- inputs, providers
 
 
-def make_inputs(case: Case, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def make_inputs(
+    case: Case, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random logits [N, C] and, with clusters, a random class -> cluster map [C]."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = (torch.randn(case.n, case.c, generator=g, device=device) * LOGIT_SCALE).to(case.dtype)
@@ -102,7 +112,9 @@ def grad_outputs(case: Case, device: torch.device, seed: int) -> list[torch.Tens
     return grads
 
 
-def providers(case: Case, names: Sequence[str], threshold: float, clusters: torch.Tensor | None) -> dict[str, Callable]:
+def providers(
+    case: Case, names: Sequence[str], threshold: float, clusters: torch.Tensor | None
+) -> dict[str, Callable]:
     """name -> call(x) returning the differentiable outputs, for every provider asked for."""
     if case.op == "softmax_entropy":
         fns = {"ours": labelkit_ext.softmax_entropy, "eager": softmax_entropy_ref}
@@ -137,10 +149,14 @@ def ours_is_native(op: str, device: torch.device) -> bool:
 # ----------------------------------------------------------------------------- correctness
 
 
-def check_entropy_outputs(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], case: Case, who: str) -> None:
+def check_entropy_outputs(
+    got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], case: Case, who: str
+) -> None:
     for i, (a, b) in enumerate(zip(got, ref, strict=True)):
         if a.dtype != b.dtype or a.shape != b.shape:
-            raise common.Mismatch(f"{who} output {i}: {a.dtype}{tuple(a.shape)} vs reference {b.dtype}{tuple(b.shape)}")
+            raise common.Mismatch(
+                f"{who} output {i}: {a.dtype}{tuple(a.shape)} vs reference {b.dtype}{tuple(b.shape)}"
+            )
         common.assert_close(a, b, what=f"{who} output {i}", dtype=case.dtype)
 
 
@@ -148,15 +164,24 @@ def check_gate(got, ref, x: torch.Tensor, threshold: float, case: Case, who: str
     """entropy / cluster_probs close; uncertain equal away from the threshold; prediction and
     cluster any arg-max (ties are legal either way)."""
     fields = ["entropy", "cluster_probs"] if case.clusters else ["entropy"]
-    check_entropy_outputs([getattr(got, f) for f in fields], [getattr(ref, f) for f in fields], case, f"{who} {fields}")
+    check_entropy_outputs(
+        [getattr(got, f) for f in fields],
+        [getattr(ref, f) for f in fields],
+        case,
+        f"{who} {fields}",
+    )
     rtol, atol = common.tolerance(case.dtype)
     near = (ref.entropy - threshold).abs() <= atol + rtol * abs(threshold)
     flips = (got.uncertain != ref.uncertain) & ~near
     if got.uncertain.dtype != torch.bool or flips.any():
-        raise common.Mismatch(f"{who} uncertain: {int(flips.sum())} rows differ away from the threshold ({got.uncertain.dtype})")
+        raise common.Mismatch(
+            f"{who} uncertain: {int(flips.sum())} rows differ away from the threshold ({got.uncertain.dtype})"
+        )
     top = x.gather(1, got.prediction.view(-1, 1)).squeeze(1)
     if got.prediction.dtype != torch.int64 or not torch.equal(top, x.amax(1)):
-        raise common.Mismatch(f"{who} prediction: {int((top != x.amax(1)).sum())} rows not an arg-max")
+        raise common.Mismatch(
+            f"{who} prediction: {int((top != x.amax(1)).sum())} rows not an arg-max"
+        )
     if case.clusters:
         picked = ref.cluster_probs.gather(1, got.cluster.view(-1, 1)).squeeze(1)
         best = ref.cluster_probs.amax(1)
@@ -164,7 +189,9 @@ def check_gate(got, ref, x: torch.Tensor, threshold: float, case: Case, who: str
             raise common.Mismatch(f"{who} cluster: not an arg-max of cluster_probs")
 
 
-def check_provider(name: str, calls: dict, case: Case, x: torch.Tensor, grads, threshold: float) -> None:
+def check_provider(
+    name: str, calls: dict, case: Case, x: torch.Tensor, grads, threshold: float
+) -> None:
     """Forward outputs and gradients of provider ``name`` against the eager reference."""
     ref, got = calls["eager"], calls[name]
     if case.op == "entropy_gate":
@@ -194,10 +221,14 @@ def bytes_moved(case: Case, mode: str) -> int:
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def measure(case: Case, mode: str, name: str, task: common.Task, device: torch.device, args, extra: dict) -> dict:
+def measure(
+    case: Case, mode: str, name: str, task: common.Task, device: torch.device, args, extra: dict
+) -> dict:
     with common.OtherCpu() as other:
         mem = None if args.no_memory else common.peak_memory_mb(task, device)
-        t = common.time_task(task, device, min_run_time=args.min_run_time, min_samples=args.min_samples)
+        t = common.time_task(
+            task, device, min_run_time=args.min_run_time, min_samples=args.min_samples
+        )
     gbps = bytes_moved(case, mode) / (t.median_ms * 1e-3) / 1e9
     peak = common.peak_gbps(device)
     row = {
@@ -208,12 +239,19 @@ def measure(case: Case, mode: str, name: str, task: common.Task, device: torch.d
         "peak_mem_mb": round(mem, 1) if mem is not None else "", "other_cpu_pct": other.percent, **extra,
     }  # fmt: skip
     mem_txt = f", {mem:.0f} MiB" if mem is not None else ""
-    busy = f"  (others used {other.percent:.0f}% CPU)" if other.percent and other.percent > 5 else ""
-    print(f"  {mode:8s} {name:8s} {t.median_ms:10.3f} ms  iqr {t.iqr_ms:8.3f}  {gbps:7.2f} GB/s{mem_txt}{busy}", flush=True)
+    busy = (
+        f"  (others used {other.percent:.0f}% CPU)" if other.percent and other.percent > 5 else ""
+    )
+    print(
+        f"  {mode:8s} {name:8s} {t.median_ms:10.3f} ms  iqr {t.iqr_ms:8.3f}  {gbps:7.2f} GB/s{mem_txt}{busy}",
+        flush=True,
+    )
     return row
 
 
-def run_case(case: Case, args, device: torch.device, names: Sequence[str], env: dict) -> tuple[list[dict], list[str]]:
+def run_case(
+    case: Case, args, device: torch.device, names: Sequence[str], env: dict
+) -> tuple[list[dict], list[str]]:
     """Check every provider, then time every (mode, provider). Returns rows and failures."""
     if "compile" in names:
         torch._dynamo.reset()  # fresh compile caches: no recompile limit across sizes
@@ -222,7 +260,10 @@ def run_case(case: Case, args, device: torch.device, names: Sequence[str], env: 
     threshold = float(softmax_entropy_ref(x).median()) if case.op == "entropy_gate" else 0.0
     calls = providers(case, names, threshold, clusters)
     s_txt = f" S={case.clusters}" if case.clusters else ""
-    print(f"\n{case.op}{s_txt}  {str(case.dtype).removeprefix('torch.')}  N={case.n} C={case.c}", flush=True)
+    print(
+        f"\n{case.op}{s_txt}  {str(case.dtype).removeprefix('torch.')}  N={case.n} C={case.c}",
+        flush=True,
+    )
 
     failures, ok = [], {"eager": True}
     for name in (p for p in names if p != "eager"):
@@ -289,7 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     names = common.selected_providers(args)
-    max_elements = common.default_max_elements(device) if args.max_elements is None else args.max_elements
+    max_elements = (
+        common.default_max_elements(device) if args.max_elements is None else args.max_elements
+    )
     env = common.environment(device)
     out_dir = args.out / env["device"]
     print(f"labelkit_ext from {Path(labelkit_ext.__file__).parent}, HAS_OPS={labelkit_ext.HAS_OPS}")
@@ -306,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, failures, table = [], [], previous
     for case in cases(args, max_elements):
         if "ours" in names and labelkit_ext.HAS_OPS and not ours_is_native(case.op, device):
-            common.banner(f"{case.op}: no compiled {device.type} kernel in this build; 'ours' is the fallback")
+            common.banner(
+                f"{case.op}: no compiled {device.type} kernel in this build; 'ours' is the fallback"
+            )
         case_rows, case_failures = run_case(case, args, device, names, env)
         rows += case_rows
         failures += case_failures

@@ -68,7 +68,9 @@ def int_list(text: str) -> list[int]:
     try:
         return [int(t.replace("_", "")) for t in text.split(",") if t.strip()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {text!r}"
+        ) from exc
 
 
 def choice_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
@@ -95,21 +97,73 @@ def add_common_args(
 ) -> None:
     """The flags every bench script shares: sizes, dtypes, modes, device, providers, output."""
     join = ",".join
-    parser.add_argument("--n", type=int_list, default=list(n), help=f"rows, comma list (default {join(map(str, n))})")
-    parser.add_argument("--c", type=int_list, default=list(c), help=f"columns, comma list (default {join(map(str, c))})")
-    parser.add_argument("--dtypes", type=choice_list(DTYPES), default=list(dtypes), help=f"default {join(dtypes)}")
-    parser.add_argument("--modes", type=choice_list(MODES), default=list(MODES), help=f"default {join(MODES)}")
-    parser.add_argument("--providers", type=choice_list(PROVIDERS), default=list(PROVIDERS), help=f"default {join(PROVIDERS)}")
-    parser.add_argument("--no-compile", action="store_true", help="drop the torch.compile provider (slow to compile on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:<i>")
-    parser.add_argument("--min-run-time", type=float, default=min_run_time, help="seconds of timed runs per measurement (torch.utils.benchmark)")
-    parser.add_argument("--min-samples", type=int, default=3, help="at least this many timed blocks per measurement")
-    parser.add_argument("--max-elements", type=int, default=None, help="cap N so that N*C <= this (default: 2**26 on CPU, from free memory on a GPU)")
+    parser.add_argument(
+        "--n",
+        type=int_list,
+        default=list(n),
+        help=f"rows, comma list (default {join(map(str, n))})",
+    )
+    parser.add_argument(
+        "--c",
+        type=int_list,
+        default=list(c),
+        help=f"columns, comma list (default {join(map(str, c))})",
+    )
+    parser.add_argument(
+        "--dtypes", type=choice_list(DTYPES), default=list(dtypes), help=f"default {join(dtypes)}"
+    )
+    parser.add_argument(
+        "--modes", type=choice_list(MODES), default=list(MODES), help=f"default {join(MODES)}"
+    )
+    parser.add_argument(
+        "--providers",
+        type=choice_list(PROVIDERS),
+        default=list(PROVIDERS),
+        help=f"default {join(PROVIDERS)}",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="drop the torch.compile provider (slow to compile on CPU)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu | cuda | cuda:<i>",
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=min_run_time,
+        help="seconds of timed runs per measurement (torch.utils.benchmark)",
+    )
+    parser.add_argument(
+        "--min-samples", type=int, default=3, help="at least this many timed blocks per measurement"
+    )
+    parser.add_argument(
+        "--max-elements",
+        type=int,
+        default=None,
+        help="cap N so that N*C <= this (default: 2**26 on CPU, from free memory on a GPU)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
-    parser.add_argument("--keep-going", action="store_true", help="on a correctness mismatch, record it, time anyway and exit 1 at the end")
-    parser.add_argument("--update", action="store_true", help="merge into the existing CSV (replace the rows re-measured) instead of overwriting it")
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="on a correctness mismatch, record it, time anyway and exit 1 at the end",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="merge into the existing CSV (replace the rows re-measured) instead of overwriting it",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder; files go to <out>/<device>/ (default bench/results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help="results folder; files go to <out>/<device>/ (default bench/results)",
+    )
 
 
 def selected_providers(args: argparse.Namespace) -> list[str]:
@@ -274,7 +328,9 @@ def mode_task(
         return Task(run=lambda _: call(x))
     x = x.detach().requires_grad_(True)
     if mode == "backward":
-        return Task(setup=lambda: call(x), run=lambda outs: torch.autograd.grad(outs, x, grads), fresh=True)
+        return Task(
+            setup=lambda: call(x), run=lambda outs: torch.autograd.grad(outs, x, grads), fresh=True
+        )
     if mode == "full":
         return Task(run=lambda _: torch.autograd.grad(call(x), x, grads))
     raise ValueError(f"unknown mode {mode!r}")
@@ -291,7 +347,9 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, what: str, dtype: torch.dtype) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, what: str, dtype: torch.dtype
+) -> None:
     """torch.testing.assert_close with the tolerance of the benchmark's input ``dtype``;
     raises ``Mismatch`` naming ``what`` and the worst element."""
     rtol, atol = tolerance(dtype)
@@ -349,11 +407,15 @@ def time_task(
         label=label,
     )
     first = timer.blocked_autorange(min_run_time=min_run_time)
-    blocks = [first] + [timer.timeit(first.number_per_run) for _ in range(min_samples - len(first.times))]
+    blocks = [first] + [
+        timer.timeit(first.number_per_run) for _ in range(min_samples - len(first.times))
+    ]
     return _summarise([t for m in blocks for t in m.times])
 
 
-def _one_call_times(task: Task, clock: Callable[[], float], min_run_time: float, min_samples: int) -> list[float]:
+def _one_call_times(
+    task: Task, clock: Callable[[], float], min_run_time: float, min_samples: int
+) -> list[float]:
     """Seconds per call of ``task.run``, a fresh untimed ``task.setup()`` before each, after one
     warm-up call; until ``min_run_time`` seconds and ``min_samples`` calls are reached."""
     task()
@@ -369,7 +431,9 @@ def _one_call_times(task: Task, clock: Callable[[], float], min_run_time: float,
 
 def _summarise(times: Sequence[float]) -> Timing:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Timing(median_ms=statistics.median(times) * 1e3, iqr_ms=(q[2] - q[0]) * 1e3, samples=len(times))
+    return Timing(
+        median_ms=statistics.median(times) * 1e3, iqr_ms=(q[2] - q[0]) * 1e3, samples=len(times)
+    )
 
 
 @contextlib.contextmanager
@@ -401,7 +465,10 @@ def peak_memory_mb(task: Task, device: torch.device) -> float:
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     activities = [torch.profiler.ProfilerActivity.CPU]
-    with _quiet_stderr(), torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+    with (
+        _quiet_stderr(),
+        torch.profiler.profile(activities=activities, profile_memory=True) as prof,
+    ):
         task.run(state)
     return _cpu_peak_bytes(prof) / 2**20
 
@@ -420,7 +487,9 @@ def _cpu_peak_bytes(prof: torch.profiler.profile) -> int:
 # ----------------------------------------------------------------------------- results
 
 
-def add_speedups(rows: list[dict], key: Sequence[str], baselines: Sequence[str] = ("eager", "compile")) -> None:
+def add_speedups(
+    rows: list[dict], key: Sequence[str], baselines: Sequence[str] = ("eager", "compile")
+) -> None:
     """Add ``speedup_vs_<b>`` = time of provider ``b`` / time of the row, within each group of
     rows sharing the ``key`` columns; empty where ``b`` was not run."""
     groups: dict[tuple, dict[str, float]] = {}
@@ -472,7 +541,7 @@ def fmt(value: object, digits: int = 3) -> str:
     if value is None or value == "":
         return ""
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+        return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:.0f}"
     return str(value)
 
 
