@@ -29,6 +29,8 @@ __all__ = [
     "plot_history",
     "plot_confusion_matrix",
     "plot_roc",
+    "new_figure",
+    "save_figure",
 ]
 
 
@@ -106,12 +108,14 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure for a PNG report."""
     # A bare Figure renders PNGs with the Agg canvas and leaves pyplot's global state alone.
     return Figure(figsize=(width, height), layout="tight")
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` to ``path`` (parents created) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -121,7 +125,7 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 def plot_history(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Loss (train, val) and accuracy / AUC curves over epochs."""
     epochs = [r["epoch"] for r in history]
-    fig = _figure(10, 4)
+    fig = new_figure(10, 4)
     ax_loss, ax_score = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         values = [r.get(key) for r in history]
@@ -145,7 +149,7 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike, title: str = 
         ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -158,7 +162,7 @@ def plot_confusion_matrix(
     cm = np.asarray(matrix, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     k = len(class_names)
-    fig = _figure(1.0 + 0.55 * k, 0.8 + 0.5 * k)
+    fig = new_figure(1.0 + 0.55 * k, 0.8 + 0.5 * k)
     ax = fig.subplots()
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if k <= 20:
@@ -177,7 +181,7 @@ def plot_confusion_matrix(
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc(
@@ -197,7 +201,7 @@ def plot_roc(
         else targets.astype(np.int64)
     )
     classes = [k - 1] if task == "multiclass" and k == 2 else range(k)
-    fig = _figure(5.5, 5)
+    fig = new_figure(5.5, 5)
     ax = fig.subplots()
     for c in classes:
         y = positives[:, c]
@@ -208,4 +212,4 @@ def plot_roc(
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
 from labelkit_ext.engine import format_table, topk_accuracy
+from labelkit_ext.engine.report import new_figure, save_figure
 from labelkit_ext.methods.ensemble.clustering import cluster_members
 from labelkit_ext.methods.ensemble.routing import GridPoint, mask_to_clusters
 
@@ -151,18 +151,6 @@ def grid_table(grid: Sequence[GridPoint]) -> str:
     return format_table(body, ["val accuracy", *(f"e={e:.3g}" for e in thresholds)])
 
 
-def _figure(width: float, height: float) -> Figure:
-    # A bare Figure renders with the Agg canvas and leaves pyplot's global state alone.
-    return Figure(figsize=(width, height), layout="tight")
-
-
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def plot_similarity(
     similarity: torch.Tensor,
     clusters: torch.Tensor,
@@ -177,7 +165,7 @@ def plot_similarity(
     sim = similarity.double().numpy()[np.ix_(order, order)]
     n = len(order)
     side = min(3.0 + 0.45 * n, 18.0)
-    fig = _figure(side + 1.2, side)
+    fig = new_figure(side + 1.2, side)
     ax = fig.subplots()
     image = ax.imshow(sim, cmap="coolwarm", vmin=-1, vmax=1)
     if n <= 20:
@@ -195,7 +183,7 @@ def plot_similarity(
     ax.set_yticks(range(n), names, fontsize=fontsize)
     ax.set_title(title or "label-embedding cosine similarity")
     fig.colorbar(image, ax=ax, fraction=0.046, label="cosine similarity")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_threshold(
@@ -207,7 +195,7 @@ def plot_accuracy_vs_threshold(
 ) -> Path:
     """Baseline / hard / soft accuracy against the threshold e for one S, one panel per split
     in ``grids`` (split -> grid), with the routed share on a second axis."""
-    fig = _figure(5.5 * len(grids), 4.2)
+    fig = new_figure(5.5 * len(grids), 4.2)
     axes = np.atleast_1d(fig.subplots(1, len(grids)))
     for ax, (split, grid) in zip(axes, grids.items(), strict=True):
         points = sorted(
@@ -229,7 +217,7 @@ def plot_accuracy_vs_threshold(
         ax.legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_grid(grid: Sequence[GridPoint], path: str | os.PathLike, title: str = "") -> Path:
@@ -237,7 +225,7 @@ def plot_grid(grid: Sequence[GridPoint], path: str | os.PathLike, title: str = "
     thresholds = sorted({p.threshold for p in grid})
     sizes = sorted({p.num_clusters for p in grid})
     at = {(p.num_clusters, p.threshold): p for p in grid}
-    fig = _figure(2.5 + 0.75 * len(thresholds), 1.6 + 1.4 * len(sizes))
+    fig = new_figure(2.5 + 0.75 * len(thresholds), 1.6 + 1.4 * len(sizes))
     axes = fig.subplots(2, 1)
     values = {
         mode: np.array(
@@ -260,4 +248,4 @@ def plot_grid(grid: Sequence[GridPoint], path: str | os.PathLike, title: str = "
         fig.colorbar(image, ax=ax, fraction=0.03)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
