@@ -12,6 +12,7 @@ from typing import Any
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import (
     EpochEnd,
+    FitResult,
     Predictions,
     TrainConfig,
     current_dist,
@@ -35,7 +36,7 @@ from labelkit_ext.methods.common import (
 from labelkit_ext.methods.registry import register_method
 from labelkit_ext.models import build_model
 
-__all__ = ["train_supervised", "run"]
+__all__ = ["fit_supervised", "train_supervised", "run"]
 
 
 def _plots(
@@ -66,6 +67,35 @@ def _plots(
     return [p.name for p in paths]
 
 
+def fit_supervised(
+    splits: DataSplits,
+    model: str,
+    config: TrainConfig,
+    *,
+    pretrained: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[EpochEnd], None]] = (),
+) -> FitResult:
+    """The supervised recipe without evaluation or reports: seed, build ``model``, and ``fit``
+    it on every training label. With ``out_dir`` its checkpoint (``resume`` continues from it)
+    lives there. Other methods use it for their baselines."""
+    info = splits.info
+    seed_everything(config.seed)  # the same initial weights for the same seed
+    net = build_model(model, info.num_classes, info.in_channels, info.image_size, pretrained)
+    return fit(
+        net,
+        splits.train,
+        splits.val,
+        info.task,
+        config,
+        out_dir=out_dir,
+        resume=resume,
+        class_names=info.class_names,
+        callbacks=callbacks,
+    )
+
+
 def train_supervised(
     splits: DataSplits,
     *,
@@ -88,17 +118,13 @@ def train_supervised(
     started = time.perf_counter() - data_seconds
     config = config or TrainConfig()
     info = splits.info
-    seed_everything(config.seed)  # the same initial weights for the same seed
-    net = build_model(model, info.num_classes, info.in_channels, info.image_size, pretrained)
-    fitted = fit(
-        net,
-        splits.train,
-        splits.val,
-        info.task,
+    fitted = fit_supervised(
+        splits,
+        model,
         config,
+        pretrained=pretrained,
         out_dir=out_dir,
         resume=resume,
-        class_names=info.class_names,
         callbacks=callbacks,
     )
     tic = time.perf_counter()

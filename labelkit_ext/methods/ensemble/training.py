@@ -14,19 +14,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import (
-    FitResult,
     Predictions,
     TrainConfig,
     current_dist,
     fit,
     predict,
-    seed_everything,
     write_json,
 )
 from labelkit_ext.methods.ensemble.clustering import cluster_members
-from labelkit_ext.models import Classifier, build_model
+from labelkit_ext.methods.supervised import fit_supervised
+from labelkit_ext.models import Classifier
+
+# The baseline is trained with the supervised recipe itself.
+train_baseline = fit_supervised
 
 __all__ = [
     "ClusterRestricted",
@@ -90,32 +91,6 @@ def cluster_subset(dataset: Dataset, classes: Sequence[int]) -> Subset:
     """The items of ``dataset`` whose class is in ``classes``, in dataset order."""
     keep = torch.isin(dataset_targets(dataset), torch.as_tensor(list(classes), dtype=torch.int64))
     return Subset(dataset, keep.nonzero().flatten().tolist())
-
-
-def train_baseline(
-    splits: DataSplits,
-    model: str,
-    config: TrainConfig,
-    *,
-    pretrained: str | os.PathLike | None = None,
-    out_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-) -> FitResult:
-    """Train ``model`` on every training label (the ``supervised`` recipe); with ``out_dir``
-    its checkpoint (``resume`` continues from it) lives there."""
-    info = splits.info
-    seed_everything(config.seed)  # the same initial weights for the same seed
-    net = build_model(model, info.num_classes, info.in_channels, info.image_size, pretrained)
-    return fit(
-        net,
-        splits.train,
-        splits.val,
-        info.task,
-        config,
-        out_dir=out_dir,
-        resume=resume,
-        class_names=info.class_names,
-    )
 
 
 def load_baseline(model: Classifier, file: str | os.PathLike) -> Classifier:
