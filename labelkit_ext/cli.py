@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from labelkit_ext.errors import MissingFileError
+
 __all__ = ["build_parser", "find_bench_dir", "main"]
 
 BENCH_DIR = "bench"
@@ -19,23 +21,35 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _add_run(commands: argparse._SubParsersAction) -> None:
-    from labelkit_ext.methods import load_methods
-    from labelkit_ext.methods.common import add_data_arguments, add_run_arguments
-
+def _add_run(commands: argparse._SubParsersAction, with_methods: bool) -> None:
     parser = commands.add_parser(
         "run",
         help="run a method (labelkit run <method> --help)",
         description="Run a method; each writes OUT/results.json and PNG plots and prints a table. "
         "Under `torchrun --nproc_per_node=N -m labelkit_ext run ...` training is data parallel.",
     )
+    if not with_methods:  # importing every method costs seconds; only `run` needs them
+        return
+    from labelkit_ext.methods import load_methods
+    from labelkit_ext.methods.options import add_config_arguments
+
     methods = parser.add_subparsers(dest="method", metavar="<method>", required=True)
     for name, method in sorted(load_methods().items()):
         sub = methods.add_parser(name, help=method.help, description=method.help)
-        add_data_arguments(sub)
-        add_run_arguments(sub)
-        if method.add_arguments is not None:
-            method.add_arguments(sub)
+        add_config_arguments(sub, method.config)
+        group = sub.add_argument_group("run")
+        group.add_argument(
+            "--out",
+            default=None,
+            metavar="DIR",
+            help="output folder for results.json, plots, checkpoints "
+            f"(default: runs/{name}-<dataset>)",
+        )
+        group.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue from the run's checkpoints in OUT when they exist",
+        )
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -54,14 +68,15 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``labelkit`` argument parser (methods are loaded to build ``run``)."""
+def build_parser(with_methods: bool = True) -> argparse.ArgumentParser:
+    """The ``labelkit`` argument parser; ``with_methods=False`` leaves out the methods' own
+    options (``run`` then takes none), so the parser builds without importing them."""
     parser = argparse.ArgumentParser(
         prog="labelkit", description="labelkit_ext: label-efficient deep learning"
     )
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     _add_info(commands)
-    _add_run(commands)
+    _add_run(commands, with_methods)
     _add_bench(commands)
     return parser
 
@@ -82,7 +97,7 @@ def find_bench_dir(override: str | None = None) -> Path:
         if candidate.is_dir():
             return candidate
     looked = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no bench/ folder found (looked in {looked}); the benchmarks live in the source tree, "
         "not in the installed package: run from the labelkit_ext checkout or pass --bench-dir"
     )
@@ -93,7 +108,7 @@ def _bench(op: str, args: Sequence[str], bench_dir: str | None) -> int:
     script = folder / f"bench_{op}.py"
     if not script.is_file():
         ops = sorted(p.stem.removeprefix("bench_") for p in folder.glob("bench_*.py"))
-        raise FileNotFoundError(f"{script} not found; benchmarks in {folder}: {ops or 'none'}")
+        raise MissingFileError(f"{script} not found; benchmarks in {folder}: {ops or 'none'}")
     # From the source root, as `python bench/bench_<op>.py` would be run.
     return subprocess.call([sys.executable, str(script), *args], cwd=folder.parent)
 
@@ -108,10 +123,13 @@ def _info(as_json: bool) -> int:
 def _run(args: argparse.Namespace) -> int:
     from labelkit_ext.engine import init_distributed, shutdown_distributed
     from labelkit_ext.methods import get_method
+    from labelkit_ext.methods.options import config_from_args
 
-    init_distributed(args.device)
+    method = get_method(args.method)
+    config = config_from_args(method.config, args)  # checks every option before any work
+    init_distributed(config.train.device)
     try:
-        get_method(args.method).run(args)
+        method.run(config, args.out, resume=args.resume)
     finally:
         shutdown_distributed()
     return 0
@@ -120,16 +138,20 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``labelkit`` / ``python -m labelkit_ext``; returns the exit status.
 
-    Mistakes in what was asked for (a missing data file, a bad option value) print one
-    ``labelkit: error:`` line and return 2; anything else raises with its traceback.
+    Mistakes in what was asked for (``UsageError``: a bad option value, a missing data file)
+    print one ``labelkit: error:`` line and return 2; anything else is a bug and raises with
+    its traceback (exit 1).
     """
-    args = build_parser().parse_args(argv)
+    from labelkit_ext.errors import UsageError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(with_methods=argv[:1] == ["run"]).parse_args(argv)
     try:
         if args.command == "info":
             return _info(args.json)
         if args.command == "bench":
             return _bench(args.op, args.args, args.bench_dir)
         return _run(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except UsageError as exc:
         print(f"labelkit: error: {exc}", file=sys.stderr)
         return 2

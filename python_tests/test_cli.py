@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,11 @@ def test_run_supervised_end_to_end_and_resume(tmp_path, capsys):
     assert "supervised | digits | small-cnn" in printed and "test" in printed and "auc" in printed
     results = _results(out)
     assert results["method"] == "supervised" and results["dataset"]["sizes"]["test"] == 360
-    assert results["config"]["cli"]["epochs"] == 1 and results["config"]["train"]["seed"] == 0
+    assert results["config"]["train"]["epochs"] == 1 and results["config"]["train"]["seed"] == 0
+    assert (
+        results["config"]["data"]["dataset"] == "digits"
+        and results["config"]["model"] == "small-cnn"
+    )
     assert len(results["history"]) == 1 and results["metrics"]["test"]["n"] == 360
     assert (
         0.0 <= results["metrics"]["test"]["accuracy"] <= 1.0
@@ -233,3 +239,118 @@ def test_real_pneumoniamnist_run(tmp_path):
         == 0
     )
     assert _results(out)["metrics"]["test"]["auc"] > 0.8
+
+
+# -- one source of defaults, honest options, errors, light start -------------------------------
+
+
+def _methods():
+    from labelkit_ext.methods import load_methods
+
+    return sorted(load_methods().items())
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _methods()])
+def test_cli_and_python_defaults_are_the_same_run(name):
+    from labelkit_ext.cli import build_parser
+    from labelkit_ext.methods import get_method
+    from labelkit_ext.methods.options import config_from_args
+
+    method = get_method(name)
+    args = build_parser().parse_args(["run", name])
+    assert config_from_args(method.config, args) == method.config()
+    # An option changes its field and nothing else.
+    changed = config_from_args(
+        method.config, build_parser().parse_args(["run", name, "--lr", "0.5"])
+    )
+    assert (
+        changed.train.lr == 0.5 and replace(changed, train=method.config().train) == method.config()
+    )
+
+
+def test_config_options_round_trip_lists_flags_and_nested_groups():
+    from labelkit_ext.cli import build_parser
+    from labelkit_ext.methods.ensemble import EnsembleConfig
+    from labelkit_ext.methods.options import config_from_args
+
+    argv = ["run", "ensemble", "--clusters", "2", "3", "--quantiles", "0.5", "0.9", "--no-augment",
+            "--no-amp", "--quiet", "--scheduler", "step", "--step-size", "4", "--gamma", "0.5",
+            "--dataset", "cifar10", "--epochs", "12"]  # fmt: skip
+    config = config_from_args(EnsembleConfig, build_parser().parse_args(argv))
+    assert config.clusters == [2, 3] and config.quantiles == (0.5, 0.9)
+    assert config.data.augment is False and config.data.dataset == "cifar10"
+    assert config.train.amp is False and config.train.quiet is True
+    assert (config.train.scheduler, config.train.step_size, config.train.gamma) == ("step", 4, 0.5)
+    assert config.train.epochs == 12 and config.sub_train.epochs == config.sub_epochs
+    assert EnsembleConfig().train.epochs == 20  # the method's own default reaches the CLI
+    assert build_parser().parse_args(["run", "ensemble"]).epochs == 20
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "step", "none"])
+def test_every_scheduler_does_what_it_says(tmp_path, scheduler):
+    out = tmp_path / scheduler
+    argv = ["run", "supervised", *TINY, "--epochs", "4", "--lr", "0.1", "--scheduler", scheduler,
+            "--gamma", "0.5", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    lrs = [epoch["lr"] for epoch in _results(out)["history"]]
+    expected = {
+        "cosine": [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)],
+        "step": [0.1, 0.05, 0.025, 0.0125],  # default step size: a third of 4 epochs -> 1
+        "none": [0.1] * 4,
+    }[scheduler]
+    assert lrs == pytest.approx(expected)
+
+
+def test_a_step_schedule_that_never_decays_is_refused(tmp_path, capsys):
+    argv = ["run", "supervised", *TINY, "--scheduler", "step", "--step-size", "5",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 2
+    assert "would never decay" in capsys.readouterr().err
+
+
+def test_a_bug_is_not_reported_as_a_usage_error(tmp_path, monkeypatch):
+    """Only our own checks (UsageError) become one-line exit-2 errors; a ValueError from deep
+    inside a library keeps its traceback."""
+    import labelkit_ext.methods.supervised as supervised
+
+    def broken(*args, **kwargs):
+        raise ValueError("raised deep inside a library")
+
+    monkeypatch.setattr(supervised, "train_supervised", broken)
+    with pytest.raises(ValueError, match="deep inside a library"):
+        main(["run", "supervised", *TINY, "--out", str(tmp_path)])
+
+
+def test_exit_codes_of_the_command(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    usage = subprocess.run(
+        [sys.executable, "-m", "labelkit_ext", "run", "supervised", "--epochs", "0"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert usage.returncode == 2 and usage.stderr.strip().splitlines() == [
+        "labelkit: error: epochs must be >= 1, got 0"
+    ]
+    assert "Traceback" not in usage.stderr
+
+
+def test_help_and_info_load_no_method(tmp_path):
+    """`labelkit --help` and `labelkit info` import neither the methods nor scikit-learn,
+    matplotlib or torchvision (they cost seconds at start)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from labelkit_ext.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    main(['info'])\n"
+        "heavy = ('sklearn', 'matplotlib', 'torchvision', 'labelkit_ext.methods', 'labelkit_ext.data')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

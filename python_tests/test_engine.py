@@ -28,6 +28,7 @@ from labelkit_ext.engine import (
     select_device,
     shutdown_distributed,
     to_jsonable,
+    topk_accuracy,
 )
 from labelkit_ext.models import build_model
 
@@ -277,3 +278,18 @@ def test_ddp_two_gloo_processes(tmp_path, digits8):
     assert ranks[0]["logits"].shape == (360, 10)
     torch.testing.assert_close(ranks[0]["logits"], single.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ranks[1]["logits"], single.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_accuracy_agrees_with_scikit_learn_from_three_classes():
+    from sklearn.metrics import top_k_accuracy_score
+
+    rng = np.random.default_rng(0)
+    for classes in (3, 5, 10):
+        scores = rng.random((200, classes))
+        targets = rng.integers(0, classes, 200)
+        for k in range(1, classes):
+            ours = topk_accuracy(scores, targets, k)
+            theirs = top_k_accuracy_score(targets, scores, k=k, labels=np.arange(classes))
+            assert ours == pytest.approx(theirs)
+    # Two columns: ranked, not thresholded (scikit-learn's binary path would threshold).
+    assert topk_accuracy(np.array([[0.2, 0.3], [0.9, 0.95]]), np.array([1, 1]), 1) == 1.0

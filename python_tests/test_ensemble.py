@@ -40,8 +40,8 @@ from labelkit_ext.methods.ensemble import (
     soft_route,
     spectral_clusters,
     threshold_grid,
-    train_baseline,
 )
+from labelkit_ext.methods.supervised import fit_supervised
 from labelkit_ext.models import build_model
 
 LN = math.log
@@ -458,7 +458,7 @@ def test_load_baseline_from_a_checkpoint(tmp_path):
 def test_fit_ensemble_python_api_matches_its_ensembles(digits8):
     seed_everything(0)
     config = TrainConfig(epochs=2, **QUIET_CPU)
-    baseline = train_baseline(digits8, "small-cnn", config).model
+    baseline = fit_supervised(digits8, "small-cnn", config).model
     fitted = fit_ensemble(
         digits8,
         config=config,
@@ -559,8 +559,8 @@ def test_run_ensemble_cli_end_to_end(tmp_path, capsys):
     [(["--clusters", "1"], "num_clusters must be >= 2"),
      (["--clusters", "3", "10"], "num_clusters must be < the number of classes"),
      (["--quantiles", "1.5"], r"quantiles must lie in \(0, 1\)"),
-     (["--sub-epochs", "0"], "--sub-epochs must be >= 1"),
-     (["--sub-lr", "0"], "--sub-lr must be > 0")],
+     (["--sub-epochs", "0"], "sub_epochs must be >= 1"),
+     (["--sub-lr", "0"], "sub_lr must be > 0")],
 )  # fmt: skip
 def test_run_ensemble_bad_options_are_clear_errors(tmp_path, capsys, option, message):
     argv = ["run", "ensemble", "--dataset", "digits", "--image-size", "8", "--epochs", "1",

@@ -11,6 +11,7 @@ import torch
 
 from labelkit_ext.data.core import ArraySplit, RawDataset
 from labelkit_ext.data.paths import missing
+from labelkit_ext.errors import UsageError
 
 __all__ = ["load_cifar10", "load_cifar100", "read_cifar_pickle"]
 
@@ -36,7 +37,12 @@ _NUMPY_GLOBALS = {
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays, refusing any other callable."""
+    """Unpickles plain containers and numpy arrays, refusing any other callable.
+
+    Kept on purpose instead of ``pickle.load``/``numpy.load(allow_pickle=True)``: the official
+    CIFAR release is a pickle, and a file from anywhere else could run code when unpickled.
+    An unpickling error (refused global) is a malformed-file error for the user.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
         target = _NUMPY_GLOBALS.get((module, name))
@@ -96,7 +102,7 @@ def _cifar10_npz(file: Path) -> RawDataset:
             k for k in ("x_train", "y_train", "x_test", "y_test", "label_names") if k not in npz
         ]
         if absent:
-            raise ValueError(f"{file} lacks arrays {absent}; expected {CIFAR10_LAYOUT}")
+            raise UsageError(f"{file} lacks arrays {absent}; expected {CIFAR10_LAYOUT}")
         splits = {
             split: ArraySplit(
                 torch.from_numpy(np.ascontiguousarray(npz[f"x_{split}"].transpose(0, 3, 1, 2))),
@@ -130,7 +136,7 @@ def load_cifar100(path: Path, labels: str = "fine") -> RawDataset:
     ``labels`` is "fine" (100 classes) or "coarse" (20 superclasses).
     """
     if labels not in ("fine", "coarse"):
-        raise ValueError(f"labels must be 'fine' or 'coarse', got {labels!r}")
+        raise UsageError(f"labels must be 'fine' or 'coarse', got {labels!r}")
     folder = _find(path, CIFAR100_DIR)
     if folder is None:
         raise missing(path / CIFAR100_DIR, CIFAR100_LAYOUT, "cifar")

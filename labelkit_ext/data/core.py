@@ -13,6 +13,8 @@ from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from labelkit_ext.errors import UsageError
+
 __all__ = [
     "DatasetInfo",
     "ArraySplit",
@@ -150,7 +152,7 @@ def holdout_indices(
     ``seed``.
     """
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+        raise UsageError(f"val_fraction must be in (0, 1), got {fraction}")
     n = len(targets)
     index = np.arange(n)
     if groups:

@@ -10,6 +10,7 @@ import torch
 from labelkit_ext.data.core import ArraySplit, RawDataset
 from labelkit_ext.data.nih import NIH_FINDINGS
 from labelkit_ext.data.paths import missing
+from labelkit_ext.errors import UsageError
 
 __all__ = ["MEDMNIST_CLASSES", "load_medmnist_npz"]
 
@@ -43,7 +44,7 @@ def load_medmnist_npz(path: Path, flag: str) -> RawDataset:
     with np.load(file, allow_pickle=False) as npz:
         absent = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz]
         if absent:
-            raise ValueError(f"{file} lacks arrays {absent}; expected {_layout(flag)}")
+            raise UsageError(f"{file} lacks arrays {absent}; expected {_layout(flag)}")
         splits = {s: _split(npz[f"{s}_images"], npz[f"{s}_labels"], task) for s in SPLITS}
     channels = splits["train"].images.shape[1]
     return RawDataset(task=task, class_names=names, splits=splits, in_channels=channels)

@@ -16,6 +16,7 @@ import torch
 
 from labelkit_ext.data.core import ArraySplit, RawDataset, holdout_indices, resize_images
 from labelkit_ext.data.digits import DIGIT_NAMES, load_digits_raw
+from labelkit_ext.errors import UsageError
 
 __all__ = ["MosaicStats", "make_digit_mosaic", "load_digit_mosaic", "class_prior"]
 
@@ -36,14 +37,14 @@ class MosaicStats:
     def __post_init__(self) -> None:
         for name in ("empty_fraction", "multi_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise UsageError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.empty_fraction + self.multi_fraction > 1.0:
-            raise ValueError(
+            raise UsageError(
                 f"empty_fraction + multi_fraction must be <= 1, got "
                 f"{self.empty_fraction} + {self.multi_fraction}"
             )
         if self.imbalance < 1.0:
-            raise ValueError(f"imbalance must be >= 1, got {self.imbalance}")
+            raise UsageError(f"imbalance must be >= 1, got {self.imbalance}")
 
 
 def class_prior(imbalance: float) -> np.ndarray:
@@ -71,12 +72,12 @@ def make_digit_mosaic(
     cells equals the number of labels. Deterministic in ``seed``.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise UsageError(f"n must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
     size = cells.shape[-1]
     by_class = [np.flatnonzero(labels.numpy() == k) for k in range(NUM_CLASSES)]
     if any(len(pool) == 0 for pool in by_class):
-        raise ValueError("cells must hold at least one image of every digit")
+        raise UsageError("cells must hold at least one image of every digit")
     prior = class_prior(stats.imbalance)
     canvas = torch.zeros(n, 1, GRID * size, GRID * size, dtype=torch.uint8)
     targets = torch.zeros(n, NUM_CLASSES)
@@ -106,7 +107,7 @@ def load_digit_mosaic(
     digit image appears in two splits.
     """
     if image_size % GRID or image_size < 2 * GRID:
-        raise ValueError(
+        raise UsageError(
             f"image_size must be an even number >= 4 for a 2x2 mosaic, got {image_size}"
         )
     stats = stats or MosaicStats()

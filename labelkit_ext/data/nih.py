@@ -12,6 +12,7 @@ import torch
 
 from labelkit_ext.data.core import FileSplit, RawDataset
 from labelkit_ext.data.paths import missing
+from labelkit_ext.errors import UsageError
 
 __all__ = ["NIH_FINDINGS", "NO_FINDING", "load_nih_chestxray14", "parse_findings"]
 
@@ -47,7 +48,7 @@ def parse_findings(field: str) -> torch.Tensor:
     labels = [name for name in field.split("|") if name and name != NO_FINDING]
     unknown = sorted(set(labels) - set(NIH_FINDINGS))
     if unknown:
-        raise ValueError(f"unknown finding(s) {unknown} in 'Finding Labels' value {field!r}")
+        raise UsageError(f"unknown finding(s) {unknown} in 'Finding Labels' value {field!r}")
     target = torch.zeros(len(NIH_FINDINGS))
     for name in labels:
         target[NIH_FINDINGS.index(name)] = 1.0
@@ -68,7 +69,7 @@ def _entries(csv_file: Path) -> dict[str, tuple[str, str]]:
         needed = {"Image Index", "Finding Labels", "Patient ID"}
         absent = needed - set(reader.fieldnames or ())
         if absent:
-            raise ValueError(f"{csv_file} lacks columns {sorted(absent)}; expected {NIH_LAYOUT}")
+            raise UsageError(f"{csv_file} lacks columns {sorted(absent)}; expected {NIH_LAYOUT}")
         return {row["Image Index"]: (row["Finding Labels"], row["Patient ID"]) for row in reader}
 
 
@@ -84,7 +85,7 @@ def _split(root: Path, list_name: str, entries: dict, images: dict[str, Path]) -
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     unlisted = [n for n in names if n not in entries]
     if unlisted:
-        raise ValueError(
+        raise UsageError(
             f"{len(unlisted)} images of {list_name} are not in {ENTRY_CSV}, e.g. {unlisted[:3]}"
         )
     absent = [n for n in names if n not in images]

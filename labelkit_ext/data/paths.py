@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from labelkit_ext.errors import MissingFileError
+
 __all__ = ["DATA_ENV", "DataNotFoundError", "default_data_dir", "resolve_data_dir", "missing"]
 
 DATA_ENV = "LABELKIT_DATA"
@@ -20,7 +22,7 @@ SOURCES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(MissingFileError):
     """A data file or folder is missing; the message names it, the layout and the source."""
 
 

@@ -27,6 +27,7 @@ from labelkit_ext.data.mosaic import MosaicStats, load_digit_mosaic
 from labelkit_ext.data.nih import load_nih_chestxray14
 from labelkit_ext.data.paths import resolve_data_dir
 from labelkit_ext.data.transforms import build_transform, channel_stats
+from labelkit_ext.errors import UsageError
 
 __all__ = ["DATASETS", "DataSplits", "DatasetSpec", "available_datasets", "load_dataset"]
 
@@ -152,7 +153,7 @@ def available_datasets() -> list[str]:
 
 def _spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {available_datasets()}, got {name!r}")
+        raise UsageError(f"dataset must be one of {available_datasets()}, got {name!r}")
     return DATASETS[name]
 
 
@@ -165,7 +166,7 @@ def _check_options(spec: DatasetSpec, options: dict) -> None:
     }
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"unknown option(s) {unknown} for dataset {spec.name!r}; valid: {sorted(allowed) or 'none'}"
         )
 
@@ -208,7 +209,7 @@ def load_dataset(
     spec = _spec(name)
     _check_options(spec, options)
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
+        raise UsageError(f"image_size must be >= 1, got {image_size}")
     size = image_size or spec.default_image_size
     raw = spec.load(
         resolve_data_dir(data_dir),

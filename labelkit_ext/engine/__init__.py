@@ -8,6 +8,7 @@ from labelkit_ext.engine.config import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
+    option,
 )
 from labelkit_ext.engine.device import select_device
 from labelkit_ext.engine.distributed import (
@@ -62,6 +63,7 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "build_optimizer",
+    "option",
     "build_scheduler",
     "classification_metrics",
     "current_dist",

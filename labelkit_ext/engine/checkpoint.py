@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from labelkit_ext.errors import MissingFileError, UsageError
+
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "temp_path"]
 
 CHECKPOINT_VERSION = 1
@@ -46,9 +48,9 @@ def load_checkpoint(
     """Read a checkpoint with ``weights_only=True`` (no pickled code runs)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise MissingFileError(f"checkpoint {path} not found")
     state = torch.load(path, map_location=map_location, weights_only=True)
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a labelkit checkpoint (format_version {version!r})")
+        raise UsageError(f"{path} is not a labelkit checkpoint (format_version {version!r})")
     return state

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.errors import UsageError
+
 __all__ = ["select_device"]
 
 
@@ -16,11 +18,11 @@ def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise UsageError(
                 f"device {spec!r} requested but no CUDA GPU is visible; use --device cpu"
             )
         device = torch.device(f"cuda:{local_rank}") if spec == "cuda" else torch.device(spec)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
+            raise UsageError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) visible")
         return device
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    raise UsageError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")

@@ -29,6 +29,7 @@ from labelkit_ext.engine.distributed import (
 )
 from labelkit_ext.engine.metrics import classification_metrics, scores_from_logits
 from labelkit_ext.engine.seeding import derive_seed, seed_everything
+from labelkit_ext.errors import UsageError
 
 __all__ = [
     "LAST_CHECKPOINT",
@@ -279,7 +280,7 @@ def _check_resumable(saved: dict, config: TrainConfig, checkpoint: Path) -> None
         if saved.get(k) != current[k]
     ]
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"cannot resume from {checkpoint}: it was trained with other settings ({', '.join(changed)}); "
             "resume with the same settings, or use another --out"
         )

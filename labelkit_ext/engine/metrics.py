@@ -18,7 +18,13 @@ def scores_from_logits(logits: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int) -> float:
-    """Share of rows whose true class is among the ``k`` highest scores."""
+    """Share of rows whose true class is among the ``k`` highest scores (ties: the lower
+    class index ranks first).
+
+    Not ``sklearn.metrics.top_k_accuracy_score``: with two score columns it switches to its
+    binary path and thresholds a 1-D score instead of ranking the columns, which breaks the
+    ensemble's two-class clusters; for three or more classes the two agree (tested).
+    """
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return float((top == targets[:, None]).any(axis=1).mean())
 

@@ -1,32 +1,20 @@
-"""What every method shares: its command-line options, data loading from them, run output."""
+"""What every method shares: the data options and loading, run folders, results output."""
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from labelkit_ext.data import DataSplits, available_datasets, load_dataset
-from labelkit_ext.engine import (
-    OPTIMIZERS,
-    SCHEDULERS,
-    TrainConfig,
-    current_dist,
-    format_table,
-    versions,
-    write_json,
-)
-from labelkit_ext.models import available_models
+from labelkit_ext.engine import current_dist, format_table, option, versions, write_json
 
 __all__ = [
     "RESULTS_FILE",
-    "add_data_arguments",
-    "add_run_arguments",
-    "add_training_arguments",
+    "DataConfig",
     "load_data",
-    "train_config",
-    "run_dir",
+    "default_run_dir",
     "dataset_summary",
     "metrics_table",
     "write_results",
@@ -35,128 +23,45 @@ __all__ = [
 RESULTS_FILE = "results.json"
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, default_dataset: str = "digits") -> None:
-    """--dataset, --data-dir, --image-size, --val-fraction, --split-seed, --no-augment."""
-    group = parser.add_argument_group("data")
-    group.add_argument(
-        "--dataset",
-        default=default_dataset,
-        choices=available_datasets(),
-        help="data set (default: %(default)s; digits and digit-mosaic are embedded)",
+@dataclass
+class DataConfig:
+    """Which data set, from where, at what size and split: what ``load_dataset`` needs."""
+
+    dataset: str = option(
+        "digits",
+        "data set (digits and digit-mosaic are embedded)",
+        choices=available_datasets,
     )
-    group.add_argument(
-        "--data-dir",
-        default=None,
+    data_dir: str | None = option(
+        None,
+        "folder (or file) holding the data; default $LABELKIT_DATA, else ../shared/data",
         metavar="DIR",
-        help="folder (or file) holding the data; default $LABELKIT_DATA, else ../shared/data",
     )
-    group.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        metavar="PX",
-        help="model input size (default: the data set's own; digits 32)",
+    image_size: int | None = option(
+        None, "model input size (default: the data set's own; digits 32)", metavar="PX"
     )
-    group.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of train held out for validation where the release has no val split",
+    val_fraction: float = option(
+        0.1, "share of train held out for validation where the release has no val split"
     )
-    group.add_argument(
-        "--split-seed", type=int, default=0, help="seed of the data splits (not of training)"
-    )
-    group.add_argument(
-        "--no-augment",
-        dest="augment",
-        action="store_false",
-        help="no random crop / flip on the training images",
-    )
+    split_seed: int = option(0, "seed of the data splits (not of training)")
+    augment: bool = option(True, "random crop / flip on the training images")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """--out, --seed, --device, --quiet."""
-    group = parser.add_argument_group("run")
-    group.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="output folder for results.json, plots, checkpoints (default runs/<method>-<dataset>)",
-    )
-    group.add_argument("--seed", type=int, default=0, help="training seed")
-    group.add_argument(
-        "--device", default="auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)"
-    )
-    group.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-
-
-def add_training_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    model: str = "small-cnn",
-    epochs: int = 10,
-    batch_size: int = 64,
-    lr: float = 0.05,
-) -> None:
-    """Model and optimisation options for methods that train with ``engine.fit``."""
-    group = parser.add_argument_group("training")
-    group.add_argument(
-        "--model", default=model, choices=available_models(), help="network (default: %(default)s)"
-    )
-    group.add_argument(
-        "--pretrained", default=None, metavar="FILE", help="initial weights from a local file"
-    )
-    group.add_argument("--epochs", type=int, default=epochs, help="default: %(default)s")
-    group.add_argument(
-        "--batch-size", type=int, default=batch_size, help="per process; default: %(default)s"
-    )
-    group.add_argument("--lr", type=float, default=lr, help="default: %(default)s")
-    group.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=5e-4)
-    group.add_argument(
-        "--scheduler", default="cosine", choices=SCHEDULERS, help="stepped per epoch"
-    )
-    group.add_argument("--no-amp", dest="amp", action="store_false", help="no autocast on GPU")
-    group.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    group.add_argument(
-        "--resume", action="store_true", help="continue from the run's checkpoints in OUT when they exist"
-    )
-
-
-def load_data(args: argparse.Namespace) -> DataSplits:
-    """``load_dataset`` from the data options."""
+def load_data(config: DataConfig) -> DataSplits:
+    """``load_dataset`` as ``config`` describes it."""
     return load_dataset(
-        args.dataset,
-        args.data_dir,
-        image_size=args.image_size,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        augment=args.augment,
+        config.dataset,
+        config.data_dir,
+        image_size=config.image_size,
+        val_fraction=config.val_fraction,
+        split_seed=config.split_seed,
+        augment=config.augment,
     )
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """``TrainConfig`` from the run and training options."""
-    return TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        scheduler=args.scheduler,
-        amp=args.amp,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.num_workers,
-        quiet=args.quiet,
-    )
-
-
-def run_dir(args: argparse.Namespace, method: str) -> Path:
-    """``--out``, or ``runs/<method>-<dataset>``."""
-    return Path(args.out) if args.out else Path("runs") / f"{method}-{args.dataset}"
+def default_run_dir(method: str, data: DataConfig) -> Path:
+    """``runs/<method>-<dataset>``: where a run writes when no output folder is given."""
+    return Path("runs") / f"{method}-{data.dataset}"
 
 
 def dataset_summary(splits: DataSplits) -> dict[str, Any]:

@@ -1,52 +1,67 @@
 """The method registry behind ``labelkit run <method>``.
 
-A method module calls ``register_method`` at import with its name, a function adding its
-argparse arguments, and its run function; ``load_methods`` imports every module of this
-package, so a new method needs no edit anywhere else.
+A method module calls ``register_method`` at import with its name, its config dataclass (whose
+fields, made with ``engine.option``, are the method's command-line options) and its run
+function ``run(config, out_dir, *, resume=False) -> results``; ``load_methods`` imports every
+module of this package, so a new method needs no edit anywhere else. The CLI imports methods
+only for ``labelkit run``, so ``labelkit --help`` and ``labelkit info`` stay light.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from labelkit_ext.errors import UsageError
+from labelkit_ext.methods.options import option_names
+
 __all__ = ["Method", "register_method", "get_method", "available_methods", "load_methods"]
 
-RunFn = Callable[[argparse.Namespace], dict]
-AddArgumentsFn = Callable[[argparse.ArgumentParser], None]
+RunFn = Callable[..., dict]
+#: Options the CLI adds for every method; a config field may not take these names.
+RESERVED_OPTIONS = ("out", "resume")
 
 
 @dataclass(frozen=True)
 class Method:
-    """A runnable method: ``run(args)`` returns the results it wrote to results.json."""
+    """A runnable method: ``run(config(...), out_dir, resume=...)`` returns the results it
+    wrote to ``out_dir/results.json``."""
 
     name: str
+    config: type
     run: RunFn
-    add_arguments: AddArgumentsFn | None = None
     help: str = ""
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(
-    name: str, *, run: RunFn, add_arguments: AddArgumentsFn | None = None, help: str = ""
-) -> Method:
+def register_method(name: str, *, config: type, run: RunFn, help: str = "") -> Method:
     """Register ``name`` (lower-case, dashes allowed) for ``labelkit run <name>``.
 
-    ``add_arguments(parser)`` adds the method's own options; the data and run options
-    (``add_data_arguments``, ``add_run_arguments``) are added for every method. Registering
-    a name again from the same module (a reload) replaces it; from another module is an error.
+    ``config`` is a dataclass whose fields are the method's options (nested configs such as
+    ``TrainConfig`` and ``DataConfig`` become option groups; a ``train: TrainConfig`` field is
+    required); ``run(config, out_dir, *,
+    resume=False)`` runs it. Registering a name again from the same module (a reload) replaces
+    it; from another module is an error.
     """
     if not name or name != name.lower() or not name.replace("-", "").isalnum():
         raise ValueError(f"method name must be lower-case letters, digits and dashes, got {name!r}")
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"method {name!r}: config must be a dataclass, got {config!r}")
+    if not any(f.name == "train" for f in dataclasses.fields(config)):
+        # The CLI reads train.device to set up torchrun's process group before the run.
+        raise TypeError(f"method {name!r}: config needs a `train: TrainConfig` field")
+    clash = sorted(set(option_names(config)) & set(RESERVED_OPTIONS))
+    if clash:
+        raise TypeError(f"method {name!r}: config fields {clash} clash with the CLI's own options")
     existing = _METHODS.get(name)
     if existing is not None and existing.run.__module__ != run.__module__:
         raise ValueError(f"method {name!r} is already registered by {existing.run.__module__}")
-    method = Method(name, run, add_arguments, help)
+    method = Method(name, config, run, help)
     _METHODS[name] = method
     return method
 
@@ -68,5 +83,5 @@ def available_methods() -> list[str]:
 def get_method(name: str) -> Method:
     """The method registered as ``name``."""
     if name not in _METHODS:
-        raise ValueError(f"method must be one of {available_methods()}, got {name!r}")
+        raise UsageError(f"method must be one of {available_methods()}, got {name!r}")
     return _METHODS[name]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from labelkit_ext.engine import (
     TrainConfig,
     current_dist,
     fit,
+    option,
     plot_confusion_matrix,
     plot_history,
     plot_roc,
@@ -25,18 +26,17 @@ from labelkit_ext.engine import (
     seed_everything,
 )
 from labelkit_ext.methods.common import (
-    add_training_arguments,
+    DataConfig,
     dataset_summary,
+    default_run_dir,
     load_data,
     metrics_table,
-    run_dir,
-    train_config,
     write_results,
 )
 from labelkit_ext.methods.registry import register_method
-from labelkit_ext.models import build_model
+from labelkit_ext.models import available_models, build_model
 
-__all__ = ["fit_supervised", "train_supervised", "run"]
+__all__ = ["SupervisedConfig", "fit_supervised", "run_supervised", "train_supervised"]
 
 
 def _plots(
@@ -105,17 +105,13 @@ def train_supervised(
     resume: bool = False,
     pretrained: str | os.PathLike | None = None,
     callbacks: Sequence[Callable[[EpochEnd], None]] = (),
-    cli_args: Mapping[str, Any] | None = None,
-    data_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Train ``model`` on ``splits.train`` for ``config.epochs`` epochs, then evaluate the
-    last epoch's weights on val and test (no model selection on val).
+    last epoch's weights on val and test (no model selection on val); returns the results.
 
-    With ``out_dir``: checkpoints (``resume`` continues from the last), history / confusion
-    matrix / ROC PNGs, and the returned results are written to ``out_dir/results.json``.
-    ``cli_args`` (the command's options) and ``data_seconds`` (time spent loading) are recorded.
+    With ``out_dir``: checkpoints (``resume`` continues from the last) and the history /
+    confusion matrix / ROC PNGs (``run_supervised`` also writes results.json there).
     """
-    started = time.perf_counter() - data_seconds
     config = config or TrainConfig()
     info = splits.info
     fitted = fit_supervised(
@@ -145,58 +141,63 @@ def train_supervised(
     }
     results: dict[str, Any] = {
         "method": "supervised",
-        "config": {
-            "model": model,
-            "pretrained": pretrained,
-            "train": config.to_dict(),
-            "cli": dict(cli_args or {}),
-        },
+        "config": {"model": model, "pretrained": pretrained, "train": config.to_dict()},
         "dataset": dataset_summary(splits),
         "device": str(fitted.device),
         "resumed_from_epoch": fitted.resumed_from,
         "history": fitted.history,
         "metrics": metrics,
         "timings": {
-            "data_seconds": data_seconds,
             "train_seconds": fitted.train_seconds,
             "eval_seconds": time.perf_counter() - tic,
         },
     }
-    if out_dir is not None:
-        out = Path(out_dir)
-        if current_dist().is_main:
-            results["plots"] = _plots(
-                out, splits, fitted.history, predictions["test"], metrics["test"]
-            )
-        write_results(out, results, started)
+    if out_dir is not None and current_dist().is_main:
+        results["plots"] = _plots(
+            Path(out_dir), splits, fitted.history, predictions["test"], metrics["test"]
+        )
     return results
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser)
+@dataclass
+class SupervisedConfig:
+    """``labelkit run supervised``: its options are these fields."""
+
+    data: DataConfig = option(factory=DataConfig, help="data")
+    model: str = option("small-cnn", "network", choices=available_models)
+    pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
+    train: TrainConfig = option(factory=TrainConfig, help="training")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``labelkit run supervised``: load the data, train, evaluate, write and print results."""
-    tic = time.perf_counter()
-    splits = load_data(args)
-    out = run_dir(args, "supervised")
+def run_supervised(
+    config: SupervisedConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Load the data, train, evaluate; write results.json and plots into ``out_dir`` (default
+    ``runs/supervised-<dataset>``) and print the results table."""
+    started = time.perf_counter()
+    config = config or SupervisedConfig()
+    out = Path(out_dir) if out_dir is not None else default_run_dir("supervised", config.data)
+    splits = load_data(config.data)
+    data_seconds = time.perf_counter() - started
     results = train_supervised(
         splits,
-        model=args.model,
-        config=train_config(args),
+        model=config.model,
+        config=config.train,
         out_dir=out,
-        resume=args.resume,
-        pretrained=args.pretrained,
-        cli_args=vars(args),
-        data_seconds=time.perf_counter() - tic,
+        resume=resume,
+        pretrained=config.pretrained,
     )
+    results["config"] = asdict(config)
+    results["timings"]["data_seconds"] = data_seconds
+    write_results(out, results, started)
     if current_dist().is_main:
-        info = splits.info
         print(
             metrics_table(
                 results["metrics"],
-                f"supervised | {info.name} | {args.model} | {args.epochs} epochs",
+                f"supervised | {splits.info.name} | {config.model} | {config.train.epochs} epochs",
             )
         )
         print(f"results: {out / 'results.json'}  plots: {', '.join(results.get('plots', []))}")
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 register_method(
     "supervised",
-    run=run,
-    add_arguments=add_arguments,
+    config=SupervisedConfig,
+    run=run_supervised,
     help="plain training on all labels, then val/test evaluation (the baseline)",
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from labelkit_ext.errors import UsageError
+
 __all__ = ["Classifier"]
 
 
@@ -19,7 +21,7 @@ class Classifier(nn.Module):
     def __init__(self, features: nn.Module, feature_dim: int, num_classes: int) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise UsageError(f"num_classes must be >= 1, got {num_classes}")
         self.features = features
         self.feature_dim = feature_dim
         self.classifier = nn.Linear(feature_dim, num_classes)

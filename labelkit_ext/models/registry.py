@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from labelkit_ext.errors import MissingFileError, UsageError
 from labelkit_ext.models.base import Classifier
 from labelkit_ext.models.resnet import resnet18
 from labelkit_ext.models.small_cnn import small_cnn
@@ -85,9 +86,9 @@ def build_model(
     inputs; ``pretrained`` is a local weights file (see ``load_pretrained``); ``kwargs`` go to
     the builder (e.g. ``dropout``, ``width`` for small-cnn)."""
     if name not in MODELS:
-        raise ValueError(f"model must be one of {available_models()}, got {name!r}")
+        raise UsageError(f"model must be one of {available_models()}, got {name!r}")
     if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        raise UsageError(f"in_channels must be >= 1, got {in_channels}")
     spec = MODELS[name]
     model = spec.build(num_classes, in_channels, image_size <= SMALL_INPUT, **kwargs)
     if pretrained is not None:
@@ -100,7 +101,7 @@ def _state_dict(file: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # a labelkit checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{file} holds no state dict of tensors")
+        raise UsageError(f"{file} holds no state dict of tensors")
     return obj
 
 
@@ -143,7 +144,7 @@ def load_pretrained(
     """
     path = Path(file).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained weights file {path} not found: weights are read only from a local file "
             "(download them beforehand, e.g. torchvision's resnet18-f37072fd.pth)"
         )
@@ -152,7 +153,7 @@ def load_pretrained(
     fitted = {k: _adapt(k, v, own[k]) for k, v in state.items() if k in own}
     usable = {k: v for k, v in fitted.items() if v is not None}
     if not usable:
-        raise ValueError(
+        raise UsageError(
             f"no tensor in {path} matches the model's parameters (wrong architecture?)"
         )
     model.load_state_dict(usable, strict=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.models.base import Classifier
 
 __all__ = ["small_cnn"]
@@ -23,9 +24,9 @@ def small_cnn(
     """Three conv-BN-ReLU blocks (``width``, 2x, 4x channels, two 2x2 max-pools), global
     average pooling, optional dropout; features of size ``4 * width``. Any input >= 4x4."""
     if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+        raise UsageError(f"width must be >= 1, got {width}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        raise UsageError(f"dropout must be in [0, 1), got {dropout}")
     features = nn.Sequential(
         *_block(in_channels, width),
         nn.MaxPool2d(2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.models.base import Classifier
 
 __all__ = ["wide_resnet"]
@@ -39,9 +40,9 @@ def wide_resnet(
     """WRN-``depth``-``widen``: three groups of (depth - 4) / 6 blocks at 16k, 32k, 64k
     channels (strides 1, 2, 2); features of size 64 * ``widen``."""
     if (depth - 4) % 6 or depth < 10:
-        raise ValueError(f"depth must be 6n + 4 with n >= 1, got {depth}")
+        raise UsageError(f"depth must be 6n + 4 with n >= 1, got {depth}")
     if widen < 1:
-        raise ValueError(f"widen must be >= 1, got {widen}")
+        raise UsageError(f"widen must be >= 1, got {widen}")
     n = (depth - 4) // 6
     widths = [16, 16 * widen, 32 * widen, 64 * widen]
     layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)]

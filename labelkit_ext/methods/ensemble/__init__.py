@@ -10,13 +10,15 @@ cluster's sub-classifier (hard routing) or mixes every sub-classifier by cluster
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from labelkit_ext.engine import current_dist
-from labelkit_ext.methods.common import add_training_arguments, load_data, run_dir, train_config
+from labelkit_ext.engine import TrainConfig, current_dist, option
+from labelkit_ext.errors import UsageError
+from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
 from labelkit_ext.methods.ensemble.clustering import (
     AFFINITY,
     cluster_members,
@@ -46,6 +48,7 @@ from labelkit_ext.methods.ensemble.routing import (
     LabelEmbeddingEnsemble,
     Routing,
     baseline_entropy,
+    check_quantiles,
     hard_route,
     mask_to_clusters,
     mix_subclassifiers,
@@ -62,14 +65,15 @@ from labelkit_ext.methods.ensemble.training import (
     cluster_subset,
     fine_tune_subclassifiers,
     load_baseline,
-    train_baseline,
 )
 from labelkit_ext.methods.registry import register_method
+from labelkit_ext.models import available_models
 
 __all__ = [
     "AFFINITY",
     "DEFAULT_QUANTILES",
     "ClusterRestricted",
+    "EnsembleConfig",
     "EnsembleFit",
     "GridPoint",
     "LabelEmbeddingEnsemble",
@@ -92,62 +96,61 @@ __all__ = [
     "per_cluster_rows",
     "route",
     "route_nothing_threshold",
-    "run",
+    "run_ensemble",
     "search_grid",
     "select_best",
     "similarity_to_affinity",
     "soft_route",
     "spectral_clusters",
     "threshold_grid",
-    "train_baseline",
 ]
 
-DEFAULT_EPOCHS = 20
 
+@dataclass
+class EnsembleConfig:
+    """``labelkit run ensemble``: its options are these fields."""
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser, epochs=DEFAULT_EPOCHS)
-    group = parser.add_argument_group("ensemble")
-    group.add_argument(
-        "--baseline",
-        default=None,
+    data: DataConfig = option(factory=DataConfig, help="data")
+    model: str = option("small-cnn", "network", choices=available_models)
+    pretrained: str | None = option(
+        None, "initial weights of a baseline trained here, from a local file", metavar="FILE"
+    )
+    train: TrainConfig = option(factory=lambda: TrainConfig(epochs=20), help="baseline training")
+    baseline: str | None = option(
+        None,
+        "a trained baseline (e.g. OUT/checkpoint_last.pt of `labelkit run supervised`) instead "
+        "of training one",
         metavar="FILE",
-        help="a trained baseline (e.g. OUT/checkpoint_last.pt of `labelkit run supervised`) "
-        "instead of training one",
     )
-    group.add_argument(
-        "--sub-epochs",
-        type=int,
-        default=DEFAULT_SUB_EPOCHS,
-        help="fine-tuning epochs per sub-classifier (default: %(default)s)",
-    )
-    group.add_argument(
-        "--sub-lr",
-        type=float,
-        default=DEFAULT_SUB_LR,
-        help="fine-tuning learning rate (default: %(default)s)",
-    )
-    group.add_argument(
-        "--clusters",
-        type=int,
-        nargs="+",
-        default=None,
+    sub_epochs: int = option(DEFAULT_SUB_EPOCHS, "fine-tuning epochs per sub-classifier")
+    sub_lr: float = option(DEFAULT_SUB_LR, "fine-tuning learning rate")
+    clusters: list[int] | None = option(
+        None,
+        "numbers of clusters to search (default: about sqrt(C) x 0.6, 0.9, 1.2; 10 classes: "
+        "2 3 4, 100 classes: 6 9 12)",
         metavar="S",
-        help="numbers of clusters to search (default: about sqrt(C) x 0.6, 0.9, 1.2; "
-        "10 classes: 2 3 4, 100 classes: 6 9 12)",
     )
-    group.add_argument(
-        "--quantiles",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_QUANTILES),
+    quantiles: tuple[float, ...] = option(
+        DEFAULT_QUANTILES,
+        "thresholds to search, as quantiles of the baseline's val entropy (0 and route-nothing "
+        "are always added)",
         metavar="Q",
-        help="thresholds to search, as quantiles of the baseline's val entropy "
-        "(0 and route-nothing are always added)",
     )
 
+    def __post_init__(self) -> None:
+        if self.sub_epochs < 1:
+            raise UsageError(f"sub_epochs must be >= 1, got {self.sub_epochs}")
+        if self.sub_lr <= 0:
+            raise UsageError(f"sub_lr must be > 0, got {self.sub_lr}")
+        check_quantiles(self.quantiles)
 
-def _print_report(fitted: EnsembleFit, args: argparse.Namespace) -> None:
+    @property
+    def sub_train(self) -> TrainConfig:
+        """The sub-classifiers' training: the baseline's, with their own epochs and LR."""
+        return replace(self.train, epochs=self.sub_epochs, lr=self.sub_lr)
+
+
+def _print_report(fitted: EnsembleFit, config: EnsembleConfig) -> None:
     results = fitted.results
     selected = results["selected"]
     per_cluster = []
@@ -165,8 +168,8 @@ def _print_report(fitted: EnsembleFit, args: argparse.Namespace) -> None:
     print(
         "\n\n".join(
             [
-                f"ensemble | {args.dataset} | {args.model} | baseline {args.epochs} epochs, "
-                f"sub-classifiers {args.sub_epochs} epochs",
+                f"ensemble | {config.data.dataset} | {config.model} | baseline "
+                f"{config.train.epochs} epochs, sub-classifiers {config.sub_epochs} epochs",
                 *per_cluster,
                 overall_table(results["metrics"], selected),
                 grid_table([GridPoint(**p) for p in results["grid"]["val"]]),
@@ -176,42 +179,46 @@ def _print_report(fitted: EnsembleFit, args: argparse.Namespace) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``labelkit run ensemble``: baseline, clustering, sub-classifiers, validation grid over
-    (S, e), test report; writes results.json and plots and prints the tables."""
-    tic = time.perf_counter()
-    if args.sub_epochs < 1:
-        raise ValueError(f"--sub-epochs must be >= 1, got {args.sub_epochs}")
-    if args.sub_lr <= 0:
-        raise ValueError(f"--sub-lr must be > 0, got {args.sub_lr}")
-    splits = load_data(args)
-    out = run_dir(args, "ensemble")
-    config = train_config(args)
+def run_ensemble(
+    config: EnsembleConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Baseline, clustering, sub-classifiers, validation grid over (S, e), test report; writes
+    results.json and plots into ``out_dir`` (default ``runs/ensemble-<dataset>``) and prints
+    the tables."""
+    started = time.perf_counter()
+    config = config or EnsembleConfig()
+    out = Path(out_dir) if out_dir is not None else default_run_dir("ensemble", config.data)
+    splits = load_data(config.data)
+    data_seconds = time.perf_counter() - started
     fitted = fit_ensemble(
         splits,
-        model=args.model,
-        config=config,
-        sub_config=replace(config, epochs=args.sub_epochs, lr=args.sub_lr),
-        cluster_grid=args.clusters,
-        quantiles=args.quantiles,
-        baseline_file=args.baseline,
-        pretrained=args.pretrained,
+        model=config.model,
+        config=config.train,
+        sub_config=config.sub_train,
+        cluster_grid=config.clusters,
+        quantiles=config.quantiles,
+        baseline_file=config.baseline,
+        pretrained=config.pretrained,
         out_dir=out,
-        resume=args.resume,
-        cli_args=vars(args),
-        data_seconds=time.perf_counter() - tic,
+        resume=resume,
     )
+    results = fitted.results
+    results["config"]["run"] = asdict(config)
+    results["timings"]["data_seconds"] = data_seconds
+    write_results(out, results, started)
     if current_dist().is_main:
-        _print_report(fitted, args)
-        plots = ", ".join(fitted.results.get("plots", []))
-        print(f"results: {out / 'results.json'}  plots: {plots}")
-    return fitted.results
+        _print_report(fitted, config)
+        print(f"results: {out / 'results.json'}  plots: {', '.join(results.get('plots', []))}")
+    return results
 
 
 register_method(
     "ensemble",
-    run=run,
-    add_arguments=add_arguments,
+    config=EnsembleConfig,
+    run=run_ensemble,
     help="label-embedding stacking ensemble: cluster confused classes, fine-tune a "
     "sub-classifier per cluster, route uncertain samples by entropy",
 )

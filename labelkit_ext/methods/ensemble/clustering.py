@@ -8,6 +8,7 @@ import torch
 from sklearn.cluster import SpectralClustering
 from torch.nn import functional as F
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.models import Classifier
 
 __all__ = [
@@ -55,11 +56,11 @@ def check_num_clusters(num_clusters: int, num_classes: int) -> None:
     """``num_clusters`` must be an int in [2, C - 1] (S = C makes every class its own cluster,
     and the ensemble the baseline)."""
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)):
-        raise ValueError(f"num_clusters must be an int, got {num_clusters!r}")
+        raise UsageError(f"num_clusters must be an int, got {num_clusters!r}")
     if num_clusters < 2:
-        raise ValueError(f"num_clusters must be >= 2, got {num_clusters}")
+        raise UsageError(f"num_clusters must be >= 2, got {num_clusters}")
     if num_clusters >= num_classes:
-        raise ValueError(
+        raise UsageError(
             f"num_clusters must be < the number of classes ({num_classes}), got {num_clusters}"
         )
 
@@ -73,7 +74,7 @@ def spectral_clusters(similarity: torch.Tensor, num_clusters: int, seed: int = 0
     cluster's smallest class index (so class 0 is in cluster 0), deterministic for ``seed``.
     """
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
-        raise ValueError(f"similarity must be square (C, C), got shape {tuple(similarity.shape)}")
+        raise UsageError(f"similarity must be square (C, C), got shape {tuple(similarity.shape)}")
     num_classes = similarity.shape[0]
     check_num_clusters(num_clusters, num_classes)
     labels = SpectralClustering(
@@ -102,7 +103,7 @@ def default_cluster_grid(num_classes: int) -> list[int]:
     [2, C - 1] (10 classes: 2, 3, 4; 100 classes: 6, 9, 12). Each S costs a full pass of
     sub-classifier fine-tuning, so the default grid stays small."""
     if num_classes < 3:
-        raise ValueError(f"clustering needs at least 3 classes, got {num_classes}")
+        raise UsageError(f"clustering needs at least 3 classes, got {num_classes}")
     root = np.sqrt(num_classes)
     grid = {min(max(round(root * f), 2), num_classes - 1) for f in (0.6, 0.9, 1.2)}
     return sorted(grid)

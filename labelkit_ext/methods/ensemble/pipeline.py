@@ -23,7 +23,8 @@ from labelkit_ext.engine import (
     prediction_metrics,
     select_device,
 )
-from labelkit_ext.methods.common import dataset_summary, write_results
+from labelkit_ext.errors import UsageError
+from labelkit_ext.methods.common import dataset_summary
 from labelkit_ext.methods.ensemble.clustering import (
     AFFINITY,
     check_num_clusters,
@@ -58,8 +59,8 @@ from labelkit_ext.methods.ensemble.training import (
     load_baseline,
     predict_logits,
     stack_sub_logits,
-    train_baseline,
 )
+from labelkit_ext.methods.supervised import fit_supervised
 from labelkit_ext.models import build_model
 
 __all__ = [
@@ -115,7 +116,7 @@ def cluster_grid_for(num_classes: int, sizes: Sequence[int] | None = None) -> li
     if sizes is None:
         return default_cluster_grid(num_classes)
     if len(sizes) == 0:
-        raise ValueError("cluster_grid must hold at least one S")
+        raise UsageError("cluster_grid must hold at least one S")
     for s in sizes:
         check_num_clusters(s, num_classes)
     return sorted({int(s) for s in sizes})
@@ -134,7 +135,7 @@ def _baseline(
     """(model, device, history, trained here): the given model, the file's, or a new one."""
     info = splits.info
     if baseline is None and baseline_file is None:
-        fitted = train_baseline(
+        fitted = fit_supervised(
             splits,
             model,
             config,
@@ -147,7 +148,7 @@ def _baseline(
         net = build_model(model, info.num_classes, info.in_channels, info.image_size)
         baseline = load_baseline(net, baseline_file)
     if not hasattr(baseline, "label_embeddings"):
-        raise ValueError("baseline must expose label_embeddings (a labelkit Classifier)")
+        raise UsageError("baseline must expose label_embeddings (a labelkit Classifier)")
     device = select_device(config.device, current_dist().local_rank)
     return baseline.to(device), device, [], False
 
@@ -160,7 +161,7 @@ def _check_sources(
     given = [name for name, v in (("baseline", baseline), ("baseline_file", baseline_file),
              ("pretrained", pretrained)) if v is not None]  # fmt: skip
     if len(given) > 1:
-        raise ValueError(f"give at most one of baseline, baseline_file, pretrained; got {given}")
+        raise UsageError(f"give at most one of baseline, baseline_file, pretrained; got {given}")
 
 
 def _at(grid: Sequence[GridPoint], point: GridPoint) -> GridPoint:
@@ -341,8 +342,6 @@ def fit_ensemble(
     pretrained: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    cli_args: Mapping[str, Any] | None = None,
-    data_seconds: float = 0.0,
 ) -> EnsembleFit:
     """The label-embedding stacking ensemble with entropy-gated routing, end to end.
 
@@ -359,14 +358,14 @@ def fit_ensemble(
        val (ties: larger e, then smaller S); test is reported, never used to choose.
 
     With ``out_dir``: checkpoints (``baseline/``, ``subclassifiers/S<s>/cluster<k>/``; ``resume``
-    continues them), plots and results.json.
+    continues them) and plots (``run_ensemble`` also writes results.json there).
     """
-    started = time.perf_counter() - data_seconds
+    started = time.perf_counter()
     config = config or TrainConfig()
     sub_config = sub_config or replace(config, epochs=DEFAULT_SUB_EPOCHS, lr=DEFAULT_SUB_LR)
     info = splits.info
     if info.task != "multiclass":
-        raise ValueError(f"dataset must be multi-class, {info.name} is {info.task}")
+        raise UsageError(f"dataset must be multi-class, {info.name} is {info.task}")
     sizes = cluster_grid_for(info.num_classes, cluster_grid)
     check_quantiles(quantiles)  # every argument is checked before hours of training
     _check_sources(baseline, baseline_file, pretrained)
@@ -423,7 +422,6 @@ def fit_ensemble(
             "quantiles": list(quantiles),
             "thresholds": thresholds,
             "affinity": AFFINITY,
-            "cli": dict(cli_args or {}),
         },
         "dataset": dataset_summary(splits),
         "device": str(device),
@@ -446,18 +444,12 @@ def fit_ensemble(
             {"cluster": k, "classes": m, "class_names": [info.class_names[c] for c in m]}
             for k, m in enumerate(cluster_members(clusterings[chosen]))
         ],
-        "timings": {
-            "data_seconds": data_seconds,
-            **stages.seconds,
-            "total_seconds": time.perf_counter() - started,  # write_results updates it
-        },
+        "timings": {**stages.seconds, "total_seconds": time.perf_counter() - started},
     }
-    if out is not None:
-        if current_dist().is_main:
-            results["plots"] = _plots(
-                out, splits, history, similarity, clusterings[chosen], grids, chosen, metrics
-            )
-        write_results(out, results, started)
+    if out is not None and current_dist().is_main:
+        results["plots"] = _plots(
+            out, splits, history, similarity, clusterings[chosen], grids, chosen, metrics
+        )
     hard, soft = (
         LabelEmbeddingEnsemble(
             net,

@@ -3,7 +3,6 @@ cluster, as the paper's Tables 3-5), text tables, and the plots."""
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from labelkit_ext.engine import format_table, topk_accuracy
 from labelkit_ext.engine.report import new_figure, save_figure
@@ -105,9 +105,9 @@ def paired_comparison(
     base_right = baseline_prediction.cpu() == targets.cpu()
     right = prediction.cpu() == targets.cpu()
     fixed, broke = int((right & ~base_right).sum()), int((~right & base_right).sum())
-    n = fixed + broke
-    tail = sum(math.comb(n, i) for i in range(min(fixed, broke) + 1)) / 2**n
-    return {"fixed": fixed, "broke": broke, "mcnemar_p": min(1.0, 2.0 * tail)}
+    n = fixed + broke  # no discordant pair: nothing to test, p = 1
+    p_value = binomtest(fixed, n, 0.5).pvalue if n else 1.0
+    return {"fixed": fixed, "broke": broke, "mcnemar_p": float(p_value)}
 
 
 def overall_table(metrics: dict[str, dict[str, Any]], selected: dict[str, dict]) -> str:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from labelkit_ext import entropy_gate, softmax_entropy
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.ensemble.clustering import check_num_clusters
 
 __all__ = [
@@ -70,10 +71,10 @@ def check_thresholds(thresholds: Sequence[float]) -> list[float]:
     """Non-empty, finite, >= 0; returned as sorted unique floats."""
     values = [float(t) for t in thresholds]
     if not values:
-        raise ValueError("thresholds must not be empty")
+        raise UsageError("thresholds must not be empty")
     bad = [t for t in values if not math.isfinite(t) or t < 0]
     if bad:
-        raise ValueError(f"thresholds must be finite and >= 0, got {bad}")
+        raise UsageError(f"thresholds must be finite and >= 0, got {bad}")
     return sorted(set(values))
 
 
@@ -82,7 +83,7 @@ def check_quantiles(quantiles: Sequence[float]) -> list[float]:
     qs = [float(q) for q in quantiles]
     bad = [q for q in qs if not 0.0 < q < 1.0]
     if bad:
-        raise ValueError(f"quantiles must lie in (0, 1), got {bad}")
+        raise UsageError(f"quantiles must lie in (0, 1), got {bad}")
     return qs
 
 

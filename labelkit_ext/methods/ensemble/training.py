@@ -22,19 +22,15 @@ from labelkit_ext.engine import (
     predict,
     write_json,
 )
+from labelkit_ext.errors import MissingFileError, UsageError
 from labelkit_ext.methods.ensemble.clustering import cluster_members
-from labelkit_ext.methods.supervised import fit_supervised
 from labelkit_ext.models import Classifier
-
-# The baseline is trained with the supervised recipe itself.
-train_baseline = fit_supervised
 
 __all__ = [
     "ClusterRestricted",
     "SubClassifier",
     "dataset_targets",
     "cluster_subset",
-    "train_baseline",
     "load_baseline",
     "fine_tune_subclassifiers",
     "predict_logits",
@@ -99,17 +95,17 @@ def load_baseline(model: Classifier, file: str | os.PathLike) -> Classifier:
     with ``weights_only=True``. Every tensor must fit: a baseline is not partially loaded."""
     path = Path(file).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"baseline checkpoint {path} not found")
+        raise MissingFileError(f"baseline checkpoint {path} not found")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"baseline {path} holds no state dict")
+        raise UsageError(f"baseline {path} holds no state dict")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise ValueError(
+        raise UsageError(
             f"baseline {path} does not fit the model ({model.num_classes} classes): {first}"
         ) from exc
     return model
@@ -121,7 +117,7 @@ def _record_cluster(folder: Path, classes: list[int], resume: bool) -> None:
     if resume and record.is_file():
         saved = json.loads(record.read_text())["classes"]
         if saved != classes:
-            raise ValueError(
+            raise UsageError(
                 f"cannot resume {folder}: it was fine-tuned on classes {saved}, the clustering "
                 f"now gives {classes}; use another --out"
             )
@@ -156,7 +152,7 @@ def fine_tune_subclassifiers(
     for k, classes in enumerate(cluster_members(clusters)):
         train = cluster_subset(train_set, classes)
         if len(train) == 0:
-            raise ValueError(f"cluster {k} (classes {classes}) has no training sample")
+            raise UsageError(f"cluster {k} (classes {classes}) has no training sample")
         if len(classes) == 1:  # the answer within a one-class cluster is that class
             subs.append(SubClassifier(k, classes, baseline, False, len(train)))
             continue
