@@ -371,6 +371,65 @@ def test_kernel_checks_cluster_ids_directly():
         torch.ops.labelkit.softmax_entropy(torch.ones(2, 3, dtype=torch.int32))
 
 
+@requires_ops
+def test_backward_ops_check_shapes_and_devices(device):
+    """The backward kernels check every tensor they read, also when called directly."""
+    x = make_logits((4, 5), torch.float32, device)
+    H, lse = torch.ops.labelkit.softmax_entropy(x)
+    backward = torch.ops.labelkit._softmax_entropy_backward
+    with pytest.raises(RuntimeError, match=r"grad must have shape \[4\]"):
+        backward(torch.ones(3, device=device), x, H, lse)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[4\]"):
+        backward(torch.ones(4, device=device), x, H, lse[:2])
+    clusters = _random_clusters(5, 2, device)
+    gate = torch.ops.labelkit.entropy_gate(x, 1.0, clusters, 2)
+    gate_backward = torch.ops.labelkit._entropy_gate_backward
+    with pytest.raises(RuntimeError, match="grad_cluster_probs must have the shape"):
+        gate_backward(None, torch.ones(4, 3, device=device), x, gate[0], gate[5], clusters, gate[3])
+    with pytest.raises(RuntimeError, match="grad_cluster_probs given without clusters"):
+        gate_backward(None, torch.ones(4, 2, device=device), x, gate[0], gate[5], None, gate[3])
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="must be on the logits' device"):
+            backward(torch.ones(4), x, H, lse)
+
+
+def test_double_backward_is_a_clear_error(device):
+    x = make_logits((3, 4), torch.float64, device).requires_grad_()
+    (g,) = torch.autograd.grad(softmax_entropy(x).sum(), x, create_graph=True)
+    if not _ext.HAS_OPS:  # the reference is plain autograd: twice differentiable
+        torch.autograd.grad(g.sum(), x)
+        return
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), x)
+
+
+def test_empty_cluster_of_a_masked_or_nan_row_has_zero_mass(device):
+    """The NaN/-inf policy is the reference's on every backend: a cluster with no class keeps
+    mass 0; the others are NaN when the row has no finite softmax."""
+    x = torch.tensor([[-INF, -INF, -INF], [0.0, math.nan, 1.0], [0.0, 1.0, 2.0]], device=device)
+    clusters = torch.tensor([0, 0, 2], device=device)  # cluster 1 is empty
+    out = entropy_gate(x, 1.0, clusters, num_clusters=3)
+    ref = entropy_gate_ref(x, 1.0, clusters, 3)
+    assert out.cluster_probs[:, 1].tolist() == [0.0, 0.0, 0.0]
+    assert_close(out.cluster_probs, ref.cluster_probs)
+    assert out.cluster.tolist() == ref.cluster.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_more_rows_than_one_cuda_grid():
+    """Rows beyond the first grid's reach are handled by the grid-stride loops."""
+    x = make_logits((1_500_000, 2), torch.float32, "cuda").requires_grad_()
+    clusters = torch.tensor([0, 1], device="cuda")
+    out = entropy_gate(x, 0.5, clusters, num_clusters=2)
+    ref = entropy_gate_ref(x.detach(), 0.5, clusters, 2)
+    assert_close(out.entropy, ref.entropy)
+    assert_close(out.cluster_probs, ref.cluster_probs)
+    out.entropy.sum().backward()
+    x_ref = x.detach().requires_grad_()
+    softmax_entropy_ref(x_ref).sum().backward()
+    assert_close(x.grad, x_ref.grad)
+
+
 # ---- 4. opcheck ---------------------------------------------------------------------------------
 
 
@@ -384,10 +443,18 @@ def test_opcheck(device, requires_grad):
     torch.library.opcheck(torch.ops.labelkit.softmax_entropy.default, (x_half,))
     torch.library.opcheck(torch.ops.labelkit.entropy_gate.default, (x, 0.7, clusters, 3))
     torch.library.opcheck(torch.ops.labelkit.entropy_gate.default, (x, 0.7, None, 0))
-    H = torch.ops.labelkit.softmax_entropy(x.detach())
+    H, lse = torch.ops.labelkit.softmax_entropy(x.detach())
     torch.library.opcheck(
-        torch.ops.labelkit._softmax_entropy_backward.default, (torch.rand_like(H), x.detach(), H)
+        torch.ops.labelkit._softmax_entropy_backward.default,
+        (torch.rand_like(H), x.detach(), H, lse),
     )
+    gate = torch.ops.labelkit.entropy_gate(x.detach(), 0.7, clusters, 3)
+    for g_entropy, g_probs in ((torch.rand_like(H), torch.rand(5, 3, device=device)),
+                               (None, torch.rand(5, 3, device=device)), (torch.rand_like(H), None)):  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.labelkit._entropy_gate_backward.default,
+            (g_entropy, g_probs, x.detach(), gate[0], gate[5], clusters, gate[3]),
+        )
 
 
 # ---- 5. torch.compile ---------------------------------------------------------------------------
@@ -411,6 +478,23 @@ def test_compile_fullgraph_matches_eager():
     assert_close(loss, eager_loss)
     assert torch.equal(pred, eager_pred) and torch.equal(unc, eager_unc)
     assert_close(g_comp, g_eager)
+
+
+def test_compile_dynamic_shapes_match_eager():
+    torch._dynamo.reset()
+    clusters = _random_clusters(9, 3, "cpu")
+
+    def fn(t):
+        gate = entropy_gate(t, 1.0, clusters, num_clusters=3)
+        return softmax_entropy(t).sum() + gate.cluster_probs.sum(), gate.prediction
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for rows in (5, 17, 33):
+        x = make_logits((rows, 9), torch.float32, seed=rows).requires_grad_()
+        loss, pred = compiled(x)
+        eager_loss, eager_pred = fn(x)
+        assert_close(loss, eager_loss) and torch.equal(pred, eager_pred)
+        assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(eager_loss, x)[0])
 
 
 def test_compile_requires_num_clusters():

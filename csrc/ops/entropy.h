@@ -151,13 +151,22 @@ LK_HD T entropy_from(T s, T t) {
   return fast_log(s) - t / s;
 }
 
-// d H / d z_j = -p_j (log p_j + H), scaled by the incoming gradient g.
+// log-sum-exp of a row from its moments: m + log s (-inf for an all -inf row, NaN with NaN).
 template <typename T>
-LK_HD T entropy_grad(T z, T m, T log_s, T H, T g) {
-  if (z == neg_inf<T>()) return T(0);
-  const T log_p = (z - m) - log_s;
+LK_HD T lse_from(T m, T s) {
+  return m + fast_log(s);
+}
+
+// The one-pass backward of the family, from the row's saved lse and H. With log p_j = z_j - lse,
+//   d H / d z_j = -p_j (log p_j + H)   and   d cp_k / d z_j = p_j ([c_j == k] - cp_k),
+// so the gradient of g_H H + <g_c, cp> is p_j (-g_H (log p_j + H) + g_c[c_j] - <g_c, cp>);
+// `cluster_term` is g_c[c_j] - <g_c, cp> (0 without clusters). Masked classes get exactly 0.
+template <typename T>
+LK_HD T gate_grad(T z, T lse, T H, T g_H, T cluster_term) {
+  const T log_p = z - lse;
   const T p = fast_exp(log_p);
-  return -g * p * (log_p + H);
+  const T grad = p * (cluster_term - g_H * (log_p + H));
+  return z == neg_inf<T>() ? T(0) : grad;
 }
 
 // Argmax ordering: NaN beats everything (as torch.argmax), then larger values; ties keep the

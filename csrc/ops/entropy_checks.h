@@ -45,4 +45,40 @@ inline void check_gate_args(
   TORCH_CHECK(num_clusters >= 1, "entropy_gate: num_clusters must be >= 1, got ", num_clusters);
 }
 
+// A per-row tensor of a backward op (incoming grad, saved entropy or lse): on the logits'
+// device with one value per row, so a kernel can never read past it or get a host pointer.
+inline void check_row_values(const at::Tensor& t, const char* name, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(
+      t.device() == logits.device(), op, ": ", name, " must be on the logits' device (",
+      logits.device(), "), got ", t.device());
+  const auto rows = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(
+      t.sizes() == rows, op, ": ", name, " must have shape ", rows, " (one value per row), got ",
+      t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
+              t.scalar_type());
+}
+
+// The cluster arguments of the entropy_gate backward: ids [C] and the forward's probs [N, S].
+inline void check_gate_backward_clusters(
+    const at::Tensor& logits, const c10::optional<at::Tensor>& clusters,
+    const at::Tensor& cluster_probs, const c10::optional<at::Tensor>& grad_cluster_probs) {
+  const char* op = "entropy_gate_backward";
+  if (!grad_cluster_probs.has_value()) return;
+  TORCH_CHECK(clusters.has_value(), op, ": grad_cluster_probs given without clusters");
+  const at::Tensor& c = *clusters;
+  TORCH_CHECK(c.scalar_type() == at::kLong && c.dim() == 1 && c.size(0) == logits.size(1), op,
+              ": clusters must be int64 of shape [C] = [", logits.size(1), "], got ", c.scalar_type(),
+              " ", c.sizes());
+  for (const at::Tensor* t : {&c, &cluster_probs, &*grad_cluster_probs}) {
+    TORCH_CHECK(t->device() == logits.device(), op, ": every tensor must be on the logits' device (",
+                logits.device(), "), got ", t->device());
+  }
+  TORCH_CHECK(cluster_probs.dim() == 2 && cluster_probs.size(0) == logits.size(0), op,
+              ": cluster_probs must be [N, S] with N = ", logits.size(0), ", got ", cluster_probs.sizes());
+  TORCH_CHECK(grad_cluster_probs->sizes() == cluster_probs.sizes(), op,
+              ": grad_cluster_probs must have the shape of cluster_probs ", cluster_probs.sizes(), ", got ",
+              grad_cluster_probs->sizes());
+}
+
 }  // namespace labelkit

@@ -41,14 +41,25 @@ bool close(const at::Tensor& a, const at::Tensor& b, double tol = 2e-5) {
   return at::allclose(a, b.to(a.scalar_type()), tol, tol, /*equal_nan=*/true);
 }
 
-at::Tensor entropy_op(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> entropy_and_lse(const at::Tensor& x) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("labelkit::softmax_entropy", "")
-                       .typed<at::Tensor(const at::Tensor&)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
   return op.call(x);
 }
 
-using GateResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+at::Tensor entropy_op(const at::Tensor& x) {
+  return std::get<0>(entropy_and_lse(x));
+}
+
+at::Tensor entropy_backward_op(const at::Tensor& g, const at::Tensor& x, const at::Tensor& H, const at::Tensor& lse) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("labelkit::_softmax_entropy_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(g, x, H, lse);
+}
+
+using GateResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 GateResult gate_op(const at::Tensor& x, double thr, const std::optional<at::Tensor>& clusters, int64_t S) {
   static auto op = c10::Dispatcher::singleton()
@@ -107,13 +118,28 @@ void test_gate_matches_libtorch() {
   at::manual_seed(1);
   const at::Tensor x = at::randn({33, 12}) * 2;
   const at::Tensor clusters = at::tensor(std::vector<int64_t>{0, 1, 2, 0, 1, 2, 3, 3, 0, 1, 2, 3});
-  const auto [H, unc, pred, cprob, cl] = gate_op(x, 1.5, clusters, 4);
+  const auto [H, unc, pred, cprob, cl, lse] = gate_op(x, 1.5, clusters, 4);
+  EXPECT(close(lse, at::logsumexp(x, -1)));
   EXPECT(close(H, entropy_libtorch(x)));
   EXPECT(at::equal(unc, H >= 1.5));
   EXPECT(at::equal(pred, x.argmax(-1)));
   const at::Tensor mass = at::zeros({33, 4}, at::kDouble).index_add_(1, clusters, at::softmax(x.to(at::kDouble), -1));
   EXPECT(close(cprob, mass));
   EXPECT(at::equal(cl, cprob.argmax(-1)));
+}
+
+void test_backward_matches_libtorch_autograd() {
+  // One pass from the saved lse and entropy equals autograd through the textbook formula.
+  at::manual_seed(2);
+  for (int64_t C : {3, 10, 1000}) {
+    const at::Tensor x = at::randn({17, C}) * 3;
+    const at::Tensor g = at::rand({17});
+    const auto [H, lse] = entropy_and_lse(x);
+    EXPECT(close(lse, at::logsumexp(x, -1)));
+    const at::Tensor x64 = x.to(at::kDouble).set_requires_grad(true);
+    (entropy_libtorch(x64) * g.to(at::kDouble)).sum().backward();
+    EXPECT(close(entropy_backward_op(g, x, H, lse), x64.grad(), 1e-5));
+  }
 }
 
 void test_gate_rejects_bad_cluster_ids() {
@@ -135,6 +161,7 @@ int main() {
   run("softmax_entropy_matches_libtorch", test_softmax_entropy_matches_libtorch);
   run("entropy_gate_matches_libtorch", test_gate_matches_libtorch);
   run("entropy_gate_rejects_bad_cluster_ids", test_gate_rejects_bad_cluster_ids);
+  run("backward_matches_libtorch_autograd", test_backward_matches_libtorch_autograd);
   std::printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -157,7 +157,7 @@ def softmax_entropy(
     _check_base(base)
     x = logits if dim == logits.dim() - 1 else logits.movedim(dim, -1)
     if has_kernel("softmax_entropy", x.device.type):
-        entropy = torch.ops.labelkit.softmax_entropy(x)
+        entropy, _lse = torch.ops.labelkit.softmax_entropy(x)
     else:
         entropy = softmax_entropy_ref(x)
     return entropy if base is None else entropy / math.log(base)
@@ -203,7 +203,7 @@ def entropy_gate(
         out = torch.ops.labelkit.entropy_gate(logits, threshold, clusters, num_clusters)
     else:
         out = entropy_gate_ref(logits, threshold, clusters, num_clusters or None)
-    entropy, uncertain, prediction, cluster_probs, cluster = out
+    entropy, uncertain, prediction, cluster_probs, cluster = out[:5]
     if clusters is None:
         return EntropyGate(entropy, uncertain, prediction, None, None)
     return EntropyGate(entropy, uncertain, prediction, cluster_probs, cluster)
@@ -255,10 +255,11 @@ def _entropy_like(logits: torch.Tensor, shape) -> torch.Tensor:
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::softmax_entropy")
     def _softmax_entropy_fake(logits):
-        return _entropy_like(logits, logits.shape[:-1])
+        rows = logits.shape[:-1]
+        return _entropy_like(logits, rows), _entropy_like(logits, rows)
 
     @torch.library.register_fake("labelkit::_softmax_entropy_backward")
-    def _softmax_entropy_backward_fake(grad, logits, entropy):
+    def _softmax_entropy_backward_fake(grad, logits, entropy, lse):
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("labelkit::entropy_gate")
@@ -270,38 +271,57 @@ def _register_fake_kernels() -> None:
             logits.new_empty((n,), dtype=torch.int64),
             _entropy_like(logits, (n, num_clusters)),
             logits.new_empty((n if clusters is not None else 0,), dtype=torch.int64),
+            _entropy_like(logits, (n,)),
         )
+
+    @torch.library.register_fake("labelkit::_entropy_gate_backward")
+    def _entropy_gate_backward_fake(
+        grad_entropy, grad_cluster_probs, logits, entropy, lse, clusters, cluster_probs
+    ):
+        return logits.new_empty(logits.shape)
+
+
+# The backward ops read the logits and the forward's saved per-row lse and entropy once and
+# write the gradient once (O(N) saved besides the logits; O(N S) with clusters). They have no
+# derivative themselves: a double backward raises (see _no_double_backward).
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "labelkit_ext: the entropy ops support one backward pass; a double backward "
+        "(create_graph=True through their gradient) is not implemented"
+    )
 
 
 def _softmax_entropy_setup(ctx, inputs, output):
     (logits,) = inputs
-    ctx.save_for_backward(logits, output)
+    entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, entropy, lse)
 
 
-def _softmax_entropy_backward(ctx, grad):
-    logits, entropy = ctx.saved_tensors
-    return torch.ops.labelkit._softmax_entropy_backward(grad, logits, entropy)
+def _softmax_entropy_backward(ctx, grad, _grad_lse):
+    logits, entropy, lse = ctx.saved_tensors
+    return torch.ops.labelkit._softmax_entropy_backward(grad, logits, entropy, lse)
 
 
 def _entropy_gate_setup(ctx, inputs, output):
     logits, _threshold, clusters, num_clusters = inputs
-    entropy, _unc, _pred, cluster_probs, _cluster = output
+    entropy, uncertain, prediction, cluster_probs, cluster, lse = output
+    ctx.mark_non_differentiable(uncertain, prediction, cluster, lse)
     ctx.routed = clusters is not None and num_clusters > 0
-    ctx.save_for_backward(logits, entropy, clusters if ctx.routed else None, cluster_probs)
+    ctx.save_for_backward(logits, entropy, lse, clusters if ctx.routed else None, cluster_probs)
 
 
-def _entropy_gate_backward(ctx, g_entropy, _g_unc, _g_pred, g_cluster_probs, _g_cluster):
-    logits, entropy, clusters, cluster_probs = ctx.saved_tensors
-    grad = None
-    if g_entropy is not None:
-        grad = torch.ops.labelkit._softmax_entropy_backward(g_entropy, logits, entropy)
-    if ctx.routed and g_cluster_probs is not None:
-        # d cp_k / d z_j = p_j ([c_j == k] - cp_k), so grad_j = p_j (g_{c_j} - sum_k g_k cp_k).
-        p = torch.softmax(logits.to(cluster_probs.dtype), dim=-1)
-        g_class = g_cluster_probs.index_select(1, clusters)
-        g_mass = p * (g_class - (g_cluster_probs * cluster_probs).sum(-1, keepdim=True))
-        g_mass = g_mass.to(logits.dtype)
-        grad = g_mass if grad is None else grad + g_mass
+def _entropy_gate_backward(ctx, g_entropy, _g_unc, _g_pred, g_cluster_probs, _g_cluster, _g_lse):
+    logits, entropy, lse, clusters, cluster_probs = ctx.saved_tensors
+    if not ctx.routed:
+        g_cluster_probs = None
+    if g_entropy is None and g_cluster_probs is None:
+        return None, None, None, None
+    grad = torch.ops.labelkit._entropy_gate_backward(
+        g_entropy, g_cluster_probs, logits, entropy, lse, clusters, cluster_probs
+    )
     return grad, None, None, None
 
 
@@ -312,6 +332,8 @@ def _register_autograd() -> None:
     torch.library.register_autograd(
         "labelkit::entropy_gate", _entropy_gate_backward, setup_context=_entropy_gate_setup
     )
+    for backward in ("_softmax_entropy_backward", "_entropy_gate_backward"):
+        torch.library.register_autograd(f"labelkit::{backward}", _no_double_backward)
 
 
 if HAS_OPS:

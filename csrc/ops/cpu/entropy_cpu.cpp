@@ -1,7 +1,8 @@
-// CPU kernels of the entropy family. Each row runs two passes over data that stays in cache:
-// max (+ NaN flag), then exp-moments (s, t) through the shared math in ops/entropy.h. The row
-// loops are `omp simd` reductions (vectorised, with a fixed per-binary summation order) and are
-// compiled for several ISAs (target_clones) with a runtime pick.
+// CPU kernels of the entropy family. Each forward row runs two passes over data that stays in
+// cache: max (+ NaN flag), then exp-moments (s, t) through the shared math in ops/entropy.h; the
+// backward reads each row once, from the forward's saved lse and entropy. The row loops are
+// `omp simd` loops (vectorised, with a fixed per-binary summation order), inlined into block
+// functions compiled for several ISAs (target_clones) with a runtime pick.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -72,52 +73,16 @@ LK_ROW void row_moments_impl(const T* x, int64_t C, T m, T* e_out, T& s_out, T& 
   t_out = t;
 }
 
-template <typename T>
-LK_ROW void row_grad_impl(const T* x, int64_t C, T m, T log_s, T H, T g, T* gx) {
-#pragma omp simd
-  for (int64_t j = 0; j < C; ++j) {
-    gx[j] = entropy::entropy_grad(x[j], m, log_s, H, g);
-  }
-}
-
-// ---- float instances compiled per ISA; double uses the generic code directly ---------------
-
-LK_CPU_CLONES float row_max(const float* x, int64_t C, bool& has_nan) {
-  return row_max_impl<float>(x, C, has_nan);
-}
-LK_CPU_CLONES void row_moments(const float* x, int64_t C, float m, float& s, float& t) {
-  row_moments_impl<float, false>(x, C, m, nullptr, s, t);
-}
-LK_CPU_CLONES void row_moments_store(const float* x, int64_t C, float m, float* e, float& s, float& t) {
-  row_moments_impl<float, true>(x, C, m, e, s, t);
-}
-LK_CPU_CLONES void row_grad(const float* x, int64_t C, float m, float log_s, float H, float g, float* gx) {
-  row_grad_impl<float>(x, C, m, log_s, H, g, gx);
-}
-
-double row_max(const double* x, int64_t C, bool& has_nan) {
-  return row_max_impl<double>(x, C, has_nan);
-}
-void row_moments(const double* x, int64_t C, double m, double& s, double& t) {
-  row_moments_impl<double, false>(x, C, m, nullptr, s, t);
-}
-void row_moments_store(const double* x, int64_t C, double m, double* e, double& s, double& t) {
-  row_moments_impl<double, true>(x, C, m, e, s, t);
-}
-void row_grad(const double* x, int64_t C, double m, double log_s, double H, double g, double* gx) {
-  row_grad_impl<double>(x, C, m, log_s, H, g, gx);
-}
-
 // First index of the maximum; with a NaN in the row, the first NaN (torch.argmax's rule).
 template <typename T>
-int64_t row_argmax(const T* x, int64_t C, T m, bool has_nan) {
+LK_ROW int64_t row_argmax(const T* x, int64_t C, T m, bool has_nan) {
   for (int64_t j = 0; j < C; ++j) {
     if (has_nan ? x[j] != x[j] : x[j] == m) return j;
   }
   return 0;  // unreachable: m is one of the values (all -inf rows match at j == 0)
 }
 
-// Max, NaN flag and exp-moments of one row: the prologue every op shares.
+// Max, NaN flag and exp-moments of one row: the prologue every forward shares.
 template <typename T>
 struct RowStats {
   T m;
@@ -127,68 +92,136 @@ struct RowStats {
 };
 
 template <typename T>
-RowStats<T> row_stats(const T* x, int64_t C, T* e_out = nullptr) {
+LK_ROW RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
   RowStats<T> st;
-  st.m = row_max(x, C, st.has_nan);
+  st.m = row_max_impl(x, C, st.has_nan);
   if (e_out != nullptr) {
-    row_moments_store(x, C, st.m, e_out, st.s, st.t);
+    row_moments_impl<T, true>(x, C, st.m, e_out, st.s, st.t);
   } else {
-    row_moments(x, C, st.m, st.s, st.t);
+    row_moments_impl<T, false>(x, C, st.m, nullptr, st.s, st.t);
   }
   return st;
 }
 
-// ---- rows in the accumulation type ----------------------------------------------------------
-
-// Gives a pointer to row i as acc_t: the row itself for float/double, else a converted copy.
+// Row i of x in the accumulation type: the row itself, or converted into buf.
 template <typename scalar_t, typename acc_t>
-class RowReader {
- public:
-  RowReader(const scalar_t* base, int64_t C) : base_(base), C_(C) {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) buf_.resize(C);
+LK_ROW const acc_t* acc_row(const scalar_t* x, int64_t C, int64_t i, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return x + i * C;
+  } else {
+    const scalar_t* src = x + i * C;
+    for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<acc_t>(src[j]);
+    return buf;
   }
-  const acc_t* row(int64_t i) {
-    const scalar_t* src = base_ + i * C_;
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return src;
-    } else {
-      for (int64_t j = 0; j < C_; ++j) buf_[j] = static_cast<acc_t>(src[j]);
-      return buf_.data();
-    }
-  }
+}
 
- private:
-  const scalar_t* base_;
-  int64_t C_;
-  std::vector<acc_t> buf_;
+// ---- blocks of rows: one ISA-dispatched call per parallel task, so short rows (C = 10) pay no
+// per-row call; the row loops inline into each clone ------------------------------------------
+
+// Per-block arguments of the gate forward.
+template <typename acc_t>
+struct GateRows {
+  acc_t* entropy;
+  acc_t* lse;
+  bool* uncertain;      // null: plain softmax_entropy
+  int64_t* prediction;  // null: plain softmax_entropy
+  acc_t threshold;
+  const int64_t* clusters;  // null: no routing
+  int64_t S;
+  acc_t* cluster_probs;
+  int64_t* cluster;
 };
 
-// Gives a row of acc_t to write gradients into: the output row itself for float/double, else a
-// buffer that commit() converts into the output.
+// Softmax mass per cluster (e_j / s summed per id; an empty cluster stays exactly 0, whatever
+// s is, as in the reference) and the first best bin.
+template <typename acc_t>
+LK_ROW int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int64_t* clusters, int64_t S, acc_t* bins) {
+  for (int64_t k = 0; k < S; ++k) bins[k] = acc_t(0);
+  const acc_t inv_s = acc_t(1) / s;
+  for (int64_t j = 0; j < C; ++j) bins[clusters[j]] += e[j] * inv_s;
+  int64_t best = 0;
+  for (int64_t k = 1; k < S; ++k) {
+    if (entropy::better(bins[k], bins[best])) best = k;
+  }
+  return best;
+}
+
 template <typename scalar_t, typename acc_t>
-class RowWriter {
- public:
-  RowWriter(scalar_t* base, int64_t C) : base_(base), C_(C) {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) buf_.resize(C);
+LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {
+  const bool routed = out.clusters != nullptr;
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* r = acc_row<scalar_t, acc_t>(x, C, i, buf);
+    const RowStats<acc_t> st = row_stats(r, C, routed ? e : nullptr);
+    const acc_t H = entropy::entropy_from(st.s, st.t);
+    out.entropy[i] = H;
+    out.lse[i] = entropy::lse_from(st.m, st.s);
+    if (out.uncertain == nullptr) continue;
+    out.uncertain[i] = H >= out.threshold;
+    out.prediction[i] = row_argmax(r, C, st.m, st.has_nan);
+    if (routed) out.cluster[i] = cluster_bins(e, C, st.s, out.clusters, out.S, out.cluster_probs + i * out.S);
   }
-  acc_t* row(int64_t i) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return base_ + i * C_;
+}
+
+// Per-block arguments of the backward.
+template <typename acc_t>
+struct GradRows {
+  const acc_t* lse;
+  const acc_t* entropy;
+  const acc_t* grad_entropy;   // null: no entropy gradient
+  const acc_t* grad_cluster;   // [N, S]; null: no cluster-mass gradient
+  const acc_t* cluster_probs;  // [N, S]
+  const int64_t* clusters;
+  int64_t S;
+};
+
+template <typename T>
+LK_ROW void grad_row(const T* x, int64_t C, T lse, T H, T g_H, T* gx) {
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], lse, H, g_H, T(0));
+}
+
+template <typename T>
+LK_ROW void grad_row_clusters(const T* x, int64_t C, T lse, T H, T g_H, const T* g_c, T dot, const int64_t* clusters, T* gx) {
+#pragma omp simd
+  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], lse, H, g_H, g_c[clusters[j]] - dot);
+}
+
+template <typename scalar_t, typename acc_t>
+LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in, scalar_t* gx, acc_t* buf, acc_t* gbuf) {
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* r = acc_row<scalar_t, acc_t>(x, C, i, buf);
+    acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(gx + i * C) : gbuf;
+    const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i] : acc_t(0);
+    if (in.grad_cluster == nullptr) {
+      grad_row(r, C, in.lse[i], in.entropy[i], g_H, g);
     } else {
-      return buf_.data();
+      const acc_t* g_c = in.grad_cluster + i * in.S;
+      const acc_t* cp = in.cluster_probs + i * in.S;
+      acc_t dot = acc_t(0);
+      for (int64_t k = 0; k < in.S; ++k) dot += g_c[k] * cp[k];
+      grad_row_clusters(r, C, in.lse[i], in.entropy[i], g_H, g_c, dot, in.clusters, g);
     }
-  }
-  void commit(int64_t i) {
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      for (int64_t j = 0; j < C_; ++j) base_[i * C_ + j] = static_cast<scalar_t>(buf_[j]);
+      for (int64_t j = 0; j < C; ++j) gx[i * C + j] = static_cast<scalar_t>(g[j]);
     }
   }
+}
 
- private:
-  scalar_t* base_;
-  int64_t C_;
-  std::vector<acc_t> buf_;
-};
+// Clones per input type (float math for the half types, double for gradcheck).
+#define LK_BLOCK_FNS(scalar_t, acc_t)                                                                  \
+  LK_CPU_CLONES void forward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,           \
+                                  const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {                  \
+    forward_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf, e);                                 \
+  }                                                                                                    \
+  LK_CPU_CLONES void backward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,          \
+                                   const GradRows<acc_t>& in, scalar_t* gx, acc_t* buf, acc_t* gbuf) { \
+    backward_rows_impl<scalar_t, acc_t>(x, C, begin, end, in, gx, buf, gbuf);                          \
+  }
+LK_BLOCK_FNS(float, float)
+LK_BLOCK_FNS(c10::Half, float)
+LK_BLOCK_FNS(c10::BFloat16, float)
+LK_BLOCK_FNS(double, double)
+#undef LK_BLOCK_FNS
 
 int64_t rows_of(const at::Tensor& x) {
   return x.numel() / x.size(-1);
@@ -198,126 +231,147 @@ at::ScalarType entropy_dtype(at::ScalarType in) {
   return in == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// ---- ops -------------------------------------------------------------------------------------
-
-at::Tensor softmax_entropy_cpu(const at::Tensor& logits) {
-  check_logits(logits, "softmax_entropy", 1);
-  const at::Tensor x = logits.contiguous();
+// Runs the forward over all rows in parallel tasks, each with its own scratch rows.
+template <typename scalar_t, typename acc_t>
+void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
   const int64_t C = x.size(-1);
-  const int64_t N = rows_of(x);
-  at::Tensor out = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(entropy_dtype(x.scalar_type())));
-  if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    acc_t* op = out.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t, acc_t> reader(xp, C);
-      for (int64_t i = begin; i < end; ++i) {
-        const RowStats<acc_t> st = row_stats(reader.row(i), C);
-        op[i] = entropy::entropy_from(st.s, st.t);
-      }
-    });
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
+    std::vector<acc_t> e(out.clusters != nullptr ? C : 0);
+    forward_rows(xp, C, begin, end, out, buf.data(), e.data());
   });
-  return out;
 }
 
-at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy) {
-  check_logits(logits, "softmax_entropy_backward", 1);
+// ---- ops -------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> softmax_entropy_cpu(const at::Tensor& logits) {
+  check_logits(logits, "softmax_entropy", 1);
   const at::Tensor x = logits.contiguous();
-  const int64_t C = x.size(-1);
-  const int64_t N = rows_of(x);
-  TORCH_CHECK(grad.numel() == N && entropy.numel() == N,
-              "softmax_entropy_backward: grad and entropy must have one value per row (", N, ")");
-  const at::Tensor acc_type_grad = grad.to(entropy_dtype(x.scalar_type())).contiguous();
-  const at::Tensor H = entropy.to(entropy_dtype(x.scalar_type())).contiguous();
-  at::Tensor gx = at::empty_like(x);
-  if (N == 0) return gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_backward_cpu", [&] {
+  const auto opts = x.options().dtype(entropy_dtype(x.scalar_type()));
+  at::Tensor ent = at::empty(x.sizes().slice(0, x.dim() - 1), opts);
+  at::Tensor lse = at::empty_like(ent);
+  if (ent.numel() == 0) return {ent, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* gp = acc_type_grad.const_data_ptr<acc_t>();
-    const acc_t* hp = H.const_data_ptr<acc_t>();
-    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t, acc_t> reader(xp, C);
-      RowWriter<scalar_t, acc_t> writer(gxp, C);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* r = reader.row(i);
-        const RowStats<acc_t> st = row_stats(r, C);
-        row_grad(r, C, st.m, entropy::fast_log(st.s), hp[i], gp[i], writer.row(i));
-        writer.commit(i);
-      }
-    });
+    GateRows<acc_t> out{ent.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), nullptr, nullptr, acc_t(0), nullptr, 0, nullptr, nullptr};
+    run_forward<scalar_t, acc_t>(x, out);
   });
-  return gx;
+  return {ent, lse};
 }
 
 // Cluster ids must lie in [0, S): checked before any write, so a bad id can never index out of
 // the per-row bins.
-void check_cluster_ids(const at::Tensor& clusters, int64_t S) {
+void check_cluster_ids(const at::Tensor& clusters, int64_t S, const char* op) {
   const int64_t* c = clusters.const_data_ptr<int64_t>();
   for (int64_t j = 0; j < clusters.numel(); ++j) {
-    TORCH_CHECK(c[j] >= 0 && c[j] < S, "entropy_gate: clusters must hold ids in [0, num_clusters = ", S,
+    TORCH_CHECK(c[j] >= 0 && c[j] < S, op, ": clusters must hold ids in [0, num_clusters = ", S,
                 "), got ", c[j], " at class ", j);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_gate_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_gate_cpu(
     const at::Tensor& logits, double threshold, const c10::optional<at::Tensor>& clusters, int64_t num_clusters) {
   check_gate_args(logits, threshold, clusters, num_clusters);
   const at::Tensor x = logits.contiguous();
   const int64_t N = x.size(0);
-  const int64_t C = x.size(1);
   const bool routed = clusters.has_value();
   const int64_t S = routed ? num_clusters : 0;
   at::Tensor cl;
   if (routed) {
     cl = clusters->contiguous();
-    check_cluster_ids(cl, S);
+    check_cluster_ids(cl, S, "entropy_gate");
   }
   const auto opts = x.options();
-  at::Tensor ent = at::empty({N}, opts.dtype(entropy_dtype(x.scalar_type())));
+  const auto acc_opts = opts.dtype(entropy_dtype(x.scalar_type()));
+  at::Tensor ent = at::empty({N}, acc_opts);
+  at::Tensor lse = at::empty({N}, acc_opts);
   at::Tensor unc = at::empty({N}, opts.dtype(at::kBool));
   at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
-  at::Tensor cprob = at::empty({N, S}, opts.dtype(entropy_dtype(x.scalar_type())));
+  at::Tensor cprob = at::empty({N, S}, acc_opts);
   at::Tensor cidx = at::empty({routed ? N : 0}, opts.dtype(at::kLong));
-  if (N == 0) return {ent, unc, pred, cprob, cidx};
+  if (N == 0) return {ent, unc, pred, cprob, cidx, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_gate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    GateRows<acc_t> out{
+        ent.mutable_data_ptr<acc_t>(),
+        lse.mutable_data_ptr<acc_t>(),
+        unc.mutable_data_ptr<bool>(),
+        pred.mutable_data_ptr<int64_t>(),
+        static_cast<acc_t>(threshold),
+        routed ? cl.const_data_ptr<int64_t>() : nullptr,
+        S,
+        routed ? cprob.mutable_data_ptr<acc_t>() : nullptr,
+        routed ? cidx.mutable_data_ptr<int64_t>() : nullptr};
+    run_forward<scalar_t, acc_t>(x, out);
+  });
+  return {ent, unc, pred, cprob, cidx, lse};
+}
+
+// Row statistics in the accumulation type, contiguous (a no-op for the forward's own outputs).
+at::Tensor acc_rows(const at::Tensor& t, const at::Tensor& x) {
+  return t.to(entropy_dtype(x.scalar_type())).contiguous();
+}
+
+at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_entropy,
+                        const c10::optional<at::Tensor>& grad_cluster, const at::Tensor& entropy, const at::Tensor& lse,
+                        const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
+  const at::Tensor x = logits.contiguous();
+  const int64_t C = x.size(-1);
+  at::Tensor gx = at::empty_like(x);
+  if (x.numel() == 0) return gx;
+  const at::Tensor H = acc_rows(entropy, x);
+  const at::Tensor L = acc_rows(lse, x);
+  const at::Tensor gH = grad_entropy.has_value() ? acc_rows(*grad_entropy, x) : at::Tensor();
+  const bool routed = grad_cluster.has_value();
+  const at::Tensor gC = routed ? acc_rows(*grad_cluster, x) : at::Tensor();
+  const at::Tensor cp = routed ? acc_rows(cluster_probs, x) : at::Tensor();
+  const at::Tensor cl = routed ? clusters->contiguous() : at::Tensor();
+  const int64_t S = routed ? cp.size(1) : 0;
+  if (routed) check_cluster_ids(cl, S, "entropy_gate_backward");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const GradRows<acc_t> in{
+        L.const_data_ptr<acc_t>(),
+        H.const_data_ptr<acc_t>(),
+        gH.defined() ? gH.const_data_ptr<acc_t>() : nullptr,
+        routed ? gC.const_data_ptr<acc_t>() : nullptr,
+        routed ? cp.const_data_ptr<acc_t>() : nullptr,
+        routed ? cl.const_data_ptr<int64_t>() : nullptr,
+        S};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const int64_t* cp = routed ? cl.const_data_ptr<int64_t>() : nullptr;
-    acc_t* ep = ent.mutable_data_ptr<acc_t>();
-    bool* up = unc.mutable_data_ptr<bool>();
-    int64_t* pp = pred.mutable_data_ptr<int64_t>();
-    acc_t* cpp = routed ? cprob.mutable_data_ptr<acc_t>() : nullptr;
-    int64_t* cip = routed ? cidx.mutable_data_ptr<int64_t>() : nullptr;
-    const acc_t thr = static_cast<acc_t>(threshold);
-    at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t, acc_t> reader(xp, C);
-      std::vector<acc_t> e(routed ? C : 0);
-      for (int64_t i = begin; i < end; ++i) {
-        const acc_t* r = reader.row(i);
-        const RowStats<acc_t> st = row_stats(r, C, routed ? e.data() : nullptr);
-        const acc_t H = entropy::entropy_from(st.s, st.t);
-        ep[i] = H;
-        up[i] = H >= thr;
-        pp[i] = row_argmax(r, C, st.m, st.has_nan);
-        if (!routed) continue;
-        acc_t* bins = cpp + i * S;
-        for (int64_t k = 0; k < S; ++k) bins[k] = acc_t(0);
-        for (int64_t j = 0; j < C; ++j) bins[cp[j]] += e[j];
-        const acc_t inv_s = acc_t(1) / st.s;
-        int64_t best = 0;
-        for (int64_t k = 0; k < S; ++k) {
-          bins[k] *= inv_s;
-          if (entropy::better(bins[k], bins[best])) best = k;
-        }
-        cip[i] = best;
-      }
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
+      std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
+      backward_rows(xp, C, begin, end, in, gxp, buf.data(), gbuf.data());
     });
   });
-  return {ent, unc, pred, cprob, cidx};
+  return gx;
+}
+
+at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
+                                        const at::Tensor& lse) {
+  const char* op = "softmax_entropy_backward";
+  check_logits(logits, op, 1);
+  check_row_values(grad, "grad", logits, op);
+  check_row_values(entropy, "entropy", logits, op);
+  check_row_values(lse, "lse", logits, op);
+  return run_backward(logits, grad, c10::nullopt, entropy, lse, c10::nullopt, entropy);
+}
+
+at::Tensor entropy_gate_backward_cpu(const c10::optional<at::Tensor>& grad_entropy,
+                                     const c10::optional<at::Tensor>& grad_cluster_probs, const at::Tensor& logits,
+                                     const at::Tensor& entropy, const at::Tensor& lse,
+                                     const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
+  const char* op = "entropy_gate_backward";
+  check_logits(logits, op, 2);
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
+  if (grad_entropy.has_value()) check_row_values(*grad_entropy, "grad_entropy", logits, op);
+  check_row_values(entropy, "entropy", logits, op);
+  check_row_values(lse, "lse", logits, op);
+  check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
+  return run_backward(logits, grad_entropy, grad_cluster_probs, entropy, lse, clusters, cluster_probs);
 }
 
 }  // namespace
@@ -326,6 +380,7 @@ TORCH_LIBRARY_IMPL(labelkit, CPU, m) {
   m.impl("softmax_entropy", &softmax_entropy_cpu);
   m.impl("_softmax_entropy_backward", &softmax_entropy_backward_cpu);
   m.impl("entropy_gate", &entropy_gate_cpu);
+  m.impl("_entropy_gate_backward", &entropy_gate_backward_cpu);
 }
 
 }  // namespace labelkit

@@ -1,4 +1,5 @@
-// CUDA kernels of the entropy family: one read of each row. A group of kGroup threads (a power
+// CUDA kernels of the entropy family: one read of each row (forward), one elementwise pass
+// from the saved lse and entropy (backward). A group of kGroup threads (a power
 // of two <= 32, inside one warp) owns a row; each thread folds its strided share of the row into
 // online softmax moments (ops/entropy.h push), and the group merges them with xor-shuffles, so
 // every lane ends with the same row statistics. Rows with C >= kBlockRowMinC use a whole block.
@@ -128,7 +129,10 @@ __device__ __forceinline__ void scatter_cluster_mass(
   const acc_t inv_s = acc_t(1) / mom.s;
   for (int64_t j = tid; j < C; j += nthreads) {
     const int64_t c = clusters[j];
-    if (c < 0 || c >= S) continue;  // validated by the wrapper; never write outside the row
+    // The CPU kernel raises for a bad id; here (no host sync) it is a device-side assert, and
+    // the write below never leaves the row's bins.
+    CUDA_KERNEL_ASSERT(c >= 0 && c < S && "entropy_gate: clusters must hold ids in [0, num_clusters)");
+    if (c < 0 || c >= S) continue;
     acc_t e, ed;
     entropy::term(static_cast<acc_t>(row[j]), mom.m, e, ed);
     atomicAdd(bins + c, e * inv_s);
@@ -155,6 +159,7 @@ __device__ __forceinline__ int64_t index_or_zero(long long idx) {
 template <typename acc_t>
 struct GateOut {
   acc_t* entropy;
+  acc_t* lse;
   bool* uncertain;      // null for plain softmax_entropy
   int64_t* prediction;  // null for plain softmax_entropy
   acc_t threshold;
@@ -168,6 +173,7 @@ template <typename acc_t>
 __device__ __forceinline__ void write_row(const GateOut<acc_t>& out, int64_t row, const RowStat<acc_t>& st) {
   const acc_t H = entropy::entropy_from(st.mom.s, st.mom.t);
   out.entropy[row] = H;
+  out.lse[row] = entropy::lse_from(st.mom.m, st.mom.s);
   if (out.uncertain != nullptr) {
     out.uncertain[row] = H >= out.threshold;
     out.prediction[row] = index_or_zero(st.idx);
@@ -218,39 +224,36 @@ __global__ void __launch_bounds__(kThreads) entropy_block_kernel(const scalar_t*
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void write_grad_row(const scalar_t* __restrict__ row, int64_t C, int tid, int nthreads, const Moments<acc_t>& mom, acc_t H, acc_t g, scalar_t* __restrict__ gx) {
-  const acc_t log_s = entropy::fast_log(mom.s);
-  for (int64_t j = tid; j < C; j += nthreads) {
-    gx[j] = static_cast<scalar_t>(entropy::entropy_grad(static_cast<acc_t>(row[j]), mom.m, log_s, H, g));
-  }
-}
-
-template <typename scalar_t, int kGroup>
-__global__ void __launch_bounds__(kThreads) entropy_backward_rows_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ grad, const at::opmath_type<scalar_t>* __restrict__ H, int64_t N, int64_t C, scalar_t* __restrict__ gx) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kRowsPerBlock = kThreads / kGroup;
-  const int g = threadIdx.x / kGroup;
-  const int lane = threadIdx.x % kGroup;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; base < N;
-       base += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const int64_t row = base + g;
-    const bool active = row < N;
-    RowStat<acc_t> st = empty_stat<acc_t>();
-    if (active) scan_row<scalar_t, acc_t, false>(x + row * C, C, lane, kGroup, st);
-    group_reduce<kGroup>(st);
-    if (active) write_grad_row(x + row * C, C, lane, kGroup, st.mom, H[row], grad[row], gx + row * C);
-  }
-}
+// The backward needs no reduction: with the forward's lse and entropy saved, every element's
+// gradient is independent (ops/entropy.h gate_grad), so one grid-stride pass reads each logit
+// once and writes its gradient once.
+template <typename scalar_t>
+struct GradIn {
+  const scalar_t* x;
+  const at::opmath_type<scalar_t>* lse;
+  const at::opmath_type<scalar_t>* entropy;
+  const at::opmath_type<scalar_t>* grad_entropy;  // null: no entropy gradient
+  const at::opmath_type<scalar_t>* grad_cluster;  // [N, S]; null: no cluster-mass gradient
+  const at::opmath_type<scalar_t>* dot;           // [N]: <grad_cluster, cluster_probs> per row
+  const int64_t* clusters;
+  int64_t S;
+};
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) entropy_backward_block_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ grad, const at::opmath_type<scalar_t>* __restrict__ H, int64_t N, int64_t C, scalar_t* __restrict__ gx) {
+__global__ void __launch_bounds__(kThreads) entropy_backward_kernel(GradIn<scalar_t> in, int64_t total, int64_t C, scalar_t* __restrict__ gx) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
-    RowStat<acc_t> st = empty_stat<acc_t>();
-    scan_row<scalar_t, acc_t, false>(x + row * C, C, threadIdx.x, blockDim.x, st);
-    st = block_reduce(st);
-    write_grad_row(x + row * C, C, threadIdx.x, blockDim.x, st.mom, H[row], grad[row], gx + row * C);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = idx / C;
+    const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[row] : acc_t(0);
+    acc_t cluster_term = acc_t(0);
+    if (in.grad_cluster != nullptr) {
+      const int64_t c = in.clusters[idx - row * C];
+      CUDA_KERNEL_ASSERT(c >= 0 && c < in.S && "entropy_gate_backward: cluster id out of range");
+      cluster_term = (c >= 0 && c < in.S ? in.grad_cluster[row * in.S + c] : acc_t(0)) - in.dot[row];
+    }
+    gx[idx] = static_cast<scalar_t>(
+        entropy::gate_grad(static_cast<acc_t>(in.x[idx]), in.lse[row], in.entropy[row], g_H, cluster_term));
   }
 }
 
@@ -312,33 +315,9 @@ void launch_forward(const at::Tensor& x, int64_t N, int64_t C, const GateOut<at:
 }
 
 template <typename scalar_t>
-void launch_backward(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& H, int64_t N, int64_t C, at::Tensor& gx) {
-  using acc_t = at::opmath_type<scalar_t>;
+void launch_backward(const GradIn<scalar_t>& in, int64_t total, int64_t C, at::Tensor& gx) {
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const acc_t* gp = grad.const_data_ptr<acc_t>();
-  const acc_t* hp = H.const_data_ptr<acc_t>();
-  scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-  if (C >= kBlockRowMinC) {
-    entropy_backward_block_kernel<scalar_t><<<grid_for(N, 1), kThreads, 0, stream>>>(xp, gp, hp, N, C, gxp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const int g = group_size(C);
-  const int64_t grid = grid_for(N, kThreads / g);
-#define LK_LAUNCH_BWD(G)                                                                           \
-  case G:                                                                                          \
-    entropy_backward_rows_kernel<scalar_t, G><<<grid, kThreads, 0, stream>>>(xp, gp, hp, N, C, gxp); \
-    break;
-  switch (g) {
-    LK_LAUNCH_BWD(1)
-    LK_LAUNCH_BWD(2)
-    LK_LAUNCH_BWD(4)
-    LK_LAUNCH_BWD(8)
-    LK_LAUNCH_BWD(16)
-    LK_LAUNCH_BWD(32)
-  }
-#undef LK_LAUNCH_BWD
+  entropy_backward_kernel<scalar_t><<<grid_for(total, kThreads), kThreads, 0, stream>>>(in, total, C, gx.mutable_data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -348,41 +327,24 @@ at::ScalarType entropy_dtype(at::ScalarType in) {
 
 // ---- ops ----------------------------------------------------------------------------------------
 
-at::Tensor softmax_entropy_cuda(const at::Tensor& logits) {
+std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits) {
   check_logits(logits, "softmax_entropy", 1);
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor x = logits.contiguous();
   const int64_t C = x.size(-1);
   const int64_t N = x.numel() / C;
   at::Tensor ent = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(entropy_dtype(x.scalar_type())));
-  if (N == 0) return ent;
+  at::Tensor lse = at::empty_like(ent);
+  if (N == 0) return {ent, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    GateOut<acc_t> out{ent.mutable_data_ptr<acc_t>(), nullptr, nullptr, acc_t(0), nullptr, 0, nullptr, nullptr};
+    GateOut<acc_t> out{ent.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), nullptr, nullptr, acc_t(0), nullptr, 0, nullptr, nullptr};
     launch_forward<scalar_t, false>(x, N, C, out);
   });
-  return ent;
+  return {ent, lse};
 }
 
-at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy) {
-  check_logits(logits, "softmax_entropy_backward", 1);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor x = logits.contiguous();
-  const int64_t C = x.size(-1);
-  const int64_t N = x.numel() / C;
-  TORCH_CHECK(grad.numel() == N && entropy.numel() == N,
-              "softmax_entropy_backward: grad and entropy must have one value per row (", N, ")");
-  const at::Tensor g = grad.to(entropy_dtype(x.scalar_type())).contiguous();
-  const at::Tensor H = entropy.to(entropy_dtype(x.scalar_type())).contiguous();
-  at::Tensor gx = at::empty_like(x);
-  if (N == 0) return gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_backward_cuda", [&] {
-    launch_backward<scalar_t>(x, g, H, N, C, gx);
-  });
-  return gx;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_gate_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_gate_cuda(
     const at::Tensor& logits, double threshold, const c10::optional<at::Tensor>& clusters, int64_t num_clusters) {
   check_gate_args(logits, threshold, clusters, num_clusters);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -395,16 +357,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_g
   const auto opts = x.options();
   const auto acc_dtype = entropy_dtype(x.scalar_type());
   at::Tensor ent = at::empty({N}, opts.dtype(acc_dtype));
+  at::Tensor lse = at::empty({N}, opts.dtype(acc_dtype));
   at::Tensor unc = at::empty({N}, opts.dtype(at::kBool));
   at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
   // Bins are accumulated with atomics, so they start at zero.
   at::Tensor cprob = routed ? at::zeros({N, S}, opts.dtype(acc_dtype)) : at::empty({N, 0}, opts.dtype(acc_dtype));
   at::Tensor cidx = at::empty({routed ? N : 0}, opts.dtype(at::kLong));
-  if (N == 0) return {ent, unc, pred, cprob, cidx};
+  if (N == 0) return {ent, unc, pred, cprob, cidx, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_gate_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     GateOut<acc_t> out{
         ent.mutable_data_ptr<acc_t>(),
+        lse.mutable_data_ptr<acc_t>(),
         unc.mutable_data_ptr<bool>(),
         pred.mutable_data_ptr<int64_t>(),
         static_cast<acc_t>(threshold),
@@ -414,7 +378,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_g
         routed ? cidx.mutable_data_ptr<int64_t>() : nullptr};
     launch_forward<scalar_t, true>(x, N, C, out);
   });
-  return {ent, unc, pred, cprob, cidx};
+  return {ent, unc, pred, cprob, cidx, lse};
+}
+
+// Row statistics in the accumulation type, contiguous (a no-op for the forward's own outputs).
+at::Tensor acc_rows(const at::Tensor& t, const at::Tensor& x) {
+  return t.to(entropy_dtype(x.scalar_type())).contiguous();
+}
+
+at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_entropy,
+                        const c10::optional<at::Tensor>& grad_cluster, const at::Tensor& entropy, const at::Tensor& lse,
+                        const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor x = logits.contiguous();
+  at::Tensor gx = at::empty_like(x);
+  if (x.numel() == 0) return gx;
+  const at::Tensor H = acc_rows(entropy, x);
+  const at::Tensor L = acc_rows(lse, x);
+  const at::Tensor gH = grad_entropy.has_value() ? acc_rows(*grad_entropy, x) : at::Tensor();
+  const bool routed = grad_cluster.has_value();
+  const at::Tensor gC = routed ? acc_rows(*grad_cluster, x) : at::Tensor();
+  // <g_c, cp> per row: an [N] vector (the only temporary besides [N, S]-sized casts).
+  const at::Tensor dot = routed ? (gC * acc_rows(cluster_probs, x)).sum(1) : at::Tensor();
+  const at::Tensor cl = routed ? clusters->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const GradIn<scalar_t> in{
+        x.const_data_ptr<scalar_t>(),
+        L.const_data_ptr<acc_t>(),
+        H.const_data_ptr<acc_t>(),
+        gH.defined() ? gH.const_data_ptr<acc_t>() : nullptr,
+        routed ? gC.const_data_ptr<acc_t>() : nullptr,
+        routed ? dot.const_data_ptr<acc_t>() : nullptr,
+        routed ? cl.const_data_ptr<int64_t>() : nullptr,
+        routed ? gC.size(1) : 0};
+    launch_backward<scalar_t>(in, x.numel(), x.size(-1), gx);
+  });
+  return gx;
+}
+
+at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
+                                         const at::Tensor& lse) {
+  const char* op = "softmax_entropy_backward";
+  check_logits(logits, op, 1);
+  check_row_values(grad, "grad", logits, op);
+  check_row_values(entropy, "entropy", logits, op);
+  check_row_values(lse, "lse", logits, op);
+  return run_backward(logits, grad, c10::nullopt, entropy, lse, c10::nullopt, entropy);
+}
+
+at::Tensor entropy_gate_backward_cuda(const c10::optional<at::Tensor>& grad_entropy,
+                                      const c10::optional<at::Tensor>& grad_cluster_probs, const at::Tensor& logits,
+                                      const at::Tensor& entropy, const at::Tensor& lse,
+                                      const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
+  const char* op = "entropy_gate_backward";
+  check_logits(logits, op, 2);
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
+  if (grad_entropy.has_value()) check_row_values(*grad_entropy, "grad_entropy", logits, op);
+  check_row_values(entropy, "entropy", logits, op);
+  check_row_values(lse, "lse", logits, op);
+  check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
+  return run_backward(logits, grad_entropy, grad_cluster_probs, entropy, lse, clusters, cluster_probs);
 }
 
 }  // namespace
@@ -423,6 +447,7 @@ TORCH_LIBRARY_IMPL(labelkit, CUDA, m) {
   m.impl("softmax_entropy", &softmax_entropy_cuda);
   m.impl("_softmax_entropy_backward", &softmax_entropy_backward_cuda);
   m.impl("entropy_gate", &entropy_gate_cuda);
+  m.impl("_entropy_gate_backward", &entropy_gate_backward_cuda);
 }
 
 }  // namespace labelkit
