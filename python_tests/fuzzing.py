@@ -78,9 +78,7 @@ def shapes(
     def ok(shape: tuple[int, ...]) -> bool:
         return math.prod(shape) <= max_numel and (not shape or shape[-1] >= min_last)
 
-    return (
-        st.lists(sizes(max_size), min_size=min_dims, max_size=max_dims).map(tuple).filter(ok)
-    )
+    return st.lists(sizes(max_size), min_size=min_dims, max_size=max_dims).map(tuple).filter(ok)
 
 
 # ---- memory layouts ------------------------------------------------------------------------------
@@ -97,7 +95,9 @@ def layouts() -> st.SearchStrategy[str]:
 def _gap_fill(t: torch.Tensor) -> torch.Tensor:
     """What lies in memory between the elements of a strided view: a value that changes any
     result it leaks into (a big logit, an out-of-range id)."""
-    return torch.full_like(t, 1e4 if t.is_floating_point() else 2**40 if t.dtype == torch.int64 else 1)
+    return torch.full_like(
+        t, 1e4 if t.is_floating_point() else 2**40 if t.dtype == torch.int64 else 1
+    )
 
 
 def arrange(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -121,7 +121,11 @@ def arrange(values: torch.Tensor, layout: str) -> torch.Tensor:
         return storage[3:].view(values.shape)
     if layout == "expanded" and nd >= 1:
         d = max(range(nd), key=lambda i: values.shape[i])  # the longest dimension
-        return values.narrow(d, 0, min(1, values.shape[d])).expand(values.shape) if values.shape[d] else values
+        return (
+            values.narrow(d, 0, min(1, values.shape[d])).expand(values.shape)
+            if values.shape[d]
+            else values
+        )
     return values.contiguous()
 
 
@@ -161,7 +165,9 @@ def float_tensors(
     if specials and n:
         palette = extreme_values(dtype)
         flat = x.view(-1)
-        for i, v in draw(st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(palette)), max_size=6)):
+        for i, v in draw(
+            st.lists(st.tuples(st.integers(0, n - 1), st.sampled_from(palette)), max_size=6)
+        ):
             flat[i] = v
         if x.dim() >= 1 and x.shape[-1] and draw(st.booleans()):
             rows = x.view(-1, x.shape[-1])
@@ -169,7 +175,9 @@ def float_tensors(
     return x.to(dtype=dtype, device=device)
 
 
-def index_tensors(shape: Sequence[int], low: int, high: int, device: str = "cpu") -> st.SearchStrategy:
+def index_tensors(
+    shape: Sequence[int], low: int, high: int, device: str = "cpu"
+) -> st.SearchStrategy:
     """int64 tensors with every element in ``[low, high]``."""
     n = math.prod(shape)
     return st.lists(st.integers(low, high), min_size=n, max_size=n).map(

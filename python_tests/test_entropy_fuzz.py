@@ -102,6 +102,37 @@ def test_softmax_entropy_grad_fuzz(data):
     assert_close(x.grad, x_ref.grad)
 
 
+@given(data=st.data())
+def test_softmax_entropy_backward_op_fuzz(data):
+    """The registered backward op, Python bypassed: grad and entropy of the wrong length must be
+    a RuntimeError, never a read past their end."""
+    device = data.draw(devices())
+    op = registered_op("_softmax_entropy_backward", device)
+    if op is None:
+        pytest.skip(f"no compiled _softmax_entropy_backward kernel for {device}")
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_last=1))
+    x = data.draw(float_tensors(shape, dtype, device))
+    x = arrange(torch.where(x.isfinite(), x, torch.zeros_like(x)), data.draw(layouts()))
+    rows = math.prod(shape[:-1])
+    n_grad = max(0, rows + data.draw(st.sampled_from([0, 0, 0, 1, -1, 7])))
+    n_ent = max(0, rows + data.draw(st.sampled_from([0, 0, 0, 1, -1])))
+    g = torch.rand(n_grad, dtype=torch.float64, device=device)
+    H = softmax_entropy_ref(x).reshape(-1)
+    H = torch.cat([H, H.new_zeros(max(0, n_ent - rows))])[:n_ent]
+    expect = []
+    if n_grad != rows or n_ent != rows:
+        expect.append(Raises(RuntimeError, "grad and entropy must have one value per row"))
+
+    def reference():
+        x_ref = x.detach().clone().requires_grad_()
+        H_ref = softmax_entropy_ref(x_ref)
+        (gx,) = torch.autograd.grad(H_ref, x_ref, g.to(H_ref.dtype).reshape(shape[:-1]))
+        return gx
+
+    check_op(lambda: op(g, x, H), reference, expect)
+
+
 # ---- entropy_gate -------------------------------------------------------------------------------------
 
 
@@ -110,7 +141,11 @@ def _clusters(draw, C: int, device: str):
     """(clusters or None, num_clusters or None, the documented errors that choice violates)."""
     if draw(st.booleans()) and draw(st.booleans()):  # a quarter of the cases: no routing
         num = draw(st.sampled_from([None, None, 2]))
-        return None, num, [] if num is None else [Raises(ValueError, "num_clusters given without clusters")]
+        return (
+            None,
+            num,
+            [] if num is None else [Raises(ValueError, "num_clusters given without clusters")],
+        )
     n = max(C, 0) + draw(st.sampled_from([0, 0, 0, 0, 1, -1]))  # sometimes the wrong length
     n = max(n, 0)
     S = draw(st.integers(1, 6))
@@ -119,11 +154,17 @@ def _clusters(draw, C: int, device: str):
     if n and draw(st.booleans()):
         # Without num_clusters any id >= 0 is valid (S = max + 1): keep those small enough for
         # the [N, S] output to fit in memory.
-        bad = out_of_range_ids(S) if num is not None else st.one_of(st.integers(-(2**63), -1), st.integers(S, S + 9))
+        bad = (
+            out_of_range_ids(S)
+            if num is not None
+            else st.one_of(st.integers(-(2**63), -1), st.integers(S, S + 9))
+        )
         ids[draw(st.integers(0, n - 1))] = draw(bad)
     dtype = draw(st.sampled_from([torch.int64] * 5 + [torch.int32]))
     on = draw(st.sampled_from([device] * 5 + [other_device(device)]))
-    clusters = arrange(ids.to(device=on, dtype=dtype), draw(st.sampled_from(["contiguous", "strided", "offset"])))
+    clusters = arrange(
+        ids.to(device=on, dtype=dtype), draw(st.sampled_from(["contiguous", "strided", "offset"]))
+    )
     errors = []
     if dtype != torch.int64:
         errors.append(Raises(ValueError, "entropy_gate: clusters must be int64"))
@@ -136,7 +177,9 @@ def _clusters(draw, C: int, device: str):
     if n and int(ids.min()) < 0:
         errors.append(Raises(ValueError, "entropy_gate: clusters must hold ids >= 0"))
     elif n and num is not None and int(ids.max()) >= num:
-        errors.append(Raises(ValueError, r"entropy_gate: clusters must hold ids in \[0, num_clusters"))
+        errors.append(
+            Raises(ValueError, r"entropy_gate: clusters must hold ids in \[0, num_clusters")
+        )
     return clusters, num, errors
 
 
@@ -164,10 +207,16 @@ def _gate_compare(threshold: float, known_bad: torch.Tensor | None = None):
             assert out.cluster_probs is None and out.cluster is None
             return
         S = ref.cluster_probs.shape[1]
-        skip = torch.zeros(out.cluster_probs.shape, dtype=torch.bool) if known_bad is None else known_bad
+        skip = (
+            torch.zeros(out.cluster_probs.shape, dtype=torch.bool)
+            if known_bad is None
+            else known_bad
+        )
         skip = skip.to(out.cluster_probs.device)
         assert out.cluster_probs.shape == ref.cluster_probs.shape
-        assert_close(out.cluster_probs[~skip], ref.cluster_probs[~skip], dtype=ref.cluster_probs.dtype)
+        assert_close(
+            out.cluster_probs[~skip], ref.cluster_probs[~skip], dtype=ref.cluster_probs.dtype
+        )
         top2 = ref.cluster_probs.topk(min(2, S), dim=-1).values
         decided = (top2[:, 0] - top2[:, -1] > 1e-3) if S > 1 else torch.ones_like(clear)
         decided = (decided | ref.cluster_probs.isnan().any(-1)) & ~skip.any(-1)
@@ -211,7 +260,10 @@ def test_entropy_gate_op_fuzz(data):
     if op is None:
         pytest.skip(f"no compiled entropy_gate kernel for {device}")
     N, C = data.draw(st.integers(0, 12)), data.draw(st.integers(1, 40))
-    x = arrange(data.draw(float_tensors((N, C), data.draw(st.sampled_from(FLOAT_DTYPES)), device)), data.draw(layouts()))
+    x = arrange(
+        data.draw(float_tensors((N, C), data.draw(st.sampled_from(FLOAT_DTYPES)), device)),
+        data.draw(layouts()),
+    )
     S = data.draw(st.one_of(st.integers(-2, 6), st.sampled_from([2**31, 2**40])))
     ids = data.draw(index_tensors((C,), 0, max(S, 1) - 1, device))
     if data.draw(st.booleans()):
@@ -221,7 +273,9 @@ def test_entropy_gate_op_fuzz(data):
     if S < 1:
         expect.append(Raises(RuntimeError, "entropy_gate: num_clusters must be >= 1"))
     elif int(ids.min()) < 0 or int(ids.max()) >= S:
-        expect.append(Raises(RuntimeError, r"entropy_gate: clusters must hold ids in \[0, num_clusters"))
+        expect.append(
+            Raises(RuntimeError, r"entropy_gate: clusters must hold ids in \[0, num_clusters")
+        )
         # Issue 15: the CUDA kernel skips such ids instead of raising (strict xfail below).
         assume(device == "cpu")
     if S > 2**20 and not expect:
@@ -236,7 +290,9 @@ def test_entropy_gate_op_fuzz(data):
     out = check_op(
         lambda: op(x, 1.0, None, S),
         None,
-        [] if S == 0 else [Raises(RuntimeError, "entropy_gate: num_clusters given without clusters")],
+        []
+        if S == 0
+        else [Raises(RuntimeError, "entropy_gate: num_clusters given without clusters")],
     )
     if out is not None:
         _gate_compare(1.0)(EntropyGate(*out[:3], None, None), entropy_gate_ref(x, 1.0))
