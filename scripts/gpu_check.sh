@@ -21,7 +21,8 @@
 # a CUDA toolkit (CUDA_HOME, default /usr/local/cuda) with nvcc and compute-sanitizer. No network.
 # Knobs: PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's arch plus 8.0;9.0),
 # MAX_JOBS (default: all cores), GPU_CHECK_FUZZ_EXAMPLES (default 300), GPU_CHECK_SANITIZER_FUZZ_EXAMPLES (default 15),
-# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--no-compile").
+# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--no-compile"),
+# GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -120,14 +121,21 @@ step_test() {
 }
 
 step_sanitize() {
-  local tool
+  local tool filter=()
+  # Instrument only our kernels (all live in namespace labelkit) where this compute-sanitizer
+  # can filter: torch's own kernels are not what we check, and the run is much faster.
+  # GPU_CHECK_KERNEL_FILTER="" checks every kernel.
+  local kf=${GPU_CHECK_KERNEL_FILTER-kns=labelkit}
+  if [ -n "$kf" ] && compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then
+    filter=(--kernel-name "$kf")
+  fi
   for tool in memcheck racecheck synccheck; do
     # No caching allocator: memcheck then knows each tensor's real extent. Fewer fuzz examples:
     # every kernel runs instrumented.
     run_step "compute-sanitizer $tool" "$LOGS/sanitizer-$tool.log" \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       LABELKIT_FUZZ_EXAMPLES="${GPU_CHECK_SANITIZER_FUZZ_EXAMPLES:-15}" \
-      compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 "${filter[@]}" \
       "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
   done
 }
