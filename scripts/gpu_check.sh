@@ -6,8 +6,8 @@
 # STEPs (default: all of them, in this order):
 #   build      pip install --no-build-isolation --no-deps . (CUDA kernels forced on), then
 #              `python -m labelkit_ext info`
-#   test       the Python suite with the kernels required (CUDA tests run, nothing may skip for
-#              want of a GPU), then the fuzz tests with a larger budget
+#   test       the Python suite with the kernels required (the preflight made sure torch sees
+#              the GPU, so the CUDA tests run), then the fuzz tests with a larger budget
 #   sanitize   compute-sanitizer memcheck, racecheck and synccheck over the ops' CUDA tests and
 #              their fuzz tests (-m ops), with torch's caching allocator off so memcheck sees
 #              every buffer's real bounds
