@@ -105,7 +105,8 @@ SANITIZED_TESTS=(-m "ops and not slow" -k "cuda or fuzz")
 step_build() {
   local cc
   cc=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0;$cc"}
+  case "$cc" in 8.0 | 9.0) cc="" ;; esac  # already in the default list
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0${cc:+;$cc}"}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=1
   run_step "build (archs $TORCH_CUDA_ARCH_LIST)" "$LOGS/build.log" \
     "$PY" -m pip install --no-build-isolation --no-deps --force-reinstall --no-index -v .
