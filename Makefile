@@ -4,7 +4,7 @@ PYTHON ?= python3
 PYTEST = $(PYTHON) -P -m pytest
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-ext test-noext ctest lint bench clean
+.PHONY: install demo test test-ext test-noext ctest sanitize lint bench clean
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -27,6 +27,11 @@ ctest:
 	cmake --build cmake-build -j2 >> cmake-build.log
 	ctest --test-dir cmake-build --output-on-failure
 
+# The CPU kernels and C++ tests built with ASan + UBSan (cmake-build-sanitize/), then ctest and
+# the ops' Python tests (-m ops) against that build; see scripts/sanitize.sh, docs/testing.md.
+sanitize: install
+	PYTHON=$(PYTHON) bash scripts/sanitize.sh
+
 lint:
 	$(PYTHON) -m ruff check labelkit_ext python_tests bench
 
@@ -35,3 +40,4 @@ bench:
 
 clean:
 	rm -rf build cmake-build cmake-build.log labelkit_ext/_C*.so labelkit_ext/_build_info.json
+	rm -rf cmake-build-sanitize cmake-build-sanitize.log

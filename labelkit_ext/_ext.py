@@ -3,6 +3,10 @@
 A leaf module: it imports only torch and the standard library, so every other module can ask
 ``HAS_OPS`` / ``has_kernel`` without import cycles. Importing ``_C`` runs its static
 ``TORCH_LIBRARY`` registrations, which define every ``torch.ops.labelkit.*`` op.
+
+``LABELKIT_EXT_LIBRARY=/path/to/liblabelkit_ops.so`` loads that libtorch-only build of csrc/
+(CMakeLists.txt) with ``torch.ops.load_library`` instead of ``_C``: `make sanitize` runs the
+Python tests this way against the AddressSanitizer/UBSan build (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HAS_OPS", "LOAD_ERROR", "BUILD_INFO", "KERNELS", "has_kernel", "BuildMismatchWarning"]
+__all__ = [
+    "HAS_OPS",
+    "LOAD_ERROR",
+    "BUILD_INFO",
+    "LIBRARY",
+    "KERNELS",
+    "has_kernel",
+    "BuildMismatchWarning",
+]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -57,9 +69,19 @@ def _check_build(info: dict | None) -> None:
         )
 
 
+def _library_override() -> str | None:
+    return os.environ.get("LABELKIT_EXT_LIBRARY") or None
+
+
 def _load() -> tuple[bool, str | None]:
     if _env_disabled():
         return False, "disabled by LABELKIT_EXT_NO_EXT=1"
+    if LIBRARY is not None:
+        try:
+            torch.ops.load_library(LIBRARY)
+        except OSError as exc:
+            return False, f"LABELKIT_EXT_LIBRARY={LIBRARY} failed to load: {exc}"
+        return True, None
     try:
         from labelkit_ext import _C  # noqa: F401  (registers torch.ops.labelkit)
     except ImportError as exc:
@@ -69,7 +91,10 @@ def _load() -> tuple[bool, str | None]:
     return True, None
 
 
-BUILD_INFO: dict | None = _read_build_info()
+#: The library loaded instead of ``_C`` (LABELKIT_EXT_LIBRARY), else None.
+LIBRARY: str | None = _library_override()
+# _build_info.json describes _C, so it means nothing when another library is loaded.
+BUILD_INFO: dict | None = None if LIBRARY else _read_build_info()
 if not _env_disabled():
     _check_build(BUILD_INFO)
 HAS_OPS, LOAD_ERROR = _load()

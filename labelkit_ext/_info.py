@@ -19,6 +19,7 @@ def info(as_dict: bool = False) -> dict | str:
         "labelkit_ext": _version(),
         "extension_loaded": _ext.HAS_OPS,
         "extension_error": _ext.LOAD_ERROR,
+        "library": _ext.LIBRARY,
         "build": _ext.BUILD_INFO,
         "cpu_kernels": sorted(op for op in ops if _ext.has_kernel(op, "cpu")),
         "cuda_kernels": sorted(op for op in ops if _ext.has_kernel(op, "cuda")),
@@ -47,6 +48,7 @@ def _format(r: dict) -> str:
     lines = [
         f"labelkit_ext {r['labelkit_ext']}",
         f"  extension _C     : {loaded}",
+        *([f"  loaded instead   : {r['library']} (LABELKIT_EXT_LIBRARY)"] if r["library"] else []),
         f"  built against    : torch {build.get('torch', '-')}, CUDA {build.get('torch_cuda', '-')}, "
         f"archs {build.get('cuda_archs') or '-'}, with_cuda={build.get('with_cuda', '-')}",
         f"  CPU kernels      : {', '.join(r['cpu_kernels']) or 'none (pure-PyTorch reference)'}",

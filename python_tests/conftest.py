@@ -4,6 +4,8 @@ green), and the switch that proves the compiled extension is really in use."""
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +64,41 @@ def pytest_sessionstart(session):
         and not any(dev == "cuda" for _, dev in _ext.KERNELS)
     ):
         raise pytest.UsageError("LABELKIT_EXT_REQUIRE_CUDA_BUILD=1 but no CUDA kernel was compiled")
+
+
+# ---- the `ops` marker and the fuzz budget ---------------------------------------------------------
+
+#: Op families: one module per family in labelkit_ext/ops/ (types.py holds shared result types).
+OP_FAMILIES = frozenset(
+    p.stem
+    for p in (Path(labelkit_ext.__file__).parent / "ops").glob("*.py")
+    if not p.stem.startswith("_") and p.stem != "types"
+)
+
+
+def op_family_of(test_file: str) -> str | None:
+    """'test_entropy.py' / 'test_entropy_fuzz.py' -> 'entropy' when labelkit_ext/ops/entropy.py
+    exists; None for every other file."""
+    m = re.fullmatch(r"test_(.+)\.py", test_file)
+    if not m:
+        return None
+    return next((f for f in OP_FAMILIES if m[1] == f or m[1].startswith(f + "_")), None)
+
+
+def pytest_configure(config):
+    import fuzzing
+
+    fuzzing.register_profiles()
+    from hypothesis import settings
+
+    settings.load_profile(fuzzing.profile_for(config.getoption("markexpr")))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    # `make sanitize` runs `-m ops`: every test file of an op family, found by its name, so a new
+    # op joins by naming its tests test_<family>.py / test_<family>_<anything>.py. Other files
+    # opt in with `pytestmark = pytest.mark.ops`.
+    for item in items:
+        if op_family_of(item.path.name):
+            item.add_marker(pytest.mark.ops)

@@ -52,10 +52,11 @@ LK_HD float bits_to_float(int32_t bits) {
 LK_HD float fast_exp(float x) {
   const float kLo = -87.33654475f;  // exp(kLo) is the smallest normal float
   const float kHi = 88.0f;          // keeps 2^k finite below
-  // Clamp with selects, not fminf/fmaxf: their NaN rules stop vectorisation (NaN passes
-  // through here and is restored at the end).
-  float xc = x < kLo ? kLo : x;
-  xc = xc > kHi ? kHi : xc;
+  // Clamp with selects, not fminf/fmaxf: their NaN rules stop vectorisation. The compares are
+  // written so that NaN clamps to kLo: converting a NaN k to int below would be undefined
+  // behaviour (UBSan's float-cast-overflow, `make sanitize`). NaN is restored at the end.
+  float xc = x > kLo ? x : kLo;
+  xc = xc < kHi ? xc : kHi;
   const float k = floorf(fmaf(xc, 1.44269504088896341f, 0.5f));
   float r = fmaf(k, -0.693359375f, xc);  // ln 2 split in two for an exact first product
   r = fmaf(k, 2.12194440e-4f, r);

@@ -1,0 +1,161 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU: build, CUDA tests, compute-sanitizer, benchmarks.
+#
+#   bash scripts/gpu_check.sh [STEP...] [--copy-to DIR]
+#
+# STEPs (default: all of them, in this order):
+#   build      pip install --no-build-isolation --no-deps . (CUDA kernels forced on), then
+#              `python -m labelkit_ext info`
+#   test       the Python suite with the kernels required (the preflight made sure torch sees
+#              the GPU, so the CUDA tests run), then the fuzz tests with a larger budget
+#   sanitize   compute-sanitizer memcheck, racecheck and synccheck over the ops' CUDA tests and
+#              their fuzz tests (-m ops), with torch's caching allocator off so memcheck sees
+#              every buffer's real bounds
+#   bench      every bench/bench_*.py with --device cuda
+# Everything lands in bench/results/<gpu>/ (the benchmarks' CSV/markdown, as bench/common.py
+# names the folder) and bench/results/<gpu>/gpu_check/ (logs, JUnit XML, summary.md). Steps run
+# one after another even when one fails; the exit status is 1 if any failed. --copy-to also
+# copies that folder to DIR at the end (e.g. a folder a remote runner fetches).
+#
+# Needs: python with torch (a CUDA build), numpy, pytest, hypothesis (pytest-timeout optional),
+# a CUDA toolkit (CUDA_HOME, default /usr/local/cuda) with nvcc and compute-sanitizer. No network.
+# Knobs: PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's arch plus 8.0;9.0),
+# MAX_JOBS (default: all cores), GPU_CHECK_FUZZ_EXAMPLES (default 300), GPU_CHECK_SANITIZER_FUZZ_EXAMPLES (default 15),
+# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--no-compile"),
+# GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+STEPS=()
+COPY_TO=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    build | test | sanitize | bench) STEPS+=("$1") ;;
+    all) STEPS+=(build test sanitize bench) ;;
+    --copy-to) COPY_TO=${2:?--copy-to needs a folder}; shift ;;
+    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1 (steps: build test sanitize bench all)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ ${#STEPS[@]} -gt 0 ] || STEPS=(build test sanitize bench)
+
+die() { echo "gpu_check: $*" >&2; exit 1; }
+
+# ---- preflight -------------------------------------------------------------------------------------
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+[ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
+command -v nvidia-smi > /dev/null || die "nvidia-smi not found: is this a GPU machine?"
+missing=$("$PY" - <<'PY'
+import importlib.util
+need = ["torch", "numpy", "pytest", "hypothesis"]
+print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+PY
+)
+[ -z "$missing" ] || die "missing Python packages: $missing (offline: pip download them elsewhere, then pip install --no-index --find-links <dir> ...)"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || die "torch $("$PY" -c 'import torch; print(torch.__version__)') sees no GPU"
+
+# bench/results/<gpu>: the folder bench/common.py writes this GPU's benchmark results to.
+GPU_SLUG=$("$PY" -P -c "
+import sys, torch; sys.path.insert(0, 'bench'); import common
+print(common.device_slug(torch.device('cuda')))")
+RESULTS="bench/results/$GPU_SLUG"
+LOGS="$RESULTS/gpu_check"
+mkdir -p "$LOGS"
+SUMMARY="$LOGS/summary.md"
+{
+  echo "# gpu_check on $GPU_SLUG"
+  echo
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda)"
+  command -v nvcc > /dev/null && nvcc --version | tail -n 1
+  echo '```'
+  echo
+  echo "| step | result | seconds | log |"
+  echo "| --- | --- | --- | --- |"
+} > "$SUMMARY"
+
+FAILED=0
+# run_step NAME LOGFILE COMMAND...: runs, logs, records the outcome in summary.md.
+run_step() {
+  local name=$1 log=$2
+  shift 2
+  echo "[gpu_check] $name (log: $log)"
+  local start=$SECONDS rc
+  "$@" > "$log" 2>&1
+  rc=$?
+  local result=passed
+  if [ $rc -ne 0 ]; then result="FAILED (exit $rc)"; FAILED=1; tail -n 30 "$log"; fi
+  echo "| $name | $result | $((SECONDS - start)) | $(basename "$log") |" >> "$SUMMARY"
+  echo "[gpu_check] $name: $result in $((SECONDS - start)) s"
+}
+
+# The kernels must load and every CUDA kernel must have been compiled.
+export LABELKIT_EXT_REQUIRE_EXT=1 LABELKIT_EXT_REQUIRE_CUDA_BUILD=1
+PYTEST=("$PY" -P -m pytest python_tests -p no:cacheprovider -q -rfEsxX)
+# pytest -m ops selects the op families' tests; -k cuda their CUDA parametrisations, plus the
+# fuzz tests, which draw the device themselves.
+SANITIZED_TESTS=(-m "ops and not slow" -k "cuda or fuzz")
+
+step_build() {
+  local cc
+  cc=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  case "$cc" in 8.0 | 9.0) cc="" ;; esac  # already in the default list
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0${cc:+;$cc}"}
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=1
+  run_step "build (archs $TORCH_CUDA_ARCH_LIST)" "$LOGS/build.log" \
+    "$PY" -m pip install --no-build-isolation --no-deps --force-reinstall --no-index -v .
+  run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info
+}
+
+step_test() {
+  run_step "tests (kernels, CUDA)" "$LOGS/pytest.log" \
+    "${PYTEST[@]}" --junitxml="$LOGS/pytest.xml"
+  run_step "fuzz (-m fuzz, ${GPU_CHECK_FUZZ_EXAMPLES:-300} examples each)" "$LOGS/fuzz.log" \
+    env LABELKIT_FUZZ_EXAMPLES="${GPU_CHECK_FUZZ_EXAMPLES:-300}" "${PYTEST[@]}" -m fuzz \
+    --junitxml="$LOGS/fuzz.xml"
+}
+
+step_sanitize() {
+  local tool filter=()
+  # Instrument only our kernels (all live in namespace labelkit) where this compute-sanitizer
+  # can filter: torch's own kernels are not what we check, and the run is much faster.
+  # GPU_CHECK_KERNEL_FILTER="" checks every kernel.
+  local kf=${GPU_CHECK_KERNEL_FILTER-kns=labelkit}
+  if [ -n "$kf" ] && compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then
+    filter=(--kernel-name "$kf")
+  fi
+  for tool in memcheck racecheck synccheck; do
+    # No caching allocator: memcheck then knows each tensor's real extent. Fewer fuzz examples:
+    # every kernel runs instrumented.
+    run_step "compute-sanitizer $tool" "$LOGS/sanitizer-$tool.log" \
+      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      LABELKIT_FUZZ_EXAMPLES="${GPU_CHECK_SANITIZER_FUZZ_EXAMPLES:-15}" \
+      compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 "${filter[@]}" \
+      "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
+  done
+}
+
+step_bench() {
+  local script
+  for script in bench/bench_*.py; do
+    # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of arguments
+    run_step "$(basename "$script")" "$LOGS/$(basename "$script" .py).log" \
+      "$PY" "$script" --device cuda --out bench/results ${GPU_CHECK_BENCH_ARGS:-}
+  done
+}
+
+for step in "${STEPS[@]}"; do "step_$step"; done
+
+echo >> "$SUMMARY"
+echo "Overall: $([ $FAILED -eq 0 ] && echo passed || echo FAILED)" >> "$SUMMARY"
+cat "$SUMMARY"
+if [ -n "$COPY_TO" ]; then
+  mkdir -p "$COPY_TO" && cp -r "$RESULTS" "$COPY_TO"/ && echo "[gpu_check] copied $RESULTS to $COPY_TO/"
+fi
+exit $FAILED

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# `make sanitize`: the CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer.
+#
+# 1. CMake builds csrc/ (every csrc/ops/cpu/*.cpp) and one test binary per csrc/tests/test_*.cpp
+#    with -DLABELKIT_SANITIZE=ON into its own folder (default cmake-build-sanitize/).
+# 2. ctest runs the C++ tests (the binaries link the sanitizer runtimes themselves).
+# 3. pytest runs the ops' Python tests (marker `ops`: python_tests/test_<family>*.py for every
+#    labelkit_ext/ops/<family>.py; docs/testing.md) with LABELKIT_EXT_LIBRARY pointing at the
+#    sanitized liblabelkit_ops.so, loaded by torch.ops.load_library instead of _C, and libasan
+#    preloaded into Python (the runtime must come first; torch itself is not instrumented, but
+#    every tensor buffer comes from malloc, which ASan intercepts, so a kernel that reads or
+#    writes past a tensor hits a redzone).
+# Every report is fatal (halt_on_error, -fno-sanitize-recover); leak checking is off (CPython
+# and torch keep allocations alive until exit by design).
+#
+#   PYTHON (python3)  LABELKIT_SANITIZE_BUILD (cmake-build-sanitize)  MAX_JOBS (2)
+#   extra arguments go to pytest, e.g. `scripts/sanitize.sh -k entropy_gate -x`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+BUILD=${LABELKIT_SANITIZE_BUILD:-cmake-build-sanitize}
+JOBS=${MAX_JOBS:-2}
+LIB="$PWD/$BUILD/liblabelkit_ops.so"
+start=$SECONDS
+
+echo "[sanitize] building csrc/ with ASan + UBSan into $BUILD/ (log: $BUILD.log)"
+prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
+if ! { cmake -S . -B "$BUILD" -DLABELKIT_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug \
+         -DCMAKE_PREFIX_PATH="$prefix" && cmake --build "$BUILD" -j "$JOBS"; } > "$BUILD.log" 2>&1; then
+  tail -n 40 "$BUILD.log"
+  echo "[sanitize] build failed (full log: $BUILD.log)" >&2
+  exit 1
+fi
+
+# The runtimes the library was linked against (the same compiler's libasan and libstdc++).
+# libstdc++ is preloaded too: ASan intercepts __cxa_throw and must find the real one when it
+# starts, or the first C++ exception from a library loaded later (triton, imported by torch)
+# aborts with "CHECK failed: ... real___cxa_throw".
+libasan=$(ldd "$LIB" | awk '/libasan/ {print $3; exit}')
+libstdcxx=$(ldd "$LIB" | awk '/libstdc\+\+/ {print $3; exit}')
+if [ -z "$libasan" ] || [ ! -e "$libasan" ]; then
+  echo "[sanitize] $LIB does not link libasan; was it built with -DLABELKIT_SANITIZE=ON?" >&2
+  exit 1
+fi
+
+# Reports go to files as well as stderr: pytest captures stderr, and an abort loses it.
+LOGS="$PWD/$BUILD/sanitizer-logs"
+rm -rf "$LOGS" && mkdir -p "$LOGS"
+# allocator_may_return_null: an impossible allocation is torch's usual out-of-memory error, as
+# without the sanitizer, not an ASan abort.
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:check_initialization_order=1:log_path=$LOGS/asan}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$LOGS/ubsan}
+report_and_fail() {
+  for f in "$LOGS"/*; do [ -e "$f" ] && { echo "==== $f"; cat "$f"; }; done
+  echo "[sanitize] FAILED: $1 (sanitizer reports, if any, above and in $LOGS/)" >&2
+  exit 1
+}
+
+echo "[sanitize] C++ tests (ctest)"
+ctest --test-dir "$BUILD" --output-on-failure || report_and_fail "C++ tests"
+
+echo "[sanitize] Python tests of the ops (-m ops) against $LIB"
+# REQUIRE_EXT: fail rather than silently test the references; the sanitized library has CPU
+# kernels only, so the CUDA-build requirement of CI's main pass does not apply here.
+# Inductor's compile workers would inherit the preload: compile in-process instead.
+LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
+  LABELKIT_EXT_LIBRARY="$LIB" LABELKIT_EXT_REQUIRE_EXT=1 LABELKIT_EXT_REQUIRE_CUDA_BUILD=0 \
+  TORCHINDUCTOR_COMPILE_THREADS=1 \
+  "$PY" -P -m pytest python_tests -m "ops and not slow" -q -p no:cacheprovider "$@" \
+  || report_and_fail "Python tests of the ops"
+# A report that did not abort (it should always abort) still fails the run.
+[ -z "$(ls -A "$LOGS")" ] || report_and_fail "sanitizer reports were written"
+
+echo "[sanitize] passed in $((SECONDS - start)) s"
