@@ -5,6 +5,8 @@ reference or raises the documented error (python_tests/fuzzing.py; docs/testing.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,9 +29,13 @@ from fuzzing import (
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from labelkit_ext import EntropyGate, _ext, entropy_gate, max_entropy_loss, softmax_entropy
+from labelkit_ext import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
 from labelkit_ext.ops.entropy import MAX_ENTROPY_EPS
-from labelkit_ext.reference.entropy import entropy_gate_ref, softmax_entropy_ref
+from labelkit_ext.reference.entropy import (
+    accumulation_dtype,
+    entropy_gate_ref,
+    softmax_entropy_ref,
+)
 
 pytestmark = pytest.mark.fuzz
 
@@ -104,8 +110,8 @@ def test_softmax_entropy_grad_fuzz(data):
 
 @given(data=st.data())
 def test_softmax_entropy_backward_op_fuzz(data):
-    """The registered backward op, Python bypassed: grad and entropy of the wrong length must be
-    a RuntimeError, never a read past their end."""
+    """The registered backward op, Python bypassed: a grad, entropy or lse without one value per
+    row must be a RuntimeError, never a read past their end."""
     device = data.draw(devices())
     op = registered_op("_softmax_entropy_backward", device)
     if op is None:
@@ -114,23 +120,36 @@ def test_softmax_entropy_backward_op_fuzz(data):
     shape = data.draw(shapes(min_dims=1, max_dims=3, min_last=1))
     x = data.draw(float_tensors(shape, dtype, device))
     x = arrange(torch.where(x.isfinite(), x, torch.zeros_like(x)), data.draw(layouts()))
-    rows = math.prod(shape[:-1])
-    n_grad = max(0, rows + data.draw(st.sampled_from([0, 0, 0, 1, -1, 7])))
-    n_ent = max(0, rows + data.draw(st.sampled_from([0, 0, 0, 1, -1])))
-    g = torch.rand(n_grad, dtype=torch.float64, device=device)
-    H = softmax_entropy_ref(x).reshape(-1)
-    H = torch.cat([H, H.new_zeros(max(0, n_ent - rows))])[:n_ent]
-    expect = []
-    if n_grad != rows or n_ent != rows:
-        expect.append(Raises(RuntimeError, "grad and entropy must have one value per row"))
+    rows = tuple(shape[:-1])
+    H, lse = (t.to(accumulation_dtype(dtype)) for t in _entropy_and_lse_ref(x))
+
+    def resized(t: torch.Tensor, name: str) -> torch.Tensor:
+        extra = data.draw(st.sampled_from([0, 0, 0, 1, -1, 7]), label=name)
+        if extra == 0:
+            return t
+        n = max(0, math.prod(rows) + extra)
+        return torch.cat([t.reshape(-1), t.new_zeros(max(0, n - t.numel()))])[:n]
+
+    g = resized(torch.rand(rows, dtype=torch.float64, device=device), "grad")
+    H, lse = resized(H, "entropy"), resized(lse, "lse")
+    expect = [
+        Raises(RuntimeError, f"{name} must have shape")
+        for name, t in (("grad", g), ("entropy", H), ("lse", lse))
+        if tuple(t.shape) != rows
+    ][:1]
 
     def reference():
         x_ref = x.detach().clone().requires_grad_()
         H_ref = softmax_entropy_ref(x_ref)
-        (gx,) = torch.autograd.grad(H_ref, x_ref, g.to(H_ref.dtype).reshape(shape[:-1]))
+        (gx,) = torch.autograd.grad(H_ref, x_ref, g.to(H_ref.dtype).reshape(rows))
         return gx
 
-    check_op(lambda: op(g, x, H), reference, expect)
+    check_op(lambda: op(g, x, H, lse), reference, expect)
+
+
+def _entropy_and_lse_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x64 = x.detach().double()
+    return softmax_entropy_ref(x64), torch.logsumexp(x64, dim=-1)
 
 
 # ---- entropy_gate -------------------------------------------------------------------------------------
@@ -183,18 +202,7 @@ def _clusters(draw, C: int, device: str):
     return clusters, num, errors
 
 
-def _issue_15_entries(x: torch.Tensor, clusters: torch.Tensor | None, S: int) -> torch.Tensor:
-    """[N, S] mask of the one known CPU mismatch (issue 15): where softmax is undefined (the row
-    holds NaN or +inf, or is all -inf) the reference's mass of a cluster with no class is 0, the
-    CPU kernel's NaN. Strict xfail: test_entropy_gate_undefined_row_empty_cluster below."""
-    if x.device.type != "cpu" or clusters is None or not _ext.has_kernel("entropy_gate", "cpu"):
-        return torch.zeros(x.shape[0], S, dtype=torch.bool)
-    undefined = x.isnan().any(-1) | (x == math.inf).any(-1) | (x == -math.inf).all(-1)
-    empty = torch.bincount(clusters.cpu(), minlength=S)[:S] == 0
-    return undefined[:, None].cpu() & empty[None, :]
-
-
-def _gate_compare(threshold: float, known_bad: torch.Tensor | None = None):
+def _gate_compare(threshold: float):
     def compare(out, ref):
         """Exact where the arithmetic cannot flip a decision, tolerances elsewhere."""
         assert_close(out.entropy, ref.entropy, dtype=ref.entropy.dtype)
@@ -207,19 +215,11 @@ def _gate_compare(threshold: float, known_bad: torch.Tensor | None = None):
             assert out.cluster_probs is None and out.cluster is None
             return
         S = ref.cluster_probs.shape[1]
-        skip = (
-            torch.zeros(out.cluster_probs.shape, dtype=torch.bool)
-            if known_bad is None
-            else known_bad
-        )
-        skip = skip.to(out.cluster_probs.device)
         assert out.cluster_probs.shape == ref.cluster_probs.shape
-        assert_close(
-            out.cluster_probs[~skip], ref.cluster_probs[~skip], dtype=ref.cluster_probs.dtype
-        )
+        assert_close(out.cluster_probs, ref.cluster_probs, dtype=ref.cluster_probs.dtype)
         top2 = ref.cluster_probs.topk(min(2, S), dim=-1).values
         decided = (top2[:, 0] - top2[:, -1] > 1e-3) if S > 1 else torch.ones_like(clear)
-        decided = (decided | ref.cluster_probs.isnan().any(-1)) & ~skip.any(-1)
+        decided = decided | ref.cluster_probs.isnan().any(-1)
         assert torch.equal(out.cluster[decided], ref.cluster[decided])
 
     return compare
@@ -247,7 +247,7 @@ def test_entropy_gate_fuzz(data):
         lambda: entropy_gate(x, threshold, clusters, num),
         lambda: entropy_gate_ref(x, threshold, clusters, S),
         expect,
-        compare=_gate_compare(threshold, _issue_15_entries(x, clusters, S) if S else None),
+        compare=_gate_compare(threshold),
     )
 
 
@@ -276,7 +276,8 @@ def test_entropy_gate_op_fuzz(data):
         expect.append(
             Raises(RuntimeError, r"entropy_gate: clusters must hold ids in \[0, num_clusters")
         )
-        # Issue 15: the CUDA kernel skips such ids instead of raising (strict xfail below).
+        # On CUDA a bad id is a device-side assert (no host sync), which ends the process's
+        # CUDA context: test_entropy_gate_cuda_op_asserts_on_bad_ids runs it in a subprocess.
         assume(device == "cpu")
     if S > 2**20 and not expect:
         return  # valid, but [N, S] bins of that size are not what this test is about
@@ -284,7 +285,7 @@ def test_entropy_gate_op_fuzz(data):
         lambda: EntropyGate(*op(x, 1.0, ids, S)),
         lambda: entropy_gate_ref(x, 1.0, ids, S),
         expect,
-        compare=_gate_compare(1.0, None if expect else _issue_15_entries(x, ids, S)),
+        compare=_gate_compare(1.0),
     )
     # Without clusters, num_clusters must be 0; the last two outputs are then empty.
     out = check_op(
@@ -299,12 +300,6 @@ def test_entropy_gate_op_fuzz(data):
         assert out[3].shape == (N, 0) and out[4].shape == (0,)
 
 
-@pytest.mark.xfail(
-    _ext.has_kernel("entropy_gate", "cpu"),  # the reference (fallback) is right
-    strict=True,
-    reason="issue 15: CPU entropy_gate gives NaN, not the reference's 0, for the mass of an "
-    "empty cluster in a row whose softmax is undefined",
-)
 def test_entropy_gate_undefined_row_empty_cluster():
     x = torch.tensor([[math.inf, 0.0], [math.nan, 1.0], [-math.inf, -math.inf], [1.0, 2.0]])
     clusters = torch.tensor([0, 0])
@@ -315,32 +310,34 @@ def test_entropy_gate_undefined_row_empty_cluster():
     assert torch.equal(out.cluster, ref.cluster)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by fuzzing, for the issue-15 pass: finite logits whose spread overflows the dtype (z_i - max = -inf) give NaN "
-    "entropy in the kernels and the reference; the true value is finite",
-)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softmax_entropy_overflowing_spread_is_finite(device, dtype):
+    """Found by fuzzing: finite logits whose spread overflows the dtype (z - max = -inf) have a
+    well-defined entropy (here 0) and gradient (0), not 0 * -inf = NaN."""
     big = torch.finfo(dtype).max
-    x = torch.tensor([[big, -big], [big, 0.0]], dtype=dtype, device=device)
-    assert torch.equal(softmax_entropy(x), torch.zeros(2, dtype=dtype, device=device))
+    x = torch.tensor([[big, -big], [big, 0.0]], dtype=dtype, device=device, requires_grad=True)
+    h = softmax_entropy(x)
+    assert torch.equal(h.detach(), torch.zeros(2, dtype=dtype, device=device))
+    h.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    clusters = torch.tensor([0, 1], device=device)
+    gate = entropy_gate(x.detach(), 1.0, clusters, num_clusters=2)
+    assert torch.equal(gate.entropy, torch.zeros(2, dtype=gate.entropy.dtype, device=device))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15: the CUDA entropy_gate kernel skips out-of-range cluster ids instead of raising",
-)
-def test_entropy_gate_cuda_op_rejects_bad_ids():
-    op = registered_op("entropy_gate", "cuda")
-    if op is None:
-        pytest.skip("no compiled entropy_gate kernel for cuda")
-    x = torch.randn(3, 4, device="cuda")
-    with pytest.raises(RuntimeError, match=r"ids in \[0, num_clusters = 2\)"):
-        op(x, 1.0, torch.tensor([0, 1, 5, 1], device="cuda"), 2)
-        torch.cuda.synchronize()
+def test_entropy_gate_cuda_op_asserts_on_bad_ids():
+    """The CUDA kernel, Python bypassed, stops on an out-of-range id with a device-side assert
+    (it never skips the id silently). The assert ends the CUDA context, so it runs apart."""
+    code = (
+        "import torch, labelkit_ext\n"
+        "x = torch.randn(3, 4, device='cuda')\n"
+        "torch.ops.labelkit.entropy_gate(x, 1.0, torch.tensor([0, 1, 5, 1], device='cuda'), 2)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "device-side assert" in done.stderr
 
 
 # ---- max_entropy_loss ---------------------------------------------------------------------------------

@@ -92,9 +92,17 @@ template <typename T>
 LK_HD void term(T z, T m, T& e, T& ed) {
   const T d = z - m;
   const T ex = fast_exp(d);
-  const bool masked = z == neg_inf<T>();  // avoids 0 * -inf
+  const bool masked = z == neg_inf<T>();  // all -inf row: d is NaN, e must still be 0
   e = masked ? T(0) : ex;
-  ed = masked ? T(0) : ex * d;
+  // e == 0 also when z - m overflows to -inf (finite logits ~ +-FLT_MAX apart): 0, not 0 * -inf.
+  ed = masked || ex == T(0) ? T(0) : ex * d;
+}
+
+// r (t + d s) of a rescaled partial sum; 0 when r == 0, so that an overflowing gap d = -inf
+// between two finite maxima cannot give 0 * -inf = NaN.
+template <typename T>
+LK_HD T rescaled(T r, T t, T d, T s) {
+  return r == T(0) ? T(0) : r * (t + d * s);
 }
 
 // Partial softmax moments of a slice of a row: max, s and t relative to that max.
@@ -124,7 +132,7 @@ LK_HD Moments<T> merge(const Moments<T>& a, const Moments<T>& b) {
   Moments<T> out;
   out.m = m;
   out.s = a.s * ra + b.s * rb;
-  out.t = ra * (a.t + da * a.s) + rb * (b.t + db * b.s);
+  out.t = rescaled(ra, a.t, da, a.s) + rescaled(rb, b.t, db, b.s);
   return out;
 }
 
@@ -136,7 +144,7 @@ LK_HD void push(Moments<T>& acc, T z) {
     // New max: move the sums (0 when empty) to it. m - z < 0 so the rescale cannot overflow.
     const T d_old = acc.m - z;
     const T r = acc.s == T(0) ? T(0) : fast_exp(d_old);
-    acc.t = acc.s == T(0) ? T(0) : r * (acc.t + d_old * acc.s);
+    acc.t = rescaled(r, acc.t, d_old, acc.s);
     acc.s = acc.s * r;
     acc.m = z;
   }
@@ -167,7 +175,7 @@ LK_HD T gate_grad(T z, T lse, T H, T g_H, T cluster_term) {
   const T log_p = z - lse;
   const T p = fast_exp(log_p);
   const T grad = p * (cluster_term - g_H * (log_p + H));
-  return z == neg_inf<T>() ? T(0) : grad;
+  return z == neg_inf<T>() || p == T(0) ? T(0) : grad;  // p == 0: no 0 * -inf
 }
 
 // Argmax ordering: NaN beats everything (as torch.argmax), then larger values; ties keep the

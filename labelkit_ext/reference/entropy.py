@@ -25,9 +25,11 @@ def softmax_entropy_ref(
     """
     x = logits.to(accumulation_dtype(logits.dtype))
     d = x - x.amax(dim, keepdim=True).detach()
-    # Masked classes have p == 0; zero their d so that 0 * -inf never appears.
-    d_masked = torch.where(x == -math.inf, torch.zeros_like(d), d)
-    entropy = torch.logsumexp(d, dim) - (torch.softmax(d, dim) * d_masked).sum(dim)
+    p = torch.softmax(d, dim)
+    # Classes with p == 0 (masked -inf logits, or finite ones so far below the max that d
+    # overflows to -inf) contribute 0: zero their d so that 0 * -inf never appears.
+    d_safe = torch.where(p.detach() > 0, d, torch.zeros_like(d))
+    entropy = torch.logsumexp(d, dim) - (p * d_safe).sum(dim)
     return entropy if base is None else entropy / math.log(base)
 
 
