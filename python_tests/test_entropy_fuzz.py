@@ -282,7 +282,7 @@ def test_entropy_gate_op_fuzz(data):
     if S > 2**20 and not expect:
         return  # valid, but [N, S] bins of that size are not what this test is about
     check_op(
-        lambda: EntropyGate(*op(x, 1.0, ids, S)),
+        lambda: EntropyGate(*op(x, 1.0, ids, S)[:5]),
         lambda: entropy_gate_ref(x, 1.0, ids, S),
         expect,
         compare=_gate_compare(1.0),
