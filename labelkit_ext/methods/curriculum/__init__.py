@@ -56,6 +56,7 @@ from labelkit_ext.methods.curriculum.tasks import (
 from labelkit_ext.methods.curriculum.training import (
     FindingData,
     ScheduleRun,
+    check_multilabel,
     finding_data,
     replace_head,
     target_auc,
@@ -78,6 +79,7 @@ __all__ = [
     "binary_task",
     "budget_from_epochs",
     "build_task",
+    "check_multilabel",
     "cooccurrence_groups",
     "cooccurrence_similarity",
     "default_num_superclasses",
@@ -189,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size is None and args.dataset in QUICK_IMAGE_SIZE:
         args = argparse.Namespace(**{**vars(args), "image_size": QUICK_IMAGE_SIZE[args.dataset]})
     splits = load_data(args)
+    check_multilabel(splits.info)
     config = _config(args, len(splits.train))
     out = run_dir(args, "curriculum")
     fitted = fit_curriculum(

@@ -27,8 +27,8 @@ __all__ = [
 def paired_test(scores: Sequence[float], reference: Sequence[float]) -> dict[str, Any]:
     """Paired t-test (``scipy.stats.ttest_rel``, two-sided) of ``scores`` against
     ``reference``, paired by position (here: by seed, i.e. the same initial backbone and
-    data). ``t`` and ``p`` are None when undefined (fewer than 2 pairs, or identical
-    differences)."""
+    data). ``t`` and ``p`` are None when undefined (fewer than 2 pairs, or differences equal
+    to within 1e-12)."""
     a, b = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"scores and reference must be equally long 1-D sequences, got {a.shape}, {b.shape}")
@@ -40,7 +40,7 @@ def paired_test(scores: Sequence[float], reference: Sequence[float]) -> dict[str
         "t": None,
         "p": None,
     }
-    if len(diffs) >= 2 and np.ptp(diffs) > 0:
+    if len(diffs) >= 2 and np.ptp(diffs) > 1e-12:  # equal up to rounding: no variance to test
         test = stats.ttest_rel(a, b)
         result["t"], result["p"] = float(test.statistic), float(test.pvalue)
     return result

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from labelkit_ext.data import DataSplits
+from labelkit_ext.data import DatasetInfo, DataSplits
 from labelkit_ext.engine import (
     EpochEnd,
     Predictions,
@@ -38,6 +38,7 @@ from labelkit_ext.models import Classifier, build_model
 __all__ = [
     "FindingData",
     "ScheduleRun",
+    "check_multilabel",
     "finding_data",
     "dataset_targets",
     "replace_head",
@@ -74,14 +75,19 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
     return torch.as_tensor(targets)
 
 
-def finding_data(splits: DataSplits, no_finding: int | str | None = None) -> FindingData:
-    """``FindingData`` of a multi-label data set (see ``findings_matrix`` for ``no_finding``)."""
-    info = splits.info
+def check_multilabel(info: DatasetInfo) -> None:
+    """The curriculum's tasks come from a multi-hot label matrix: refuse other data sets."""
     if info.task != "multilabel":
         raise ValueError(
             f"the curriculum needs a multi-label data set (e.g. digit-mosaic, nih-chestxray14, "
             f"chestmnist); {info.name} is {info.task}"
         )
+
+
+def finding_data(splits: DataSplits, no_finding: int | str | None = None) -> FindingData:
+    """``FindingData`` of a multi-label data set (see ``findings_matrix`` for ``no_finding``)."""
+    info = splits.info
+    check_multilabel(info)
     findings, names = {}, ()
     for split in ("train", "val", "test"):
         findings[split], names = findings_matrix(
