@@ -11,14 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from fixtures_data import write_nih
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
-from fixtures_data import write_nih
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import TrainConfig, seed_everything
+from labelkit_ext.engine import TrainConfig, fit, seed_everything
 from labelkit_ext.methods.curriculum import (
     SCHEDULES,
     CurriculumConfig,
@@ -84,7 +84,9 @@ def test_findings_matrix_rejects_bad_labels():
     names = (*NAMES, "No Finding")
     contradictory = labels.clone()
     contradictory[1, 5] = 1  # a finding and "no finding"
-    with pytest.raises(ValueError, match=r"1 label rows say both 'no finding' and a finding, e.g. rows \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"1 label rows say both 'no finding' and a finding, e.g. rows \[1\]"
+    ):
         findings_matrix(contradictory, names, "No Finding")
     unlabelled = labels.clone()
     unlabelled[0, 5] = 0
@@ -218,7 +220,9 @@ def test_parse_schedule():
             parse_schedule(bad)
 
 
-@pytest.mark.parametrize("total,every,share", [(120, 10, 0.4), (96, 8, 0.25), (7, 1, 0.5), (40, 4, 0.9)])
+@pytest.mark.parametrize(
+    "total,every,share", [(120, 10, 0.4), (96, 8, 0.25), (7, 1, 0.5), (40, 4, 0.9)]
+)
 def test_allocate_steps_gives_every_schedule_the_same_budget(total, every, share):
     for stages in SCHEDULES.values():
         steps = allocate_steps(len(stages), total, every, share)
@@ -280,6 +284,36 @@ def test_stage_stream_is_exact_steps_over_fresh_passes():
         stream[6]
     with pytest.raises(ValueError, match="at least one training image"):
         StageStream(base, rows[:0], targets[:0], 6, 0)
+
+
+def test_fit_tells_the_training_set_its_epoch_also_on_resume(tmp_path):
+    class Recording(TensorDataset):
+        def __init__(self, *tensors):
+            super().__init__(*tensors)
+            self.epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+    def crash_after_first(end):
+        if end.epoch == 1:
+            raise KeyboardInterrupt
+
+    data = Recording(torch.randn(8, 1, 8, 8), torch.randint(0, 2, (8,)))
+    config = TrainConfig(epochs=3, batch_size=4, **QUIET_CPU)
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 1's checkpoint
+        fit(
+            _tiny(2),
+            data,
+            None,
+            "multiclass",
+            config,
+            out_dir=tmp_path,
+            callbacks=[crash_after_first],
+        )
+    assert data.epochs == [0]
+    fit(_tiny(2), data, None, "multiclass", config, out_dir=tmp_path, resume=True)
+    assert data.epochs == [0, 1, 2]  # the resumed run goes on at epoch 1
 
 
 # -- weight transfer ------------------------------------------------------------------------------
@@ -400,7 +434,9 @@ def test_fit_curriculum_equal_budgets_and_results(mosaic8, tmp_path):
         paired = s["paired_vs_reference"]
         expected = stats.ttest_rel(s["test_auc"], summary["default"]["test_auc"])
         assert paired["p"] == pytest.approx(expected.pvalue)
-    assert results["superclasses"]["groups"][0] == 0 and len(results["superclasses"]["members"]) == 3
+    assert (
+        results["superclasses"]["groups"][0] == 0 and len(results["superclasses"]["members"]) == 3
+    )
     tasks = results["tasks"]
     assert tasks["binary"]["images"] == tasks["multilabel"]["images"] == 240
     y = mosaic8.train.targets
@@ -410,7 +446,9 @@ def test_fit_curriculum_equal_budgets_and_results(mosaic8, tmp_path):
         assert (tmp_path / "run" / plot).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["summary"]["2-stage"]["test_auc"] == summary["2-stage"]["test_auc"]
-    assert (tmp_path / "run" / "2-stage" / "seed1" / "stage1-multiclass" / "checkpoint_last.pt").is_file()
+    assert (
+        tmp_path / "run" / "2-stage" / "seed1" / "stage1-multiclass" / "checkpoint_last.pt"
+    ).is_file()
 
     # Resuming finished runs trains nothing and gives the same results.
     calls, handle = _count_train_steps()

@@ -207,7 +207,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if current_dist().is_main:
         _print_report(fitted, args)
-        print(f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}")
+        print(
+            f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}"
+        )
     return fitted.results
 
 

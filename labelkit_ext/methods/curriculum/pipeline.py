@@ -188,7 +188,9 @@ def fit_curriculum(
             "train": train.to_dict(),
             "cli": dict(cli_args or {}),
         },
-        "dataset": dataset_summary(splits) if isinstance(splits, DataSplits) else {"name": data.name},
+        "dataset": dataset_summary(splits)
+        if isinstance(splits, DataSplits)
+        else {"name": data.name},
         "findings": list(data.names),
         "test_positives": data.findings["test"].sum(0).int().tolist(),
         "superclasses": _groups_record(groups, data.names),
@@ -197,16 +199,19 @@ def fit_curriculum(
         "reference": reference,
         "runs": runs,
         "summary": summary,
-        "timings": {"data_seconds": data_seconds,
-                    "train_seconds": sum(r["train_seconds"] for r in runs)},  # fmt: skip
+        "timings": {
+            "data_seconds": data_seconds,
+            "train_seconds": sum(r["train_seconds"] for r in runs),
+        },  # fmt: skip
     }
     if out is not None:
         if current_dist().is_main:
             title = f"curriculum: {data.name}, {model}, {config.total_steps} steps per schedule"
             results["plots"] = [
                 plot_auc_curves(runs, plan, reference, out / "auc_curve.png", title).name,
-                plot_per_finding_delta(summary, data.names, reference,
-                                       out / "per_finding_auc.png", title).name,  # fmt: skip
+                plot_per_finding_delta(
+                    summary, data.names, reference, out / "per_finding_auc.png", title
+                ).name,  # fmt: skip
             ]
         write_results(out, results, started)
     return CurriculumFit(results, models)
@@ -219,7 +224,10 @@ def _safe(schedule: str) -> str:
 def _groups_record(groups: torch.Tensor | None, names: Sequence[str]) -> dict | None:
     if groups is None:
         return None
-    members = [[names[f] for f in range(len(names)) if groups[f] == g] for g in range(int(groups.max()) + 1)]
+    members = [
+        [names[f] for f in range(len(names)) if groups[f] == g]
+        for g in range(int(groups.max()) + 1)
+    ]
     return {"groups": groups.tolist(), "members": members}
 
 

@@ -31,7 +31,9 @@ def paired_test(scores: Sequence[float], reference: Sequence[float]) -> dict[str
     to within 1e-12)."""
     a, b = np.asarray(scores, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"scores and reference must be equally long 1-D sequences, got {a.shape}, {b.shape}")
+        raise ValueError(
+            f"scores and reference must be equally long 1-D sequences, got {a.shape}, {b.shape}"
+        )
     diffs = a - b
     result: dict[str, Any] = {
         "n": len(diffs),
@@ -57,7 +59,10 @@ def summarise_runs(
     """Per schedule over its seeds: val / test mean AUC (mean, sample std), improvement over
     ``reference`` in AUC points x100, the paired test on test AUC by seed, and the mean test
     AUC per finding. ``runs`` hold ``schedule``, ``seed``, ``val`` / ``test`` metrics."""
-    by = {s: sorted((r for r in runs if r["schedule"] == s), key=lambda r: r["seed"]) for s in schedules}
+    by = {
+        s: sorted((r for r in runs if r["schedule"] == s), key=lambda r: r["seed"])
+        for s in schedules
+    }
     ref_runs = by[reference]
     ref_test = [r["test"]["auc"] for r in ref_runs]
     summary = {}
@@ -90,9 +95,7 @@ def _pm(mean: float, std: float) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def schedule_table(
-    summary: dict[str, dict], schedules: dict[str, dict], reference: str
-) -> str:
+def schedule_table(summary: dict[str, dict], schedules: dict[str, dict], reference: str) -> str:
     """The original's Table 1: per schedule its stages, steps per stage, val and test mean AUC
     (x100, mean ± std over seeds), the improvement over ``reference`` and the paired p."""
     rows = []
@@ -163,7 +166,9 @@ def plot_auc_curves(
         ax.plot(steps, mean, marker="o", ms=3, color="C0", label=name)
         ax.fill_between(steps, mean - std, mean + std, color="C0", alpha=0.2)
         start = 0
-        for j, (task, n) in enumerate(zip(schedules[name]["stages"], schedules[name]["steps"], strict=True)):
+        for j, (task, n) in enumerate(
+            zip(schedules[name]["stages"], schedules[name]["steps"], strict=True)
+        ):
             if j % 2:
                 ax.axvspan(start, start + n, color="gray", alpha=0.08, lw=0)
             if start:
@@ -175,7 +180,7 @@ def plot_auc_curves(
         ax.set(xlabel="optimisation step", ylabel="val mean AUC (x100)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
@@ -183,7 +188,10 @@ def plot_auc_curves(
 
 
 def plot_per_finding_delta(
-    summary: dict[str, dict], names: Sequence[str], reference: str, path: str | os.PathLike,
+    summary: dict[str, dict],
+    names: Sequence[str],
+    reference: str,
+    path: str | os.PathLike,
     title: str = "",
 ) -> Path:
     """Test AUC difference to ``reference`` (points x100, mean over seeds) per finding, one bar
@@ -196,10 +204,14 @@ def plot_per_finding_delta(
     ref = summary[reference]["per_finding_test_auc"]
     for j, schedule in enumerate(others):
         own = summary[schedule]["per_finding_test_auc"]
-        delta = [np.nan if own[n] is None or ref[n] is None else 100 * (own[n] - ref[n]) for n in names]
+        delta = [
+            np.nan if own[n] is None or ref[n] is None else 100 * (own[n] - ref[n]) for n in names
+        ]
         ax.bar(x + (j - (len(others) - 1) / 2) * width, delta, width, label=schedule)
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(x, names, rotation=45 if len(names) > 10 else 0, ha="right" if len(names) > 10 else "center")
+    ax.set_xticks(
+        x, names, rotation=45 if len(names) > 10 else 0, ha="right" if len(names) > 10 else "center"
+    )
     ax.set(ylabel=f"test AUC - {reference} (points)", title=title or "per-finding AUC change")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)

@@ -69,7 +69,9 @@ def allocate_steps(
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if eval_every < 1 or total_steps < 1:
-        raise ValueError(f"total_steps and eval_every must be >= 1, got {total_steps}, {eval_every}")
+        raise ValueError(
+            f"total_steps and eval_every must be >= 1, got {total_steps}, {eval_every}"
+        )
     if total_steps % eval_every:
         raise ValueError(
             f"total_steps ({total_steps}) must be a multiple of eval_every ({eval_every})"

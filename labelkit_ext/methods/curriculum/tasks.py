@@ -91,7 +91,9 @@ class LabelTask:
 def _as_matrix(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
     if y.ndim != 2 or y.shape[1] < 1:
-        raise ValueError(f"labels must be a 2-D (N, K) multi-hot matrix, got shape {tuple(y.shape)}")
+        raise ValueError(
+            f"labels must be a 2-D (N, K) multi-hot matrix, got shape {tuple(y.shape)}"
+        )
     y = y.to(torch.float32)
     if not torch.all((y == 0) | (y == 1)):
         raise ValueError("labels must hold only 0 and 1 (a multi-hot matrix)")
@@ -110,7 +112,9 @@ def findings_matrix(
     all-zero row is an image with no finding (NIH's "No Finding" images load that way).
     """
     y = _as_matrix(labels)
-    names = tuple(class_names) if class_names is not None else tuple(str(i) for i in range(y.shape[1]))
+    names = (
+        tuple(class_names) if class_names is not None else tuple(str(i) for i in range(y.shape[1]))
+    )
     if len(names) != y.shape[1]:
         raise ValueError(f"class_names has {len(names)} names for {y.shape[1]} label columns")
     if no_finding is None:
@@ -129,7 +133,10 @@ def findings_matrix(
     findings, healthy = y[:, keep], y[:, column]
     contradictory = (healthy == 1) & (findings.sum(1) > 0)
     unlabelled = (healthy == 0) & (findings.sum(1) == 0)
-    for mask, what in ((contradictory, "both 'no finding' and a finding"), (unlabelled, "neither 'no finding' nor a finding")):
+    for mask, what in (
+        (contradictory, "both 'no finding' and a finding"),
+        (unlabelled, "neither 'no finding' nor a finding"),
+    ):
         if mask.any():
             rows = mask.nonzero().flatten()[:5].tolist()
             raise ValueError(f"{int(mask.sum())} label rows say {what}, e.g. rows {rows}")
@@ -183,7 +190,9 @@ def superclass_task(
     per_group = y @ membership  # findings of each image in each group
     rows = ((per_group > 0).sum(1) == 1).nonzero().flatten()
     if len(rows) == 0:
-        raise ValueError("the superclass task has no image: no image's findings lie in one super-class")
+        raise ValueError(
+            "the superclass task has no image: no image's findings lie in one super-class"
+        )
     finding_names = _names(names, k)
     group_names = tuple(
         "+".join(finding_names[f] for f in range(k) if groups[f] == g) for g in range(num_groups)
@@ -252,7 +261,9 @@ def cooccurrence_groups(findings: torch.Tensor, num_groups: int) -> torch.Tensor
     y = _as_matrix(findings)
     k = y.shape[1]
     if not 2 <= num_groups <= k - 1:
-        raise ValueError(f"num_superclasses must be in [2, {k - 1}] for {k} findings, got {num_groups}")
+        raise ValueError(
+            f"num_superclasses must be in [2, {k - 1}] for {k} findings, got {num_groups}"
+        )
     distance = (1.0 - cooccurrence_similarity(y)).clamp_min(0.0).numpy()
     labels = AgglomerativeClustering(
         n_clusters=num_groups, metric="precomputed", linkage="average"
@@ -279,7 +290,5 @@ def _check_groups(groups: torch.Tensor | Sequence[int], k: int) -> torch.Tensor:
         raise ValueError("groups must be non-negative super-class ids")
     present = torch.unique(g)
     if len(present) < 2 or not torch.equal(present, torch.arange(len(present))):
-        raise ValueError(
-            f"groups must use every id 0..G-1 with G >= 2, got ids {present.tolist()}"
-        )
+        raise ValueError(f"groups must use every id 0..G-1 with G >= 2, got ids {present.tolist()}")
     return g

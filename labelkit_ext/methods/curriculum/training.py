@@ -205,7 +205,9 @@ def train_schedule(
     if len(stages) != len(steps):
         raise ValueError(f"{len(stages)} stages but {len(steps)} step counts")
     if any(s < eval_every or s % eval_every for s in steps):
-        raise ValueError(f"every stage's steps must be a positive multiple of {eval_every}: {steps}")
+        raise ValueError(
+            f"every stage's steps must be a positive multiple of {eval_every}: {steps}"
+        )
     world = current_dist().world_size
     device = select_device(config.device, current_dist().local_rank)
     net: Classifier | None = None
