@@ -249,8 +249,15 @@ def _train_loader(
 
 
 def _start_epoch(loader: DataLoader, config: TrainConfig, epoch: int, info: DistInfo) -> None:
-    """Make epoch ``epoch`` a function of (seed, epoch, rank) alone (see ``derive_seed``)."""
+    """Make epoch ``epoch`` a function of (seed, epoch, rank) alone (see ``derive_seed``).
+
+    A training set with a ``set_epoch(epoch)`` method (as ``DistributedSampler`` has) is told
+    the epoch too, so a dataset that varies by epoch also resumes where it left off.
+    """
     seed_everything(derive_seed(config.seed, epoch, info.rank))
+    set_epoch = getattr(loader.dataset, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     else:
