@@ -11,13 +11,15 @@ docs/methods/curriculum.md.
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from labelkit_ext.engine import current_dist
-from labelkit_ext.methods.common import add_training_arguments, load_data, run_dir, train_config
+from labelkit_ext.engine import TrainConfig, current_dist, option
+from labelkit_ext.errors import UsageError
+from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
 from labelkit_ext.methods.curriculum.pipeline import (
     DEFAULT_SCHEDULES,
     CurriculumConfig,
@@ -63,6 +65,7 @@ from labelkit_ext.methods.curriculum.training import (
     train_schedule,
 )
 from labelkit_ext.methods.registry import register_method
+from labelkit_ext.models import available_models
 
 __all__ = [
     "DEFAULT_AUX_SHARE",
@@ -71,6 +74,7 @@ __all__ = [
     "TASK_KINDS",
     "CurriculumConfig",
     "CurriculumFit",
+    "CurriculumRunConfig",
     "FindingData",
     "LabelTask",
     "ScheduleRun",
@@ -94,7 +98,7 @@ __all__ = [
     "plot_auc_curves",
     "plot_per_finding_delta",
     "replace_head",
-    "run",
+    "run_curriculum",
     "schedule_table",
     "summarise_runs",
     "superclass_task",
@@ -108,70 +112,69 @@ DEFAULT_EVALS_PER_EPOCH = 2
 QUICK_IMAGE_SIZE = {"digit-mosaic": 16}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(dataset="digit-mosaic")
-    add_training_arguments(parser, epochs=DEFAULT_EPOCHS, batch_size=64)
-    group = parser.add_argument_group("curriculum")
-    group.add_argument(
-        "--schedules",
-        nargs="+",
-        default=list(DEFAULT_SCHEDULES),
+@dataclass
+class CurriculumRunConfig:
+    """``labelkit run curriculum``: its options are these fields. The budget is given in
+    epochs of the training set; ``curriculum_config`` turns it into the equal step budget of
+    ``CurriculumConfig``."""
+
+    data: DataConfig = option(factory=lambda: DataConfig(dataset="digit-mosaic"), help="data")
+    model: str = option("small-cnn", "network", choices=available_models)
+    pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
+    train: TrainConfig = option(
+        factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS),
+        help="training (epochs: the step budget of every schedule, in epochs of the training set)",
+    )
+    schedules: tuple[str, ...] = option(
+        DEFAULT_SCHEDULES,
+        f"schedules to compare, the first is the reference: {', '.join(SCHEDULES)}, or stages "
+        f"coarse to fine joined by commas from {', '.join(TASK_KINDS)} "
+        "(e.g. binary,superclass,multilabel)",
         metavar="S",
-        help=f"schedules to compare, the first is the reference: {', '.join(SCHEDULES)}, or "
-        f"stages coarse to fine joined by commas from {', '.join(TASK_KINDS)} "
-        "(e.g. binary,superclass,multilabel); default: %(default)s",
     )
-    group.add_argument(
-        "--num-seeds",
-        type=int,
-        default=3,
-        help="training seeds --seed, --seed+1, ...; every schedule runs with each (default: %(default)s)",
+    num_seeds: int = option(3, "training seeds seed, seed+1, ...; every schedule runs with each")
+    evals_per_epoch: int = option(
+        DEFAULT_EVALS_PER_EPOCH,
+        "validations per epoch; the stage budget is counted in these chunks",
     )
-    group.add_argument(
-        "--evals-per-epoch",
-        type=int,
-        default=DEFAULT_EVALS_PER_EPOCH,
-        help="validations per --epochs unit; the stage budget is counted in these chunks "
-        "(default: %(default)s)",
+    aux_share: float = option(
+        DEFAULT_AUX_SHARE, "share of the step budget for the auxiliary stages together"
     )
-    group.add_argument(
-        "--aux-share",
-        type=float,
-        default=DEFAULT_AUX_SHARE,
-        help="share of the step budget for the auxiliary stages together (default: %(default)s)",
-    )
-    group.add_argument(
-        "--superclasses",
-        type=int,
-        default=None,
+    superclasses: int | None = option(
+        None,
+        "super-classes of co-occurring findings for a superclass stage (default: about sqrt(K))",
         metavar="G",
-        help="super-classes of co-occurring findings for a superclass stage (default: about sqrt(K))",
     )
 
+    def __post_init__(self) -> None:
+        if self.num_seeds < 1:
+            raise UsageError(f"num_seeds must be >= 1, got {self.num_seeds}")
+        for schedule in self.schedules:
+            parse_schedule(schedule)  # a bad schedule fails before the data is loaded
 
-def _config(args: argparse.Namespace, train_size: int) -> CurriculumConfig:
-    if args.num_seeds < 1:
-        raise ValueError(f"--num-seeds must be >= 1, got {args.num_seeds}")
-    total_steps, eval_every = budget_from_epochs(
-        train_size, args.batch_size, args.epochs, args.evals_per_epoch
-    )
-    return CurriculumConfig(
-        total_steps=total_steps,
-        eval_every=eval_every,
-        schedules=tuple(args.schedules),
-        seeds=tuple(range(args.seed, args.seed + args.num_seeds)),
-        aux_share=args.aux_share,
-        num_superclasses=args.superclasses,
-    )
+    def curriculum_config(self, train_size: int) -> CurriculumConfig:
+        """The step-level config for a training set of ``train_size`` images."""
+        total_steps, eval_every = budget_from_epochs(
+            train_size, self.train.batch_size, self.train.epochs, self.evals_per_epoch
+        )
+        seed = self.train.seed
+        return CurriculumConfig(
+            total_steps=total_steps,
+            eval_every=eval_every,
+            schedules=tuple(self.schedules),
+            seeds=tuple(range(seed, seed + self.num_seeds)),
+            aux_share=self.aux_share,
+            num_superclasses=self.superclasses,
+        )
 
 
-def _print_report(fitted: CurriculumFit, args: argparse.Namespace) -> None:
+def _print_report(fitted: CurriculumFit, model: str) -> None:
     r = fitted.results
     budget = r["config"]["curriculum"]
     print(
         "\n\n".join(
             [
-                f"curriculum | {r['dataset']['name']} | {args.model} | {budget['total_steps']} "
+                f"curriculum | {r['dataset']['name']} | {model} | {budget['total_steps']} "
                 f"steps per schedule (validated every {budget['eval_every']}) | seeds "
                 f"{', '.join(map(str, budget['seeds']))}",
                 "mean AUC x100 (mean ± std over seeds); paired t-test on test AUC by seed\n"
@@ -184,39 +187,46 @@ def _print_report(fitted: CurriculumFit, args: argparse.Namespace) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``labelkit run curriculum``: every schedule x seed on an equal step budget, the tables,
-    results.json and plots."""
-    tic = time.perf_counter()
-    if args.image_size is None and args.dataset in QUICK_IMAGE_SIZE:
-        args = argparse.Namespace(**{**vars(args), "image_size": QUICK_IMAGE_SIZE[args.dataset]})
-    splits = load_data(args)
+def run_curriculum(
+    config: CurriculumRunConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Every schedule x seed on an equal step budget; results.json, plots and the tables
+    (``out_dir`` default ``runs/curriculum-<dataset>``)."""
+    started = time.perf_counter()
+    config = config or CurriculumRunConfig()
+    data = config.data
+    if data.image_size is None and data.dataset in QUICK_IMAGE_SIZE:
+        data = replace(data, image_size=QUICK_IMAGE_SIZE[data.dataset])
+    out = Path(out_dir) if out_dir is not None else default_run_dir("curriculum", data)
+    splits = load_data(data)
     check_multilabel(splits.info)
-    config = _config(args, len(splits.train))
-    out = run_dir(args, "curriculum")
+    data_seconds = time.perf_counter() - started
     fitted = fit_curriculum(
         splits,
-        config,
-        replace(train_config(args), epochs=1),
-        model=args.model,
-        pretrained=args.pretrained,
+        config.curriculum_config(len(splits.train)),
+        replace(config.train, epochs=1),
+        model=config.model,
+        pretrained=config.pretrained,
         out_dir=out,
-        resume=args.resume,
-        cli_args=vars(args),
-        data_seconds=time.perf_counter() - tic,
+        resume=resume,
     )
+    results = fitted.results
+    results["config"]["run"] = asdict(config)
+    results["timings"]["data_seconds"] = data_seconds
+    write_results(out, results, started)  # adds the run's settings and data time
     if current_dist().is_main:
-        _print_report(fitted, args)
-        print(
-            f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}"
-        )
-    return fitted.results
+        _print_report(fitted, config.model)
+        print(f"results: {out / 'results.json'}  plots: {', '.join(results.get('plots', []))}")
+    return results
 
 
 register_method(
     "curriculum",
-    run=run,
-    add_arguments=add_arguments,
+    config=CurriculumRunConfig,
+    run=run_curriculum,
     help="coarse-to-fine curriculum for multi-label data: binary > multi-class > multi-label "
     "stages with weight transfer, equal step budgets, several seeds",
 )

@@ -14,6 +14,7 @@ import torch
 
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import Predictions, TrainConfig, current_dist, predict, prediction_metrics
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.common import dataset_summary, write_results
 from labelkit_ext.methods.curriculum.report import (
     plot_auc_curves,
@@ -66,9 +67,9 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         self.schedules, self.seeds = tuple(self.schedules), tuple(int(s) for s in self.seeds)
         if not self.schedules or len(set(self.schedules)) != len(self.schedules):
-            raise ValueError(f"schedules must be distinct and at least one, got {self.schedules}")
+            raise UsageError(f"schedules must be distinct and at least one, got {self.schedules}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+            raise UsageError(f"seeds must be distinct and at least one, got {self.seeds}")
         for schedule in self.schedules:
             allocate_steps(len(parse_schedule(schedule)), self.total_steps, self.eval_every,
                            self.aux_share)  # fmt: skip
@@ -129,8 +130,6 @@ def fit_curriculum(
     pretrained: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    cli_args: Mapping[str, Any] | None = None,
-    data_seconds: float = 0.0,
 ) -> CurriculumFit:
     """Train every schedule of ``config`` with every seed for ``config.total_steps`` steps,
     evaluate the final multi-label model on val and test (the last step's weights; no
@@ -142,7 +141,7 @@ def fit_curriculum(
     and curves (``resume`` continues them), ``auc_curve.png``, ``per_finding_auc.png`` and
     ``results.json``.
     """
-    started = time.perf_counter() - data_seconds
+    started = time.perf_counter()
     train = train or TrainConfig()
     data = splits if isinstance(splits, FindingData) else finding_data(splits, config.no_finding)
     plan = config.stage_plan()
@@ -151,7 +150,7 @@ def fit_curriculum(
     for schedule, stage_plan in plan.items():  # fail before any training, not halfway
         for kind in stage_plan["stages"]:
             if "error" in tasks[kind]:
-                raise ValueError(f"schedule {schedule!r}: {tasks[kind]['error']}")
+                raise UsageError(f"schedule {schedule!r}: {tasks[kind]['error']}")
     out = Path(out_dir) if out_dir is not None else None
     runs, models = [], {}
     for seed in config.seeds:
@@ -186,7 +185,6 @@ def fit_curriculum(
             "pretrained": pretrained,
             "curriculum": asdict(config),
             "train": train.to_dict(),
-            "cli": dict(cli_args or {}),
         },
         "dataset": dataset_summary(splits)
         if isinstance(splits, DataSplits)
@@ -199,10 +197,7 @@ def fit_curriculum(
         "reference": reference,
         "runs": runs,
         "summary": summary,
-        "timings": {
-            "data_seconds": data_seconds,
-            "train_seconds": sum(r["train_seconds"] for r in runs),
-        },  # fmt: skip
+        "timings": {"train_seconds": sum(r["train_seconds"] for r in runs)},
     }
     if out is not None:
         if current_dist().is_main:

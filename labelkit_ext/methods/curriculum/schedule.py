@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.curriculum.tasks import TASK_KINDS
 
 __all__ = [
@@ -48,12 +49,12 @@ def parse_schedule(spec: str | Sequence[str]) -> tuple[str, ...]:
         stages = tuple(spec)
     unknown = [s for s in stages if s not in TASK_KINDS]
     if not stages or unknown:
-        raise ValueError(
+        raise UsageError(
             f"schedule {spec!r} must be one of {sorted(SCHEDULES)} or comma-separated stages "
             f"from {TASK_KINDS}" + (f"; unknown: {unknown}" if unknown else "")
         )
     if stages[-1] != "multilabel" or len(set(stages)) != len(stages):
-        raise ValueError(
+        raise UsageError(
             f"schedule {spec!r} must end with the target 'multilabel' and use each task once"
         )
     return stages
@@ -67,20 +68,20 @@ def allocate_steps(
     equally (the earlier ones take any remainder), at least one chunk each; the target stage
     gets the rest, and all of them in a one-stage schedule."""
     if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+        raise UsageError(f"num_stages must be >= 1, got {num_stages}")
     if eval_every < 1 or total_steps < 1:
-        raise ValueError(
+        raise UsageError(
             f"total_steps and eval_every must be >= 1, got {total_steps}, {eval_every}"
         )
     if total_steps % eval_every:
-        raise ValueError(
+        raise UsageError(
             f"total_steps ({total_steps}) must be a multiple of eval_every ({eval_every})"
         )
     if not 0.0 < aux_share < 1.0:
-        raise ValueError(f"aux_share must be in (0, 1), got {aux_share}")
+        raise UsageError(f"aux_share must be in (0, 1), got {aux_share}")
     chunks = total_steps // eval_every
     if chunks < num_stages:
-        raise ValueError(
+        raise UsageError(
             f"a budget of {chunks} chunks of {eval_every} steps cannot give each of "
             f"{num_stages} stages one; raise total_steps or lower eval_every"
         )
@@ -101,7 +102,7 @@ def budget_from_epochs(
     for name, value in (("train_size", train_size), ("batch_size", batch_size),
                         ("epochs", epochs), ("evals_per_epoch", evals_per_epoch)):  # fmt: skip
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise UsageError(f"{name} must be >= 1, got {value}")
     steps_per_epoch = -(-train_size // batch_size)
     eval_every = max(1, -(-steps_per_epoch // evals_per_epoch))
     return eval_every * evals_per_epoch * epochs, eval_every
@@ -126,11 +127,11 @@ class StageStream(Dataset):
         seed: int,
     ) -> None:
         if len(rows) == 0:
-            raise ValueError("a stage needs at least one training image")
+            raise UsageError("a stage needs at least one training image")
         if len(rows) != len(targets):
-            raise ValueError(f"rows ({len(rows)}) and targets ({len(targets)}) differ in length")
+            raise UsageError(f"rows ({len(rows)}) and targets ({len(targets)}) differ in length")
         if items_per_epoch < 1:
-            raise ValueError(f"items_per_epoch must be >= 1, got {items_per_epoch}")
+            raise UsageError(f"items_per_epoch must be >= 1, got {items_per_epoch}")
         self.dataset = dataset
         self.rows = torch.as_tensor(rows, dtype=torch.int64)
         self.targets = targets

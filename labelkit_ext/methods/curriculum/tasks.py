@@ -20,6 +20,7 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 
 from labelkit_ext.engine import scores_from_logits
+from labelkit_ext.errors import UsageError
 
 __all__ = [
     "TASK_KINDS",
@@ -72,7 +73,7 @@ class LabelTask:
         """(N, K) scores per finding from this head's (N, outputs) logits: the sigmoid for the
         target; for the softmax tasks the probability of the class a finding belongs to."""
         if logits.ndim != 2 or logits.shape[1] != self.num_outputs:
-            raise ValueError(
+            raise UsageError(
                 f"logits must be (N, {self.num_outputs}) for the {self.kind} task, "
                 f"got {tuple(logits.shape)}"
             )
@@ -91,12 +92,12 @@ class LabelTask:
 def _as_matrix(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
     if y.ndim != 2 or y.shape[1] < 1:
-        raise ValueError(
+        raise UsageError(
             f"labels must be a 2-D (N, K) multi-hot matrix, got shape {tuple(y.shape)}"
         )
     y = y.to(torch.float32)
     if not torch.all((y == 0) | (y == 1)):
-        raise ValueError("labels must hold only 0 and 1 (a multi-hot matrix)")
+        raise UsageError("labels must hold only 0 and 1 (a multi-hot matrix)")
     return y
 
 
@@ -116,20 +117,20 @@ def findings_matrix(
         tuple(class_names) if class_names is not None else tuple(str(i) for i in range(y.shape[1]))
     )
     if len(names) != y.shape[1]:
-        raise ValueError(f"class_names has {len(names)} names for {y.shape[1]} label columns")
+        raise UsageError(f"class_names has {len(names)} names for {y.shape[1]} label columns")
     if no_finding is None:
         return y, names
     if isinstance(no_finding, str):
         if no_finding not in names:
-            raise ValueError(f"no_finding {no_finding!r} is not one of the class names {names}")
+            raise UsageError(f"no_finding {no_finding!r} is not one of the class names {names}")
         column = names.index(no_finding)
     else:
         column = int(no_finding)
         if not 0 <= column < y.shape[1]:
-            raise ValueError(f"no_finding column {column} is outside [0, {y.shape[1]})")
+            raise UsageError(f"no_finding column {column} is outside [0, {y.shape[1]})")
     keep = [c for c in range(y.shape[1]) if c != column]
     if not keep:
-        raise ValueError("labels hold only the no_finding column: there is no finding to learn")
+        raise UsageError("labels hold only the no_finding column: there is no finding to learn")
     findings, healthy = y[:, keep], y[:, column]
     contradictory = (healthy == 1) & (findings.sum(1) > 0)
     unlabelled = (healthy == 0) & (findings.sum(1) == 0)
@@ -139,7 +140,7 @@ def findings_matrix(
     ):
         if mask.any():
             rows = mask.nonzero().flatten()[:5].tolist()
-            raise ValueError(f"{int(mask.sum())} label rows say {what}, e.g. rows {rows}")
+            raise UsageError(f"{int(mask.sum())} label rows say {what}, e.g. rows {rows}")
     return findings, tuple(names[c] for c in keep)
 
 
@@ -165,7 +166,7 @@ def multiclass_task(findings: torch.Tensor, names: Sequence[str] | None = None) 
     y = _as_matrix(findings)
     rows = (y.sum(1) == 1).nonzero().flatten()
     if len(rows) == 0:
-        raise ValueError("the multiclass task has no image: no image carries exactly one finding")
+        raise UsageError("the multiclass task has no image: no image carries exactly one finding")
     k = y.shape[1]
     return LabelTask(
         "multiclass",
@@ -190,7 +191,7 @@ def superclass_task(
     per_group = y @ membership  # findings of each image in each group
     rows = ((per_group > 0).sum(1) == 1).nonzero().flatten()
     if len(rows) == 0:
-        raise ValueError(
+        raise UsageError(
             "the superclass task has no image: no image's findings lie in one super-class"
         )
     finding_names = _names(names, k)
@@ -231,9 +232,9 @@ def build_task(
         return multilabel_task(findings, names)
     if kind == "superclass":
         if groups is None:
-            raise ValueError("the superclass task needs groups (a super-class id per finding)")
+            raise UsageError("the superclass task needs groups (a super-class id per finding)")
         return superclass_task(findings, groups, names)
-    raise ValueError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+    raise UsageError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
 
 
 def cooccurrence_similarity(findings: torch.Tensor) -> torch.Tensor:
@@ -261,7 +262,7 @@ def cooccurrence_groups(findings: torch.Tensor, num_groups: int) -> torch.Tensor
     y = _as_matrix(findings)
     k = y.shape[1]
     if not 2 <= num_groups <= k - 1:
-        raise ValueError(
+        raise UsageError(
             f"num_superclasses must be in [2, {k - 1}] for {k} findings, got {num_groups}"
         )
     distance = (1.0 - cooccurrence_similarity(y)).clamp_min(0.0).numpy()
@@ -278,17 +279,17 @@ def _names(names: Sequence[str] | None, k: int) -> tuple[str, ...]:
     if names is None:
         return tuple(str(i) for i in range(k))
     if len(names) != k:
-        raise ValueError(f"names has {len(names)} entries for {k} findings")
+        raise UsageError(f"names has {len(names)} entries for {k} findings")
     return tuple(names)
 
 
 def _check_groups(groups: torch.Tensor | Sequence[int], k: int) -> torch.Tensor:
     g = torch.as_tensor(groups).to(torch.int64).reshape(-1)
     if len(g) != k:
-        raise ValueError(f"groups must hold one super-class id per finding ({k}), got {len(g)}")
+        raise UsageError(f"groups must hold one super-class id per finding ({k}), got {len(g)}")
     if len(g) and int(g.min()) < 0:
-        raise ValueError("groups must be non-negative super-class ids")
+        raise UsageError("groups must be non-negative super-class ids")
     present = torch.unique(g)
     if len(present) < 2 or not torch.equal(present, torch.arange(len(present))):
-        raise ValueError(f"groups must use every id 0..G-1 with G >= 2, got ids {present.tolist()}")
+        raise UsageError(f"groups must use every id 0..G-1 with G >= 2, got ids {present.tolist()}")
     return g

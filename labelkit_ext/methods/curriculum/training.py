@@ -31,6 +31,7 @@ from labelkit_ext.engine import (
     select_device,
     write_json,
 )
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.curriculum.schedule import StageStream
 from labelkit_ext.methods.curriculum.tasks import LabelTask, build_task, findings_matrix
 from labelkit_ext.models import Classifier, build_model
@@ -78,7 +79,7 @@ def dataset_targets(dataset: Dataset) -> torch.Tensor:
 def check_multilabel(info: DatasetInfo) -> None:
     """The curriculum's tasks come from a multi-hot label matrix: refuse other data sets."""
     if info.task != "multilabel":
-        raise ValueError(
+        raise UsageError(
             f"the curriculum needs a multi-label data set (e.g. digit-mosaic, nih-chestxray14, "
             f"chestmnist); {info.name} is {info.task}"
         )
