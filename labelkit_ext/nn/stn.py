@@ -112,8 +112,10 @@ class AugmentOutput(NamedTuple):
 def _localisation_features(in_channels: int, width: int) -> nn.Sequential:
     # No batch norm: the module is used frozen inside a training classifier, and its output
     # must not depend on the other images of a batch.
+    # Strided from the first layer: a warp needs coarse layout only, and this net runs on
+    # every training image of stages 2 and 3.
     return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.Conv2d(in_channels, width, 3, stride=2, padding=1),
         nn.ReLU(inplace=True),
         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
         nn.ReLU(inplace=True),
@@ -200,12 +202,12 @@ class WarpDiscriminator(nn.Module):
     """A small CNN scoring how "original" an image looks: one logit per image (> 0: original,
     < 0: warped). No batch norm, since it sees batches of only one kind."""
 
-    def __init__(self, in_channels: int, width: int = 32) -> None:
+    def __init__(self, in_channels: int, width: int = 16) -> None:
         super().__init__()
         if in_channels < 1 or width < 1:
             raise ValueError(f"in_channels and width must be >= 1, got {in_channels}, {width}")
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.Conv2d(in_channels, width, 3, stride=2, padding=1),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
             nn.LeakyReLU(0.2, inplace=True),
