@@ -152,15 +152,10 @@ LK_AFF_HD T map_v(const PixelMap<T>& m, int64_t ox, int64_t oy) {
 template <typename T>
 LK_AFF_HD T clip_coord(T u, int64_t size, T& grad) {
   const T hi = T(size - 1);
-  if (u <= T(0)) {
-    grad = T(0);
-    return T(0);
-  }
-  if (u >= hi) {
-    grad = T(0);
-    return hi;
-  }
-  return u;  // also NaN (all comparisons false)
+  const bool out = u <= T(0) || u >= hi;  // false for NaN, which passes through
+  grad = out ? T(0) : grad;
+  const T lo_clamped = u <= T(0) ? T(0) : u;
+  return u >= hi ? hi : lo_clamped;  // selects only: the CPU row loops vectorise over this
 }
 
 // Reflect into [twice_low / 2, twice_high / 2] (grid_sample's reflect_coordinates).
@@ -172,15 +167,12 @@ LK_AFF_HD T reflect_coord(T u, int64_t twice_low, int64_t twice_high, T& grad) {
   }
   const T lo = T(twice_low) / T(2);
   const T span = T(twice_high - twice_low) / T(2);
-  T d = u - lo;
-  T sign = T(1);
-  if (d < T(0)) {
-    sign = T(-1);
-    d = -d;
-  }
+  const T d0 = u - lo;
+  const T sign = d0 < T(0) ? T(-1) : T(1);
+  const T d = d0 < T(0) ? -d0 : d0;
   const T extra = t_fmod(d, span);
   const T flips = t_floor(d / span);
-  // flips is integral and small here (|u| <= 2^24-ish in practice); parity via fmod is exact.
+  // flips is integral; its parity via fmod is exact for any magnitude.
   const bool even = t_fmod(flips, T(2)) == T(0);
   grad = even ? grad * sign : -grad * sign;
   return even ? extra + lo : span - extra + lo;
@@ -298,9 +290,9 @@ struct Span {
   T lo, hi;
 };
 
-// The unpadded coordinates u whose padded value lies within one pixel of x (a superset of both
-// modes' footprints) form, per padding mode:
-//   zeros:      [x - 1, x + 1]
+// The unpadded coordinates u whose padded value lies within the footprint radius r of x form,
+// per padding mode:
+//   zeros:      [x - r, x + r]  (r = 1 bilinear, 1/2 nearest)
 //   border:     the same, open to -inf at x == 0 and to +inf at x == size - 1
 //   reflection: one interval per monotone cell [lo + j span, lo + (j + 1) span) of the fold.
 // Cells partition the axis, so a candidate is counted in exactly one (cell_of).
@@ -336,18 +328,19 @@ LK_AFF_HD int64_t cell_of(const Fold<T>& f, T u) {
 }
 
 // The interval of cell j for pixel x (empty when hi < lo).
+// `radius` is the footprint's half-width: 1 for bilinear, 1/2 for nearest.
 template <typename T>
-LK_AFF_HD Span<T> cell_span(const Fold<T>& f, int64_t x, int64_t size, int64_t padding, int64_t j) {
+LK_AFF_HD Span<T> cell_span(const Fold<T>& f, int64_t x, int64_t size, int64_t padding, int64_t j, T radius) {
   Span<T> s;
   if (!f.folded) {
     const bool single = padding == kReflection || (padding == kBorder && size == 1);
-    s.lo = (padding == kBorder && x == 0) || single ? -t_inf<T>() : T(x - 1);
-    s.hi = (padding == kBorder && x == size - 1) || single ? t_inf<T>() : T(x + 1);
+    s.lo = (padding == kBorder && x == 0) || single ? -t_inf<T>() : T(x) - radius;
+    s.hi = (padding == kBorder && x == size - 1) || single ? t_inf<T>() : T(x) + radius;
     return s;
   }
   // Footprint in reflected space, within the cell's range [lo, lo + span].
-  T a = T(x - 1) - f.lo;
-  T b = T(x + 1) - f.lo;
+  T a = T(x) - radius - f.lo;
+  T b = T(x) + radius - f.lo;
   a = a < T(0) ? T(0) : a;
   b = b > f.span ? f.span : b;
   const T base = f.lo + T(j) * f.span;
@@ -372,8 +365,9 @@ LK_AFF_HD void solve_linear(T k, T r, T lo_c, T hi_c, T& lo, T& hi) {
   hi = k > T(0) ? b : a;
 }
 
-// Floating bounds -> an index range [first, last] within [0, n - 1], widened by one index for
-// rounding. NaN bounds (0 * inf) give the whole range, which is always safe (exact test follows).
+// Floating bounds -> the index range [first, last] within [0, n - 1] of integers in
+// [lo - 1/256, hi + 1/256] (the margin absorbs the rounding of the bounds themselves). NaN
+// bounds (0 * inf) give the whole range, which is always safe: the exact test follows.
 template <typename T>
 LK_AFF_HD void index_range(T lo, T hi, int64_t n, int64_t& first, int64_t& last) {
   if (!(lo == lo) || !(hi == hi)) {
@@ -381,8 +375,9 @@ LK_AFF_HD void index_range(T lo, T hi, int64_t n, int64_t& first, int64_t& last)
     last = n - 1;
     return;
   }
-  lo = t_floor(lo) - T(1);
-  hi = t_floor(hi) + T(1);
+  const T margin = T(1) / T(256);
+  lo = -t_floor(-(lo - margin));  // ceil
+  hi = t_floor(hi + margin);
   lo = lo < T(0) ? T(0) : (lo > T(n) ? T(n) : lo);
   hi = hi < T(-1) ? T(-1) : (hi > T(n - 1) ? T(n - 1) : hi);
   first = static_cast<int64_t>(lo);
@@ -468,16 +463,17 @@ LK_AFF_HD void gather_taps(const PixelMap<T>& m, int64_t x, int64_t y, int64_t H
       return;
     }
   }
+  const T radius = mode == kNearest ? T(0.5) : T(1);
   const T det = m.ax * m.by - m.bx * m.ay;
   const T scale = (t_abs(m.ax) + t_abs(m.bx)) * (t_abs(m.ay) + t_abs(m.by));
   const bool invertible = t_abs(det) > T(1e-6) * scale && is_finite(T(1) / det);
   for (int64_t ju = ju0; ju <= ju1; ++ju) {
-    Span<T> iu = cell_span(fu, x, W, padding, ju);
+    Span<T> iu = cell_span(fu, x, W, padding, ju, radius);
     if (iu.hi < iu.lo) continue;
     iu.lo -= su;
     iu.hi += su;
     for (int64_t jv = jv0; jv <= jv1; ++jv) {
-      Span<T> iv = cell_span(fv, y, H, padding, jv);
+      Span<T> iv = cell_span(fv, y, H, padding, jv, radius);
       if (iv.hi < iv.lo) continue;
       iv.lo -= sv;
       iv.hi += sv;
