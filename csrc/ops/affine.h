@@ -6,7 +6,7 @@
 // align_corners; xn = 0 when Wo == 1), and grid_sample un-normalises g to the pixel coordinate
 // u = sx gx + (W - 1)/2 (sx = W/2, or (W - 1)/2 with align_corners). Composed, the source
 // coordinate is affine in the output indices:
-//     u = ax ox + bx oy + cx,    v = ay ox + by oy + cy          (PixelMap)
+//     u = ax ox + bx oy + cx,    v = ay ox + by oy + cy          (PixelMap, in double)
 // so no grid is ever stored. Padding (border/reflection) then folds (u, v) into the image, and
 // bilinear/nearest taps read at most four input pixels (Taps).
 //
@@ -87,62 +87,53 @@ LK_AFF_HD T unnorm_scale(int64_t size, bool align_corners) {
   return align_corners ? T(size - 1) / T(2) : T(size) / T(2);
 }
 
-// Source pixel coordinates as an affine function of the output indices.
+// Source pixel coordinates as an affine function of the output indices. The coefficients stay
+// in double whatever the compute type T: u is formed in double and rounded once, so the rounding
+// error is half an ulp of u itself, not of the (possibly much larger, cancelling) terms ax ox and
+// cx of a zoom-out or a large shift. T only tags the type the rest of the math runs in.
 template <typename T>
 struct PixelMap {
-  T ax, bx, cx;  // u = ax ox + bx oy + cx
-  T ay, by, cy;  // v = ay ox + by oy + cy
-  bool valid;    // θ and the coefficients are finite; otherwise the sample reads nothing
+  double ax, bx, cx;  // u = ax ox + bx oy + cx
+  double ay, by, cy;  // v = ay ox + by oy + cy
+  bool valid;         // θ and the coefficients are finite; otherwise the sample reads nothing
 };
 
 // th: the six entries of one θ, row-major.
 template <typename T>
-LK_AFF_HD PixelMap<T> pixel_map(const T* th, int64_t H, int64_t W, int64_t Ho, int64_t Wo, bool align_corners) {
-  const T kx = norm_step<T>(Wo, align_corners);
-  const T ky = norm_step<T>(Ho, align_corners);
-  const T sx = unnorm_scale<T>(W, align_corners);
-  const T sy = unnorm_scale<T>(H, align_corners);
-  const T x0 = T(Wo - 1) * kx;  // -xn at ox = 0
-  const T y0 = T(Ho - 1) * ky;
+LK_AFF_HD PixelMap<T> pixel_map(const double* th, int64_t H, int64_t W, int64_t Ho, int64_t Wo, bool align_corners) {
+  const double kx = norm_step<double>(Wo, align_corners);
+  const double ky = norm_step<double>(Ho, align_corners);
+  const double sx = unnorm_scale<double>(W, align_corners);
+  const double sy = unnorm_scale<double>(H, align_corners);
+  const double x0 = double(Wo - 1) * kx;  // -xn at ox = 0
+  const double y0 = double(Ho - 1) * ky;
   PixelMap<T> m;
-  m.ax = sx * th[0] * T(2) * kx;
-  m.bx = sx * th[1] * T(2) * ky;
-  m.cx = sx * (th[2] - th[0] * x0 - th[1] * y0) + T(W - 1) / T(2);
-  m.ay = sy * th[3] * T(2) * kx;
-  m.by = sy * th[4] * T(2) * ky;
-  m.cy = sy * (th[5] - th[3] * x0 - th[4] * y0) + T(H - 1) / T(2);
+  m.ax = sx * th[0] * 2.0 * kx;
+  m.bx = sx * th[1] * 2.0 * ky;
+  m.cx = sx * (th[2] - th[0] * x0 - th[1] * y0) + double(W - 1) / 2.0;
+  m.ay = sy * th[3] * 2.0 * kx;
+  m.by = sy * th[4] * 2.0 * ky;
+  m.cy = sy * (th[5] - th[3] * x0 - th[4] * y0) + double(H - 1) / 2.0;
   bool ok = true;
   for (int k = 0; k < 6; ++k) ok = ok && is_finite(th[k]);
   ok = ok && is_finite(m.ax) && is_finite(m.bx) && is_finite(m.cx);
   ok = ok && is_finite(m.ay) && is_finite(m.by) && is_finite(m.cy);
+  // The coefficients must also fit T, or the gather's interval math (in T) would overflow.
+  const double big = double(std::numeric_limits<T>::max()) / 16.0;
+  ok = ok && t_abs(m.ax) < big && t_abs(m.bx) < big && t_abs(m.cx) < big;
+  ok = ok && t_abs(m.ay) < big && t_abs(m.by) < big && t_abs(m.cy) < big;
   m.valid = ok;
   return m;
 }
 
-// The coefficients are computed in double (on the host or once per sample) and then rounded, so
-// float kernels start from correctly rounded maps.
-template <typename T>
-LK_AFF_HD PixelMap<T> cast_map(const PixelMap<double>& m) {
-  PixelMap<T> r;
-  r.ax = T(m.ax);
-  r.bx = T(m.bx);
-  r.cx = T(m.cx);
-  r.ay = T(m.ay);
-  r.by = T(m.by);
-  r.cy = T(m.cy);
-  r.valid = m.valid && is_finite(r.ax) && is_finite(r.bx) && is_finite(r.cx) && is_finite(r.ay) &&
-            is_finite(r.by) && is_finite(r.cy);
-  return r;
-}
-
 template <typename T>
 LK_AFF_HD T map_u(const PixelMap<T>& m, int64_t ox, int64_t oy) {
-  return m.ax * T(ox) + (m.bx * T(oy) + m.cx);
+  return T(m.ax * double(ox) + (m.bx * double(oy) + m.cx));
 }
 
 template <typename T>
 LK_AFF_HD T map_v(const PixelMap<T>& m, int64_t ox, int64_t oy) {
-  return m.ay * T(ox) + (m.by * T(oy) + m.cy);
+  return T(m.ay * double(ox) + (m.by * double(oy) + m.cy));
 }
 
 // ---- padding (grid_sample's compute_coordinates, with the derivative) -----------------------
@@ -442,15 +433,17 @@ LK_AFF_HD void try_candidate(const PixelMap<T>& m, const Fold<T>& fu, const Fold
 // zoom-out) scans the whole output instead.
 template <typename T, typename Visit>
 LK_AFF_HD void gather_taps(const PixelMap<T>& m, int64_t x, int64_t y, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int64_t mode, int64_t padding, bool align_corners, Visit&& visit) {
+  const T ax = T(m.ax), bx = T(m.bx), cx = T(m.cx);
+  const T ay = T(m.ay), by = T(m.by), cy = T(m.cy);
   const Fold<T> fu = axis_fold<T>(W, padding, align_corners);
   const Fold<T> fv = axis_fold<T>(H, padding, align_corners);
-  const T su = map_slack(m.ax, m.bx, m.cx, Wo, Ho);
-  const T sv = map_slack(m.ay, m.by, m.cy, Wo, Ho);
+  const T su = map_slack(ax, bx, cx, Wo, Ho);
+  const T sv = map_slack(ay, by, cy, Wo, Ho);
   int64_t ju0 = 0, ju1 = 0, jv0 = 0, jv1 = 0;
   if (fu.folded || fv.folded) {
     T ulo, uhi, vlo, vhi;
-    coord_extent(m.ax, m.bx, m.cx, Wo, Ho, ulo, uhi);
-    coord_extent(m.ay, m.by, m.cy, Wo, Ho, vlo, vhi);
+    coord_extent(ax, bx, cx, Wo, Ho, ulo, uhi);
+    coord_extent(ay, by, cy, Wo, Ho, vlo, vhi);
     if (fu.folded) cell_range(fu, ulo, uhi, ju0, ju1);
     if (fv.folded) cell_range(fv, vlo, vhi, jv0, jv1);
     const double cells = double(ju1 - ju0 + 1) * double(jv1 - jv0 + 1);
@@ -464,8 +457,8 @@ LK_AFF_HD void gather_taps(const PixelMap<T>& m, int64_t x, int64_t y, int64_t H
     }
   }
   const T radius = mode == kNearest ? T(0.5) : T(1);
-  const T det = m.ax * m.by - m.bx * m.ay;
-  const T scale = (t_abs(m.ax) + t_abs(m.bx)) * (t_abs(m.ay) + t_abs(m.by));
+  const T det = ax * by - bx * ay;
+  const T scale = (t_abs(ax) + t_abs(bx)) * (t_abs(ay) + t_abs(by));
   const bool invertible = t_abs(det) > T(1e-6) * scale && is_finite(T(1) / det);
   for (int64_t ju = ju0; ju <= ju1; ++ju) {
     Span<T> iu = cell_span(fu, x, W, padding, ju, radius);
@@ -482,9 +475,9 @@ LK_AFF_HD void gather_taps(const PixelMap<T>& m, int64_t x, int64_t y, int64_t H
       if (invertible && is_finite(iu.lo) && is_finite(iu.hi) && is_finite(iv.lo) && is_finite(iv.hi)) {
         T rlo = t_inf<T>(), rhi = -t_inf<T>();
         for (int k = 0; k < 4; ++k) {
-          const T du = ((k & 1) ? iu.hi : iu.lo) - m.cx;
-          const T dv = ((k >> 1) ? iv.hi : iv.lo) - m.cy;
-          const T oy = (m.ax * dv - m.ay * du) / det;
+          const T du = ((k & 1) ? iu.hi : iu.lo) - cx;
+          const T dv = ((k >> 1) ? iv.hi : iv.lo) - cy;
+          const T oy = (ax * dv - ay * du) / det;
           rlo = oy < rlo ? oy : rlo;
           rhi = oy > rhi ? oy : rhi;
         }
@@ -493,8 +486,8 @@ LK_AFF_HD void gather_taps(const PixelMap<T>& m, int64_t x, int64_t y, int64_t H
       const bool owned = fu.folded || fv.folded;
       for (int64_t oy = oy0; oy <= oy1; ++oy) {
         T alo, ahi, blo, bhi;
-        solve_linear(m.ax, m.bx * T(oy) + m.cx, iu.lo, iu.hi, alo, ahi);
-        solve_linear(m.ay, m.by * T(oy) + m.cy, iv.lo, iv.hi, blo, bhi);
+        solve_linear(ax, bx * T(oy) + cx, iu.lo, iu.hi, alo, ahi);
+        solve_linear(ay, by * T(oy) + cy, iv.lo, iv.hi, blo, bhi);
         const T lo = alo > blo ? alo : blo;
         const T hi = ahi < bhi ? ahi : bhi;
         if (hi < lo) continue;

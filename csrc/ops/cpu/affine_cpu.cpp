@@ -38,14 +38,14 @@ struct Geometry {
   bool align;
 };
 
-// One PixelMap per sample, computed in double from θ and rounded to T.
+// One PixelMap per sample (double coefficients) from θ read as double.
 template <typename T>
 std::vector<af::PixelMap<T>> sample_maps(const at::Tensor& theta, const Geometry& g) {
   const at::Tensor th = theta.to(at::kDouble).contiguous();
   const double* p = th.const_data_ptr<double>();
   std::vector<af::PixelMap<T>> maps(g.N);
   for (int64_t n = 0; n < g.N; ++n) {
-    maps[n] = af::cast_map<T>(af::pixel_map<double>(p + 6 * n, g.H, g.W, g.Ho, g.Wo, g.align));
+    maps[n] = af::pixel_map<T>(p + 6 * n, g.H, g.W, g.Ho, g.Wo, g.align);
   }
   return maps;
 }
@@ -80,10 +80,11 @@ struct RowTaps {
 template <typename T, int64_t kMode, int64_t kPad>
 LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,
                           int32_t sH, int32_t sW, int32_t* const* off, T* const* w) {
-  const T ax = m.ax;
-  const T ay = m.ay;
-  const T ru = m.bx * T(oy) + m.cx;
-  const T rv = m.by * T(oy) + m.cy;
+  // As af::map_u / map_v: the coordinate is formed in double and rounded once.
+  const double ax = m.ax;
+  const double ay = m.ay;
+  const double ru = m.bx * double(oy) + m.cx;
+  const double rv = m.by * double(oy) + m.cy;
   int32_t* o0 = off[0];
   int32_t* o1 = off[1];
   int32_t* o2 = off[2];
@@ -95,8 +96,8 @@ LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int6
 #pragma omp simd
   for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
     T du, dv;
-    T px = af::pad_coord(ax * T(ox) + ru, W, kPad, align, du);
-    T py = af::pad_coord(ay * T(ox) + rv, H, kPad, align, dv);
+    T px = af::pad_coord(T(ax * double(ox) + ru), W, kPad, align, du);
+    T py = af::pad_coord(T(ay * double(ox) + rv), H, kPad, align, dv);
     px = af::guard_coord(px, W);
     py = af::guard_coord(py, H);
     if constexpr (kMode == af::kNearest) {
