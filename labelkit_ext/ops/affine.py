@@ -171,14 +171,16 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::affine_grid_sample")
     def _affine_grid_sample_fake(input, theta, out_h, out_w, mode, padding_mode, align_corners):
         N, C = input.shape[0], input.shape[1]
-        return input.new_empty((N, C, out_h, out_w), memory_format=_memory_format(input))
+        return torch.empty(
+            (N, C, out_h, out_w), dtype=input.dtype, device=input.device, memory_format=_memory_format(input)
+        )
 
     @torch.library.register_fake("labelkit::_affine_grid_sample_backward")
     def _affine_grid_sample_backward_fake(
         grad, input, theta, mode, padding_mode, align_corners, output_mask
     ):
         grad_input = (
-            input.new_empty(input.shape, memory_format=_memory_format(input))
+            torch.empty_like(input, memory_format=_memory_format(input))
             if output_mask[0]
             else input.new_empty((0,))
         )
