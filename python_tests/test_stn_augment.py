@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import labelkit_ext.nn.affine as affine_module
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import seed_everything
+from labelkit_ext.engine import TrainConfig, seed_everything
 from labelkit_ext.methods.stn_augment import (
     VARIANTS,
     AugmentConfig,
@@ -27,7 +27,6 @@ from labelkit_ext.methods.stn_augment import (
     train_augmenter,
     warp_statistics,
 )
-from labelkit_ext.engine import TrainConfig
 from labelkit_ext.models import build_model
 from labelkit_ext.nn.stn import (
     AffineBounds,
@@ -81,7 +80,9 @@ def _assert_within(theta: torch.Tensor, bounds: AffineBounds, slack: float = 1e-
 
 def test_affine_from_unit_against_matrix_products():
     bounds = AffineBounds(rotation=40, scale=0.3, shear=0.25, translation=0.15)
-    unit = torch.rand(16, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    unit = (
+        torch.rand(16, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    )
     theta = affine_from_unit(unit, bounds)
     for u, th in zip(unit.numpy(), theta.numpy(), strict=True):
         phi = math.radians(40) * u[0]
@@ -223,8 +224,12 @@ def test_stage2_freezes_the_classifier_and_trains_augmenter_and_discriminator(di
     after = classifier.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
     assert classifier.training and all(p.requires_grad for p in classifier.parameters())  # restored
-    assert any(not torch.equal(a, b) for a, b in zip(aug_before, augmenter.parameters()))
-    assert any(not torch.equal(a, b) for a, b in zip(disc_before, discriminator.parameters()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(aug_before, augmenter.parameters(), strict=True)
+    )
+    assert any(
+        not torch.equal(a, b) for a, b in zip(disc_before, discriminator.parameters(), strict=True)
+    )
     steps = math.ceil(len(digits8.train) / 128)
     assert len(fitted.steps) == steps and [e["epoch"] for e in fitted.epochs] == [0, 1]
     assert {"d_loss", "d_accuracy", "g_adversarial", "penalty", "max_entropy", "g_loss",
@@ -314,7 +319,9 @@ def test_fit_stn_augment_equal_step_budgets_and_results(digits8):
         digits8,
         config=TrainConfig(epochs=2, **QUIET_CPU),
         finetune_config=TrainConfig(epochs=2, lr=0.01, **QUIET_CPU),
-        augment_config=AugmentConfig(epochs=1, batch_size=64, device="cpu", quiet=True, probe_size=64),
+        augment_config=AugmentConfig(
+            epochs=1, batch_size=64, device="cpu", quiet=True, probe_size=64
+        ),
         seeds=[0, 1],
     )
     results = fitted.results
@@ -334,7 +341,9 @@ def test_fit_stn_augment_equal_step_budgets_and_results(digits8):
     rows = results["table"]
     assert [r["variant"] for r in rows] == ["stage 1 only", *names]
     by_name = {r["variant"]: r for r in rows}
-    accs = [results["runs"][s]["variants"]["stn"]["metrics"]["test"]["accuracy"] for s in ("0", "1")]
+    accs = [
+        results["runs"][s]["variants"]["stn"]["metrics"]["test"]["accuracy"] for s in ("0", "1")
+    ]
     assert by_name["stn"]["test_accuracy_mean"] == pytest.approx(np.mean(accs))
     assert by_name["stn"]["test_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
     assert by_name["no-affine"]["test_gain_mean"] == 0.0
@@ -350,7 +359,11 @@ def test_summary_rows_mean_std_and_collapse_count():
         return {"metrics": {"val": {"accuracy": acc}, "test": {"accuracy": acc}},
                 "warp": warp, "stage2": {"steps": []}}  # fmt: skip
 
-    base = {"metrics": {"val": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}, "warp": None, "stage2": None}
+    base = {
+        "metrics": {"val": {"accuracy": 0.5}, "test": {"accuracy": 0.5}},
+        "warp": None,
+        "stage2": None,
+    }
     runs = {
         "0": {"stage1": {"metrics": base["metrics"]}, "variants": {"no-affine": base, "stn": record(0.6, 0.01)}},
         "1": {"stage1": {"metrics": base["metrics"]}, "variants": {"no-affine": base, "stn": record(0.7, 0.2)}},

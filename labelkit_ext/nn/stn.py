@@ -59,8 +59,14 @@ class AffineBounds:
     def limits(self) -> torch.Tensor:
         """(6,) half-widths of (rotation [rad], scale x, scale y, shear, tx, ty)."""
         return torch.tensor(
-            [math.radians(self.rotation), self.scale, self.scale, self.shear,
-             self.translation, self.translation],  # fmt: skip
+            [
+                math.radians(self.rotation),
+                self.scale,
+                self.scale,
+                self.shear,
+                self.translation,
+                self.translation,
+            ],  # fmt: skip
             dtype=torch.float64,  # cast to the caller's dtype, never rounded through float32
         )
 

@@ -172,9 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         probe_size=args.probe_size,
         quiet=args.quiet,
     )
-    bounds = AffineBounds(
-        args.max_rotation, args.max_scale, args.max_shear, args.max_translation
-    )
+    bounds = AffineBounds(args.max_rotation, args.max_scale, args.max_shear, args.max_translation)
     splits = load_data(args)
     out = run_dir(args, "stn-augment")
     fitted = fit_stn_augment(
@@ -195,7 +193,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if current_dist().is_main:
         _print_report(fitted, args)
-        print(f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}")
+        print(
+            f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}"
+        )
     return fitted.results
 
 

@@ -141,7 +141,11 @@ def _stage2(
             {
                 "augmenter": augmenter.state_dict(),
                 "discriminator": discriminator.state_dict() if discriminator is not None else {},
-                "stage2": {"steps": fitted.steps, "epochs": fitted.epochs, "seconds": fitted.seconds},
+                "stage2": {
+                    "steps": fitted.steps,
+                    "epochs": fitted.epochs,
+                    "seconds": fitted.seconds,
+                },
                 "config": config.to_dict(),
                 "variant": variant.name,
             },
@@ -189,7 +193,11 @@ def _run_variant(
             folder,
             resume,
         )
-        record["stage2"] = {"steps": stage2.steps, "epochs": stage2.epochs, "seconds": stage2.seconds}
+        record["stage2"] = {
+            "steps": stage2.steps,
+            "epochs": stage2.epochs,
+            "seconds": stage2.seconds,
+        }
         record["warp"] = {k: v for k, v in stage2.epochs[-1].items() if k != "epoch"}
     elif augmenter is not None:
         seed_everything(derive_seed(seed, index, 2))
@@ -364,7 +372,11 @@ def fit_stn_augment(
                         runs, out / "warp_distributions.png", f"{title}: stage 2 warps"
                     ),
                     plot_warp_grid(
-                        grid_inputs, examples, info.mean, info.std, out / "warp_grid.png",
+                        grid_inputs,
+                        examples,
+                        info.mean,
+                        info.std,
+                        out / "warp_grid.png",
                         f"{title}: test images and their warps, seed {seeds[0]}",
                     ),  # fmt: skip
                     plot_accuracy(results["table"], out / "accuracy.png", title),

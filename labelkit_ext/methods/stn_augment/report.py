@@ -191,8 +191,10 @@ def plot_warp_distributions(
             ax.axhline(COLLAPSE_DEVIATION, color="gray", ls=":", lw=1, label="collapse threshold")
         else:
             original = np.mean(
-                [run["variants"][learnt[0]]["stage2"]["epochs"][0]["original_entropy"]["q50"]
-                 for run in runs.values()]  # fmt: skip
+                [
+                    run["variants"][learnt[0]]["stage2"]["epochs"][0]["original_entropy"]["q50"]
+                    for run in runs.values()
+                ]  # fmt: skip
             )
             ax.axhline(original, color="black", ls=":", lw=1, label="original images")
         ax.set(xlabel="stage-2 epoch (0 = before training)", ylabel=label)
@@ -240,7 +242,9 @@ def plot_warp_grid(
     return save_figure(fig, path)
 
 
-def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = "") -> Path:
+def plot_accuracy(
+    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title: str = ""
+) -> Path:
     """Test accuracy (mean ± std over seeds) per variant."""
     names = [r["variant"] for r in rows]
     means = [100 * r["test_accuracy_mean"] for r in rows]

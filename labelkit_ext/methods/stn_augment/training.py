@@ -204,7 +204,9 @@ def train_augmenter(
                 out = augmenter(x)
                 record = {"step": len(fitted.steps) + 1, "epoch": epoch}
                 if discriminator is not None:
-                    record.update(_discriminator_step(discriminator, opt_d, x, out.image, config.amp))
+                    record.update(
+                        _discriminator_step(discriminator, opt_d, x, out.image, config.amp)
+                    )
                 with autocast_for(device, config.amp):
                     logits = classifier(out.image).float()
                 me = max_entropy_loss(logits)
