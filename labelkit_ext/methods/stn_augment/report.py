@@ -137,16 +137,18 @@ def plot_losses(
     axes = np.atleast_1d(fig.subplots(1, len(learnt), sharey=True))
     for ax, (name, steps) in zip(axes, learnt.items(), strict=True):
         window = max(1, len(steps) // 25)
-        for key, label in (
-            ("d_loss", "discriminator"),
-            ("g_adversarial", "generator log(1-D(I'))"),
-            ("max_entropy", "L_ME"),
-            ("g_loss", "generator total"),
+        for color, (key, label) in enumerate(
+            (
+                ("d_loss", "discriminator"),
+                ("g_adversarial", "generator log(1-D(I'))"),
+                ("max_entropy", "L_ME"),
+                ("g_loss", "generator total"),
+            )
         ):
             values = [s[key] for s in steps if key in s]
             if values:
                 x = np.arange(len(values))[len(values) - len(_smooth(values, window)) :] + 1
-                ax.plot(x, _smooth(values, window), label=label, lw=1.2)
+                ax.plot(x, _smooth(values, window), label=label, lw=1.2, color=f"C{color}")
         ax.set(title=name, xlabel="stage-2 step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
