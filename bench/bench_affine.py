@@ -66,13 +66,17 @@ def size_list(text: str) -> list[tuple[int, int, int, int]]:
     for part in text.split(";"):
         vals = common.int_list(part)
         if len(vals) != 4 or min(vals) < 1:
-            raise argparse.ArgumentTypeError(f"expected N,C,H,W groups separated by ';', got {part!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected N,C,H,W groups separated by ';', got {part!r}"
+            )
         sizes.append(tuple(vals))
     return sizes
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     # The shared flags; --n/--c are replaced by --sizes (an image batch is four numbers).
     common.add_common_args(p, n=(), c=())
     p.set_defaults(providers=list(PROVIDERS))
@@ -144,7 +148,9 @@ def eager_composition(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """The two calls users write, sampling in float32 (a no-op cast for float32 input; for
     bfloat16 a bfloat16 grid would be off by up to a pixel at 224, so a careful user upcasts)."""
     grid = F.affine_grid(theta.float(), list(x.shape), align_corners=ALIGN)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN).to(x.dtype)
+    return F.grid_sample(
+        x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=ALIGN
+    ).to(x.dtype)
 
 
 def providers(names: Sequence[str]) -> dict[str, Callable]:
@@ -157,7 +163,9 @@ def providers(names: Sequence[str]) -> dict[str, Callable]:
     return {k: f for k, f in fns.items() if k in names}
 
 
-def task(mode: str, call: Callable, x: torch.Tensor, theta: torch.Tensor, w: torch.Tensor) -> common.Task:
+def task(
+    mode: str, call: Callable, x: torch.Tensor, theta: torch.Tensor, w: torch.Tensor
+) -> common.Task:
     """forward: no grad. backward: grads w.r.t. (x, θ) on a graph built untimed before each call.
     full: forward + backward."""
     if mode == "forward":
@@ -165,7 +173,11 @@ def task(mode: str, call: Callable, x: torch.Tensor, theta: torch.Tensor, w: tor
         return common.Task(run=lambda _: call(xd, td))
     xg, tg = x.detach().requires_grad_(), theta.detach().requires_grad_()
     if mode == "backward":
-        return common.Task(setup=lambda: call(xg, tg), run=lambda out: torch.autograd.grad(out, (xg, tg), w), fresh=True)
+        return common.Task(
+            setup=lambda: call(xg, tg),
+            run=lambda out: torch.autograd.grad(out, (xg, tg), w),
+            fresh=True,
+        )
     return common.Task(run=lambda _: torch.autograd.grad(call(xg, tg), (xg, tg), w))
 
 
@@ -214,7 +226,9 @@ def bytes_moved(case: Case, mode: str) -> int:
 def measure(case: Case, mode: str, name: str, t: common.Task, device, args, extra: dict) -> dict:
     with common.OtherCpu() as other:
         mem = None if args.no_memory else common.peak_memory_mb(t, device)
-        tm = common.time_task(t, device, min_run_time=args.min_run_time, min_samples=args.min_samples)
+        tm = common.time_task(
+            t, device, min_run_time=args.min_run_time, min_samples=args.min_samples
+        )
     gbps = bytes_moved(case, mode) / (tm.median_ms * 1e-3) / 1e9
     peak = common.peak_gbps(device)
     row = {
@@ -225,7 +239,9 @@ def measure(case: Case, mode: str, name: str, t: common.Task, device, args, extr
         "peak_mem_mb": round(mem, 1) if mem is not None else "", "other_cpu_pct": other.percent, **extra,
     }  # fmt: skip
     mem_txt = f", {mem:.0f} MiB" if mem is not None else ""
-    busy = f"  (others used {other.percent:.0f}% CPU)" if other.percent and other.percent > 5 else ""
+    busy = (
+        f"  (others used {other.percent:.0f}% CPU)" if other.percent and other.percent > 5 else ""
+    )
     print(f"  {mode:8s} {name:8s} {tm.median_ms:10.3f} ms  iqr {tm.iqr_ms:8.3f}  {gbps:7.2f} GB/s{mem_txt}{busy}",
           flush=True)  # fmt: skip
     return row
@@ -252,12 +268,16 @@ def run_case(case: Case, args, device, names, env) -> tuple[list[dict], list[str
                 raise
         if name == "compile":
             print(f"  (compile + check took {time.perf_counter() - t0:.1f} s)", flush=True)
-    native = labelkit_ext.HAS_OPS and labelkit_ext._ext.has_kernel("affine_grid_sample", device.type)
+    native = labelkit_ext.HAS_OPS and labelkit_ext._ext.has_kernel(
+        "affine_grid_sample", device.type
+    )
     rows = []
     for mode in args.modes:
         for name in names:
             extra = {"correct": ok[name], "ours_native": native if name == "ours" else "", **env}
-            rows.append(measure(case, mode, name, task(mode, calls[name], x, theta, w), device, args, extra))
+            rows.append(
+                measure(case, mode, name, task(mode, calls[name], x, theta, w), device, args, extra)
+            )
     del calls, x
     common.release_memory(device)
     return rows, failures

@@ -85,7 +85,7 @@ def oracle(x: np.ndarray, theta: np.ndarray, size, mode, padding, align) -> np.n
             if math.isnan(px) or math.isnan(py):
                 continue
 
-            def pixel(xi, yi):
+            def pixel(xi, yi, n=n):
                 inside = 0 <= xi < W and 0 <= yi < H
                 return x[n, :, yi, xi] if inside else np.zeros(C)
 
@@ -111,7 +111,9 @@ def make_theta(n: int, kind: str = "mixed", seed: int = 0, dtype=torch.float64) 
     scales that sample far outside the image, translations."""
     g = torch.Generator().manual_seed(seed)
     angle = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
-    scale = torch.exp((torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1.6)  # 0.2 .. 5
+    scale = torch.exp(
+        (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1.6
+    )  # 0.2 .. 5
     flip = torch.where(torch.rand(n, 2, generator=g) < 0.3, -1.0, 1.0).double()
     shear = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * 1.5
     shift = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * 2.5
@@ -157,7 +159,11 @@ def test_reference_matches_oracle(mode, padding, align):
     for size in [(5, 7), (4, 9), (1, 1)]:
         ref = affine_grid_sample_ref(x, theta, size, mode, padding, align)
         exp = oracle(x.numpy(), theta.numpy(), size, mode, padding, align)
-        keep = decided(theta, 5, 7, *size, padding, align) if mode == "nearest" else torch.ones(1, dtype=torch.bool)
+        keep = (
+            decided(theta, 5, 7, *size, padding, align)
+            if mode == "nearest"
+            else torch.ones(1, dtype=torch.bool)
+        )
         torch.testing.assert_close(ref * keep, torch.from_numpy(exp) * keep, rtol=1e-10, atol=1e-10)
 
 
@@ -169,14 +175,28 @@ def test_forward_matches_oracle_float64(device, mode, padding, align):
     x = make_images((4, 3, 6, 5), torch.float64, device)
     theta = make_theta(4, seed=2).to(device)
     out = affine_grid_sample(x, theta, (7, 4), mode, padding, align)
-    exp = torch.from_numpy(oracle(x.cpu().numpy(), theta.cpu().numpy(), (7, 4), mode, padding, align))
-    keep = decided(theta, 6, 5, 7, 4, padding, align) if mode == "nearest" else torch.ones(1, dtype=torch.bool)
+    exp = torch.from_numpy(
+        oracle(x.cpu().numpy(), theta.cpu().numpy(), (7, 4), mode, padding, align)
+    )
+    keep = (
+        decided(theta, 6, 5, 7, 4, padding, align)
+        if mode == "nearest"
+        else torch.ones(1, dtype=torch.bool)
+    )
     assert_close((out.cpu() * keep), exp * keep)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("shape,size", [((2, 3, 7, 13), None), ((3, 2, 1, 1), None), ((2, 1, 1, 1), (3, 4)),
-                                        ((2, 3, 224, 224), None), ((3, 4, 16, 9), (5, 21))])
+@pytest.mark.parametrize(
+    "shape,size",
+    [
+        ((2, 3, 7, 13), None),
+        ((3, 2, 1, 1), None),
+        ((2, 1, 1, 1), (3, 4)),
+        ((2, 3, 224, 224), None),
+        ((3, 4, 16, 9), (5, 21)),
+    ],
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_forward_matches_reference(device, dtype, shape, size, mode):
     x = make_images(shape, dtype, device)
@@ -197,7 +217,10 @@ def test_forward_theta_kinds_float32(device, kind):
     x = make_images((16, 3, 32, 32), torch.float32, device)
     theta = make_theta(16, kind, seed=4).float().to(device)
     for padding, align in itertools.product(PADDINGS, [False, True]):
-        assert_close(affine_grid_sample(x, theta, None, "bilinear", padding, align), ref64(x, theta, None, "bilinear", padding, align))
+        assert_close(
+            affine_grid_sample(x, theta, None, "bilinear", padding, align),
+            ref64(x, theta, None, "bilinear", padding, align),
+        )
 
 
 def test_identity_and_translation_are_exact(device):
@@ -216,7 +239,9 @@ def test_identity_and_translation_are_exact(device):
 def test_broadcast_theta(device):
     x = make_images((5, 2, 9, 9), torch.float32, device)
     theta = make_theta(1, seed=5).float().to(device)
-    assert_close(affine_grid_sample(x, theta), affine_grid_sample(x, theta.expand(5, 2, 3).contiguous()))
+    assert_close(
+        affine_grid_sample(x, theta), affine_grid_sample(x, theta.expand(5, 2, 3).contiguous())
+    )
 
 
 def test_channels_last_and_noncontiguous(device):
@@ -266,12 +291,24 @@ def test_far_outside_and_huge_theta(device):
     x = make_images((3, 2, 8, 8), torch.float64, device)
     # A 1000x zoom-out (reflection folds it over ~1000 mirror cells; not round numbers, which
     # would put nearest-mode samples on rounding ties), a shift by 1e9, a near-singular map.
-    theta = torch.tensor([[[1234.567, 0, 0.1], [0, 1100.3, 0.05]], [[1, 0, 1e9], [0, 1, -1e9]], [[1e-9, 0, 0.3], [0, 1e-9, 0.1]]],
-                         dtype=torch.float64, device=device)
+    theta = torch.tensor(
+        [
+            [[1234.567, 0, 0.1], [0, 1100.3, 0.05]],
+            [[1, 0, 1e9], [0, 1, -1e9]],
+            [[1e-9, 0, 0.3], [0, 1e-9, 0.1]],
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
     for mode, padding, align in ALL_MODES:
-        assert_close(affine_grid_sample(x, theta, None, mode, padding, align), ref64(x, theta, None, mode, padding, align))
-        for i in range(3):  # one sample at a time: the gather path, reflection's cell search included
-            xi, ti = x[i:i + 1], theta[i:i + 1]
+        assert_close(
+            affine_grid_sample(x, theta, None, mode, padding, align),
+            ref64(x, theta, None, mode, padding, align),
+        )
+        for i in range(
+            3
+        ):  # one sample at a time: the gather path, reflection's cell search included
+            xi, ti = x[i : i + 1], theta[i : i + 1]
             gx, gt = _grads(affine_grid_sample, xi, ti, (5, 6), mode, padding, align)
             rx, rt = _grads(affine_grid_sample_ref, xi, ti, (5, 6), mode, padding, align)
             if i == 1 and padding == "reflection":
@@ -291,7 +328,9 @@ def test_extreme_input_values(device):
     x[0, 1] = 1e30
     theta = make_theta(2, "near_identity", seed=8).float().to(device)
     for mode, padding in itertools.product(MODES, PADDINGS):
-        assert_close(affine_grid_sample(x, theta, None, mode, padding), ref64(x, theta, None, mode, padding))
+        assert_close(
+            affine_grid_sample(x, theta, None, mode, padding), ref64(x, theta, None, mode, padding)
+        )
 
 
 # ---- 3. gradients ---------------------------------------------------------------------------------
@@ -325,7 +364,16 @@ def test_grads_match_reference_low_precision(device, dtype):
     x = make_images((4, 3, 15, 13), dtype, device)
     theta = make_theta(4, "near_identity", seed=10).float().to(device)
     gx, gt = _grads(affine_grid_sample, x, theta, None, "bilinear", "zeros", False, w_dtype=dtype)
-    rx, rt = _grads(affine_grid_sample_ref, x.double(), theta.double(), None, "bilinear", "zeros", False, w_dtype=dtype)
+    rx, rt = _grads(
+        affine_grid_sample_ref,
+        x.double(),
+        theta.double(),
+        None,
+        "bilinear",
+        "zeros",
+        False,
+        w_dtype=dtype,
+    )
     assert gx.dtype == dtype and gt.dtype == torch.float32
     assert_close(gx, rx)
     assert_close(gt, rt, torch.float32)
@@ -337,14 +385,16 @@ def test_gather_and_scatter_paths_agree(device, padding):
     x = make_images((6, 2, 11, 9), torch.float64, device)
     theta = make_theta(6, seed=11).to(device)
     gx, gt = _grads(affine_grid_sample, x, theta, (8, 10), "bilinear", padding, False)
-    w_all = torch.randn((6, 2, 8, 10), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    w_all = torch.randn(
+        (6, 2, 8, 10), generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     for i in range(6):
-        w = w_all[i:i + 1].to(device)
-        xi, ti = x[i:i + 1].detach().requires_grad_(), theta[i:i + 1].detach().requires_grad_()
+        w = w_all[i : i + 1].to(device)
+        xi, ti = x[i : i + 1].detach().requires_grad_(), theta[i : i + 1].detach().requires_grad_()
         out = affine_grid_sample(xi, ti, (8, 10), "bilinear", padding)
         sx, st_ = torch.autograd.grad((out * w).sum(), (xi, ti))
-        assert_close(sx, gx[i:i + 1])
-        assert_close(st_, gt[i:i + 1])
+        assert_close(sx, gx[i : i + 1])
+        assert_close(st_, gt[i : i + 1])
 
 
 @pytest.mark.parametrize("padding,align", list(itertools.product(PADDINGS, [False, True])))
@@ -363,7 +413,9 @@ def test_gradcheck_large_transforms(device):
     x = make_images((3, 1, 6, 5), torch.float64, device).requires_grad_()
     theta = make_theta(3, "mixed", seed=13).to(device).requires_grad_()
     for padding in PADDINGS:
-        assert torch.autograd.gradcheck(lambda a, t: affine_grid_sample(a, t, None, "bilinear", padding), (x, theta))
+        assert torch.autograd.gradcheck(
+            lambda a, t, p=padding: affine_grid_sample(a, t, None, "bilinear", p), (x, theta)
+        )
 
 
 def test_input_only_and_theta_only_grads(device):
@@ -372,7 +424,9 @@ def test_input_only_and_theta_only_grads(device):
     rx, rt = _grads(affine_grid_sample_ref, x, theta, None, "bilinear", "zeros", False)
     xr = x.clone().requires_grad_()
     out = affine_grid_sample(xr, theta)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(
+        device
+    )
     (gx,) = torch.autograd.grad((out * w).sum(), xr)
     assert_close(gx, rx)
     tr = theta.clone().requires_grad_()
@@ -409,19 +463,51 @@ _T = torch.rand(2, 2, 3)
         (lambda: affine_grid_sample(torch.rand(2, 3, 0, 5), _T), ValueError, "H >= 1 and W >= 1"),
         (lambda: affine_grid_sample(_X, "theta"), TypeError, "theta must be a torch.Tensor"),
         (lambda: affine_grid_sample(_X, _T.int()), ValueError, "theta must be a floating-point"),
-        (lambda: affine_grid_sample(_X, _T.double()), ValueError, "theta dtype torch.float64 does not match"),
-        (lambda: affine_grid_sample(_X.double(), _T), ValueError, "theta dtype torch.float32 does not match"),
-        (lambda: affine_grid_sample(_X, _T.to("meta")), ValueError, "theta must be on the input's device"),
-        (lambda: affine_grid_sample(_X, _T[:, :, :2]), ValueError, r"theta must have shape \[N, 2, 3\]"),
-        (lambda: affine_grid_sample(_X, _T.view(2, 6)), ValueError, r"theta must have shape \[N, 2, 3\]"),
-        (lambda: affine_grid_sample(_X, torch.rand(3, 2, 3)), ValueError, "theta has 3 matrices but input has N = 2"),
+        (
+            lambda: affine_grid_sample(_X, _T.double()),
+            ValueError,
+            "theta dtype torch.float64 does not match",
+        ),
+        (
+            lambda: affine_grid_sample(_X.double(), _T),
+            ValueError,
+            "theta dtype torch.float32 does not match",
+        ),
+        (
+            lambda: affine_grid_sample(_X, _T.to("meta")),
+            ValueError,
+            "theta must be on the input's device",
+        ),
+        (
+            lambda: affine_grid_sample(_X, _T[:, :, :2]),
+            ValueError,
+            r"theta must have shape \[N, 2, 3\]",
+        ),
+        (
+            lambda: affine_grid_sample(_X, _T.view(2, 6)),
+            ValueError,
+            r"theta must have shape \[N, 2, 3\]",
+        ),
+        (
+            lambda: affine_grid_sample(_X, torch.rand(3, 2, 3)),
+            ValueError,
+            "theta has 3 matrices but input has N = 2",
+        ),
         (lambda: affine_grid_sample(_X, _T, (0, 4)), ValueError, "size entries must be positive"),
         (lambda: affine_grid_sample(_X, _T, (4, -1)), ValueError, "size entries must be positive"),
         (lambda: affine_grid_sample(_X, _T, (4,)), ValueError, r"size must be None or \(Ho, Wo\)"),
         (lambda: affine_grid_sample(_X, _T, (4.0, 4)), ValueError, "size must hold two ints"),
         (lambda: affine_grid_sample(_X, _T, mode="bicubic"), ValueError, "mode must be one of"),
-        (lambda: affine_grid_sample(_X, _T, padding_mode="wrap"), ValueError, "padding_mode must be one of"),
-        (lambda: affine_grid_sample(_X, _T, align_corners=1), ValueError, "align_corners must be a bool"),
+        (
+            lambda: affine_grid_sample(_X, _T, padding_mode="wrap"),
+            ValueError,
+            "padding_mode must be one of",
+        ),
+        (
+            lambda: affine_grid_sample(_X, _T, align_corners=1),
+            ValueError,
+            "align_corners must be a bool",
+        ),
         (lambda: AffineWarp(mode="area"), ValueError, "AffineWarp: mode"),
         (lambda: AffineWarp(padding_mode="circular"), ValueError, "AffineWarp: padding_mode"),
         (lambda: AffineWarp(size=(3, 0)), ValueError, "AffineWarp: size"),
@@ -447,7 +533,9 @@ def test_kernel_checks_directly():
     with pytest.raises(RuntimeError, match="input must be 4-D"):
         op(_X[0], _T, 5, 5, 0, 0, False)
     with pytest.raises(RuntimeError, match="grad must have shape"):
-        torch.ops.labelkit._affine_grid_sample_backward(torch.rand(2, 4, 5, 5), _X, _T, 0, 0, False, [True, True])
+        torch.ops.labelkit._affine_grid_sample_backward(
+            torch.rand(2, 4, 5, 5), _X, _T, 0, 0, False, [True, True]
+        )
 
 
 # ---- 4. opcheck ---------------------------------------------------------------------------------
@@ -487,7 +575,7 @@ def test_compile_fullgraph_matches_eager():
     loss_c = compiled(x, theta)
     g_comp = torch.autograd.grad(loss_c, (x, theta))
     assert_close(loss_c, loss)
-    for a, b in zip(g_comp, g_eager):
+    for a, b in zip(g_comp, g_eager, strict=True):
         assert_close(a, b)
 
 
@@ -561,7 +649,9 @@ def test_affine_warp_trains_theta():
     seed=st.integers(0, 2**16),
     channels_last=st.booleans(),
 )
-def test_property_matches_reference(n, c, h, w, ho, wo, mode, padding, align, kind, seed, channels_last):
+def test_property_matches_reference(
+    n, c, h, w, ho, wo, mode, padding, align, kind, seed, channels_last
+):
     x = make_images((n, c, h, w), torch.float64, seed=seed)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)

@@ -39,15 +39,23 @@ def random_theta(n: int, g: torch.Generator) -> torch.Tensor:
 
 def images(data_dir: Path, count: int) -> dict[str, torch.Tensor]:
     cifar = load_cifar10(data_dir).splits["test"].images[:count].float() / 255
-    xray = load_medmnist_npz(data_dir / "pneumoniamnist.npz", "pneumoniamnist").splits["test"].images[:count]
+    xray = (
+        load_medmnist_npz(data_dir / "pneumoniamnist.npz", "pneumoniamnist")
+        .splits["test"]
+        .images[:count]
+    )
     xray = xray.float().div(255)
     return {"CIFAR-10": cifar, "PneumoniaMNIST": xray}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data-dir", default=None, help="default: the project's shared data folder")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/ops/affine.png")
+    p.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/ops/affine.png"
+    )
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -65,7 +73,13 @@ def main() -> None:
             for i in range(args.count):
                 ax = axes[b * rows + r, i]
                 img = imgs[i].clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+                ax.imshow(
+                    img,
+                    cmap="gray" if img.ndim == 2 else None,
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest",
+                )
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if i == 0:

@@ -50,7 +50,9 @@ class AffineWarp(nn.Module):
             )
         if size is not None:
             if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-                raise ValueError(f"AffineWarp: size must be None or two positive ints, got {size!r}")
+                raise ValueError(
+                    f"AffineWarp: size must be None or two positive ints, got {size!r}"
+                )
             size = (int(size[0]), int(size[1]))
         self.size = size
         self.mode = mode

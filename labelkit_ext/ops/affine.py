@@ -162,7 +162,11 @@ def affine_grid_sample(
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     """The output layout: channels-last when the input is, else contiguous (as the kernels)."""
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+    if (
+        t.dim() == 4
+        and t.is_contiguous(memory_format=torch.channels_last)
+        and not t.is_contiguous()
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -172,7 +176,10 @@ def _register_fake_kernels() -> None:
     def _affine_grid_sample_fake(input, theta, out_h, out_w, mode, padding_mode, align_corners):
         N, C = input.shape[0], input.shape[1]
         return torch.empty(
-            (N, C, out_h, out_w), dtype=input.dtype, device=input.device, memory_format=_memory_format(input)
+            (N, C, out_h, out_w),
+            dtype=input.dtype,
+            device=input.device,
+            memory_format=_memory_format(input),
         )
 
     @torch.library.register_fake("labelkit::_affine_grid_sample_backward")
@@ -184,7 +191,9 @@ def _register_fake_kernels() -> None:
             if output_mask[0]
             else input.new_empty((0,))
         )
-        grad_theta = theta.new_empty((theta.shape[0], 2, 3)) if output_mask[1] else theta.new_empty((0,))
+        grad_theta = (
+            theta.new_empty((theta.shape[0], 2, 3)) if output_mask[1] else theta.new_empty((0,))
+        )
         return grad_input, grad_theta
 
 

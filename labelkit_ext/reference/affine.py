@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 
 
-
 def _norm_step(n: int, align_corners: bool) -> float:
     if n <= 1:
         return 0.0
     return 1.0 / (n - 1) if align_corners else 1.0 / n
 
 
-def valid_samples(theta: torch.Tensor, H: int, W: int, Ho: int, Wo: int, align_corners: bool) -> torch.Tensor:
+def valid_samples(
+    theta: torch.Tensor, H: int, W: int, Ho: int, Wo: int, align_corners: bool
+) -> torch.Tensor:
     """[N] bool: θ is finite and its pixel map fits float32 (the kernels' rule, ops/affine.h
     pixel_map). Other samples sample nothing. It also keeps huge coordinates away from
     ``F.grid_sample``, whose CPU kernel is not safe for them."""
@@ -70,7 +71,11 @@ def affine_grid_sample_ref(
     th = torch.where(valid, th, torch.zeros((), dtype=th.dtype, device=th.device))
     grid = F.affine_grid(th, [N, C, Ho, Wo], align_corners=align_corners)
     out = F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-    out = torch.where(valid.view(N, 1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device))
-    channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    out = torch.where(
+        valid.view(N, 1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device)
+    )
+    channels_last = (
+        input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous()
+    )
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return out.to(input.dtype).contiguous(memory_format=fmt)
