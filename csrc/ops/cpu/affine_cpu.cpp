@@ -1,10 +1,11 @@
 // CPU kernels of the affine grid-sample op (math in ops/affine.h). Work is split over
 // (sample, row) pairs with at::parallel_for. Forward: the taps of an output row are computed
 // once into small buffers, then every channel runs a tight weighted-gather loop over them
-// (channels-last input: the channel loop is innermost and contiguous instead). Backward:
-// θ-gradient partial sums per output row, reduced per sample in row order; input gradient as a
-// gather per input pixel (ops/affine.h gather_taps). Both are deterministic: no thread ever
-// writes where another one does.
+// (vectorised, ISA clones). Backward, deterministic either way (no thread ever writes where
+// another one does, and every sum has a fixed order): with at least as many samples as threads,
+// one pass per sample scatters the input gradient and sums θ's; otherwise θ-gradient partial
+// sums per output row (reduced per sample in row order) and the input gradient as a gather per
+// input pixel (ops/affine.h gather_taps, the CUDA kernel's algorithm).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -428,6 +429,8 @@ void scatter_backward_cpu_impl(
           std::fill(buf.begin(), buf.end(), T(0));
         }
       }
+      // The gradient usually has the input's layout: one set of taps then serves both.
+      const bool same_layout = aH == sH && aW == sW;
       double s[6] = {0, 0, 0, 0, 0, 0};
       if (m.valid) {
         const scalar_t* xs = xp + n * sN;
@@ -437,8 +440,8 @@ void scatter_backward_cpu_impl(
           const scalar_t* grow = gp + n * gN + oy * gH;
           for (int64_t ox = 0; ox < g.Wo; ++ox) {
             const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
-            const af::Taps<T> t = af::make_taps(p.px, p.py, g.H, g.W, aH, aW, g.mode);
             const af::Taps<T> tx = af::make_taps(p.px, p.py, g.H, g.W, sH, sW, g.mode);
+            const af::Taps<T> t = same_layout ? tx : af::make_taps(p.px, p.py, g.H, g.W, aH, aW, g.mode);
             T gpx = T(0), gpy = T(0);
             for (int64_t c = 0; c < g.C; ++c) {
               const T go = static_cast<T>(grow[c * gC + ox * gW]);
