@@ -671,3 +671,27 @@ def test_property_matches_reference(
 def test_fallback_routing_matches_build():
     assert _ext.has_kernel("affine_grid_sample", "cpu") == _ext.HAS_OPS
     assert _ext.has_kernel("_affine_grid_sample_backward", "cpu") == _ext.HAS_OPS
+
+
+def test_bench_affine_smoke(tmp_path):
+    """bench/bench_affine.py end to end on a tiny size: checks pass, rows and table are written."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_affine.py"
+    cmd = [
+        sys.executable, str(bench), "--sizes", "4,2,9,11", "--dtypes", "float32,bfloat16",
+        "--modes", "forward,full", "--providers", "ours,eager", "--no-compile", "--no-memory",
+        "--min-run-time", "0.01", "--out", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*/affine.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 2 * 2 * 2  # dtypes x modes x providers
+    assert all(r["correct"] == "True" and float(r["time_ms"]) > 0 for r in rows)
+    assert (path.parent / "affine.md").read_text().count("\n|") >= 5
