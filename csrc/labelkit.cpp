@@ -24,4 +24,17 @@ TORCH_LIBRARY(labelkit, m) {
       "_entropy_gate_backward(Tensor? grad_entropy, Tensor? grad_cluster_probs, Tensor logits, "
       "Tensor entropy, Tensor lse, Tensor? clusters, Tensor cluster_probs) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+  // Per-sample affine warp: grid_sample(input, affine_grid(theta, [N, C, out_h, out_w])) without
+  // the grid. input [N, C, H, W] (any float dtype, computed in float32), theta [N, 2, 3];
+  // mode 0 bilinear / 1 nearest, padding_mode 0 zeros / 1 border / 2 reflection.
+  m.def(
+      "affine_grid_sample(Tensor input, Tensor theta, SymInt out_h, SymInt out_w, int mode, "
+      "int padding_mode, bool align_corners) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients w.r.t. input (a gather, no atomics) and theta (per-sample reduction); an output
+  // whose output_mask entry is false is returned as an empty [0] tensor.
+  m.def(
+      "_affine_grid_sample_backward(Tensor grad, Tensor input, Tensor theta, int mode, "
+      "int padding_mode, bool align_corners, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_theta)",
+      {at::Tag::pt2_compliant_tag});
 }

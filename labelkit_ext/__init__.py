@@ -7,6 +7,7 @@ pure-PyTorch reference (``labelkit_ext.reference``) otherwise; ``labelkit_ext.in
 
 from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
 from labelkit_ext._info import info
+from labelkit_ext.ops.affine import affine_grid_sample
 from labelkit_ext.ops.entropy import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "HAS_OPS",
     "LOAD_ERROR",
     "EntropyGate",
+    "affine_grid_sample",
     "entropy_gate",
     "info",
     "max_entropy_loss",

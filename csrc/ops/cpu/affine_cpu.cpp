@@ -1,0 +1,536 @@
+// CPU kernels of the affine grid-sample op (math in ops/affine.h). Work is split over
+// (sample, row) pairs with at::parallel_for. Forward: the taps of an output row are computed
+// once into small buffers, then every channel runs a tight weighted-gather loop over them
+// (vectorised, ISA clones). Backward, deterministic either way (no thread ever writes where
+// another one does, and every sum has a fixed order): with at least as many samples as threads,
+// one pass per sample scatters the input gradient and sums θ's; otherwise θ-gradient partial
+// sums per output row (reduced per sample in row order) and the input gradient as a gather per
+// input pixel (ops/affine.h gather_taps, the CUDA kernel's algorithm).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "ops/affine.h"
+#include "ops/affine_checks.h"
+
+namespace labelkit {
+namespace {
+
+namespace af = affine;
+
+// Coordinates and weights: float for float/half/bfloat16 (as on the GPU), double for double.
+template <typename scalar_t>
+using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+constexpr int64_t kGrainWork = 1 << 14;  // output elements per parallel task
+
+int64_t grain_rows(int64_t per_row) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, per_row));
+}
+
+struct Geometry {
+  int64_t N, C, H, W, Ho, Wo;
+  int64_t mode, padding;
+  bool align;
+};
+
+// One PixelMap per sample (double coefficients) from θ read as double.
+template <typename T>
+std::vector<af::PixelMap<T>> sample_maps(const at::Tensor& theta, const Geometry& g) {
+  const at::Tensor th = theta.to(at::kDouble).contiguous();
+  const double* p = th.const_data_ptr<double>();
+  std::vector<af::PixelMap<T>> maps(g.N);
+  for (int64_t n = 0; n < g.N; ++n) {
+    maps[n] = af::pixel_map<T>(p + 6 * n, g.H, g.W, g.Ho, g.Wo, g.align);
+  }
+  return maps;
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// The row loops vectorise (AVX2/AVX-512 gathers) in the x86-64-v3/v4 clones; -fno-trapping-math
+// (setup.py, CMakeLists.txt) lets the selects in ops/affine.h be if-converted.
+#define LK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define LK_ROW inline __attribute__((always_inline))
+#else
+#define LK_CPU_CLONES
+#define LK_ROW inline
+#endif
+
+// Taps of one output row, structure of arrays: tap k of pixel ox has offset off[k][ox] (-1 when
+// outside the image) and weight w[k][ox]. 32-bit offsets keep the gathers vector-wide; the
+// caller checks that a sample's plane fits.
+template <typename T>
+struct RowTaps {
+  std::vector<int32_t> off[4];
+  std::vector<T> w[4];
+  explicit RowTaps(int64_t Wo) {
+    for (int k = 0; k < 4; ++k) {
+      off[k].resize(Wo);
+      w[k].resize(Wo);
+    }
+  }
+};
+
+template <typename T, int64_t kMode, int64_t kPad>
+LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,
+                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w) {
+  // As af::map_u / map_v: the coordinate is formed in double and rounded once.
+  const double ax = m.ax;
+  const double ay = m.ay;
+  const double ru = m.bx * double(oy) + m.cx;
+  const double rv = m.by * double(oy) + m.cy;
+  int32_t* o0 = off[0];
+  int32_t* o1 = off[1];
+  int32_t* o2 = off[2];
+  int32_t* o3 = off[3];
+  T* w0 = w[0];
+  T* w1 = w[1];
+  T* w2 = w[2];
+  T* w3 = w[3];
+#pragma omp simd
+  for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
+    T du, dv;
+    T px = af::pad_coord(T(ax * double(ox) + ru), W, kPad, align, du);
+    T py = af::pad_coord(T(ay * double(ox) + rv), H, kPad, align, dv);
+    px = af::guard_coord(px, W);
+    py = af::guard_coord(py, H);
+    if constexpr (kMode == af::kNearest) {
+      const int32_t x = static_cast<int32_t>(af::t_rint(px));
+      const int32_t y = static_cast<int32_t>(af::t_rint(py));
+      const bool in = x >= 0 && x < W && y >= 0 && y < H;
+      o0[ox] = in ? y * sH + x * sW : -1;
+      w0[ox] = T(1);
+    } else {
+      const T fx0 = af::t_floor(px);
+      const T fy0 = af::t_floor(py);
+      const int32_t x = static_cast<int32_t>(fx0);
+      const int32_t y = static_cast<int32_t>(fy0);
+      const T fx = px - fx0;
+      const T fy = py - fy0;
+      const bool inx0 = x >= 0 && x < W;
+      const bool inx1 = x + 1 >= 0 && x + 1 < W;
+      const bool iny0 = y >= 0 && y < H;
+      const bool iny1 = y + 1 >= 0 && y + 1 < H;
+      const int32_t base = y * sH + x * sW;
+      o0[ox] = inx0 && iny0 ? base : -1;
+      o1[ox] = inx1 && iny0 ? base + sW : -1;
+      o2[ox] = inx0 && iny1 ? base + sH : -1;
+      o3[ox] = inx1 && iny1 ? base + sH + sW : -1;
+      w0[ox] = (T(1) - fx) * (T(1) - fy);
+      w1[ox] = fx * (T(1) - fy);
+      w2[ox] = (T(1) - fx) * fy;
+      w3[ox] = fx * fy;
+    }
+  }
+}
+
+// One tap's contribution: an unconditional (in-bounds) load and a select, so that the loop
+// vectorises and an inf/NaN pixel never leaks through an out-of-bounds tap.
+template <typename T, typename scalar_t>
+LK_ROW T tap(const scalar_t* xc, int32_t o, T w) {
+  const T v = static_cast<T>(xc[o < 0 ? 0 : o]);
+  return o < 0 ? T(0) : w * v;
+}
+
+template <typename scalar_t, typename T, int kTaps>
+LK_ROW void row_gather_impl(const scalar_t* xc, const int32_t* const* off, const T* const* w, int64_t Wo,
+                            scalar_t* out) {
+  const int32_t* o0 = off[0];
+  const int32_t* o1 = off[1];
+  const int32_t* o2 = off[2];
+  const int32_t* o3 = off[3];
+  const T* w0 = w[0];
+  const T* w1 = w[1];
+  const T* w2 = w[2];
+  const T* w3 = w[3];
+#pragma omp simd
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    T acc = tap(xc, o0[ox], w0[ox]);
+    if constexpr (kTaps == 4) {
+      acc += tap(xc, o1[ox], w1[ox]);
+      acc += tap(xc, o2[ox], w2[ox]);
+      acc += tap(xc, o3[ox], w3[ox]);
+    }
+    out[ox] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ISA-cloned instances: taps per (mode, padding), gathers per dtype. Reflection's fmod does not
+// vectorise; it runs the same code scalar.
+#define LK_ROW_TAPS(T, MODE, PAD, NAME)                                                              \
+  LK_CPU_CLONES void NAME(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align, \
+                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w) {                 \
+    row_taps_impl<T, MODE, PAD>(m, oy, Wo, H, W, align, sH, sW, off, w);                            \
+  }
+LK_ROW_TAPS(float, af::kBilinear, af::kZeros, row_taps_bz)
+LK_ROW_TAPS(float, af::kBilinear, af::kBorder, row_taps_bb)
+LK_ROW_TAPS(float, af::kBilinear, af::kReflection, row_taps_br)
+LK_ROW_TAPS(float, af::kNearest, af::kZeros, row_taps_nz)
+LK_ROW_TAPS(float, af::kNearest, af::kBorder, row_taps_nb)
+LK_ROW_TAPS(float, af::kNearest, af::kReflection, row_taps_nr)
+#undef LK_ROW_TAPS
+
+void row_taps(const af::PixelMap<float>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW, int32_t* const* off,
+              float* const* w) {
+  using Fn = void (*)(const af::PixelMap<float>&, int64_t, int64_t, int64_t, int64_t, bool, int32_t, int32_t,
+                      int32_t* const*, float* const*);
+  static constexpr Fn kTable[2][3] = {{row_taps_bz, row_taps_bb, row_taps_br}, {row_taps_nz, row_taps_nb, row_taps_nr}};
+  kTable[g.mode][g.padding](m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+}
+
+void row_taps(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW, int32_t* const* off,
+              double* const* w) {
+  const bool nearest = g.mode == af::kNearest;
+  switch (g.padding) {
+    case af::kZeros:
+      return nearest ? row_taps_impl<double, af::kNearest, af::kZeros>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w)
+                     : row_taps_impl<double, af::kBilinear, af::kZeros>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+    case af::kBorder:
+      return nearest ? row_taps_impl<double, af::kNearest, af::kBorder>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w)
+                     : row_taps_impl<double, af::kBilinear, af::kBorder>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+    default:
+      return nearest
+                 ? row_taps_impl<double, af::kNearest, af::kReflection>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w)
+                 : row_taps_impl<double, af::kBilinear, af::kReflection>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+  }
+}
+
+#define LK_ROW_GATHER(S, T, TAPS, NAME)                                                                      \
+  LK_CPU_CLONES void NAME(const S* xc, const int32_t* const* off, const T* const* w, int64_t Wo, S* out) { \
+    row_gather_impl<S, T, TAPS>(xc, off, w, Wo, out);                                                        \
+  }
+LK_ROW_GATHER(float, float, 4, row_gather4)
+LK_ROW_GATHER(float, float, 1, row_gather1)
+LK_ROW_GATHER(c10::Half, float, 4, row_gather4)
+LK_ROW_GATHER(c10::Half, float, 1, row_gather1)
+LK_ROW_GATHER(c10::BFloat16, float, 4, row_gather4)
+LK_ROW_GATHER(c10::BFloat16, float, 1, row_gather1)
+#undef LK_ROW_GATHER
+
+void row_gather4(const double* xc, const int32_t* const* off, const double* const* w, int64_t Wo, double* out) {
+  row_gather_impl<double, double, 4>(xc, off, w, Wo, out);
+}
+void row_gather1(const double* xc, const int32_t* const* off, const double* const* w, int64_t Wo, double* out) {
+  row_gather_impl<double, double, 1>(xc, off, w, Wo, out);
+}
+
+// A sample's reachable offsets must fit the 32-bit tap offsets.
+bool fits_int32(const at::Tensor& x) {
+  const int64_t span = (x.size(1) - 1) * x.stride(1) + (x.size(2) - 1) * x.stride(2) + (x.size(3) - 1) * x.stride(3) +
+                       x.stride(2) + x.stride(3);
+  return span < (int64_t(1) << 31) - 1;
+}
+
+template <typename scalar_t>
+void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tensor& out, const Geometry& g) {
+  using T = coord_t<scalar_t>;
+  const auto maps = sample_maps<T>(theta, g);
+  // Row gathers want unit output stride: channels-last output writes through a row buffer.
+  const at::Tensor x = fits_int32(x_in) ? x_in : x_in.contiguous();
+  TORCH_CHECK(fits_int32(x), "affine_grid_sample: one image of ", x.sizes(), " exceeds 2^31 elements");
+  const int64_t sN = x.stride(0), sC = x.stride(1);
+  const int32_t sH = static_cast<int32_t>(x.stride(2)), sW = static_cast<int32_t>(x.stride(3));
+  const int64_t oN = out.stride(0), oC = out.stride(1), oH = out.stride(2), oW = out.stride(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const bool nearest = g.mode == af::kNearest;
+  at::parallel_for(0, g.N * g.Ho, grain_rows(g.Wo * g.C), [&](int64_t begin, int64_t end) {
+    RowTaps<T> rt(g.Wo);
+    int32_t* off[4] = {rt.off[0].data(), rt.off[1].data(), rt.off[2].data(), rt.off[3].data()};
+    T* w[4] = {rt.w[0].data(), rt.w[1].data(), rt.w[2].data(), rt.w[3].data()};
+    std::vector<scalar_t> row(oW == 1 ? 0 : g.Wo);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.Ho;
+      const int64_t oy = r % g.Ho;
+      const af::PixelMap<T>& m = maps[n];
+      scalar_t* orow = op + n * oN + oy * oH;
+      if (!m.valid) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          for (int64_t ox = 0; ox < g.Wo; ++ox) orow[c * oC + ox * oW] = scalar_t(0);
+        }
+        continue;
+      }
+      row_taps(m, oy, g, sH, sW, off, w);
+      for (int64_t c = 0; c < g.C; ++c) {
+        const scalar_t* xc = xp + n * sN + c * sC;
+        scalar_t* dst = oW == 1 ? orow + c * oC : row.data();
+        if (nearest) {
+          row_gather1(xc, off, w, g.Wo, dst);
+        } else {
+          row_gather4(xc, off, w, g.Wo, dst);
+        }
+        if (oW != 1) {
+          for (int64_t ox = 0; ox < g.Wo; ++ox) orow[c * oC + ox * oW] = row[ox];
+        }
+      }
+    }
+  });
+}
+
+Geometry make_geometry(const at::Tensor& input, int64_t Ho, int64_t Wo, int64_t mode, int64_t padding, bool align) {
+  return Geometry{input.size(0), input.size(1), input.size(2), input.size(3), Ho, Wo, mode, padding, align};
+}
+
+at::Tensor affine_grid_sample_cpu(
+    const at::Tensor& input, const at::Tensor& theta, c10::SymInt out_h, c10::SymInt out_w, int64_t mode,
+    int64_t padding_mode, bool align_corners) {
+  const int64_t Ho = out_h.expect_int();
+  const int64_t Wo = out_w.expect_int();
+  check_affine_args(input, theta, Ho, Wo, mode, padding_mode);
+  const Geometry g = make_geometry(input, Ho, Wo, mode, padding_mode, align_corners);
+  at::Tensor out = at::empty({g.N, g.C, Ho, Wo}, input.options().memory_format(affine_memory_format(input)));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cpu", [&] {
+    forward_cpu_impl<scalar_t>(input, theta, out, g);
+  });
+  return out;
+}
+
+// ---- backward: θ ----------------------------------------------------------------------------
+
+// d loss / d θ of each sample: per output row the sums of dL/du (xn, 1) and dL/dv (xn, 1), turned
+// into that row's six partials; then a sum over rows in order.
+template <typename scalar_t>
+at::Tensor theta_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& theta, const Geometry& g) {
+  using T = coord_t<scalar_t>;
+  const auto maps = sample_maps<T>(theta, g);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  std::vector<double> part(g.N * g.Ho * 6, 0.0);
+  const double sx = af::unnorm_scale<double>(g.W, g.align);
+  const double sy = af::unnorm_scale<double>(g.H, g.align);
+  at::parallel_for(0, g.N * g.Ho, grain_rows(g.Wo * g.C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.Ho;
+      const int64_t oy = r % g.Ho;
+      const af::PixelMap<T>& m = maps[n];
+      if (!m.valid) continue;  // zeros
+      const scalar_t* xs = xp + n * sN;
+      const scalar_t* grow = gp + n * gN + oy * gH;
+      double su_x = 0, su = 0, sv_x = 0, sv = 0;
+      for (int64_t ox = 0; ox < g.Wo; ++ox) {
+        const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
+        const af::Taps<T> t = af::make_taps(p.px, p.py, g.H, g.W, sH, sW, g.mode);
+        T gpx = T(0), gpy = T(0);
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* xc = xs + c * sC;
+          T v[4];
+          for (int k = 0; k < 4; ++k) v[k] = t.in[k] ? static_cast<T>(xc[t.off[k]]) : T(0);
+          T dpx, dpy;
+          af::bilinear_slope(t, v, dpx, dpy);
+          const T go = static_cast<T>(grow[c * gC + ox * gW]);
+          gpx += go * dpx;
+          gpy += go * dpy;
+        }
+        const double gu = double(gpx * p.du);
+        const double gv = double(gpy * p.dv);
+        const double xn = af::base_coord<double>(ox, g.Wo, g.align);
+        su_x += gu * xn;
+        su += gu;
+        sv_x += gv * xn;
+        sv += gv;
+      }
+      const double yn = af::base_coord<double>(oy, g.Ho, g.align);
+      double* pr = part.data() + r * 6;
+      pr[0] = sx * su_x;
+      pr[1] = sx * yn * su;
+      pr[2] = sx * su;
+      pr[3] = sy * sv_x;
+      pr[4] = sy * yn * sv;
+      pr[5] = sy * sv;
+    }
+  });
+  at::Tensor out = at::zeros({g.N, 2, 3}, theta.options().dtype(at::kDouble));
+  double* o = out.mutable_data_ptr<double>();
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t oy = 0; oy < g.Ho; ++oy) {
+      for (int k = 0; k < 6; ++k) o[n * 6 + k] += part[(n * g.Ho + oy) * 6 + k];
+    }
+  }
+  return out.to(theta.scalar_type());
+}
+
+// ---- backward: input -------------------------------------------------------------------------
+
+template <typename scalar_t>
+void input_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& theta, at::Tensor& gi, const Geometry& g) {
+  using T = coord_t<scalar_t>;
+  const auto maps = sample_maps<T>(theta, g);
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  const int64_t iN = gi.stride(0), iC = gi.stride(1), iH = gi.stride(2), iW = gi.stride(3);
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  scalar_t* ip = gi.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, g.N * g.H, grain_rows(g.W * g.C * 4), [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(g.C);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / g.H;
+      const int64_t y = r % g.H;
+      const af::PixelMap<T>& m = maps[n];
+      const scalar_t* gs = gp + n * gN;
+      for (int64_t x = 0; x < g.W; ++x) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        if (m.valid) {
+          af::gather_taps(m, x, y, g.H, g.W, g.Ho, g.Wo, g.mode, g.padding, g.align, [&](int64_t ox, int64_t oy, T w) {
+            const scalar_t* go = gs + oy * gH + ox * gW;
+            for (int64_t c = 0; c < g.C; ++c) acc[c] += w * static_cast<T>(go[c * gC]);
+          });
+        }
+        scalar_t* dst = ip + n * iN + y * iH + x * iW;
+        for (int64_t c = 0; c < g.C; ++c) dst[c * iC] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// Both gradients in one pass over the output, one sample per task: each task owns its sample's
+// input gradient, so the scatter is race-free and its order fixed (deterministic). Used when
+// there are at least as many samples as threads; float16/bfloat16 accumulate in a float32 copy.
+template <typename scalar_t>
+void scatter_backward_cpu_impl(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& theta, at::Tensor& gi, at::Tensor& gt,
+    const Geometry& g, bool need_input, bool need_theta) {
+  using T = coord_t<scalar_t>;
+  const auto maps = sample_maps<T>(theta, g);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  // Accumulator layout per sample: the input's strides without the batch dimension.
+  constexpr bool kDirect = std::is_same_v<scalar_t, T>;
+  const int64_t plane = g.C * g.H * g.W;
+  const double sx = af::unnorm_scale<double>(g.W, g.align);
+  const double sy = af::unnorm_scale<double>(g.H, g.align);
+  std::vector<double> th_grad(g.N * 6, 0.0);
+  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> buf(kDirect || !need_input ? 0 : plane);
+    for (int64_t n = begin; n < end; ++n) {
+      const af::PixelMap<T>& m = maps[n];
+      T* acc = nullptr;
+      int64_t aC = 0, aH = 0, aW = 0;
+      if (need_input) {
+        if constexpr (kDirect) {
+          acc = reinterpret_cast<T*>(gi.mutable_data_ptr<scalar_t>()) + n * gi.stride(0);
+          aC = gi.stride(1), aH = gi.stride(2), aW = gi.stride(3);
+          for (int64_t c = 0; c < g.C; ++c)
+            for (int64_t y = 0; y < g.H; ++y)
+              for (int64_t xx = 0; xx < g.W; ++xx) acc[c * aC + y * aH + xx * aW] = T(0);
+        } else {
+          acc = buf.data();
+          aC = gi.stride(1), aH = gi.stride(2), aW = gi.stride(3);  // gi is dense: same extent
+          std::fill(buf.begin(), buf.end(), T(0));
+        }
+      }
+      // The gradient usually has the input's layout: one set of taps then serves both.
+      const bool same_layout = aH == sH && aW == sW;
+      double s[6] = {0, 0, 0, 0, 0, 0};
+      if (m.valid) {
+        const scalar_t* xs = xp + n * sN;
+        for (int64_t oy = 0; oy < g.Ho; ++oy) {
+          const double yn = af::base_coord<double>(oy, g.Ho, g.align);
+          double su_x = 0, su = 0, sv_x = 0, sv = 0;
+          const scalar_t* grow = gp + n * gN + oy * gH;
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
+            const af::Taps<T> tx = af::make_taps(p.px, p.py, g.H, g.W, sH, sW, g.mode);
+            const af::Taps<T> t = same_layout ? tx : af::make_taps(p.px, p.py, g.H, g.W, aH, aW, g.mode);
+            T gpx = T(0), gpy = T(0);
+            for (int64_t c = 0; c < g.C; ++c) {
+              const T go = static_cast<T>(grow[c * gC + ox * gW]);
+              if (need_input) {
+                T* ac = acc + c * aC;
+                for (int k = 0; k < 4; ++k) {
+                  if (t.in[k]) ac[t.off[k]] += t.w[k] * go;
+                }
+              }
+              if (need_theta) {
+                const scalar_t* xc = xs + c * sC;
+                T v[4];
+                for (int k = 0; k < 4; ++k) v[k] = tx.in[k] ? static_cast<T>(xc[tx.off[k]]) : T(0);
+                T dpx, dpy;
+                af::bilinear_slope(tx, v, dpx, dpy);
+                gpx += go * dpx;
+                gpy += go * dpy;
+              }
+            }
+            if (need_theta) {
+              const double gu = double(gpx * p.du);
+              const double gv = double(gpy * p.dv);
+              const double xn = af::base_coord<double>(ox, g.Wo, g.align);
+              su_x += gu * xn;
+              su += gu;
+              sv_x += gv * xn;
+              sv += gv;
+            }
+          }
+          s[0] += sx * su_x;
+          s[1] += sx * yn * su;
+          s[2] += sx * su;
+          s[3] += sy * sv_x;
+          s[4] += sy * yn * sv;
+          s[5] += sy * sv;
+        }
+      }
+      for (int k = 0; k < 6; ++k) th_grad[n * 6 + k] = s[k];
+      if constexpr (!kDirect) {
+        if (need_input) {
+          scalar_t* dst = gi.mutable_data_ptr<scalar_t>() + n * gi.stride(0);
+          for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+        }
+      }
+    }
+  });
+  if (need_theta) {
+    gt = at::from_blob(th_grad.data(), {g.N, 2, 3}, at::TensorOptions().dtype(at::kDouble))
+             .to(theta.scalar_type())
+             .clone();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& theta, int64_t mode, int64_t padding_mode,
+    bool align_corners, std::array<bool, 2> output_mask) {
+  constexpr const char* op = "affine_grid_sample_backward";
+  TORCH_CHECK(grad.dim() == 4, op, ": grad must be 4-D, got shape ", grad.sizes());
+  const int64_t Ho = grad.size(2);
+  const int64_t Wo = grad.size(3);
+  check_affine_args(input, theta, Ho, Wo, mode, padding_mode);
+  check_affine_grad(grad, input, op);
+  const Geometry g = make_geometry(input, Ho, Wo, mode, padding_mode, align_corners);
+  const at::Tensor go = grad.to(input.scalar_type());
+  at::Tensor gi = output_mask[0]
+                      ? at::empty(input.sizes(), input.options().memory_format(affine_memory_format(input)))
+                      : at::empty({0}, input.options());
+  at::Tensor gt = output_mask[1] ? at::zeros({g.N, 2, 3}, theta.options()) : at::empty({0}, theta.options());
+  if (g.N == 0 || g.C == 0) {
+    if (output_mask[0]) gi.zero_();
+    return {gi, gt};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_backward_cpu", [&] {
+    const bool need_theta = output_mask[1] && mode == af::kBilinear;
+    if (output_mask[0] && g.N >= at::get_num_threads()) {
+      scatter_backward_cpu_impl<scalar_t>(go, input, theta, gi, gt, g, true, need_theta);
+      return;
+    }
+    if (need_theta) gt = theta_grad_cpu_impl<scalar_t>(go, input, theta, g);
+    if (output_mask[0]) input_grad_cpu_impl<scalar_t>(go, theta, gi, g);
+  });
+  return {gi, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(labelkit, CPU, m) {
+  m.impl("affine_grid_sample", &affine_grid_sample_cpu);
+  m.impl("_affine_grid_sample_backward", &affine_grid_sample_backward_cpu);
+}
+
+}  // namespace labelkit

@@ -1,0 +1,250 @@
+"""Stage 2: train the augmenter against a frozen classifier (and, optionally, a discriminator),
+and measure its warps. Stages 1 and 3 are ``engine.fit``; this alternating two-optimiser loop
+is the one thing the engine does not express."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from labelkit_ext.engine import autocast_for, seed_everything, select_device
+from labelkit_ext.nn.stn import theta_deviation, theta_penalty
+from labelkit_ext.ops.entropy import max_entropy_loss, softmax_entropy
+
+__all__ = [
+    "AugmentConfig",
+    "AugmenterFit",
+    "frozen",
+    "probe_images",
+    "train_augmenter",
+    "warp_statistics",
+]
+
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class AugmentConfig:
+    """Stage-2 settings. The generator (augmenter) minimises
+    ``log(1 - D(I')) - lambda_me * L_ME [+ penalty_weight * theta_penalty(theta, penalty_radius)]``;
+    the discriminator minimises the binary cross-entropy of original (1) vs warped (0)."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3  # Adam, augmenter
+    disc_lr: float = 1e-3  # Adam, discriminator
+    lambda_me: float = 2.0  # the original's lambda
+    penalty_weight: float = 10.0
+    penalty_radius: float = 0.5
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    probe_size: int = 512  # held-out images whose warps are measured after every epoch
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "probe_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "disc_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_me", "penalty_weight", "penalty_radius"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AugmenterFit:
+    """Stage-2 record: per-step losses, the probe's warp statistics before training (epoch 0)
+    and after each epoch, and the wall time."""
+
+    steps: list[dict] = field(default_factory=list)
+    epochs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """``modules`` in eval mode with no parameter gradients; their flags restored after."""
+    present = [m for m in modules if m is not None]
+    saved = [(m.training, [p.requires_grad for p in m.parameters()]) for m in present]
+    for m in present:
+        m.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, (training, flags) in zip(present, saved, strict=True):
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags, strict=True):
+                p.requires_grad_(flag)
+
+
+def probe_images(dataset: Dataset, size: int) -> torch.Tensor:
+    """The first ``size`` images of ``dataset`` (an evaluation split), stacked."""
+    n = min(size, len(dataset))
+    if n == 0:
+        raise ValueError("the probe data set is empty")
+    return torch.stack([dataset[i][0] for i in range(n)])
+
+
+def _summary(values: torch.Tensor) -> dict[str, float]:
+    v = values.double().cpu().numpy()
+    stats = {"mean": float(v.mean())}
+    stats.update({f"q{round(q * 100):02d}": float(np.quantile(v, q)) for q in QUANTILES})
+    return stats
+
+
+@torch.no_grad()
+def warp_statistics(
+    classifier: nn.Module, augmenter: nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> dict[str, dict[str, float]]:
+    """Distribution over ``images`` of ``||theta - I||``, and of the classifier's entropy
+    (bits) on the warped and on the original images: mean and quantiles."""
+    device = next(classifier.parameters()).device
+    deviation, warped_h, original_h = [], [], []
+    with frozen(classifier, augmenter):
+        for chunk in images.split(batch_size):
+            x = chunk.to(device)
+            out = augmenter(x)
+            deviation.append(theta_deviation(out.theta.float()))
+            warped_h.append(softmax_entropy(classifier(out.image).float(), base=2))
+            original_h.append(softmax_entropy(classifier(x).float(), base=2))
+    return {
+        "theta_deviation": _summary(torch.cat(deviation)),
+        "warped_entropy": _summary(torch.cat(warped_h)),
+        "original_entropy": _summary(torch.cat(original_h)),
+    }
+
+
+def _log_one_minus_d(logits: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sigmoid(logits))``, stably: ``-softplus(logits)``."""
+    return -F.softplus(logits)
+
+
+def _discriminator_step(
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    amp: bool,
+) -> dict[str, float]:
+    with autocast_for(real.device, amp):
+        real_logits = discriminator(real).float()
+        fake_logits = discriminator(fake.detach()).float()
+    loss = F.binary_cross_entropy_with_logits(
+        real_logits, torch.ones_like(real_logits)
+    ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    hits = (real_logits > 0).sum() + (fake_logits <= 0).sum()
+    return {"d_loss": loss.item(), "d_accuracy": hits.item() / (2 * len(real))}
+
+
+def train_augmenter(
+    classifier: nn.Module,
+    augmenter: nn.Module,
+    train_set: Dataset,
+    probe: torch.Tensor,
+    config: AugmentConfig,
+    *,
+    discriminator: nn.Module | None = None,
+    penalty: bool = False,
+    log: Callable[[str], None] = print,
+) -> AugmenterFit:
+    """Stage 2: train ``augmenter`` to make ``classifier`` (frozen, eval mode: its weights
+    and batch-norm statistics never change) uncertain on the warped images, by maximising
+    ``max_entropy_loss``; with ``discriminator``, against it (alternating one discriminator
+    and one augmenter step per batch); with ``penalty``, plus ``theta_penalty``.
+
+    The images in ``probe`` are measured (``warp_statistics``) before training and after
+    every epoch. Seeded by ``config.seed``; runs on one device (not data-parallel).
+    """
+    device = select_device(config.device)
+    augmenter.to(device).train()
+    seed_everything(config.seed)
+    opt_g = torch.optim.Adam(augmenter.parameters(), lr=config.lr, betas=(0.5, 0.999))
+    opt_d = None
+    if discriminator is not None:
+        discriminator.to(device).train()
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=device.type == "cuda",
+    )
+    fitted = AugmenterFit()
+    tic = time.perf_counter()
+    with frozen(classifier):
+        classifier.to(device)
+        fitted.epochs.append({"epoch": 0, **warp_statistics(classifier, augmenter, probe)})
+        augmenter.train()
+        progress = not config.quiet and sys.stderr.isatty()
+        for epoch in range(1, config.epochs + 1):
+            bar = tqdm(loader, desc=f"stage 2 epoch {epoch}/{config.epochs}", leave=False,
+                       disable=not progress, dynamic_ncols=True)  # fmt: skip
+            for images, _ in bar:
+                x = images.to(device, non_blocking=True)
+                out = augmenter(x)
+                record = {"step": len(fitted.steps) + 1, "epoch": epoch}
+                if discriminator is not None:
+                    record.update(
+                        _discriminator_step(discriminator, opt_d, x, out.image, config.amp)
+                    )
+                with autocast_for(device, config.amp):
+                    logits = classifier(out.image).float()
+                me = max_entropy_loss(logits)
+                loss = -config.lambda_me * me
+                if discriminator is not None:
+                    with frozen(discriminator), autocast_for(device, config.amp):
+                        adversarial = _log_one_minus_d(discriminator(out.image).float()).mean()
+                    loss = loss + adversarial
+                    record["g_adversarial"] = adversarial.item()
+                if penalty:
+                    reg = theta_penalty(out.theta.float(), config.penalty_radius)
+                    loss = loss + config.penalty_weight * reg
+                    record["penalty"] = reg.item()
+                opt_g.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_g.step()
+                with torch.no_grad():
+                    record.update(
+                        g_loss=loss.item(),
+                        max_entropy=me.item(),
+                        warped_entropy=softmax_entropy(logits, base=2).mean().item(),
+                        theta_deviation=theta_deviation(out.theta.float()).mean().item(),
+                    )
+                fitted.steps.append(record)
+                bar.set_postfix(me=f"{record['max_entropy']:.3f}",
+                                dev=f"{record['theta_deviation']:.3f}")  # fmt: skip
+            stats = warp_statistics(classifier, augmenter, probe)
+            augmenter.train()
+            fitted.epochs.append({"epoch": epoch, **stats})
+            if not config.quiet:
+                log(
+                    f"stage 2 epoch {epoch}: ||theta - I|| median "
+                    f"{stats['theta_deviation']['q50']:.3f}, warped entropy median "
+                    f"{stats['warped_entropy']['q50']:.3f} bits (originals "
+                    f"{stats['original_entropy']['q50']:.3f})"
+                )
+    augmenter.eval()
+    if discriminator is not None:
+        discriminator.eval()
+    fitted.seconds = time.perf_counter() - tic
+    return fitted

@@ -1,0 +1,6 @@
+"""Thin ``nn.Module``s over the ops (layer ``ops`` <- ``nn`` <- ``methods``)."""
+
+from labelkit_ext.nn.affine import AffineWarp, identity_theta
+from labelkit_ext.nn.stn import AffineBounds, RandomAffineWarp, STNAugmenter, WarpDiscriminator  # noqa: F401
+
+__all__ = ["AffineWarp", "identity_theta"]
