@@ -420,8 +420,8 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--num-seeds", "0"], "--num-seeds must be >= 1"),
-     (["--finetune-epochs", "0"], "--finetune-epochs must be >= 1"),
+    [(["--num-seeds", "0"], "num_seeds must be >= 1"),
+     (["--finetune-epochs", "0"], "finetune_epochs must be >= 1"),
      (["--mix", "0"], r"mix must be in \(0, 1\]"),
      (["--max-scale", "1.5"], "scale bound must be < 1"),
      (["--aug-epochs", "0"], "epochs must be >= 1")],

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.affine import AffineWarp, identity_theta
 
 __all__ = [
@@ -50,11 +51,11 @@ class AffineBounds:
         for name in ("rotation", "scale", "shear", "translation"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} bound must be a finite number >= 0, got {value!r}")
+                raise UsageError(f"{name} bound must be a finite number >= 0, got {value!r}")
         if self.rotation > 180:
-            raise ValueError(f"rotation bound must be <= 180 degrees, got {self.rotation}")
+            raise UsageError(f"rotation bound must be <= 180 degrees, got {self.rotation}")
         if self.scale >= 1:
-            raise ValueError(f"scale bound must be < 1 (scale factors stay > 0), got {self.scale}")
+            raise UsageError(f"scale bound must be < 1 (scale factors stay > 0), got {self.scale}")
 
     def limits(self) -> torch.Tensor:
         """(6,) half-widths of (rotation [rad], scale x, scale y, shear, tx, ty)."""

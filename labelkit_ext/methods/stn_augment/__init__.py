@@ -16,13 +16,15 @@ See docs/methods/stn-augment.md.
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from labelkit_ext.engine import current_dist
-from labelkit_ext.methods.common import add_training_arguments, load_data, run_dir, train_config
+from labelkit_ext.engine import TrainConfig, current_dist, option
+from labelkit_ext.errors import UsageError
+from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
 from labelkit_ext.methods.registry import register_method
 from labelkit_ext.methods.stn_augment.pipeline import (
     DEFAULT_FINETUNE_EPOCHS,
@@ -53,6 +55,7 @@ from labelkit_ext.methods.stn_augment.variants import (
     build_discriminator,
     check_variants,
 )
+from labelkit_ext.models import available_models
 from labelkit_ext.nn.stn import AffineBounds
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "AugmenterFit",
     "MixedAugmentation",
     "StnAugmentFit",
+    "StnAugmentRunConfig",
     "Variant",
     "build_augmenter",
     "build_discriminator",
@@ -70,7 +74,7 @@ __all__ = [
     "fit_stn_augment",
     "frozen",
     "probe_images",
-    "run",
+    "run_stn_augment",
     "summary_rows",
     "summary_table",
     "train_augmenter",
@@ -81,65 +85,84 @@ DEFAULT_EPOCHS = 15
 DEFAULT_NUM_SEEDS = 3
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser, epochs=DEFAULT_EPOCHS)
-    group = parser.add_argument_group("stn-augment")
-    defaults = AugmentConfig()
-    bounds = AffineBounds()
-    group.add_argument(
-        "--variants",
-        nargs="+",
-        default=list(DEFAULT_VARIANTS),
-        choices=list(VARIANTS),
-        metavar="NAME",
-        help=f"variants to compare (default: all: {' '.join(DEFAULT_VARIANTS)})",
-    )
-    group.add_argument(
-        "--num-seeds",
-        type=int,
-        default=DEFAULT_NUM_SEEDS,
-        help="seeds --seed, --seed+1, ... (default: %(default)s); the table shows mean ± std",
-    )
-    group.add_argument("--aug-epochs", type=int, default=defaults.epochs,
-                       help="stage-2 epochs (default: %(default)s)")  # fmt: skip
-    group.add_argument("--aug-lr", type=float, default=defaults.lr,
-                       help="stage-2 Adam learning rate of the augmenter (default: %(default)s)")  # fmt: skip
-    group.add_argument("--disc-lr", type=float, default=defaults.disc_lr,
-                       help="stage-2 Adam learning rate of the discriminator (default: %(default)s)")  # fmt: skip
-    group.add_argument("--lambda-me", type=float, default=defaults.lambda_me,
-                       help="weight of the max-entropy loss (default: %(default)s, the original's)")  # fmt: skip
-    group.add_argument("--penalty-weight", type=float, default=defaults.penalty_weight,
-                       help="stn-penalty: weight of relu(||theta - I|| - radius)^2 (default: %(default)s)")  # fmt: skip
-    group.add_argument("--penalty-radius", type=float, default=defaults.penalty_radius,
-                       help="stn-penalty: free radius around the identity (default: %(default)s)")  # fmt: skip
-    group.add_argument("--finetune-epochs", type=int, default=DEFAULT_FINETUNE_EPOCHS,
-                       help="stage-3 epochs, the same for every variant (default: %(default)s)")  # fmt: skip
-    group.add_argument("--finetune-lr", type=float, default=DEFAULT_FINETUNE_LR,
-                       help="stage-3 learning rate (default: %(default)s)")  # fmt: skip
-    group.add_argument("--mix", type=float, default=DEFAULT_MIX,
-                       help="share of each stage-3 batch replaced by augmented images (default: %(default)s)")  # fmt: skip
-    group.add_argument("--probe-size", type=int, default=defaults.probe_size,
-                       help="validation images whose warps are measured (default: %(default)s)")  # fmt: skip
-    group.add_argument("--max-rotation", type=float, default=bounds.rotation,
-                       help="bounds, degrees (default: %(default)s)")  # fmt: skip
-    group.add_argument("--max-scale", type=float, default=bounds.scale,
-                       help="bounds: scale factors in [1-s, 1+s] (default: %(default)s)")  # fmt: skip
-    group.add_argument("--max-shear", type=float, default=bounds.shear,
-                       help="bounds (default: %(default)s)")  # fmt: skip
-    group.add_argument("--max-translation", type=float, default=bounds.translation,
-                       help="bounds, normalised units, 2 = the full width (default: %(default)s)")  # fmt: skip
+_AUGMENT = AugmentConfig()
+_BOUNDS = AffineBounds()
 
 
-def _print_report(fitted: StnAugmentFit, args: argparse.Namespace) -> None:
+@dataclass
+class StnAugmentRunConfig:
+    """``labelkit run stn-augment``: its options are these fields."""
+
+    data: DataConfig = option(factory=DataConfig, help="data")
+    model: str = option("small-cnn", "network", choices=available_models)
+    pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
+    train: TrainConfig = option(
+        factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS), help="stage 1 training"
+    )
+    variants: tuple[str, ...] = option(
+        DEFAULT_VARIANTS, "variants to compare", choices=list(VARIANTS), metavar="NAME"
+    )
+    num_seeds: int = option(
+        DEFAULT_NUM_SEEDS, "seeds seed, seed+1, ...; the table shows mean ± std"
+    )
+    aug_epochs: int = option(_AUGMENT.epochs, "stage-2 epochs")
+    aug_lr: float = option(_AUGMENT.lr, "stage-2 Adam learning rate of the augmenter")
+    disc_lr: float = option(_AUGMENT.disc_lr, "stage-2 Adam learning rate of the discriminator")
+    lambda_me: float = option(_AUGMENT.lambda_me, "weight of the max-entropy loss (the original's)")
+    penalty_weight: float = option(
+        _AUGMENT.penalty_weight, "stn-penalty: weight of relu(||theta - I|| - radius)^2"
+    )
+    penalty_radius: float = option(
+        _AUGMENT.penalty_radius, "stn-penalty: free radius around the identity"
+    )
+    finetune_epochs: int = option(
+        DEFAULT_FINETUNE_EPOCHS, "stage-3 epochs, the same for every variant"
+    )
+    finetune_lr: float = option(DEFAULT_FINETUNE_LR, "stage-3 learning rate")
+    mix: float = option(DEFAULT_MIX, "share of each stage-3 batch replaced by augmented images")
+    probe_size: int = option(_AUGMENT.probe_size, "validation images whose warps are measured")
+    max_rotation: float = option(_BOUNDS.rotation, "bounds, degrees")
+    max_scale: float = option(_BOUNDS.scale, "bounds: scale factors in [1-s, 1+s]")
+    max_shear: float = option(_BOUNDS.shear, "bounds: shear")
+    max_translation: float = option(
+        _BOUNDS.translation, "bounds, normalised units, 2 = the full width"
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_seeds < 1:
+            raise UsageError(f"num_seeds must be >= 1, got {self.num_seeds}")
+        if self.finetune_epochs < 1:
+            raise UsageError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
+        if self.finetune_lr <= 0:
+            raise UsageError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        check_variants(self.variants)
+        self.augment_config()  # its own checks, before any data is loaded
+        self.bounds()
+
+    def augment_config(self) -> AugmentConfig:
+        """Stage 2's settings (batch size, device, AMP and verbosity from ``train``)."""
+        t = self.train
+        return AugmentConfig(
+            epochs=self.aug_epochs, batch_size=t.batch_size, lr=self.aug_lr,
+            disc_lr=self.disc_lr, lambda_me=self.lambda_me, penalty_weight=self.penalty_weight,
+            penalty_radius=self.penalty_radius, device=t.device, amp=t.amp,
+            probe_size=self.probe_size, quiet=t.quiet,
+        )  # fmt: skip
+
+    def bounds(self) -> AffineBounds:
+        return AffineBounds(self.max_rotation, self.max_scale, self.max_shear, self.max_translation)
+
+
+def _print_report(fitted: StnAugmentFit, config: StnAugmentRunConfig) -> None:
     results = fitted.results
     seeds = results["config"]["seeds"]
     timings = results["timings"]
     print(
         "\n\n".join(
             [
-                f"stn-augment | {args.dataset} | {args.model} | stage 1 {args.epochs} epochs, "
-                f"stage 2 {args.aug_epochs} epochs, stage 3 {args.finetune_epochs} epochs | "
-                f"seeds {seeds}",
+                f"stn-augment | {config.data.dataset} | {config.model} | stage 1 "
+                f"{config.train.epochs} epochs, stage 2 {config.aug_epochs} epochs, stage 3 "
+                f"{config.finetune_epochs} epochs | seeds {seeds}",
                 summary_table(results["table"]),
                 f"collapsed: median ||theta - I|| of the final warps < {COLLAPSE_DEVIATION}; "
                 f"total {timings.get('total_seconds', 0.0):.0f}s",
@@ -148,61 +171,48 @@ def _print_report(fitted: StnAugmentFit, args: argparse.Namespace) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``labelkit run stn-augment``: the three stages for every seed and variant; writes
-    results.json and plots and prints the table."""
-    tic = time.perf_counter()
-    if args.num_seeds < 1:
-        raise ValueError(f"--num-seeds must be >= 1, got {args.num_seeds}")
-    if args.finetune_epochs < 1:
-        raise ValueError(f"--finetune-epochs must be >= 1, got {args.finetune_epochs}")
-    if args.finetune_lr <= 0:
-        raise ValueError(f"--finetune-lr must be > 0, got {args.finetune_lr}")
-    config = train_config(args)
-    augment_config = AugmentConfig(
-        epochs=args.aug_epochs,
-        batch_size=args.batch_size,
-        lr=args.aug_lr,
-        disc_lr=args.disc_lr,
-        lambda_me=args.lambda_me,
-        penalty_weight=args.penalty_weight,
-        penalty_radius=args.penalty_radius,
-        device=args.device,
-        amp=args.amp,
-        probe_size=args.probe_size,
-        quiet=args.quiet,
-    )
-    bounds = AffineBounds(args.max_rotation, args.max_scale, args.max_shear, args.max_translation)
-    splits = load_data(args)
-    out = run_dir(args, "stn-augment")
+def run_stn_augment(
+    config: StnAugmentRunConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """The three stages for every seed and variant; results.json, plots and the table
+    (``out_dir`` default ``runs/stn-augment-<dataset>``)."""
+    started = time.perf_counter()
+    config = config or StnAugmentRunConfig()
+    out = Path(out_dir) if out_dir is not None else default_run_dir("stn-augment", config.data)
+    splits = load_data(config.data)
+    data_seconds = time.perf_counter() - started
+    seed = config.train.seed
     fitted = fit_stn_augment(
         splits,
-        model=args.model,
-        config=config,
-        finetune_config=replace(config, epochs=args.finetune_epochs, lr=args.finetune_lr),
-        augment_config=augment_config,
-        variants=args.variants,
-        seeds=list(range(args.seed, args.seed + args.num_seeds)),
-        bounds=bounds,
-        mix=args.mix,
-        pretrained=args.pretrained,
+        model=config.model,
+        config=config.train,
+        finetune_config=replace(config.train, epochs=config.finetune_epochs, lr=config.finetune_lr),
+        augment_config=config.augment_config(),
+        variants=config.variants,
+        seeds=list(range(seed, seed + config.num_seeds)),
+        bounds=config.bounds(),
+        mix=config.mix,
+        pretrained=config.pretrained,
         out_dir=out,
-        resume=args.resume,
-        cli_args=vars(args),
-        data_seconds=time.perf_counter() - tic,
+        resume=resume,
     )
+    results = fitted.results
+    results["config"]["run"] = asdict(config)
+    results["timings"]["data_seconds"] = data_seconds
+    write_results(out, results, started)  # adds the run's settings and data time
     if current_dist().is_main:
-        _print_report(fitted, args)
-        print(
-            f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}"
-        )
-    return fitted.results
+        _print_report(fitted, config)
+        print(f"results: {out / 'results.json'}  plots: {', '.join(results.get('plots', []))}")
+    return results
 
 
 register_method(
     "stn-augment",
-    run=run,
-    add_arguments=add_arguments,
+    config=StnAugmentRunConfig,
+    run=run_stn_augment,
     help="STN auto-augmentation: a spatial transformer trained to maximise the classifier's "
     "entropy (max-entropy + adversarial losses), then fine-tuning on its warps",
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from labelkit_ext.engine import (
     save_checkpoint,
     seed_everything,
 )
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.common import dataset_summary, write_results
 from labelkit_ext.methods.stn_augment.report import (
     plot_accuracy,
@@ -227,13 +228,13 @@ def _run_variant(
 
 def _check_arguments(seeds: Sequence[int], mix: float, splits: DataSplits) -> list[int]:
     if len(seeds) == 0:
-        raise ValueError("seeds must hold at least one seed")
+        raise UsageError("seeds must hold at least one seed")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+        raise UsageError(f"seeds must be distinct, got {list(seeds)}")
     if not 0.0 < mix <= 1.0:
-        raise ValueError(f"mix must be in (0, 1], got {mix}")
+        raise UsageError(f"mix must be in (0, 1], got {mix}")
     if splits.info.task != "multiclass":
-        raise ValueError(f"dataset must be multi-class, {splits.info.name} is {splits.info.task}")
+        raise UsageError(f"dataset must be multi-class, {splits.info.name} is {splits.info.task}")
     return [int(s) for s in seeds]
 
 
@@ -251,8 +252,6 @@ def fit_stn_augment(
     pretrained: str | os.PathLike | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
-    cli_args: Mapping[str, Any] | None = None,
-    data_seconds: float = 0.0,
 ) -> StnAugmentFit:
     """STN auto-augmentation, for every seed of ``seeds`` and every variant of ``variants``:
 
@@ -270,7 +269,7 @@ def fit_stn_augment(
     (``seed<s>/stage1``, ``seed<s>/<variant>/augmenter.pt`` and ``finetune``; ``resume``
     continues them), plots and results.json.
     """
-    started = time.perf_counter() - data_seconds
+    started = time.perf_counter()
     config = config or TrainConfig()
     finetune_config = finetune_config or replace(
         config, epochs=DEFAULT_FINETUNE_EPOCHS, lr=DEFAULT_FINETUNE_LR
@@ -288,7 +287,7 @@ def fit_stn_augment(
     fitted = StnAugmentFit({})
     runs: dict[str, Any] = {}
     examples: dict[str, torch.Tensor] = {}
-    timings: dict[str, float] = {"data_seconds": data_seconds}
+    timings: dict[str, float] = {}
     device = None
     for seed in seeds:
         seed_dir = out / f"seed{seed}" if out is not None else None
@@ -352,7 +351,6 @@ def fit_stn_augment(
             "train": config.to_dict(),
             "finetune": finetune_config.to_dict(),
             "augment": augment_config.to_dict(),
-            "cli": dict(cli_args or {}),
         },
         "dataset": dataset_summary(splits),
         "device": str(device),

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine import autocast_for, seed_everything, select_device
+from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.stn import theta_deviation, theta_penalty
 from labelkit_ext.ops.entropy import max_entropy_loss, softmax_entropy
 
@@ -55,13 +56,13 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "probe_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "disc_lr"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lambda_me", "penalty_weight", "penalty_radius"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

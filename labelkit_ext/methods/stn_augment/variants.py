@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.stn import (
     AffineBounds,
     RandomAffineWarp,
@@ -91,10 +92,10 @@ DEFAULT_VARIANTS = tuple(VARIANTS)
 def check_variants(names: Sequence[str]) -> list[str]:
     """``names`` checked against ``VARIANTS``, duplicates removed, order kept."""
     if len(names) == 0:
-        raise ValueError("variants must name at least one variant")
+        raise UsageError("variants must name at least one variant")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        raise UsageError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     return list(dict.fromkeys(names))
 
 
