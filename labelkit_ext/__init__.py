@@ -8,6 +8,16 @@ pure-PyTorch reference (``labelkit_ext.reference``) otherwise; ``labelkit_ext.in
 from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
 from labelkit_ext._info import info
 from labelkit_ext.ops.entropy import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
+from labelkit_ext.ops.pretext import (
+    HammingStats,
+    PretextBatch,
+    context_pair,
+    hamming_distance_stats,
+    hamming_permutations,
+    jigsaw_tiles,
+    make_pretext_batch,
+    rotate90,
+)
 
 __version__ = "0.1.0"
 
@@ -16,6 +26,14 @@ __all__ = [
     "HAS_OPS",
     "LOAD_ERROR",
     "EntropyGate",
+    "HammingStats",
+    "PretextBatch",
+    "context_pair",
+    "hamming_distance_stats",
+    "hamming_permutations",
+    "jigsaw_tiles",
+    "make_pretext_batch",
+    "rotate90",
     "entropy_gate",
     "info",
     "max_entropy_loss",
