@@ -16,4 +16,18 @@ TORCH_LIBRARY(labelkit, m) {
       "entropy_gate(Tensor logits, float threshold, Tensor? clusters, SymInt num_clusters) -> "
       "(Tensor entropy, Tensor uncertain, Tensor prediction, Tensor cluster_probs, Tensor cluster)",
       {at::Tag::pt2_compliant_tag});
+  // Pretext tasks (ops/pretext.h). Tiles [N, K, C, t, t]: slot k of image n is the t x t tile
+  // of cell table[index[n], k] of a grid x grid cut, at offsets [N, grid*grid or K, 2] (dy, dx;
+  // per cell when offsets_by_cell, else per slot) inside the cell, centred when None; with
+  // normalize each tile channel is standardised (uint8 images then give float32).
+  m.def(
+      "grid_tiles(Tensor images, Tensor index, Tensor table, int grid, SymInt tile, "
+      "Tensor? offsets, bool offsets_by_cell, bool normalize) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_grid_tiles_backward(Tensor grad, Tensor images, Tensor index, Tensor table, int grid, "
+      "SymInt tile, Tensor? offsets, bool offsets_by_cell, bool normalize) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Square images [N, C, S, S] rotated by k[n] quarter turns counter-clockwise (as torch.rot90).
+  m.def("rotate90(Tensor images, Tensor k) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

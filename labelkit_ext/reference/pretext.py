@@ -50,12 +50,19 @@ def context_table(grid: int, device: torch.device | str = "cpu") -> torch.Tensor
 
 
 def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """Standardise each channel of each tile ``[..., t, t]`` (population std; std 0 -> 1)."""
+    """Standardise each channel of each tile ``[..., t, t]`` with the population std.
+
+    A constant tile (min == max) becomes 0 with gradient 0; NaN propagates. Same policy as
+    csrc/ops/pretext.h.
+    """
     acc = tiles.to(torch.float64 if tiles.dtype == torch.float64 else torch.float32)
+    flat = acc.flatten(-2)
+    lo, hi = torch.aminmax(flat.detach(), dim=-1, keepdim=True)
+    constant = (lo == hi).unsqueeze(-1)
     var, mean = torch.var_mean(acc, dim=(-2, -1), keepdim=True, correction=0)
-    std = var.sqrt()
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return (acc - mean) / std
+    # where() before sqrt: a zero variance must not reach sqrt's backward (0/0).
+    std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
+    return torch.where(constant, torch.zeros_like(acc), (acc - mean) / std)
 
 
 def grid_tiles_ref(
