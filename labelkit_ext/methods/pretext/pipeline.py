@@ -99,6 +99,27 @@ def _eval_record(backbone: str, seed: int, fraction: float, result: EvalResult) 
     }
 
 
+def _results(fit: StudyFit, header: dict, seeds_done: list[int], seconds: dict) -> dict:
+    """results.json of the seeds done so far: the header (config, data set, backbones),
+    pretext histories, every linear-eval / scratch run and their summary over seeds."""
+    config = header["config"]
+    runs = [_eval_record(b, s, f, r) for (b, s, f), r in fit.evals.items()]
+    pretext = {
+        task: {str(seed): {"history": p.history, "seconds": p.train_seconds,
+                           "resumed_from": p.resumed_from}
+               for (t, seed), p in fit.pretext.items() if t == task}
+        for task in config["tasks"]
+    }  # fmt: skip
+    return {
+        **header,
+        "seeds_done": seeds_done,
+        "pretext": pretext,
+        "runs": runs,
+        "summary": summarize(runs, pretext, header["backbones"], config["fractions"]),
+        "timings": dict(seconds),
+    }
+
+
 def run_study(
     splits: DataSplits,
     *,
@@ -150,6 +171,29 @@ def run_study(
     fit = StudyFit(results={})
     targets = dataset_targets(splits.train_eval)
     fractions = sorted(set(fractions))
+    order = [SUPERVISED] * scratch_baseline + [RANDOM] * random_baseline
+    order += [PRETRAINED] * (pretrained is not None) + list(tasks)
+    header = {
+        "method": "pretext",
+        "config": {
+            "model": model,
+            "pretrained": pretrained,
+            "tasks": list(tasks),
+            "seeds": list(seeds),
+            "fractions": fractions,
+            "settings": settings.to_dict(),
+            "tile_size": tile,
+            "hidden": hidden,
+            "balanced_loss": balanced,
+            "min_steps": min_steps,
+            "pretext_train": pretext_config.to_dict(),
+            "linear_eval_train": eval_config.to_dict(),
+            "scratch_train": scratch_config.to_dict(),
+            "cli": dict(cli_args or {}),
+        },
+        "dataset": dataset_summary(splits),
+        "backbones": order,
+    }
     for seed in seeds:
         subsets = {f: label_fraction_indices(targets, f, seed) for f in fractions}
         backbones: list[tuple[str, Backbone]] = []
@@ -206,41 +250,9 @@ def run_study(
                         balanced=balanced,
                         min_steps=min_steps,
                     )
-    order = [SUPERVISED] * scratch_baseline + [RANDOM] * random_baseline
-    order += [PRETRAINED] * (pretrained is not None) + list(tasks)
-    runs = [_eval_record(b, s, f, r) for (b, s, f), r in fit.evals.items()]
-    pretext = {
-        task: {str(seed): {"history": p.history, "seconds": p.train_seconds,
-                           "resumed_from": p.resumed_from}
-               for (t, seed), p in fit.pretext.items() if t == task}
-        for task in tasks
-    }  # fmt: skip
-    fit.results = {
-        "method": "pretext",
-        "config": {
-            "model": model,
-            "pretrained": pretrained,
-            "tasks": list(tasks),
-            "seeds": list(seeds),
-            "fractions": fractions,
-            "settings": settings.to_dict(),
-            "tile_size": tile,
-            "hidden": hidden,
-            "balanced_loss": balanced,
-            "min_steps": min_steps,
-            "pretext_train": pretext_config.to_dict(),
-            "linear_eval_train": eval_config.to_dict(),
-            "scratch_train": scratch_config.to_dict(),
-            "cli": dict(cli_args or {}),
-        },
-        "dataset": dataset_summary(splits),
-        "backbones": order,
-        "pretext": pretext,
-        "runs": runs,
-        "summary": summarize(runs, pretext, order, fractions),
-        "timings": dict(stages.seconds),
-    }
-    if out is not None:
-        fit.results["plots"] = write_plots(fit.results, splits, settings, out)
-        write_results(out, fit.results, started)
+        # Written after every seed: an interrupted study keeps the seeds it finished.
+        fit.results = _results(fit, header, list(seeds[: seeds.index(seed) + 1]), stages.seconds)
+        if out is not None:
+            fit.results["plots"] = write_plots(fit.results, splits, settings, out)
+            write_results(out, fit.results, started)
     return fit

@@ -3,8 +3,9 @@
 Rotation, jigsaw and context batches (inputs and labels) are built on the images' device by
 ``labelkit_ext.make_pretext_batch`` (our gather kernels, or their references without ``_C``),
 one call per batch. The contrastive task (SimCLR's NT-Xent over two augmented views) warps its
-views in ``warp_views``: the one place to switch to ``labelkit_ext.affine_grid_sample`` when
-that op is available.
+views in ``warp_views`` (per-sample affine matrices, one batched ``affine_grid`` +
+``grid_sample``): the one place to switch to ``labelkit_ext.affine_grid_sample`` when that op
+is available.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
-from labelkit_ext.ops.pretext import hamming_permutations, make_pretext_batch
+from labelkit_ext.ops.pretext import PretextBatch, hamming_permutations, make_pretext_batch
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 
 __all__ = [
@@ -27,9 +27,11 @@ __all__ = [
     "build_pretext_net",
     "contrastive_views",
     "default_tile_size",
+    "make_batch",
     "nt_xent",
     "pretext_step",
     "sample_view_params",
+    "view_matrices",
     "warp_views",
 ]
 
@@ -139,31 +141,34 @@ def sample_view_params(n: int, settings: PretextSettings, generator: torch.Gener
     )
 
 
-def warp_views(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-    """Rotate, zoom and shift each image by its own parameters (bilinear, zero fill).
+def view_matrices(params: ViewParams, side: int) -> torch.Tensor:
+    """(N, 2, 3) output-to-input affine matrices in ``F.affine_grid``'s normalised
+    coordinates for square ``side``-px images: rotate by ``angle`` (counter-clockwise on the
+    displayed image), zoom by ``zoom`` about the center, then shift by ``shift`` sides.
+    The same warp as torchvision v2's ``affine(angle, translate=shift * side, scale=zoom)``
+    (tested against it)."""
+    a = torch.deg2rad(-params.angle.double())
+    cos, sin = torch.cos(a) / params.zoom, torch.sin(a) / params.zoom
+    linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    shift = params.shift.double() * 2  # sides -> normalised units ([-1, 1] spans a side)
+    offset = -(linear @ shift.unsqueeze(-1))
+    return torch.cat([linear, offset], -1).float()
 
-    torchvision v2's ``affine`` takes one set of parameters per call, so this loops over the
-    batch. It is the only geometric step of the contrastive task: once
-    ``labelkit_ext.affine_grid_sample`` is available, this becomes one batched call with the
-    (N, 2, 3) matrices of the same rotations, zooms and shifts.
+
+def warp_views(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
+    """Rotate, zoom and shift each image by its own parameters (bilinear, zero fill), in one
+    batched pass.
+
+    The one geometric step of the contrastive task, and the one place to switch to
+    ``labelkit_ext.affine_grid_sample(images, theta)`` when that fused op is available: it is
+    this ``affine_grid`` + ``grid_sample`` pair in one kernel. (torchvision v2's ``affine``
+    would need a Python loop over the batch, one parameter set per call: ~100x slower here.)
     """
-    side = images.shape[-1]
-    shift_px = (params.shift * side).tolist()
-    return torch.stack(
-        [
-            TF.affine(
-                image,
-                angle=float(angle),
-                translate=[float(dx), float(dy)],
-                scale=float(zoom),
-                shear=[0.0, 0.0],
-                interpolation=TF.InterpolationMode.BILINEAR,
-            )
-            for image, angle, zoom, (dx, dy) in zip(
-                images, params.angle.tolist(), params.zoom.tolist(), shift_px, strict=True
-            )
-        ]
-    )
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"contrastive views need square images, got {tuple(images.shape[-2:])}")
+    theta = view_matrices(params, images.shape[-1]).to(images.device, images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def contrastive_views(
@@ -212,6 +217,31 @@ def _permutations(settings: PretextSettings, device: torch.device) -> torch.Tens
     return hamming_permutations(settings.num_permutations, settings.grid).to(device)
 
 
+def make_batch(
+    task: str,
+    images: torch.Tensor,
+    settings: PretextSettings,
+    generator: torch.Generator,
+    permutations: torch.Tensor | None = None,
+) -> PretextBatch:
+    """The labelled batch of ``task`` (rotation, jigsaw or context) from ``images``: one
+    ``make_pretext_batch`` call with these settings (jigsaw's default permutations:
+    ``hamming_permutations(settings.num_permutations, settings.grid)``)."""
+    if task == "jigsaw" and permutations is None:
+        permutations = _permutations(settings, images.device)
+    return make_pretext_batch(
+        images,
+        task,
+        generator,
+        grid=settings.grid,
+        tile_size=settings.tile_for(images.shape[-1]) if task != "rotation" else None,
+        permutations=permutations if task == "jigsaw" else None,
+        jitter=settings.jitter,
+        normalize=settings.normalize_tiles,
+        all_rotations=settings.all_rotations,
+    )
+
+
 def pretext_step(
     task: str,
     net: PretextNet,
@@ -226,19 +256,7 @@ def pretext_step(
         first, second = contrastive_views(images, settings, generator)
         loss, hits = nt_xent(net(torch.cat([first, second])), settings.temperature)
         return StepOutput(loss, int(hits.sum()), hits.numel())
-    if task == "jigsaw" and permutations is None:
-        permutations = _permutations(settings, images.device)
-    batch = make_pretext_batch(
-        images,
-        task,
-        generator,
-        grid=settings.grid,
-        tile_size=settings.tile_for(images.shape[-1]) if task != "rotation" else None,
-        permutations=permutations if task == "jigsaw" else None,
-        jitter=settings.jitter,
-        normalize=settings.normalize_tiles,
-        all_rotations=settings.all_rotations,
-    )
+    batch = make_batch(task, images, settings, generator, permutations)
     logits = net(batch.inputs)
     loss = F.cross_entropy(logits.float(), batch.labels)
     correct = int((logits.argmax(1) == batch.labels).sum())
