@@ -32,6 +32,9 @@ from labelkit_ext.ops.pretext import hamming_permutations
 
 __all__ = ["PretextFit", "evaluate_pretext", "train_pretext"]
 
+# What fixes the training trajectory (as engine.fit checks on resume); quiet, device etc. may change.
+_TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
+                      "scheduler", "step_size", "gamma", "seed")  # fmt: skip
 # Seed stream of the fixed validation batches (apart from every epoch's training stream).
 _VAL_STREAM = 1_000_003
 
@@ -125,9 +128,12 @@ def _resume(
     if not checkpoint.is_file():
         return None
     state = load_checkpoint(checkpoint)
-    saved = {"task": state.get("task"), "settings": state.get("settings"), "config": state.get("config")}
-    current = {"task": task, "settings": settings.to_dict(), "config": config.to_dict()}
-    changed = sorted(k for k in current if saved[k] != current[k])
+    saved_config = state.get("config") or {}
+    saved = {"task": state.get("task"), "settings": state.get("settings"),
+             **{k: saved_config.get(k) for k in _TRAJECTORY_FIELDS}}  # fmt: skip
+    current = {"task": task, "settings": settings.to_dict(),
+               **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS}}  # fmt: skip
+    changed = [k for k in current if saved[k] != current[k]]
     if changed:
         raise ValueError(
             f"cannot resume from {checkpoint}: its {', '.join(changed)} differ from this run's; "
