@@ -129,11 +129,13 @@ struct TileStats {
   bool constant;
 };
 
-// From the tile's mean, population variance and whether min == max.
+// From the tile's mean, population variance and whether min == max. A zero variance (a flat
+// tile that float rounding did not catch as constant) divides by 1; a NaN one (NaN or inf
+// pixels) gives NaN.
 template <typename T>
 LK_HD TileStats<T> tile_stats(T mean, T var, bool constant) {
-  const T sd = var > T(0) ? static_cast<T>(::sqrt(var)) : T(0);
-  return TileStats<T>{mean, sd > T(0) ? T(1) / sd : T(1), constant};
+  const T inv_std = var == T(0) ? T(1) : T(1) / static_cast<T>(::sqrt(var));
+  return TileStats<T>{mean, inv_std, constant};
 }
 
 template <typename T>

@@ -60,8 +60,8 @@ def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     lo, hi = torch.aminmax(flat.detach(), dim=-1, keepdim=True)
     constant = (lo == hi).unsqueeze(-1)
     var, mean = torch.var_mean(acc, dim=(-2, -1), keepdim=True, correction=0)
-    # where() before sqrt: a zero variance must not reach sqrt's backward (0/0).
-    std = torch.where(var > 0, var, torch.ones_like(var)).sqrt()
+    # where() before sqrt: a zero variance must not reach sqrt's backward (0/0); NaN stays NaN.
+    std = torch.where(var == 0, torch.ones_like(var), var).sqrt()
     return torch.where(constant, torch.zeros_like(acc), (acc - mean) / std)
 
 
