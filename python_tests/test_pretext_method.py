@@ -10,10 +10,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
+from fixtures_data import write_medmnist
 from torchvision.transforms.v2 import functional as TF
 
-from fixtures_data import write_medmnist
 from labelkit_ext import hamming_permutations
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
@@ -92,7 +91,7 @@ def test_jigsaw_tiles_reordered_by_the_inverse_permutation_reassemble_the_cells(
     grid, cell = settings.grid, size // settings.grid
     tile = settings.tile_for(size)
     batch = make_batch("jigsaw", images, settings, torch.Generator().manual_seed(1))
-    perms = hamming_permutations(30, grid)
+    perms = hamming_permutations(30, grid)  # the independent call: same set
     assert batch.num_classes == 30 and batch.inputs.shape == (5, 9, channels, tile, tile)
     for n, label in enumerate(batch.labels.tolist()):
         inverse = perms[label].argsort()
@@ -239,7 +238,9 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_linear_eval_leaves_the_backbone_weights_and_batchnorm_statistics_unchanged(tiny_splits, cached):
+def test_linear_eval_leaves_the_backbone_weights_and_batchnorm_statistics_unchanged(
+    tiny_splits, cached
+):
     seed_everything(0)
     backbone = build_backbone("small-cnn", 1, 28)
     backbone.train()
@@ -267,7 +268,13 @@ def test_frozen_backbone_stays_in_eval_mode_inside_the_engine_loop(tiny_splits):
     assert all(not m.training for m in backbone.modules())
     before = _state(backbone)
     head_before = _state(model.head)
-    fit(model, tiny_splits.train_eval, None, "multiclass", TrainConfig(epochs=1, batch_size=16, **CPU))
+    fit(
+        model,
+        tiny_splits.train_eval,
+        None,
+        "multiclass",
+        TrainConfig(epochs=1, batch_size=16, **CPU),
+    )
     assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
     assert any(not torch.equal(v, model.head.state_dict()[k]) for k, v in head_before.items())
 
@@ -410,7 +417,12 @@ def test_run_pretext_cli_end_to_end(tmp_path, capsys):
     assert results["method"] == "pretext" and results["config"]["tile_size"] == 7
     assert results["config"]["settings"]["num_permutations"] == 10
     assert set(results["pretext"]) == {"rotation", "jigsaw", "context", "contrastive"}
-    for plot in ("label_fractions.png", "pretext_curves.png", "jigsaw_batch.png", "context_pair.png"):
+    for plot in (
+        "label_fractions.png",
+        "pretext_curves.png",
+        "jigsaw_batch.png",
+        "context_pair.png",
+    ):
         assert plot in results["plots"] and (out / plot).read_bytes()[:4] == b"\x89PNG"
     # A pretext-trained backbone loads into a classifier of the same model, e.g. to fine-tune.
     classifier = build_model("small-cnn", 2, 1, 28)

@@ -57,6 +57,7 @@ from labelkit_ext.methods.pretext.tasks import (
     build_pretext_net,
     contrastive_views,
     default_tile_size,
+    jigsaw_permutations,
     make_batch,
     nt_xent,
     pretext_step,
@@ -89,6 +90,7 @@ __all__ = [
     "eval_head",
     "evaluate_pretext",
     "extract_features",
+    "jigsaw_permutations",
     "fractions_table",
     "label_fraction_indices",
     "linear_eval",
@@ -117,7 +119,9 @@ DEFAULTS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser, epochs=DEFAULTS["scratch_epochs"], batch_size=DEFAULTS["batch_size"])
+    add_training_arguments(
+        parser, epochs=DEFAULTS["scratch_epochs"], batch_size=DEFAULTS["batch_size"]
+    )
     group = parser.add_argument_group(
         "pretext", "pretext training (Adam, cosine; --batch-size, --device etc. are shared)"
     )
@@ -132,7 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pretext-lr", type=float, default=DEFAULTS["pretext_lr"],
                        help="default: %(default)s")  # fmt: skip
     group.add_argument(
-        "--grid", type=int, default=3, help="jigsaw/context cells per side (odd for context; default 3)"
+        "--grid",
+        type=int,
+        default=3,
+        help="jigsaw/context cells per side (odd for context; default 3)",
     )
     group.add_argument(
         "--tile-size",

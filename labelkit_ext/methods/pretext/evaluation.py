@@ -194,7 +194,9 @@ def linear_eval(
         metrics = _score(head, eval_sets, splits, config)
         model.to(device)
     else:
-        fitted = fit(model, _subset(splits.train_eval, index), None, info.task, config, loss_fn=loss)
+        fitted = fit(
+            model, _subset(splits.train_eval, index), None, info.task, config, loss_fn=loss
+        )
         metrics = _score(model, {s: getattr(splits, s) for s in EVAL_SPLITS}, splits, config)
     return EvalResult(
         model.eval(), metrics, fitted.history, len(index), config.epochs, time.perf_counter() - tic
@@ -231,4 +233,3 @@ def train_scratch(
         fitted.model.eval(), metrics, fitted.history, len(index), config.epochs,
         time.perf_counter() - tic,
     )  # fmt: skip
-

@@ -50,7 +50,9 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """Two dense layers, ``in -> hidden -> ReLU -> out``."""
     if min(in_dim, hidden, out_dim) < 1:
         raise ValueError(f"layer sizes must be >= 1, got {in_dim}, {hidden}, {out_dim}")
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+    )
 
 
 class PretextNet(nn.Module):
@@ -109,7 +111,9 @@ def eval_head(feature_dim: int, num_classes: int, hidden: int = 256) -> Classifi
     the second dense layer; it trains on features alone (``extract_features``) or inside
     ``LinearEvalModel``."""
     layers = nn.Sequential(
-        nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True)
+        nn.BatchNorm1d(feature_dim, affine=False),
+        nn.Linear(feature_dim, hidden),
+        nn.ReLU(inplace=True),
     )
     return Classifier(layers, hidden, num_classes)
 

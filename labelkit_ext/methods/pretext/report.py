@@ -15,8 +15,8 @@ import torch
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import format_table
 from labelkit_ext.engine.report import new_figure, save_figure
-from labelkit_ext.methods.pretext.tasks import PretextSettings
-from labelkit_ext.ops.pretext import context_pair, hamming_permutations, jigsaw_tiles
+from labelkit_ext.methods.pretext.tasks import PretextSettings, jigsaw_permutations
+from labelkit_ext.ops.pretext import context_pair, jigsaw_tiles
 
 __all__ = [
     "CONTEXT_POSITIONS",
@@ -118,7 +118,10 @@ def fractions_table(summary: dict, metric: str = "auc") -> str:
         for b in backbones
     ]  # fmt: skip
     sizes = [next(iter(summary["by_fraction"][f].values()))["train_size"] for f in fractions]
-    headers = ["backbone", *(f"{float(f):.0%} ({n} labels)" for f, n in zip(fractions, sizes, strict=True))]
+    headers = [
+        "backbone",
+        *(f"{float(f):.0%} ({n} labels)" for f, n in zip(fractions, sizes, strict=True)),
+    ]
     return format_table(rows, headers)
 
 
@@ -141,7 +144,11 @@ def plot_label_fractions(summary: dict, path: str | os.PathLike, title: str = ""
             ax.errorbar(fractions, mean, yerr=std, marker="o", capsize=3, ls=style, label=b)
         ax.set_xscale("log")
         ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
-        ax.set(xlabel="share of training labels", ylabel=f"test {metric}", title=f"linear eval: {metric}")
+        ax.set(
+            xlabel="share of training labels",
+            ylabel=f"test {metric}",
+            title=f"linear eval: {metric}",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -214,7 +221,7 @@ def plot_jigsaw_batch(
     grid, tile = settings.grid, settings.tile_for(size)
     cell = size // grid
     generator = torch.Generator().manual_seed(seed)
-    perms = hamming_permutations(settings.num_permutations, grid)
+    perms = jigsaw_permutations(settings)
     labels = torch.randint(len(perms), (n,), generator=generator)
     offsets = _offsets(n, grid * grid, cell - tile, generator)
     tiles = jigsaw_tiles(images, labels, perms, grid, tile, offsets)
@@ -253,10 +260,14 @@ def plot_context_pair(
     axes = np.asarray(fig.subplots(n, 3, squeeze=False))
     for i in range(n):
         p = int(positions[i])
-        dr, dc = divmod(p + (p >= 4), 3)  # position -> (row, col) in the 3x3 block, skipping the center
+        dr, dc = divmod(
+            p + (p >= 4), 3
+        )  # position -> (row, col) in the 3x3 block, skipping the center
         cells = ((mid, mid), (mid + dr - 1, mid + dc - 1))
         axes[i, 0].imshow(_display(images[i]), cmap="gray")
-        for (r, c), (dy, dx), color in zip(cells, offsets[i].tolist(), ("tab:blue", "tab:red"), strict=True):
+        for (r, c), (dy, dx), color in zip(
+            cells, offsets[i].tolist(), ("tab:blue", "tab:red"), strict=True
+        ):
             _box(axes[i, 0], r * cell + dy, c * cell + dx, patch, color)
         axes[i, 1].imshow(_display(center[i]), cmap="gray")
         axes[i, 2].imshow(_display(neighbour[i]), cmap="gray")

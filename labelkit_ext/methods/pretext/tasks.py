@@ -10,14 +10,15 @@ is available.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from labelkit_ext.ops.pretext import PretextBatch, hamming_permutations, make_pretext_batch
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
+from labelkit_ext.ops.pretext import PretextBatch, hamming_permutations, make_pretext_batch
 
 __all__ = [
     "PRETEXT_TASKS",
@@ -27,6 +28,7 @@ __all__ = [
     "build_pretext_net",
     "contrastive_views",
     "default_tile_size",
+    "jigsaw_permutations",
     "make_batch",
     "nt_xent",
     "pretext_step",
@@ -213,8 +215,17 @@ class StepOutput:
     count: int  # pretext decisions made
 
 
-def _permutations(settings: PretextSettings, device: torch.device) -> torch.Tensor:
-    return hamming_permutations(settings.num_permutations, settings.grid).to(device)
+@functools.lru_cache(maxsize=8)
+def _hamming_set(n: int, grid: int) -> torch.Tensor:
+    return hamming_permutations(n, grid)
+
+
+def jigsaw_permutations(
+    settings: PretextSettings, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The jigsaw classes: ``hamming_permutations(settings.num_permutations, settings.grid)``,
+    computed once per process (the greedy search over all 9! orders takes seconds)."""
+    return _hamming_set(settings.num_permutations, settings.grid).to(device)
 
 
 def make_batch(
@@ -228,7 +239,7 @@ def make_batch(
     ``make_pretext_batch`` call with these settings (jigsaw's default permutations:
     ``hamming_permutations(settings.num_permutations, settings.grid)``)."""
     if task == "jigsaw" and permutations is None:
-        permutations = _permutations(settings, images.device)
+        permutations = jigsaw_permutations(settings, images.device)
     return make_pretext_batch(
         images,
         task,

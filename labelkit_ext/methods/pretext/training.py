@@ -27,8 +27,12 @@ from labelkit_ext.engine import (
     select_device,
 )
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
-from labelkit_ext.methods.pretext.tasks import PretextSettings, build_pretext_net, pretext_step
-from labelkit_ext.ops.pretext import hamming_permutations
+from labelkit_ext.methods.pretext.tasks import (
+    PretextSettings,
+    build_pretext_net,
+    jigsaw_permutations,
+    pretext_step,
+)
 
 __all__ = ["PretextFit", "evaluate_pretext", "train_pretext"]
 
@@ -54,7 +58,9 @@ class PretextFit:
         return self.net.backbone
 
 
-def _loader(dataset: Dataset, config: TrainConfig, shuffle: bool, device: torch.device) -> DataLoader:
+def _loader(
+    dataset: Dataset, config: TrainConfig, shuffle: bool, device: torch.device
+) -> DataLoader:
     generator = torch.Generator() if shuffle else None
     return DataLoader(
         dataset,
@@ -167,11 +173,7 @@ def train_pretext(
     net = build_pretext_net(task, backbone, settings).to(device)
     optimizer = build_optimizer(net.parameters(), config)
     scheduler = build_scheduler(optimizer, config)
-    permutations = (
-        hamming_permutations(settings.num_permutations, settings.grid).to(device)
-        if task == "jigsaw"
-        else None
-    )
+    permutations = jigsaw_permutations(settings, device) if task == "jigsaw" else None
     fitted = PretextFit(task, net)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     state = _resume(checkpoint, task, settings, config) if resume and checkpoint else None
