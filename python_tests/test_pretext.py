@@ -192,12 +192,12 @@ def test_hamming_matches_quadratic_oracle(criterion):
 
 
 def test_hamming_set_properties():
-    perms = hamming_permutations(100)
+    perms = hamming_permutations(100)  # each set costs ~0.3 s on an idle core: keep calls few
     assert perms.dtype == torch.int64 and perms.shape == (100, 9)
     assert torch.equal(perms.sort(1).values, torch.arange(9).expand(100, 9))
     assert torch.unique(perms, dim=0).shape[0] == 100
-    assert torch.equal(perms, hamming_permutations(100))  # deterministic
-    assert not torch.equal(perms, hamming_permutations(100, seed=1))
+    assert torch.equal(perms[:20], hamming_permutations(20))  # deterministic, greedy prefix
+    assert not torch.equal(perms[:20], hamming_permutations(20, seed=1))
     stats = hamming_distance_stats(perms)
     # The max-min greedy keeps every pair far apart; the mean criterion spreads the average.
     assert stats.min_distance >= 6
