@@ -83,7 +83,12 @@ def unfold_tiles(images, index, table, grid, tile):
 
 
 def loop_rotate(images, k):
-    return torch.stack([torch.rot90(img, int(kn), dims=(-2, -1)) for img, kn in zip(images, k.tolist())])
+    return torch.stack(
+        [
+            torch.rot90(img, int(kn), dims=(-2, -1))
+            for img, kn in zip(images, k.tolist(), strict=True)
+        ]
+    )
 
 
 # ---- cases ---------------------------------------------------------------------------------------
@@ -112,21 +117,33 @@ def tile_cases(args, device, dtype):
                 "compile": lambda a=args_: COMPILED["tiles"](*a),
             }
             if offsets is None:
-                providers["unfold"] = lambda: unfold_tiles(x, pidx, perms, GRID, t)
+                providers["unfold"] = lambda a=args_: unfold_tiles(*a[:5])
             yield "jigsaw_tiles", case, image, t, providers
         cargs = (x, pos, table, GRID, t, ctx_off, False, False)
-        yield "context_pair", "jitter", image, t, {
-            "ours": lambda a=cargs: _grid_tiles(*a),
-            "loop": lambda a=cargs: loop_tiles(*a[:7]),
-            "eager": lambda a=cargs: grid_tiles_ref(*a),
-            "compile": lambda a=cargs: COMPILED["tiles"](*a),
-        }
-        yield "rotate90", "random_k", image, S, {
-            "ours": lambda: labelkit_ext.rotate90(x, k),
-            "loop": lambda: loop_rotate(x, k),
-            "eager": lambda: rotate90_ref(x, k),
-            "compile": lambda: COMPILED["rotate"](x, k),
-        }
+        yield (
+            "context_pair",
+            "jitter",
+            image,
+            t,
+            {
+                "ours": lambda a=cargs: _grid_tiles(*a),
+                "loop": lambda a=cargs: loop_tiles(*a[:7]),
+                "eager": lambda a=cargs: grid_tiles_ref(*a),
+                "compile": lambda a=cargs: COMPILED["tiles"](*a),
+            },
+        )
+        yield (
+            "rotate90",
+            "random_k",
+            image,
+            S,
+            {
+                "ours": lambda a=(x, k): labelkit_ext.rotate90(*a),
+                "loop": lambda a=(x, k): loop_rotate(*a),
+                "eager": lambda a=(x, k): rotate90_ref(*a),
+                "compile": lambda a=(x, k): COMPILED["rotate"](*a),
+            },
+        )
 
 
 COMPILED: dict[str, Callable] = {}
@@ -193,30 +210,27 @@ def naive_hamming(n: int, seed: int = 0) -> np.ndarray:
 
 def run_hamming(args, env) -> list[dict]:
     rows = []
+    t0 = time.perf_counter()
+    naive = naive_hamming(args.naive_max)  # run once; its O(n^2) cost is scaled to larger n
+    t_naive = time.perf_counter() - t0
     for n in (100, 1000):
         t0 = time.perf_counter()
         ours = labelkit_ext.hamming_permutations(n)
         t_ours = time.perf_counter() - t0
         stats = labelkit_ext.hamming_distance_stats(ours)
-        naive_n = min(n, args.naive_max)
-        t0 = time.perf_counter()
-        naive = naive_hamming(naive_n)
-        t_naive = time.perf_counter() - t0
-        assert np.array_equal(naive, ours[:naive_n].numpy()), "naive greedy disagrees"
-        # The naive cost grows as n^2: scale a shorter run up when the full one is too slow.
-        est = t_naive * (n / naive_n) ** 2
-        print(f"hamming n={n}: ours {t_ours:.3f} s, naive {'~' if naive_n < n else ''}{est:.1f} s, "
+        k = min(n, args.naive_max)
+        assert np.array_equal(naive[:k], ours[:k].numpy()), "naive greedy disagrees"
+        est = t_naive * (n / args.naive_max) ** 2
+        note = "" if n == args.naive_max else f" (extrapolated as n^2 from n={args.naive_max})"
+        print(f"hamming n={n}: ours {t_ours:.3f} s, naive {est:.1f} s{note}, "
               f"min/mean distance {stats.min_distance}/{stats.mean_distance:.3f}", flush=True)  # fmt: skip
-        for name, secs, note in (
-            ("ours", t_ours, ""),
-            ("naive", est, "" if naive_n == n else f"extrapolated from n={naive_n}"),
-        ):
+        for name, secs, case in (("ours", t_ours, f"n={n}"), ("naive", est, f"n={n}{note}")):
             rows.append(
                 dict(
-                    op="hamming_permutations", case=f"n={n}" + (f" ({note})" if note else ""),
-                    provider=name, device=env["device"], dtype="int64", n=n, image="grid3",
-                    time_ms=round(secs * 1e3, 1), speedup_vs_loop=round(est / secs, 1),
-                    correct=True, torch=env["torch"], threads=env["threads"],
+                    op="hamming_permutations", case=case, provider=name, device=env["device"],
+                    dtype="int64", n=n, image="grid3", time_ms=round(secs * 1e3, 1),
+                    speedup_vs_loop=round(est / secs, 1), correct=True, torch=env["torch"],
+                    threads=env["threads"], other_cpu_pct="",
                     tile=f"min {stats.min_distance} mean {stats.mean_distance:.3f}",
                 )
             )  # fmt: skip
@@ -227,9 +241,13 @@ def run_hamming(args, env) -> list[dict]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=int, default=256, help="images per batch (default 256)")
-    p.add_argument("--dtypes", type=common.choice_list((*common.DTYPES, "uint8")), default=["float32"])
+    p.add_argument(
+        "--dtypes", type=common.choice_list((*common.DTYPES, "uint8")), default=["float32"]
+    )
     p.add_argument("--providers", type=common.choice_list(("ours", "loop", "eager", "unfold", "compile")),
                    default=["ours", "loop", "eager", "unfold", "compile"])  # fmt: skip
     p.add_argument("--no-compile", action="store_true")
@@ -279,7 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         common.add_speedups(rows, KEY, baselines=("loop", "eager", "unfold", "compile"))
     if not args.skip_hamming:
         rows += run_hamming(args, env)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Merge into earlier results, so --skip-tiles / --skip-hamming refresh only their part.
+    rows = common.merge_rows(common.read_csv(out_dir / "pretext.csv"), rows, (*KEY, "provider"))
     common.write_csv(rows, out_dir / "pretext.csv", COLUMNS)
     table = report(rows)
     ham = [r for r in rows if r["op"] == "hamming_permutations"]

@@ -160,23 +160,19 @@ def rotate90_ref(images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def all_permutations(m: int) -> torch.Tensor:
     """All ``m!`` permutations of ``0..m-1`` in lexicographic order, ``[m!, m]`` uint8.
 
-    Row ``i`` decodes ``i`` in the factorial number system: digit ``d`` picks the ``d``-th
-    still-unused value. ``m`` passes over an ``[m!, m]`` mask, no Python loop per row.
+    Built recursively: the block starting with ``v`` is ``v`` followed by the permutations of
+    ``m - 1`` relabelled onto the other values, which keeps lexicographic order. m table
+    lookups per level, no Python loop per row.
     """
-    total = math.factorial(m)
-    idx = torch.arange(total, dtype=torch.int64)
-    unused = torch.ones(total, m, dtype=torch.bool)
-    out = torch.empty(total, m, dtype=torch.uint8)
-    for pos in range(m):
-        radix = math.factorial(m - 1 - pos)
-        digit = torch.div(idx, radix, rounding_mode="floor") % (m - pos)
-        # The value chosen is the unused one whose rank among unused values equals the digit.
-        rank = unused.cumsum(1) - 1
-        hit = unused & (rank == digit[:, None])
-        value = hit.to(torch.uint8).argmax(1)
-        out[:, pos] = value.to(torch.uint8)
-        unused[torch.arange(total), value] = False
-    return out
+    perms = torch.zeros(1, 0, dtype=torch.uint8)
+    for size in range(1, m + 1):
+        blocks = []
+        for v in range(size):
+            others = torch.tensor([u for u in range(size) if u != v], dtype=torch.uint8)
+            head = torch.full((perms.shape[0], 1), v, dtype=torch.uint8)
+            blocks.append(torch.cat([head, others[perms.long()]], dim=1))
+        perms = torch.cat(blocks)
+    return perms
 
 
 def sampled_permutations(m: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -207,19 +203,30 @@ def greedy_hamming_select(
         .to(torch.uint8)
         .contiguous()
     )
-    pos = torch.arange(m)
-    running = torch.full((M,), m if criterion == "max" else 0, dtype=torch.int32)
+    # 'max' keeps the running minimum in uint8 (distances are <= m <= 255 for grids <= 15);
+    # a chosen row is at distance 0 from itself and every other row at >= 2, so chosen rows
+    # never win again. 'mean' keeps an int32 sum and masks the chosen rows.
+    by_min = criterion == "max" and m < 256
+    running = (
+        torch.full((M,), m, dtype=torch.uint8) if by_min else torch.zeros(M, dtype=torch.int32)
+    )
     taken = torch.zeros(M, dtype=torch.bool)
+    matches = torch.empty(M, dtype=torch.uint8)
     chosen = torch.empty(n, dtype=torch.int64)
     pick = first
     for step in range(n):
         chosen[step] = pick
         taken[pick] = True
-        matches = eq[pos, candidates[pick].long()].sum(0, dtype=torch.int32)  # [M]
-        dist = m - matches
-        running = torch.minimum(running, dist) if criterion == "max" else running + dist
+        values = candidates[pick].tolist()
+        torch.add(eq[0, values[0]], eq[1, values[1]], out=matches)  # in-place byte adds
+        for p in range(2, m):
+            matches.add_(eq[p, values[p]])
+        if by_min:
+            torch.minimum(running, m - matches, out=running)
+        else:
+            running += m - matches.to(torch.int32)
         if step + 1 < n:
-            score = running.masked_fill(taken, -1)
+            score = running if by_min else running.masked_fill(taken, -1)
             pick = int(score.argmax())
     return chosen
 

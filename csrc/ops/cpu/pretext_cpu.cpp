@@ -288,20 +288,34 @@ void rotate_images(const at::Tensor& images, const int64_t* k, at::Tensor& out) 
     });
     return;
   }
-  // One output row per task. Quarter turns read a column of the source; a plane of a few hundred
-  // pixels square stays in L2, so rows of the same plane reuse those cache lines.
-  at::parallel_for(0, N * C * S, task_grain(S), [&](int64_t begin, int64_t end) {
+  // Tasks are blocks of kRowBlock output rows of one plane. Along an output row the source
+  // moves by a fixed step: along a source row for k = 0, 2 (copied row by row), down a source
+  // column for k = 1, 3. For those, the block walks j outermost, so the kRowBlock reads of one
+  // step share a source cache line instead of each row striding through the whole plane.
+  constexpr int64_t kRowBlock = 16;
+  const int64_t blocks = (S + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, N * C * blocks, task_grain(S * kRowBlock), [&](int64_t begin, int64_t end) {
+    int64_t start[kRowBlock];
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = r % S, c = (r / S) % C, n = r / (S * C), kn = turns(n);
+      const int64_t blk = r % blocks, c = (r / blocks) % C, n = r / (blocks * C), kn = turns(n);
+      const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, S - i0);
       const T* src = x + n * s.n + c * s.c;
-      T* dst = y + n * so.n + c * so.c + i * so.h;
-      int64_t si0, sj0, si1, sj1;
-      pretext::rotate_source(kn, S, i, 0, si0, sj0);
-      pretext::rotate_source(kn, S, i, S > 1 ? 1 : 0, si1, sj1);
-      // Along an output row the source moves by a fixed step (one of +-1 row or column).
-      const int64_t start = si0 * s.h + sj0 * s.w;
-      const int64_t step = S > 1 ? (si1 - si0) * s.h + (sj1 - sj0) * s.w : 0;
-      for (int64_t j = 0; j < S; ++j) dst[j * so.w] = src[start + j * step];
+      T* dst = y + n * so.n + c * so.c + i0 * so.h;
+      int64_t step = 0;
+      for (int64_t b = 0; b < rows; ++b) {
+        int64_t si0, sj0, si1, sj1;
+        pretext::rotate_source(kn, S, i0 + b, 0, si0, sj0);
+        pretext::rotate_source(kn, S, i0 + b, S > 1 ? 1 : 0, si1, sj1);
+        start[b] = si0 * s.h + sj0 * s.w;
+        step = S > 1 ? (si1 - si0) * s.h + (sj1 - sj0) * s.w : 0;
+      }
+      if (kn % 2 == 0) {
+        for (int64_t b = 0; b < rows; ++b)
+          for (int64_t j = 0; j < S; ++j) dst[b * so.h + j * so.w] = src[start[b] + j * step];
+      } else {
+        for (int64_t j = 0; j < S; ++j)
+          for (int64_t b = 0; b < rows; ++b) dst[b * so.h + j * so.w] = src[start[b] + j * step];
+      }
     }
   });
 }
