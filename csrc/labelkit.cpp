@@ -37,4 +37,18 @@ TORCH_LIBRARY(labelkit, m) {
       "_affine_grid_sample_backward(Tensor grad, Tensor input, Tensor theta, int mode, "
       "int padding_mode, bool align_corners, bool[2] output_mask) -> (Tensor grad_input, Tensor grad_theta)",
       {at::Tag::pt2_compliant_tag});
+  // Pretext tasks (ops/pretext.h). Tiles [N, K, C, t, t]: slot k of image n is the t x t tile
+  // of cell table[index[n], k] of a grid x grid cut, at offsets [N, grid*grid or K, 2] (dy, dx;
+  // per cell when offsets_by_cell, else per slot) inside the cell, centred when None; with
+  // normalize each tile channel is standardised (uint8 images then give float32).
+  m.def(
+      "grid_tiles(Tensor images, Tensor index, Tensor table, int grid, SymInt tile, "
+      "Tensor? offsets, bool offsets_by_cell, bool normalize) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "_grid_tiles_backward(Tensor grad, Tensor images, Tensor index, Tensor table, int grid, "
+      "SymInt tile, Tensor? offsets, bool offsets_by_cell, bool normalize) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Square images [N, C, S, S] rotated by k[n] quarter turns counter-clockwise (as torch.rot90).
+  m.def("rotate90(Tensor images, Tensor k) -> Tensor", {at::Tag::pt2_compliant_tag});
 }

@@ -9,6 +9,16 @@ from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
 from labelkit_ext._info import info
 from labelkit_ext.ops.affine import affine_grid_sample
 from labelkit_ext.ops.entropy import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
+from labelkit_ext.ops.pretext import (
+    HammingStats,
+    PretextBatch,
+    context_pair,
+    hamming_distance_stats,
+    hamming_permutations,
+    jigsaw_tiles,
+    make_pretext_batch,
+    rotate90,
+)
 
 __version__ = "0.1.0"
 
@@ -18,6 +28,14 @@ __all__ = [
     "LOAD_ERROR",
     "EntropyGate",
     "affine_grid_sample",
+    "HammingStats",
+    "PretextBatch",
+    "context_pair",
+    "hamming_distance_stats",
+    "hamming_permutations",
+    "jigsaw_tiles",
+    "make_pretext_batch",
+    "rotate90",
     "entropy_gate",
     "info",
     "max_entropy_loss",

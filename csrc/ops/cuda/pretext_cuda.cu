@@ -1,0 +1,411 @@
+// CUDA kernels of the pretext family.
+//   grid_tiles:  one thread per output element (grid-stride), the tile source resolved through
+//                ops/pretext.h; with normalize one block per tile channel (two block reductions,
+//                then the write).
+//   backward:    gather form, no atomics: one thread per image pixel sums the gradients of the
+//                slots whose tile covers it (a permutation gives at most one), so the result
+//                is deterministic and every pixel is written once (zeros outside the tiles).
+//                With normalize a first kernel stores each tile channel's statistics.
+//   rotate90:    one thread per output element in the output's memory order.
+// A bad index, cell or offset (possible only when the eager Python checks were skipped, under
+// torch.compile) gives a zero tile and never an out-of-bounds read: a kernel cannot raise.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "ops/pretext.h"
+#include "ops/pretext_checks.h"
+
+namespace labelkit {
+namespace {
+
+using pretext::Geometry;
+using pretext::TileSource;
+using pretext::TileStats;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+struct TileArgs {
+  const int64_t* index;
+  const int64_t* table;
+  int64_t rows;
+  int64_t K;
+  const int64_t* offsets;  // null: centred tiles
+  bool by_cell;
+};
+
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+__device__ __forceinline__ bool resolve(const Geometry& g, const TileArgs& a, int64_t n, int64_t k, TileSource& src) {
+  return pretext::resolve_tile(g, a.index, a.table, a.rows, a.K, a.offsets, a.by_cell, n, k, src);
+}
+
+int blocks_for(int64_t work, int threads = kThreads) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, kMaxBlocks)));
+}
+
+// ---- block reductions (every thread gets the result; ends with a barrier) ---------------------
+
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MinOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return b < a ? b : a; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return b > a ? b : a; }
+};
+
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op, T* smem) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v = op(v, __shfl_xor_sync(kFullMask, v, off));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  T r = smem[0];
+  for (int w = 1; w < nwarps; ++w) r = op(r, smem[w]);
+  __syncthreads();
+  return r;
+}
+
+// Statistics of one t x t tile channel read at `base` (strides sh, sw) by the whole block.
+template <typename in_t, typename acc_t>
+__device__ TileStats<acc_t> plane_stats(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* smem) {
+  const int64_t n = t * t;
+  acc_t sum = 0;
+  acc_t lo = static_cast<acc_t>(base[0]);
+  acc_t hi = lo;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const acc_t v = static_cast<acc_t>(base[(i / t) * sh + (i % t) * sw]);
+    sum += v;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  sum = block_reduce(sum, SumOp{}, smem);
+  lo = block_reduce(lo, MinOp{}, smem);
+  hi = block_reduce(hi, MaxOp{}, smem);
+  const acc_t mean = sum / static_cast<acc_t>(n);
+  acc_t sq = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const acc_t d = static_cast<acc_t>(base[(i / t) * sh + (i % t) * sw]) - mean;
+    sq += d * d;
+  }
+  sq = block_reduce(sq, SumOp{}, smem);
+  // lo == hi fails on a NaN first pixel; the NaN sum catches one elsewhere.
+  const bool constant = lo == hi && sum == sum;
+  return pretext::tile_stats<acc_t>(mean, sq / static_cast<acc_t>(n), constant);
+}
+
+// ---- forward --------------------------------------------------------------------------------------
+
+template <typename T, typename index_t>
+__global__ void __launch_bounds__(kThreads) tiles_copy_kernel(
+    const T* __restrict__ x, Strides4 s, Geometry g, TileArgs a, int64_t C, index_t total, T* __restrict__ y) {
+  const index_t t = static_cast<index_t>(g.tile);
+  const index_t Ci = static_cast<index_t>(C);
+  const index_t Ki = static_cast<index_t>(a.K);
+  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<index_t>(blockDim.x) * gridDim.x) {
+    const index_t xx = e % t;
+    const index_t yy = (e / t) % t;
+    const index_t c = (e / (t * t)) % Ci;
+    const index_t nk = e / (t * t * Ci);
+    const int64_t n = nk / Ki, k = nk % Ki;
+    TileSource src;
+    T v = static_cast<T>(0);
+    if (resolve(g, a, n, k, src)) {
+      v = x[n * s.n + c * s.c + (src.top + yy) * s.h + (src.left + xx) * s.w];
+    }
+    y[e] = v;
+  }
+}
+
+template <typename in_t, typename out_t>
+__global__ void __launch_bounds__(kThreads) tiles_normalize_kernel(
+    const in_t* __restrict__ x, Strides4 s, Geometry g, TileArgs a, int64_t C, int64_t planes, out_t* __restrict__ y) {
+  using acc_t = acc_type<in_t>;
+  __shared__ acc_t smem[32];
+  const int64_t t = g.tile, area = t * t;
+  for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
+    const int64_t c = p % C, nk = p / C, n = nk / a.K, k = nk % a.K;
+    out_t* o = y + p * area;
+    TileSource src;
+    if (!resolve(g, a, n, k, src)) {  // uniform across the block: no barrier is skipped unevenly
+      for (int64_t i = threadIdx.x; i < area; i += blockDim.x) o[i] = static_cast<out_t>(0.0f);
+      continue;
+    }
+    const in_t* base = x + n * s.n + c * s.c + src.top * s.h + src.left * s.w;
+    const TileStats<acc_t> st = plane_stats<in_t, acc_t>(base, s.h, s.w, t, smem);
+    for (int64_t i = threadIdx.x; i < area; i += blockDim.x) {
+      const acc_t v = static_cast<acc_t>(base[(i / t) * s.h + (i % t) * s.w]);
+      o[i] = static_cast<out_t>(pretext::normalized(v, st));
+    }
+  }
+}
+
+TileArgs tile_args(const at::Tensor& index, const at::Tensor& table, const at::Tensor& offsets, bool by_cell) {
+  return TileArgs{
+      index.data_ptr<int64_t>(), table.data_ptr<int64_t>(), table.size(0), table.size(1),
+      offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr, by_cell};
+}
+
+at::Tensor grid_tiles_cuda(
+    const at::Tensor& images,
+    const at::Tensor& index,
+    const at::Tensor& table,
+    int64_t grid,
+    int64_t tile,
+    const c10::optional<at::Tensor>& offsets,
+    bool offsets_by_cell,
+    bool normalize) {
+  check_grid_tiles_args(images, index, table, grid, tile, offsets, offsets_by_cell, "grid_tiles");
+  const c10::cuda::CUDAGuard guard(images.device());
+  const int64_t N = images.size(0), C = images.size(1), K = table.size(1);
+  at::Tensor out = at::empty({N, K, C, tile, tile}, images.options().dtype(tile_dtype(images.scalar_type(), normalize)));
+  if (out.numel() == 0) return out;
+  const at::Tensor idx = index.contiguous(), tab = table.contiguous();
+  const at::Tensor off = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const TileArgs a = tile_args(idx, tab, off, offsets_by_cell);
+  const Geometry g = pretext::make_geometry(images.size(2), images.size(3), grid, tile);
+  const Strides4 s = strides_of(images);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = out.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "grid_tiles_cuda", [&] {
+    if (normalize) {
+      using out_t = std::conditional_t<std::is_same_v<scalar_t, uint8_t>, float, scalar_t>;
+      const int64_t planes = N * K * C;
+      tiles_normalize_kernel<scalar_t, out_t><<<blocks_for(planes, 1), kThreads, 0, stream>>>(
+          images.const_data_ptr<scalar_t>(), s, g, a, C, planes, out.data_ptr<out_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (total <= std::numeric_limits<int32_t>::max() / 2) {
+      tiles_copy_kernel<scalar_t, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          images.const_data_ptr<scalar_t>(), s, g, a, C, static_cast<int32_t>(total), out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      tiles_copy_kernel<scalar_t, int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
+          images.const_data_ptr<scalar_t>(), s, g, a, C, total, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// Per tile channel: mean, inv_std, constant (as 0/1), mean(g), mean(g * y).
+constexpr int kStatFields = 5;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tiles_backward_stats_kernel(
+    const T* __restrict__ x, Strides4 s, const T* __restrict__ grad, Geometry g, TileArgs a, int64_t C, int64_t planes,
+    acc_type<T>* __restrict__ stats) {
+  using acc_t = acc_type<T>;
+  __shared__ acc_t smem[32];
+  const int64_t t = g.tile, area = t * t;
+  for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
+    const int64_t c = p % C, nk = p / C, n = nk / a.K, k = nk % a.K;
+    TileSource src;
+    if (!resolve(g, a, n, k, src)) continue;  // the pixel kernel skips invalid tiles too
+    const T* base = x + n * s.n + c * s.c + src.top * s.h + src.left * s.w;
+    const T* gt = grad + p * area;
+    const TileStats<acc_t> st = plane_stats<T, acc_t>(base, s.h, s.w, t, smem);
+    acc_t sg = 0, sgy = 0;
+    for (int64_t i = threadIdx.x; i < area; i += blockDim.x) {
+      const acc_t gv = static_cast<acc_t>(gt[i]);
+      const acc_t yv = pretext::normalized(static_cast<acc_t>(base[(i / t) * s.h + (i % t) * s.w]), st);
+      sg += gv;
+      sgy += gv * yv;
+    }
+    sg = block_reduce(sg, SumOp{}, smem);
+    sgy = block_reduce(sgy, SumOp{}, smem);
+    if (threadIdx.x == 0) {
+      acc_t* out = stats + p * kStatFields;
+      out[0] = st.mean;
+      out[1] = st.inv_std;
+      out[2] = st.constant ? acc_t(1) : acc_t(0);
+      out[3] = sg / static_cast<acc_t>(area);
+      out[4] = sgy / static_cast<acc_t>(area);
+    }
+  }
+}
+
+template <typename T, bool kNormalize>
+__global__ void __launch_bounds__(kThreads) tiles_backward_pixel_kernel(
+    const T* __restrict__ x, Strides4 s, const T* __restrict__ grad, const acc_type<T>* __restrict__ stats, Geometry g,
+    TileArgs a, int64_t C, int64_t H, int64_t W, int64_t total, T* __restrict__ gx, Strides4 sg) {
+  using acc_t = acc_type<T>;
+  const int64_t t = g.tile, area = t * t;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
+    const int64_t row = h / g.cell_h, col = w / g.cell_w;
+    acc_t acc = 0;
+    if (row < g.grid && col < g.grid) {
+      const int64_t cell = row * g.grid + col;
+      for (int64_t k = 0; k < a.K; ++k) {
+        TileSource src;
+        if (!resolve(g, a, n, k, src) || src.cell != cell) continue;
+        const int64_t dy = h - src.top, dx = w - src.left;
+        if (dy < 0 || dy >= t || dx < 0 || dx >= t) continue;
+        const int64_t p = (n * a.K + k) * C + c;
+        const acc_t gv = static_cast<acc_t>(grad[p * area + dy * t + dx]);
+        if constexpr (kNormalize) {
+          const acc_t* sp = stats + p * kStatFields;
+          const TileStats<acc_t> st{sp[0], sp[1], sp[2] != acc_t(0)};
+          const acc_t yv = pretext::normalized(static_cast<acc_t>(x[n * s.n + c * s.c + h * s.h + w * s.w]), st);
+          acc += pretext::normalized_grad(gv, yv, st, sp[3], sp[4]);
+        } else {
+          acc += gv;
+        }
+      }
+    }
+    gx[n * sg.n + c * sg.c + h * sg.h + w * sg.w] = static_cast<T>(acc);
+  }
+}
+
+at::Tensor grid_tiles_backward_cuda(
+    const at::Tensor& grad,
+    const at::Tensor& images,
+    const at::Tensor& index,
+    const at::Tensor& table,
+    int64_t grid,
+    int64_t tile,
+    const c10::optional<at::Tensor>& offsets,
+    bool offsets_by_cell,
+    bool normalize) {
+  check_grid_tiles_args(images, index, table, grid, tile, offsets, offsets_by_cell, "_grid_tiles_backward");
+  check_grid_tiles_backward_args(grad, images, table, tile);
+  const c10::cuda::CUDAGuard guard(images.device());
+  at::Tensor gx = at::empty_like(images);
+  if (gx.numel() == 0) return gx;
+  if (grad.numel() == 0) return gx.zero_();
+  const int64_t N = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3), K = table.size(1);
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor idx = index.contiguous(), tab = table.contiguous();
+  const at::Tensor off = offsets.has_value() ? offsets->contiguous() : at::Tensor();
+  const TileArgs a = tile_args(idx, tab, off, offsets_by_cell);
+  const Geometry geo = pretext::make_geometry(H, W, grid, tile);
+  const Strides4 s = strides_of(images), sg = strides_of(gx);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t total = gx.numel(), planes = N * K * C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, images.scalar_type(), "grid_tiles_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* xp = images.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    if (normalize) {
+      at::Tensor stats = at::empty({planes, kStatFields}, images.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      tiles_backward_stats_kernel<scalar_t><<<blocks_for(planes, 1), kThreads, 0, stream>>>(
+          xp, s, gp, geo, a, C, planes, stats.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      tiles_backward_pixel_kernel<scalar_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+          xp, s, gp, stats.const_data_ptr<acc_t>(), geo, a, C, H, W, total, gx.data_ptr<scalar_t>(), sg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      tiles_backward_pixel_kernel<scalar_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
+          xp, s, gp, nullptr, geo, a, C, H, W, total, gx.data_ptr<scalar_t>(), sg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return gx;
+}
+
+// ---- rotate90 ----------------------------------------------------------------------------------
+
+// Output elements are visited in the output's memory order (NCHW or channels-last) so that
+// writes coalesce; quarter turns read the source transposed.
+template <typename T, typename index_t, bool kChannelsLast>
+__global__ void __launch_bounds__(kThreads) rotate90_kernel(
+    const T* __restrict__ x, Strides4 s, const int64_t* __restrict__ k, int64_t C, int64_t S, index_t total,
+    T* __restrict__ y, Strides4 so) {
+  const index_t Si = static_cast<index_t>(S), Ci = static_cast<index_t>(C);
+  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<index_t>(blockDim.x) * gridDim.x) {
+    index_t n, c, i, j;
+    if constexpr (kChannelsLast) {
+      c = e % Ci;
+      j = (e / Ci) % Si;
+      i = (e / (Ci * Si)) % Si;
+      n = e / (Ci * Si * Si);
+    } else {
+      j = e % Si;
+      i = (e / Si) % Si;
+      c = (e / (Si * Si)) % Ci;
+      n = e / (Si * Si * Ci);
+    }
+    const int64_t kn = k[n];
+    T v = static_cast<T>(0);
+    if (kn >= 0 && kn < 4) {
+      int64_t si, sj;
+      pretext::rotate_source(kn, S, i, j, si, sj);
+      v = x[n * s.n + c * s.c + si * s.h + sj * s.w];
+    }
+    y[n * so.n + c * so.c + static_cast<int64_t>(i) * so.h + static_cast<int64_t>(j) * so.w] = v;
+  }
+}
+
+template <typename T, bool kChannelsLast>
+void launch_rotate(const at::Tensor& images, const at::Tensor& k, at::Tensor& out, cudaStream_t stream) {
+  const int64_t C = images.size(1), S = images.size(2), total = out.numel();
+  const Strides4 s = strides_of(images), so = strides_of(out);
+  if (total <= std::numeric_limits<int32_t>::max() / 2) {
+    rotate90_kernel<T, int32_t, kChannelsLast><<<blocks_for(total), kThreads, 0, stream>>>(
+        images.const_data_ptr<T>(), s, k.const_data_ptr<int64_t>(), C, S, static_cast<int32_t>(total),
+        out.data_ptr<T>(), so);
+  } else {
+    rotate90_kernel<T, int64_t, kChannelsLast><<<blocks_for(total), kThreads, 0, stream>>>(
+        images.const_data_ptr<T>(), s, k.const_data_ptr<int64_t>(), C, S, total, out.data_ptr<T>(), so);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor rotate90_cuda(const at::Tensor& images, const at::Tensor& k) {
+  check_rotate90_args(images, k);
+  const c10::cuda::CUDAGuard guard(images.device());
+  at::Tensor out = at::empty_like(images);
+  if (out.numel() == 0) return out;
+  const at::Tensor kc = k.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool channels_last = out.stride(1) == 1 && out.size(1) > 1;
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "rotate90_cuda", [&] {
+    if (channels_last) {
+      launch_rotate<scalar_t, true>(images, kc, out, stream);
+    } else {
+      launch_rotate<scalar_t, false>(images, kc, out, stream);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(labelkit, CUDA, m) {
+  m.impl("grid_tiles", &grid_tiles_cuda);
+  m.impl("_grid_tiles_backward", &grid_tiles_backward_cuda);
+  m.impl("rotate90", &rotate90_cuda);
+}
+
+}  // namespace labelkit

@@ -1,0 +1,234 @@
+"""Pretext training: epochs over the unlabeled training images, each batch turned into a
+labelled pretext batch on the device; pretext accuracy on the validation images (their labels
+are never read) after every epoch; checkpoints and resume as in ``engine.fit``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from labelkit_ext.engine import (
+    LAST_CHECKPOINT,
+    TrainConfig,
+    autocast_for,
+    build_optimizer,
+    build_scheduler,
+    derive_seed,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    select_device,
+)
+from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
+from labelkit_ext.methods.pretext.tasks import (
+    PretextSettings,
+    build_pretext_net,
+    jigsaw_permutations,
+    pretext_step,
+)
+
+__all__ = ["PretextFit", "evaluate_pretext", "train_pretext"]
+
+# What fixes the training trajectory (as engine.fit checks on resume); quiet, device etc. may change.
+_TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
+                      "scheduler", "step_size", "gamma", "seed")  # fmt: skip
+# Seed stream of the fixed validation batches (apart from every epoch's training stream).
+_VAL_STREAM = 1_000_003
+
+
+@dataclass
+class PretextFit:
+    """A trained pretext network; ``net.backbone`` is the representation to evaluate."""
+
+    task: str
+    net: PretextNet
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.net.backbone
+
+
+def _loader(
+    dataset: Dataset, config: TrainConfig, shuffle: bool, device: torch.device
+) -> DataLoader:
+    generator = torch.Generator() if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size if shuffle else config.eval_batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        # A last batch of one image would break BatchNorm and the contrastive pairs.
+        drop_last=shuffle and len(dataset) > config.batch_size,
+        num_workers=config.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+@torch.no_grad()
+def evaluate_pretext(
+    task: str,
+    net: PretextNet,
+    dataset: Dataset,
+    settings: PretextSettings,
+    config: TrainConfig,
+    seed: int,
+    permutations: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Mean pretext loss and accuracy of ``net`` on ``dataset``'s images, with batches drawn
+    from ``seed`` (the same batches every call, so epochs compare)."""
+    device = next(net.parameters()).device
+    net.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total, correct, count, seen = 0.0, 0, 0, 0
+    for images, _ in _loader(dataset, config, False, device):
+        if task == "contrastive" and len(images) < 2:
+            continue
+        with autocast_for(device, config.amp):
+            out = pretext_step(task, net, images.to(device), settings, generator, permutations)
+        total += out.loss.item() * len(images)
+        correct, count, seen = correct + out.correct, count + out.count, seen + len(images)
+    return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
+
+
+def _train_epoch(
+    task: str,
+    net: PretextNet,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    settings: PretextSettings,
+    config: TrainConfig,
+    generator: torch.Generator,
+    permutations: torch.Tensor | None,
+    desc: str,
+) -> dict[str, float]:
+    device = next(net.parameters()).device
+    net.train()
+    total, correct, count, seen = 0.0, 0, 0, 0
+    progress = not config.quiet and sys.stderr.isatty()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for images, _ in bar:
+        with autocast_for(device, config.amp):
+            out = pretext_step(task, net, images.to(device), settings, generator, permutations)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        total += out.loss.item() * len(images)
+        correct, count, seen = correct + out.correct, count + out.count, seen + len(images)
+        bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / max(count, 1):.3f}")
+    return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
+
+
+def _resume(
+    checkpoint: Path, task: str, settings: PretextSettings, config: TrainConfig
+) -> dict | None:
+    if not checkpoint.is_file():
+        return None
+    state = load_checkpoint(checkpoint)
+    saved_config = state.get("config") or {}
+    saved = {"task": state.get("task"), "settings": state.get("settings"),
+             **{k: saved_config.get(k) for k in _TRAJECTORY_FIELDS}}  # fmt: skip
+    current = {"task": task, "settings": settings.to_dict(),
+               **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS}}  # fmt: skip
+    changed = [k for k in current if saved[k] != current[k]]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its {', '.join(changed)} differ from this run's; "
+            "resume with the same settings, or use another --out"
+        )
+    return state
+
+
+def train_pretext(
+    task: str,
+    backbone: Backbone,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    config: TrainConfig,
+    settings: PretextSettings | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> PretextFit:
+    """Train ``backbone`` with ``task``'s head for ``config.epochs`` epochs on the images of
+    ``train_set`` (its targets are ignored); report the pretext accuracy on ``val_set``.
+
+    The data order, pretext labels, tile jitter and views of epoch ``e`` are drawn from
+    ``(config.seed, e)`` alone, so a resumed run retraces an uninterrupted one. With
+    ``out_dir`` the state is saved after every epoch (``checkpoint_last.pt``, loaded with
+    ``weights_only=True``) and ``resume`` continues from it. Single process (no DDP).
+    """
+    settings = settings or PretextSettings()
+    device = select_device(config.device)
+    seed_everything(config.seed)  # the head's initialisation
+    net = build_pretext_net(task, backbone, settings).to(device)
+    optimizer = build_optimizer(net.parameters(), config)
+    scheduler = build_scheduler(optimizer, config)
+    permutations = jigsaw_permutations(settings, device) if task == "jigsaw" else None
+    fitted = PretextFit(task, net)
+    checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
+    state = _resume(checkpoint, task, settings, config) if resume and checkpoint else None
+    if state is not None:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        fitted.history, fitted.resumed_from = list(state["history"]), int(state["epoch"])
+    loader = _loader(train_set, config, True, device)
+    start = time.perf_counter()
+    for epoch in range(fitted.resumed_from, config.epochs):
+        tic = time.perf_counter()
+        seed_everything(derive_seed(config.seed, epoch))
+        loader.generator.manual_seed(derive_seed(config.seed, epoch))
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 1))
+        lr = optimizer.param_groups[0]["lr"]
+        train = _train_epoch(
+            task, net, loader, optimizer, settings, config, generator, permutations,
+            f"{task} {epoch + 1}/{config.epochs}",
+        )  # fmt: skip
+        scheduler.step()
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"],
+                  "train_accuracy": train["accuracy"]}  # fmt: skip
+        if val_set is not None:
+            val = evaluate_pretext(
+                task, net, val_set, settings, config, derive_seed(config.seed, _VAL_STREAM),
+                permutations,
+            )  # fmt: skip
+            record.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+        record["seconds"] = time.perf_counter() - tic
+        fitted.history.append(record)
+        if not config.quiet:
+            val_text = (
+                f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.3f}"
+                if val_set is not None
+                else ""
+            )
+            print(
+                f"[pretext {task}] epoch {epoch + 1} | train loss {train['loss']:.4f} "
+                f"acc {train['accuracy']:.3f}{val_text} | {record['seconds']:.1f}s",
+                flush=True,
+            )
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "epoch": epoch + 1,
+                    "task": task,
+                    "settings": settings.to_dict(),
+                    "config": config.to_dict(),
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": fitted.history,
+                },
+            )
+    fitted.train_seconds = time.perf_counter() - start
+    return fitted

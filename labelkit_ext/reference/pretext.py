@@ -1,0 +1,246 @@
+"""Reference implementations of the pretext-task op family in plain, vectorised PyTorch.
+
+Every tile op is one gather, :func:`grid_tiles_ref`: the image is cut into ``grid x grid`` cells
+(row-major, each ``H // grid`` by ``W // grid`` pixels from the top-left corner; remainder rows
+and columns at the bottom/right are never read), and slot ``k`` of sample ``n`` is the ``t x t``
+tile of cell ``table[index[n], k]`` whose top-left corner sits at ``(dy, dx)`` inside that cell.
+Jigsaw uses a permutation table; the context pair uses a table of ``(center, neighbour)`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "cell_size",
+    "context_table",
+    "grid_tiles_ref",
+    "hamming_permutations_ref",
+    "jigsaw_tiles_ref",
+    "context_pair_ref",
+    "rotate90_ref",
+    "tile_dtype",
+]
+
+
+def cell_size(height: int, width: int, grid: int) -> tuple[int, int]:
+    """Height and width of one cell of a ``grid x grid`` cut of an ``height x width`` image."""
+    return height // grid, width // grid
+
+
+def tile_dtype(dtype: torch.dtype, normalize: bool) -> torch.dtype:
+    """Output dtype of a tile op: the input's, except normalised uint8 tiles are float32."""
+    return torch.float32 if normalize and not dtype.is_floating_point else dtype
+
+
+def context_table(grid: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[8, 2]`` rows ``(center cell, neighbour cell)``: the 8 cells around the center of an odd
+    ``grid``, row-major, skipping the center. Row ``p`` is the context task's class ``p``."""
+    c = grid // 2
+    center = c * grid + c
+    rows = [
+        (center, (c + dr) * grid + (c + dc))
+        for dr in (-1, 0, 1)
+        for dc in (-1, 0, 1)
+        if (dr, dc) != (0, 0)
+    ]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Standardise each channel of each tile ``[..., t, t]`` with the population std.
+
+    A constant tile (min == max) becomes 0 with gradient 0; NaN propagates. Same policy as
+    csrc/ops/pretext.h.
+    """
+    acc = tiles.to(torch.float64 if tiles.dtype == torch.float64 else torch.float32)
+    flat = acc.flatten(-2)
+    lo, hi = torch.aminmax(flat.detach(), dim=-1, keepdim=True)
+    constant = (lo == hi).unsqueeze(-1)
+    var, mean = torch.var_mean(acc, dim=(-2, -1), keepdim=True, correction=0)
+    # where() before sqrt: a zero variance must not reach sqrt's backward (0/0); NaN stays NaN.
+    std = torch.where(var == 0, torch.ones_like(var), var).sqrt()
+    return torch.where(constant, torch.zeros_like(acc), (acc - mean) / std)
+
+
+def grid_tiles_ref(
+    images: torch.Tensor,
+    index: torch.Tensor,
+    table: torch.Tensor,
+    grid: int,
+    tile: int,
+    offsets: torch.Tensor | None,
+    offsets_by_cell: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    """``[N, K, C, t, t]`` tiles: slot ``k`` of sample ``n`` is cell ``table[index[n], k]``.
+
+    ``offsets`` ``[N, *, 2]`` (dy, dx) are indexed by cell when ``offsets_by_cell`` else by slot;
+    None centres each tile in its cell. Differentiable w.r.t. ``images`` (a gather).
+    """
+    N, C, H, W = images.shape
+    ch, cw = cell_size(H, W, grid)
+    cells = table.index_select(0, index)  # [N, K]
+    K = cells.shape[1]
+    if offsets is None:
+        dy = torch.full_like(cells, (ch - tile) // 2)
+        dx = torch.full_like(cells, (cw - tile) // 2)
+    else:
+        off = offsets.gather(1, cells.unsqueeze(-1).expand(N, K, 2)) if offsets_by_cell else offsets
+        dy, dx = off[..., 0], off[..., 1]
+    top = torch.div(cells, grid, rounding_mode="floor") * ch + dy  # [N, K]
+    left = torch.remainder(cells, grid) * cw + dx
+    r = torch.arange(tile, device=images.device)
+    rows = (top.unsqueeze(-1) + r)[:, :, :, None]  # [N, K, t, 1]
+    cols = (left.unsqueeze(-1) + r)[:, :, None, :]  # [N, K, 1, t]
+    n = torch.arange(N, device=images.device)[:, None, None, None]
+    # Advanced indices around a slice put the indexed dims first: [N, K, t, t, C].
+    tiles = images[n, :, rows, cols].permute(0, 1, 4, 2, 3)
+    if normalize:
+        return _normalize_tiles(tiles).to(tile_dtype(images.dtype, True)).contiguous()
+    return tiles.contiguous()
+
+
+def jigsaw_tiles_ref(
+    images: torch.Tensor,
+    perm_index: torch.Tensor,
+    permutations: torch.Tensor,
+    grid: int,
+    tile: int,
+    offsets: torch.Tensor | None,
+    normalize: bool,
+) -> torch.Tensor:
+    """See :func:`labelkit_ext.jigsaw_tiles`; offsets are per cell."""
+    return grid_tiles_ref(images, perm_index, permutations, grid, tile, offsets, True, normalize)
+
+
+def context_pair_ref(
+    images: torch.Tensor,
+    position: torch.Tensor,
+    grid: int,
+    patch: int,
+    offsets: torch.Tensor | None,
+    normalize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`labelkit_ext.context_pair`; offsets ``[N, 2, 2]`` are (center, neighbour)."""
+    table = context_table(grid, images.device)
+    pair = grid_tiles_ref(images, position, table, grid, patch, offsets, False, normalize)
+    return pair[:, 0], pair[:, 1]
+
+
+def _rotation_sources(size: int, device: torch.device) -> torch.Tensor:
+    """``[4, size*size]`` flat source pixel of each output pixel for k = 0..3 quarter turns,
+    matching ``torch.rot90(x, k, dims=(-2, -1))`` (counter-clockwise)."""
+    i = torch.arange(size, device=device)[:, None].expand(size, size)
+    j = torch.arange(size, device=device)[None, :].expand(size, size)
+    last = size - 1
+    src = torch.stack(
+        [i * size + j, j * size + (last - i), (last - i) * size + (last - j), (last - j) * size + i]
+    )
+    return src.reshape(4, size * size)
+
+
+def rotate90_ref(images: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Rotate square image ``n`` by ``k[n]`` quarter turns (counter-clockwise, as torch.rot90),
+    as one gather; keeps the input's memory format."""
+    N, C, H, W = images.shape
+    src = _rotation_sources(H, images.device).index_select(0, k)  # [N, H*W]
+    flat = images.reshape(N, C, H * W)
+    out = flat.gather(2, src.unsqueeze(1).expand(N, C, H * W)).reshape(N, C, H, W)
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+# ---- Hamming-distance permutation sets --------------------------------------------------------
+
+
+def all_permutations(m: int) -> torch.Tensor:
+    """All ``m!`` permutations of ``0..m-1`` in lexicographic order, ``[m!, m]`` uint8.
+
+    Built recursively: the block starting with ``v`` is ``v`` followed by the permutations of
+    ``m - 1`` relabelled onto the other values, which keeps lexicographic order. m table
+    lookups per level, no Python loop per row.
+    """
+    perms = torch.zeros(1, 0, dtype=torch.uint8)
+    for size in range(1, m + 1):
+        blocks = []
+        for v in range(size):
+            others = torch.tensor([u for u in range(size) if u != v], dtype=torch.uint8)
+            head = torch.full((perms.shape[0], 1), v, dtype=torch.uint8)
+            blocks.append(torch.cat([head, others[perms.long()]], dim=1))
+        perms = torch.cat(blocks)
+    return perms
+
+
+def sampled_permutations(m: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to ``count`` distinct random permutations of ``0..m-1`` (``[<=count, m]`` uint8),
+    drawn uniformly with ``generator``, in a deterministic order for a seed."""
+    keys = torch.rand(count, m, generator=generator)
+    perms = keys.argsort(dim=1).to(torch.uint8)
+    # unique sorts rows lexicographically: dedup without depending on the draw order.
+    return torch.unique(perms, dim=0)
+
+
+def greedy_hamming_select(
+    candidates: torch.Tensor, n: int, first: int, criterion: str
+) -> torch.Tensor:
+    """Greedy max-min ('max') or max-mean ('mean') Hamming selection of ``n`` rows of
+    ``candidates [M, m]`` (uint8), starting with row ``first``. Returns the chosen row indices.
+
+    A running distance per candidate (minimum or sum over the chosen set) is updated with the
+    newly chosen row only: O(n * M * m) instead of recomputing the table every step. The
+    distance to one row is ``m - matches`` with matches summed from a precomputed
+    ``[m, m, M]`` table of ``candidates[:, pos] == value``. Ties go to the lowest row index.
+    """
+    M, m = candidates.shape
+    # eq[pos, value, i] = candidates[i, pos] == value
+    eq = (
+        torch.stack([candidates == v for v in range(m)])
+        .permute(2, 0, 1)
+        .to(torch.uint8)
+        .contiguous()
+    )
+    # 'max' keeps the running minimum in uint8 (distances are <= m <= 255 for grids <= 15);
+    # a chosen row is at distance 0 from itself and every other row at >= 2, so chosen rows
+    # never win again. 'mean' keeps an int32 sum and masks the chosen rows.
+    by_min = criterion == "max" and m < 256
+    running = (
+        torch.full((M,), m, dtype=torch.uint8) if by_min else torch.zeros(M, dtype=torch.int32)
+    )
+    taken = torch.zeros(M, dtype=torch.bool)
+    matches = torch.empty(M, dtype=torch.uint8)
+    chosen = torch.empty(n, dtype=torch.int64)
+    pick = first
+    for step in range(n):
+        chosen[step] = pick
+        taken[pick] = True
+        values = candidates[pick].tolist()
+        torch.add(eq[0, values[0]], eq[1, values[1]], out=matches)  # in-place byte adds
+        for p in range(2, m):
+            matches.add_(eq[p, values[p]])
+        if by_min:
+            torch.minimum(running, m - matches, out=running)
+        else:
+            running += m - matches.to(torch.int32)
+        if step + 1 < n:
+            score = running if by_min else running.masked_fill(taken, -1)
+            pick = int(score.argmax())
+    return chosen
+
+
+def hamming_permutations_ref(
+    n: int, grid: int, seed: int, criterion: str, num_candidates: int
+) -> torch.Tensor:
+    """See :func:`labelkit_ext.hamming_permutations` (arguments already validated)."""
+    m = grid * grid
+    generator = torch.Generator().manual_seed(seed)
+    if math.factorial(m) <= num_candidates:
+        candidates = all_permutations(m)
+    else:
+        candidates = sampled_permutations(m, num_candidates, generator)
+    first = int(torch.randint(candidates.shape[0], (1,), generator=generator))
+    chosen = greedy_hamming_select(candidates, n, first, criterion)
+    return candidates.index_select(0, chosen).long()

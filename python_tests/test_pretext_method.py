@@ -1,0 +1,448 @@
+"""Self-supervised pretext method: the labels of every pretext batch against slow oracles
+(rotate back, re-order tiles, neighbour positions by name), the contrastive pieces, the frozen
+backbone in linear evaluation, label fractions, and a tiny run end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from fixtures_data import write_medmnist
+from torchvision.transforms.v2 import functional as TF
+
+from labelkit_ext import hamming_permutations
+from labelkit_ext.cli import main
+from labelkit_ext.data import load_dataset
+from labelkit_ext.engine import TrainConfig, fit, seed_everything
+from labelkit_ext.methods.pretext import (
+    PretextSettings,
+    build_backbone,
+    build_pretext_net,
+    contrastive_views,
+    default_tile_size,
+    epochs_for,
+    eval_head,
+    extract_features,
+    label_fraction_indices,
+    linear_eval,
+    make_batch,
+    nt_xent,
+    run_study,
+    train_pretext,
+    warp_views,
+)
+from labelkit_ext.methods.pretext.networks import LinearEvalModel
+from labelkit_ext.methods.pretext.report import CONTEXT_POSITIONS
+from labelkit_ext.methods.pretext.tasks import sample_view_params
+from labelkit_ext.models import build_model, load_pretrained
+
+CPU = {"device": "cpu", "quiet": True}
+# The eight neighbours by name -> (row, column) step from the center cell.
+STEPS = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("medmnist")
+    write_medmnist(folder / "pneumoniamnist.npz", sizes=(48, 12, 16))
+    return load_dataset("pneumoniamnist", folder, augment=False)
+
+
+def _images(n: int = 6, size: int = 28, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _cell_crop(image: torch.Tensor, row: int, col: int, cell: int, tile: int) -> torch.Tensor:
+    """The centred ``tile`` crop of cell (row, col): a slow, obvious slice."""
+    top, left = row * cell + (cell - tile) // 2, col * cell + (cell - tile) // 2
+    return image[:, top : top + tile, left : left + tile]
+
+
+def _step(name: str) -> tuple[int, int]:
+    dr = sum(STEPS[p][0] for p in name.split("-") if p in STEPS)
+    dc = sum(STEPS[p][1] for p in name.split("-") if p in STEPS)
+    return dr, dc
+
+
+# -- pretext batches: labels are right ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("all_rotations", [False, True])
+def test_rotation_batch_rotated_back_equals_the_original(all_rotations):
+    images = _images(8)
+    settings = PretextSettings(all_rotations=all_rotations)
+    batch = make_batch("rotation", images, settings, torch.Generator().manual_seed(3))
+    source = images.repeat_interleave(4, 0) if all_rotations else images
+    assert batch.num_classes == 4 and batch.inputs.shape == source.shape
+    assert set(batch.labels.tolist()) <= {0, 1, 2, 3}
+    for x, k, original in zip(batch.inputs, batch.labels.tolist(), source, strict=True):
+        assert torch.equal(torch.rot90(x, -k, dims=(-2, -1)), original)
+    if not all_rotations:
+        assert len(set(batch.labels.tolist())) > 1  # labels really vary
+
+
+@pytest.mark.parametrize(("size", "channels"), [(28, 1), (33, 3)])
+def test_jigsaw_tiles_reordered_by_the_inverse_permutation_reassemble_the_cells(size, channels):
+    images = _images(5, size, channels)
+    settings = PretextSettings(jitter=False, normalize_tiles=False, num_permutations=30)
+    grid, cell = settings.grid, size // settings.grid
+    tile = settings.tile_for(size)
+    batch = make_batch("jigsaw", images, settings, torch.Generator().manual_seed(1))
+    perms = hamming_permutations(30, grid)  # the independent call: same set
+    assert batch.num_classes == 30 and batch.inputs.shape == (5, 9, channels, tile, tile)
+    for n, label in enumerate(batch.labels.tolist()):
+        inverse = perms[label].argsort()
+        ordered = batch.inputs[n][inverse]  # slot order -> cell order
+        for c in range(grid * grid):
+            assert torch.equal(ordered[c], _cell_crop(images[n], c // grid, c % grid, cell, tile))
+
+
+def test_jigsaw_tiles_of_whole_cells_reassemble_the_image():
+    images = _images(3, 27)
+    settings = PretextSettings(jitter=False, normalize_tiles=False, tile_size=9)
+    batch = make_batch("jigsaw", images, settings, torch.Generator().manual_seed(2))
+    perms = hamming_permutations(100, 3)
+    for n, label in enumerate(batch.labels.tolist()):
+        cells = batch.inputs[n][perms[label].argsort()]  # (9, C, 9, 9), row-major cells
+        picture = cells.reshape(3, 3, 1, 9, 9).permute(2, 0, 3, 1, 4).reshape(1, 27, 27)
+        assert torch.equal(picture, images[n])
+
+
+def test_jigsaw_normalized_tiles_are_standardised_copies():
+    images = _images(4)
+    plain = make_batch("jigsaw", images, PretextSettings(jitter=False, normalize_tiles=False),
+                       torch.Generator().manual_seed(5))  # fmt: skip
+    normed = make_batch("jigsaw", images, PretextSettings(jitter=False),
+                        torch.Generator().manual_seed(5))  # fmt: skip
+    assert torch.equal(plain.labels, normed.labels)
+    t = plain.inputs.double()
+    mean = t.mean(dim=(-2, -1), keepdim=True)
+    std = t.std(dim=(-2, -1), keepdim=True, correction=0)
+    torch.testing.assert_close(normed.inputs.double(), (t - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_context_positions_map_to_the_named_neighbours():
+    images = _images(64, 28)
+    settings = PretextSettings(jitter=False, normalize_tiles=False)
+    cell, tile = 28 // 3, settings.tile_for(28)
+    batch = make_batch("context", images, settings, torch.Generator().manual_seed(0))
+    assert batch.num_classes == 8 and batch.inputs.shape == (64, 2, 1, tile, tile)
+    assert set(batch.labels.tolist()) == set(range(8))  # every position drawn in 64 samples
+    for n, p in enumerate(batch.labels.tolist()):
+        dr, dc = _step(CONTEXT_POSITIONS[p])
+        assert torch.equal(batch.inputs[n, 0], _cell_crop(images[n], 1, 1, cell, tile))
+        assert torch.equal(batch.inputs[n, 1], _cell_crop(images[n], 1 + dr, 1 + dc, cell, tile))
+
+
+def test_jittered_tiles_stay_inside_their_cells_and_vary():
+    images = torch.arange(28 * 28, dtype=torch.float32).reshape(1, 1, 28, 28).repeat(16, 1, 1, 1)
+    settings = PretextSettings(normalize_tiles=False)
+    batch = make_batch("context", images, settings, torch.Generator().manual_seed(0))
+    tile, cell = settings.tile_for(28), 28 // 3
+    corner = batch.inputs[:, 0, 0, 0, 0].long()  # the center patch's top-left pixel value
+    rows, cols = corner // 28, corner % 28
+    assert rows.min() >= cell and rows.max() <= 2 * cell - tile
+    assert cols.min() >= cell and cols.max() <= 2 * cell - tile
+    assert len(set(corner.tolist())) > 1
+
+
+def test_batches_are_a_function_of_the_generator_seed():
+    images = _images(8)
+    for task in ("rotation", "jigsaw", "context"):
+        a = make_batch(task, images, PretextSettings(), torch.Generator().manual_seed(9))
+        b = make_batch(task, images, PretextSettings(), torch.Generator().manual_seed(9))
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+
+
+def test_default_tile_sizes():
+    assert default_tile_size(28, 3) == 7  # 9 px cells, 2 px gap
+    assert default_tile_size(255, 3) == 64  # the jigsaw paper's 64 px tiles in 85 px cells
+    assert default_tile_size(128, 3) == 32
+    with pytest.raises(ValueError, match="too small for a 3x3 grid"):
+        default_tile_size(8, 3)
+
+
+# -- contrastive ---------------------------------------------------------------------------------
+
+
+def test_warp_views_matches_torchvision_v2_affine_per_image():
+    images = _images(12, 28)
+    params = sample_view_params(12, PretextSettings(), torch.Generator().manual_seed(4))
+    warped = warp_views(images, params)
+    expected = torch.stack([
+        TF.affine(x, angle=float(a), translate=[float(dx * 28), float(dy * 28)], scale=float(z),
+                  shear=[0.0, 0.0], interpolation=TF.InterpolationMode.BILINEAR)
+        for x, a, z, (dx, dy) in zip(images, params.angle, params.zoom, params.shift, strict=True)
+    ])  # fmt: skip
+    torch.testing.assert_close(warped, expected, rtol=1e-4, atol=1e-4)
+    assert params.angle.abs().max() <= 15 and params.zoom.min() >= 1 and params.zoom.max() <= 1.5
+
+
+def test_contrastive_views_differ_per_sample_and_repeat_for_a_seed():
+    images = _images(6).repeat(2, 1, 1, 1)  # the same image twice in one batch
+    a1, a2 = contrastive_views(images, PretextSettings(), torch.Generator().manual_seed(0))
+    b1, _ = contrastive_views(images, PretextSettings(), torch.Generator().manual_seed(0))
+    assert torch.equal(a1, b1) and not torch.equal(a1, a2)
+    assert not torch.allclose(a1[:6], a1[6:])  # per-sample parameters, not one per batch
+
+
+def test_nt_xent_against_a_loop():
+    z = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    loss, hits = nt_xent(z, 0.5)
+    zn = z / z.norm(dim=1, keepdim=True)
+    total, right = 0.0, []
+    for i in range(8):
+        partner = (i + 4) % 8
+        sims = {j: float(zn[i] @ zn[j]) / 0.5 for j in range(8) if j != i}
+        total -= sims[partner] - np.log(sum(np.exp(v) for v in sims.values()))
+        right.append(max(sims, key=sims.get) == partner)
+    assert float(loss) == pytest.approx(total / 8, rel=1e-5)
+    assert hits.tolist() == right
+    # Identical views of distinct, orthogonal images: every partner is found.
+    views = torch.eye(4).repeat(2, 1)
+    assert nt_xent(views, 0.1)[1].all()
+    with pytest.raises(ValueError, match="z must be"):
+        nt_xent(torch.randn(3, 4), 0.5)
+
+
+# -- networks ----------------------------------------------------------------------------------
+
+
+def test_pretext_nets_share_one_backbone_over_their_inputs():
+    seed_everything(0)
+    backbone = build_backbone("small-cnn", 1, 28).eval()
+    settings = PretextSettings()
+    outputs = {"rotation": 4, "jigsaw": 100, "context": 8, "contrastive": 64}
+    for task, k in outputs.items():
+        net = build_pretext_net(task, backbone, settings).eval()
+        assert net.backbone is backbone and net.head[-1].out_features == k
+    net = build_pretext_net("context", backbone, settings).eval()
+    pair = _images(6, 7).reshape(3, 2, 1, 7, 7)
+    with torch.no_grad():
+        expected = net.head(torch.cat([backbone(pair[:, 0]), backbone(pair[:, 1])], 1))
+        torch.testing.assert_close(net(pair), expected)
+    with pytest.raises(ValueError, match=r"expected \(N, 2, C, h, w\)"):
+        net(_images(2, 7))
+    with pytest.raises(ValueError, match="odd grid"):
+        build_pretext_net("context", backbone, PretextSettings(grid=4))
+
+
+# -- linear evaluation: the backbone is frozen ---------------------------------------------------
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_linear_eval_leaves_the_backbone_weights_and_batchnorm_statistics_unchanged(
+    tiny_splits, cached
+):
+    seed_everything(0)
+    backbone = build_backbone("small-cnn", 1, 28)
+    backbone.train()
+    before = _state(backbone)
+    assert any("running_mean" in k for k in before)
+    config = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=1e-2, **CPU)
+    features = extract_features(backbone, tiny_splits, config) if cached else None
+    result = linear_eval(backbone, tiny_splits, config, features=features)
+    after = backbone.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key  # weights, running stats, batch counters
+    assert all(not p.requires_grad for p in backbone.parameters())
+    head = result.model.head
+    assert any(p.requires_grad for p in head.parameters())
+    assert result.metrics["test"]["n"] == 16 and 0 <= result.metrics["test"]["auc"] <= 1
+
+
+def test_frozen_backbone_stays_in_eval_mode_inside_the_engine_loop(tiny_splits):
+    seed_everything(0)
+    backbone = build_backbone("small-cnn", 1, 28)
+    model = LinearEvalModel(backbone, eval_head(backbone.feature_dim, 2))
+    model.train()
+    assert model.training and model.head.training and not backbone.training
+    assert all(not m.training for m in backbone.modules())
+    before = _state(backbone)
+    head_before = _state(model.head)
+    fit(
+        model,
+        tiny_splits.train_eval,
+        None,
+        "multiclass",
+        TrainConfig(epochs=1, batch_size=16, **CPU),
+    )
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
+    assert any(not torch.equal(v, model.head.state_dict()[k]) for k, v in head_before.items())
+
+
+def test_cached_features_train_the_same_head_as_the_images(tiny_splits):
+    seed_everything(1)
+    backbone = build_backbone("small-cnn", 1, 28)
+    config = TrainConfig(epochs=3, batch_size=16, optimizer="adam", lr=1e-2, **CPU)
+    features = extract_features(backbone, tiny_splits, config)
+    cached = linear_eval(backbone, tiny_splits, config, features=features)
+    direct = linear_eval(backbone, tiny_splits, config)
+    for key, value in cached.model.head.state_dict().items():
+        torch.testing.assert_close(value, direct.model.head.state_dict()[key], rtol=1e-4, atol=1e-5)
+    assert cached.metrics["test"]["accuracy"] == direct.metrics["test"]["accuracy"]
+
+
+# -- label fractions -----------------------------------------------------------------------------
+
+
+def test_label_fraction_indices_keep_every_class_and_are_seeded():
+    targets = torch.tensor([0] * 40 + [1] * 360)
+    one = label_fraction_indices(targets, 0.01, seed=0)
+    assert torch.bincount(targets[one]).tolist() == [1, 4]  # round(0.4) -> at least 1, round(3.6)
+    ten = label_fraction_indices(targets, 0.1, seed=0)
+    assert torch.bincount(targets[ten]).tolist() == [4, 36]
+    assert np.array_equal(ten, label_fraction_indices(targets, 0.1, seed=0))
+    assert not np.array_equal(ten, label_fraction_indices(targets, 0.1, seed=1))
+    assert np.array_equal(label_fraction_indices(targets, 1.0, seed=3), np.arange(400))
+    assert np.all(np.diff(ten) > 0)
+    multi = torch.randint(0, 2, (50, 3))
+    assert len(label_fraction_indices(multi, 0.2, seed=0)) == 10
+    with pytest.raises(ValueError, match=r"label fraction must be in \(0, 1\]"):
+        label_fraction_indices(targets, 0.0, seed=0)
+
+
+def test_epochs_for_small_subsets_guarantee_the_minimum_steps():
+    assert epochs_for(30, 3882, 128, 200) == 30  # 31 steps an epoch: 930 steps already
+    assert epochs_for(30, 39, 128, 200) == 200  # one batch an epoch
+    assert epochs_for(30, 388, 128, 200) == 50  # 4 steps an epoch
+    assert epochs_for(5, 10, 4, 0) == 5
+
+
+# -- pretext training ----------------------------------------------------------------------------
+
+
+def test_train_pretext_records_accuracy_and_resumes_like_an_uninterrupted_run(
+    tiny_splits, tmp_path, monkeypatch
+):
+    import labelkit_ext.methods.pretext.training as training
+
+    config = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
+    settings = PretextSettings(num_permutations=10)
+
+    def train(out, resume=False, task="jigsaw"):
+        seed_everything(0)
+        backbone = build_backbone("small-cnn", 1, 28)
+        return training.train_pretext(task, backbone, tiny_splits.train_eval, tiny_splits.val,
+                                      config, settings, out_dir=out, resume=resume)  # fmt: skip
+
+    full = train(tmp_path / "full")
+    assert [r["epoch"] for r in full.history] == [1, 2]
+    assert all(0 <= r["val_accuracy"] <= 1 and r["train_loss"] > 0 for r in full.history)
+    # Interrupt a run in epoch 2 (its validation), after epoch 1's checkpoint was written.
+    evaluate, calls = training.evaluate_pretext, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_pretext", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "cut")
+    monkeypatch.setattr(training, "evaluate_pretext", evaluate)
+    resumed = train(tmp_path / "cut", resume=True)
+    assert resumed.resumed_from == 1 and len(resumed.history) == 2
+    for key, value in full.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[key], value)
+    assert resumed.history[1]["val_accuracy"] == full.history[1]["val_accuracy"]
+    with pytest.raises(ValueError, match="cannot resume .* task"):
+        train(tmp_path / "cut", resume=True, task="rotation")
+
+
+@pytest.mark.parametrize("task", ["rotation", "context", "contrastive"])
+def test_each_pretext_task_trains_and_changes_the_backbone(tiny_splits, task):
+    seed_everything(0)
+    backbone = build_backbone("small-cnn", 1, 28)
+    before = _state(backbone)
+    fitted = train_pretext(task, backbone, tiny_splits.train_eval, tiny_splits.val,
+                           TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, **CPU))  # fmt: skip
+    assert fitted.backbone is backbone and len(fitted.history) == 1
+    assert any(not torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
+
+
+# -- the whole study -----------------------------------------------------------------------------
+
+
+def test_run_study_python_api_summarises_every_backbone_and_fraction(tiny_splits, tmp_path):
+    quick = TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
+    fitted = run_study(tiny_splits, tasks=["rotation"], seeds=[0, 1], fractions=[0.25, 1.0],
+                       pretext_config=quick, eval_config=quick, scratch_config=quick,
+                       min_steps=2, quiet=True)  # fmt: skip
+    results = fitted.results
+    assert results["backbones"] == ["supervised", "random init", "rotation"]
+    assert results["seeds_done"] == [0, 1] and len(results["runs"]) == 3 * 2 * 2
+    cell = results["summary"]["by_fraction"]["0.25"]["rotation"]
+    accs = [r["metrics"]["test"]["accuracy"] for r in results["runs"]
+            if r["backbone"] == "rotation" and r["fraction"] == 0.25]  # fmt: skip
+    assert cell["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert cell["accuracy"]["std"] == pytest.approx(np.std(accs))
+    assert cell["train_size"] == 12 and cell["seeds"] == 2  # 25 % of 24 + 24
+    sup = results["summary"]["by_fraction"]["1"]["supervised"]
+    assert sup["pct_of_supervised"]["auc"] == pytest.approx(100.0)
+    row = results["summary"]["table1"][2]
+    assert row["backbone"] == "rotation"
+    assert row["pct_of_supervised"]["accuracy"] == pytest.approx(
+        100 * row["accuracy"]["mean"] / sup["accuracy"]["mean"]
+    )
+    # The label subset of a (seed, fraction) is the same for every backbone.
+    sizes = {(r["seed"], r["fraction"]): r["train_size"] for r in results["runs"]}
+    assert all(sizes[(r["seed"], r["fraction"])] == r["train_size"] for r in results["runs"])
+    with pytest.raises(ValueError, match="tasks must be among"):
+        run_study(tiny_splits, tasks=["colour"])
+
+
+def test_run_pretext_cli_end_to_end(tmp_path, capsys):
+    write_medmnist(tmp_path / "pneumoniamnist.npz", sizes=(48, 12, 16))
+    out = tmp_path / "run"
+    argv = ["run", "pretext", "--dataset", "pneumoniamnist", "--data-dir", str(tmp_path),
+            "--task", "all", "--pretext-epochs", "1", "--eval-epochs", "1", "--epochs", "1",
+            "--min-steps", "1", "--fractions", "0.5", "1", "--batch-size", "16",
+            "--permutations", "10", "--device", "cpu", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pretext | pneumoniamnist | small-cnn" in printed and "Table 1" in printed
+    for name in ("supervised", "random init", "rotation", "jigsaw", "context", "contrastive"):
+        assert name in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "pretext" and results["config"]["tile_size"] == 7
+    assert results["config"]["settings"]["num_permutations"] == 10
+    assert set(results["pretext"]) == {"rotation", "jigsaw", "context", "contrastive"}
+    for plot in (
+        "label_fractions.png",
+        "pretext_curves.png",
+        "jigsaw_batch.png",
+        "context_pair.png",
+    ):
+        assert plot in results["plots"] and (out / plot).read_bytes()[:4] == b"\x89PNG"
+    # A pretext-trained backbone loads into a classifier of the same model, e.g. to fine-tune.
+    classifier = build_model("small-cnn", 2, 1, 28)
+    report = load_pretrained(classifier, out / "seed0" / "jigsaw" / "backbone.pt")
+    assert report["skipped"] == [] and all(k.startswith("classifier.") for k in report["missing"])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--task", "context", "--grid", "4"], "odd grid"),
+     (["--fractions", "0"], r"label fractions must be in \(0, 1\]"),
+     (["--pretext-epochs", "0"], "--pretext-epochs must be >= 1"),
+     (["--eval-lr", "0"], "--eval-lr must be > 0"),
+     (["--task", "jigsaw", "--grid", "10"], "too small for a 10x10 grid")],
+)  # fmt: skip
+def test_run_pretext_bad_options_are_clear_errors(tmp_path, capsys, option, message):
+    write_medmnist(tmp_path / "pneumoniamnist.npz", sizes=(8, 4, 4))
+    argv = ["run", "pretext", "--dataset", "pneumoniamnist", "--data-dir", str(tmp_path),
+            "--device", "cpu", "--quiet", "--out", str(tmp_path / "run"), *option]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labelkit: error:") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
