@@ -434,8 +434,8 @@ def test_run_pretext_cli_end_to_end(tmp_path, capsys):
     ("option", "message"),
     [(["--task", "context", "--grid", "4"], "odd grid"),
      (["--fractions", "0"], r"label fractions must be in \(0, 1\]"),
-     (["--pretext-epochs", "0"], "--pretext-epochs must be >= 1"),
-     (["--eval-lr", "0"], "--eval-lr must be > 0"),
+     (["--pretext-epochs", "0"], "pretext_epochs must be >= 1"),
+     (["--eval-lr", "0"], "eval_lr must be > 0"),
      (["--task", "jigsaw", "--grid", "10"], "too small for a 10x10 grid")],
 )  # fmt: skip
 def test_run_pretext_bad_options_are_clear_errors(tmp_path, capsys, option, message):

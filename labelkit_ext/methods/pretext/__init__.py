@@ -11,13 +11,15 @@ labels. See docs/methods/pretext.md.
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from labelkit_ext.engine import TrainConfig
-from labelkit_ext.methods.common import add_training_arguments, load_data, run_dir, train_config
+from labelkit_ext.engine import TrainConfig, current_dist, option
+from labelkit_ext.errors import UsageError
+from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
 from labelkit_ext.methods.pretext.evaluation import (
     EvalResult,
     balanced_loss,
@@ -65,6 +67,7 @@ from labelkit_ext.methods.pretext.tasks import (
 )
 from labelkit_ext.methods.pretext.training import PretextFit, evaluate_pretext, train_pretext
 from labelkit_ext.methods.registry import register_method
+from labelkit_ext.models import available_models
 
 __all__ = [
     "BACKBONE_FILE",
@@ -99,7 +102,7 @@ __all__ = [
     "plot_context_pair",
     "plot_jigsaw_batch",
     "pretext_step",
-    "run",
+    "run_pretext",
     "run_study",
     "summarize",
     "table1",
@@ -108,165 +111,147 @@ __all__ = [
     "warp_views",
 ]
 
-DEFAULTS = {
-    "scratch_epochs": 15,  # --epochs: the supervised-from-scratch baseline
-    "pretext_epochs": 8,
-    "pretext_lr": 1e-3,
-    "eval_epochs": 30,
-    "eval_lr": 1e-3,
-    "batch_size": 128,
-}
 
+@dataclass
+class PretextRunConfig:
+    """``labelkit run pretext``: its options are these fields. ``train`` is the supervised-
+    from-scratch baseline's training; its batch size, device etc. are shared by every stage."""
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(
-        parser, epochs=DEFAULTS["scratch_epochs"], batch_size=DEFAULTS["batch_size"]
+    data: DataConfig = option(factory=lambda: DataConfig(dataset="pneumoniamnist"), help="data")
+    model: str = option("small-cnn", "backbone network", choices=available_models)
+    pretrained: str | None = option(
+        None, "also evaluate a backbone with these weights (e.g. ImageNet), from a local file",
+        metavar="FILE",
+    )  # fmt: skip
+    train: TrainConfig = option(
+        factory=lambda: TrainConfig(epochs=15, batch_size=128),
+        help="training (epochs: the supervised-from-scratch baseline)",
     )
-    group = parser.add_argument_group(
-        "pretext", "pretext training (Adam, cosine; --batch-size, --device etc. are shared)"
+    task: str = option(
+        "all", "pretext task(s) to train and evaluate", choices=[*PRETEXT_TASKS, "all"]
     )
-    group.add_argument(
-        "--task",
-        default="all",
-        choices=[*PRETEXT_TASKS, "all"],
-        help="pretext task(s) to train and evaluate (default: %(default)s)",
-    )
-    group.add_argument("--pretext-epochs", type=int, default=DEFAULTS["pretext_epochs"],
-                       help="default: %(default)s")  # fmt: skip
-    group.add_argument("--pretext-lr", type=float, default=DEFAULTS["pretext_lr"],
-                       help="default: %(default)s")  # fmt: skip
-    group.add_argument(
-        "--grid",
-        type=int,
-        default=3,
-        help="jigsaw/context cells per side (odd for context; default 3)",
-    )
-    group.add_argument(
-        "--tile-size",
-        type=int,
-        default=None,
-        metavar="PX",
-        help="jigsaw tile / context patch side (default: cell minus a quarter-cell gap, >= 2 px; "
+    pretext_epochs: int = option(8, "pretext training epochs (Adam, cosine)")
+    pretext_lr: float = option(1e-3, "pretext learning rate (Adam)")
+    grid: int = option(3, "jigsaw/context cells per side (odd for context)")
+    tile_size: int | None = option(
+        None,
+        "jigsaw tile / context patch side (default: cell minus a quarter-cell gap, >= 2 px; "
         "7 px at 28 px, 64 px at 255 px)",
+        metavar="PX",
     )
-    group.add_argument("--permutations", type=int, default=100,
-                       help="jigsaw classes: maximal-Hamming permutations (default: %(default)s)")  # fmt: skip
-    group.add_argument("--no-jitter", dest="jitter", action="store_false",
-                       help="tiles centred in their cells instead of randomly placed")  # fmt: skip
-    group.add_argument("--no-tile-normalize", dest="normalize_tiles", action="store_false",
-                       help="no per-tile standardisation of jigsaw tiles / context patches")  # fmt: skip
-    group.add_argument("--all-rotations", action="store_true",
-                       help="rotation: each image at all 4 angles per batch (4x the cost)")  # fmt: skip
-    group.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
-    group = parser.add_argument_group("linear evaluation")
-    group.add_argument("--eval-epochs", type=int, default=DEFAULTS["eval_epochs"],
-                       help="head epochs on the frozen backbone (default: %(default)s)")  # fmt: skip
-    group.add_argument("--eval-lr", type=float, default=DEFAULTS["eval_lr"],
-                       help="head learning rate, Adam (default: %(default)s)")  # fmt: skip
-    group.add_argument("--hidden", type=int, default=256, help="hidden width of the heads")
-    group.add_argument(
-        "--fractions",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_FRACTIONS),
-        metavar="F",
-        help="shares of the training labels to evaluate with (default: 0.01 0.1 1)",
+    permutations: int = option(100, "jigsaw classes: maximal-Hamming permutations")
+    jitter: bool = option(True, "tiles placed randomly in their cells (else centred)")
+    tile_normalize: bool = option(
+        True, "per-tile standardisation of jigsaw tiles / context patches"
     )
-    group.add_argument("--num-seeds", type=int, default=1,
-                       help="seeds --seed, --seed+1, ...; tables give mean ± std (default: 1)")  # fmt: skip
-    group.add_argument(
-        "--min-steps",
-        type=int,
-        default=200,
-        help="raise epochs so every head / scratch run takes at least this many steps",
+    all_rotations: bool = option(
+        False, "rotation: each image at all 4 angles per batch (4x the cost)"
     )
-    group.add_argument("--no-balance", dest="balanced", action="store_false",
-                       help="plain cross-entropy instead of class-balanced weights")  # fmt: skip
-    group.add_argument("--no-random-baseline", dest="random_baseline", action="store_false")
-    group.add_argument("--no-scratch-baseline", dest="scratch_baseline", action="store_false")
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("pretext_epochs", "eval_epochs", "num_seeds", "hidden"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.min_steps < 0:
-        raise ValueError(f"--min-steps must be >= 0, got {args.min_steps}")
-    for name in ("pretext_lr", "eval_lr"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-
-
-def _settings(args: argparse.Namespace) -> PretextSettings:
-    return PretextSettings(
-        grid=args.grid,
-        tile_size=args.tile_size,
-        num_permutations=args.permutations,
-        jitter=args.jitter,
-        normalize_tiles=args.normalize_tiles,
-        all_rotations=args.all_rotations,
-        hidden=args.hidden,
-        temperature=args.temperature,
+    temperature: float = option(0.5, "NT-Xent temperature")
+    eval_epochs: int = option(30, "linear evaluation: head epochs on the frozen backbone")
+    eval_lr: float = option(1e-3, "linear evaluation: head learning rate (Adam)")
+    hidden: int = option(256, "hidden width of the heads")
+    fractions: tuple[float, ...] = option(
+        tuple(DEFAULT_FRACTIONS), "shares of the training labels to evaluate with", metavar="F"
     )
+    num_seeds: int = option(1, "seeds seed, seed+1, ...; tables give mean ± std")
+    min_steps: int = option(200, "raise epochs so every head / scratch run takes this many steps")
+    balance: bool = option(True, "class-balanced cross-entropy weights")
+    random_baseline: bool = option(True, "evaluate a randomly initialised backbone")
+    scratch_baseline: bool = option(True, "train the supervised-from-scratch baseline")
+
+    def __post_init__(self) -> None:
+        for name in ("pretext_epochs", "eval_epochs", "num_seeds", "hidden"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_steps < 0:
+            raise UsageError(f"min_steps must be >= 0, got {self.min_steps}")
+        for name in ("pretext_lr", "eval_lr"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.settings()  # its own checks, before any data is loaded
+
+    def settings(self) -> PretextSettings:
+        return PretextSettings(
+            grid=self.grid,
+            tile_size=self.tile_size,
+            num_permutations=self.permutations,
+            jitter=self.jitter,
+            normalize_tiles=self.tile_normalize,
+            all_rotations=self.all_rotations,
+            hidden=self.hidden,
+            temperature=self.temperature,
+        )
+
+    def tasks(self) -> list[str]:
+        return list(PRETEXT_TASKS) if self.task == "all" else [self.task]
 
 
 def _adam(config: TrainConfig, epochs: int, lr: float) -> TrainConfig:
     return replace(config, epochs=epochs, lr=lr, optimizer="adam", weight_decay=1e-4)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``labelkit run pretext``: pretext training, linear evaluation over label fractions and
-    seeds, baselines; writes results.json and plots and prints Table 1 and the fraction table."""
-    tic = time.perf_counter()
-    _check_args(args)
-    settings = _settings(args)
-    tasks = list(PRETEXT_TASKS) if args.task == "all" else [args.task]
-    splits = load_data(args)
+def run_pretext(
+    config: PretextRunConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Pretext training, linear evaluation over label fractions and seeds, baselines;
+    results.json, plots, Table 1 and the fraction table (``out_dir`` default
+    ``runs/pretext-<dataset>``)."""
+    started = time.perf_counter()
+    config = config or PretextRunConfig()
+    settings, tasks, train = config.settings(), config.tasks(), config.train
+    out = Path(out_dir) if out_dir is not None else default_run_dir("pretext", config.data)
+    splits = load_data(config.data)
     if {"jigsaw", "context"} & set(tasks):
         settings.tile_for(splits.info.image_size)  # a clear error before any training
-    out = run_dir(args, "pretext")
-    config = train_config(args)
+    data_seconds = time.perf_counter() - started
     fitted = run_study(
         splits,
         tasks=tasks,
-        model=args.model,
-        seeds=[args.seed + i for i in range(args.num_seeds)],
-        fractions=args.fractions,
-        pretext_config=_adam(config, args.pretext_epochs, args.pretext_lr),
-        eval_config=_adam(config, args.eval_epochs, args.eval_lr),
-        scratch_config=config,
+        model=config.model,
+        seeds=[train.seed + i for i in range(config.num_seeds)],
+        fractions=config.fractions,
+        pretext_config=_adam(train, config.pretext_epochs, config.pretext_lr),
+        eval_config=_adam(train, config.eval_epochs, config.eval_lr),
+        scratch_config=train,
         settings=settings,
-        hidden=args.hidden,
-        balanced=args.balanced,
-        min_steps=args.min_steps,
-        random_baseline=args.random_baseline,
-        scratch_baseline=args.scratch_baseline,
-        pretrained=args.pretrained,
+        hidden=config.hidden,
+        balanced=config.balance,
+        min_steps=config.min_steps,
+        random_baseline=config.random_baseline,
+        scratch_baseline=config.scratch_baseline,
+        pretrained=config.pretrained,
         out_dir=out,
-        resume=args.resume,
-        quiet=args.quiet,
-        cli_args=vars(args),
-        data_seconds=time.perf_counter() - tic,
+        resume=resume,
+        quiet=train.quiet,
     )
-    summary = fitted.results["summary"]
+    results = fitted.results
+    results["config"]["run"] = asdict(config)
+    results["timings"]["data_seconds"] = data_seconds
+    write_results(out, results, started)  # adds the run's settings and data time
+    summary = results["summary"]
     fraction = summary["table1_fraction"]
-    print(
-        f"\npretext | {args.dataset} | {args.model} | pretext {args.pretext_epochs} epochs, "
-        f"head {args.eval_epochs} epochs, scratch {args.epochs} epochs | "
-        f"{args.num_seeds} seed(s), test split\n\n"
-        f"linear evaluation with {fraction:.0%} of the labels (the original's Table 1)\n"
-        f"{table1(summary)}\n\n"
-        f"test AUC % by share of labels\n{fractions_table(summary, 'auc')}\n\n"
-        f"test accuracy % by share of labels\n{fractions_table(summary, 'accuracy')}"
-    )
-    print(f"results: {out / 'results.json'}  plots: {', '.join(fitted.results.get('plots', []))}")
-    return fitted.results
+    if current_dist().is_main:
+        print(
+            f"\npretext | {config.data.dataset} | {config.model} | pretext "
+            f"{config.pretext_epochs} epochs, head {config.eval_epochs} epochs, scratch "
+            f"{train.epochs} epochs | {config.num_seeds} seed(s), test split\n\n"
+            f"linear evaluation with {fraction:.0%} of the labels (the original's Table 1)\n"
+            f"{table1(summary)}\n\n"
+            f"test AUC % by share of labels\n{fractions_table(summary, 'auc')}\n\n"
+            f"test accuracy % by share of labels\n{fractions_table(summary, 'accuracy')}"
+        )
+        print(f"results: {out / 'results.json'}  plots: {', '.join(results.get('plots', []))}")
+    return results
 
 
 register_method(
     "pretext",
-    run=run,
-    add_arguments=add_arguments,
+    config=PretextRunConfig,
+    run=run_pretext,
     help="self-supervised pretext tasks (rotation, jigsaw, context, contrastive) on unlabeled "
     "images, then linear evaluation of the frozen backbone over label fractions",
 )

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import TrainConfig, save_checkpoint, seed_everything
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.common import dataset_summary, write_results
 from labelkit_ext.methods.pretext.evaluation import (
     EvalResult,
@@ -76,14 +77,14 @@ class _Stages:
 def _check(tasks: Sequence[str], seeds: Sequence[int], fractions: Sequence[float]) -> None:
     unknown = [t for t in tasks if t not in PRETEXT_TASKS]
     if unknown:
-        raise ValueError(f"tasks must be among {PRETEXT_TASKS}, got {unknown}")
+        raise UsageError(f"tasks must be among {PRETEXT_TASKS}, got {unknown}")
     if not seeds:
-        raise ValueError("seeds must hold at least one seed")
+        raise UsageError("seeds must hold at least one seed")
     if not fractions:
-        raise ValueError("fractions must hold at least one label fraction")
+        raise UsageError("fractions must hold at least one label fraction")
     for f in fractions:
         if not 0.0 < f <= 1.0:
-            raise ValueError(f"label fractions must be in (0, 1], got {f}")
+            raise UsageError(f"label fractions must be in (0, 1], got {f}")
 
 
 def _eval_record(backbone: str, seed: int, fraction: float, result: EvalResult) -> dict:
@@ -140,8 +141,6 @@ def run_study(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     quiet: bool = False,
-    cli_args: Mapping[str, Any] | None = None,
-    data_seconds: float = 0.0,
 ) -> StudyFit:
     """The whole method on ``splits``.
 
@@ -156,7 +155,7 @@ def run_study(
     With ``out_dir``: pretext checkpoints (``resume`` continues them) and the trained backbones
     (``<seed>/<task>/backbone.pt``), plots and results.json.
     """
-    started = time.perf_counter() - data_seconds
+    started = time.perf_counter()
     _check(tasks, seeds, fractions)
     settings = settings or PretextSettings()
     pretext_config = pretext_config or TrainConfig(epochs=8, optimizer="adam", lr=1e-3)
@@ -164,7 +163,7 @@ def run_study(
     scratch_config = scratch_config or TrainConfig(epochs=15)
     info = splits.info
     if "context" in tasks and settings.grid % 2 == 0:
-        raise ValueError(f"the context task needs an odd grid, got {settings.grid}")
+        raise UsageError(f"the context task needs an odd grid, got {settings.grid}")
     tile = settings.tile_for(info.image_size) if {"jigsaw", "context"} & set(tasks) else None
     out = Path(out_dir) if out_dir is not None else None
     stages = _Stages(quiet)
@@ -189,7 +188,6 @@ def run_study(
             "pretext_train": pretext_config.to_dict(),
             "linear_eval_train": eval_config.to_dict(),
             "scratch_train": scratch_config.to_dict(),
-            "cli": dict(cli_args or {}),
         },
         "dataset": dataset_summary(splits),
         "backbones": order,

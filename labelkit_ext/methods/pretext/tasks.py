@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.ops.pretext import PretextBatch, hamming_permutations, make_pretext_batch
 
@@ -74,13 +75,13 @@ class PretextSettings:
 
     def __post_init__(self) -> None:
         if self.grid < 2:
-            raise ValueError(f"grid must be >= 2, got {self.grid}")
+            raise UsageError(f"grid must be >= 2, got {self.grid}")
         if self.num_permutations < 2:
-            raise ValueError(f"num_permutations must be >= 2, got {self.num_permutations}")
+            raise UsageError(f"num_permutations must be >= 2, got {self.num_permutations}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if self.max_zoom < 1:
-            raise ValueError(f"max_zoom must be >= 1, got {self.max_zoom}")
+            raise UsageError(f"max_zoom must be >= 1, got {self.max_zoom}")
 
     def tile_for(self, image_size: int) -> int:
         return self.tile_size or default_tile_size(image_size, self.grid)
