@@ -8,6 +8,14 @@ pure-PyTorch reference (``labelkit_ext.reference``) otherwise; ``labelkit_ext.in
 from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
 from labelkit_ext._info import info
 from labelkit_ext.ops.entropy import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
+from labelkit_ext.ops.scoring import (
+    TopK,
+    badge_select,
+    cosine_reduce,
+    cosine_topk,
+    kcenter_greedy,
+    uncertainty,
+)
 
 __version__ = "0.1.0"
 
@@ -20,5 +28,11 @@ __all__ = [
     "info",
     "max_entropy_loss",
     "softmax_entropy",
+    "TopK",
+    "badge_select",
+    "cosine_reduce",
+    "cosine_topk",
+    "kcenter_greedy",
+    "uncertainty",
     "__version__",
 ]
