@@ -48,12 +48,15 @@ def _top2(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top[..., 0], top[..., 1]
 
 
-def _mc_variation_ratio(scores: torch.Tensor) -> torch.Tensor:
-    """1 - (votes of the modal class) / S over the S sampled argmax predictions."""
+def _mc_variation_ratio(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    """1 - (votes of the modal class) / S over the S sampled argmax predictions; NaN for a
+    sample with a NaN (or, for logits, +inf) score, as the other MC methods."""
     S, N, C = scores.shape
-    votes = torch.zeros(N, C, dtype=torch.float32, device=scores.device)
-    votes.scatter_add_(1, scores.argmax(-1).t(), torch.ones(N, S, device=scores.device))
-    return 1.0 - votes.amax(-1) / S
+    dtype = accumulation_dtype(scores.dtype)
+    votes = torch.zeros(N, C, dtype=dtype, device=scores.device)
+    votes.scatter_add_(1, scores.argmax(-1).t(), torch.ones(N, S, dtype=dtype, device=scores.device))
+    bad = scores.isnan() | (scores == float("inf")) if from_logits else scores.isnan()
+    return (1.0 - votes.amax(-1) / S).masked_fill(bad.any(-1).any(0), float("nan"))
 
 
 def uncertainty_ref(scores: torch.Tensor, method: str = "entropy", from_logits: bool = True) -> torch.Tensor:
@@ -61,7 +64,7 @@ def uncertainty_ref(scores: torch.Tensor, method: str = "entropy", from_logits: 
     if method == "entropy":
         return _entropy(scores, from_logits)
     if method == "variation_ratio" and scores.dim() == 3:
-        return _mc_variation_ratio(scores).to(accumulation_dtype(scores.dtype))
+        return _mc_variation_ratio(scores, from_logits)
     if method in ("least_confidence", "variation_ratio"):
         return 1.0 - _probabilities(scores, from_logits).amax(-1)
     if method == "margin":
