@@ -65,11 +65,16 @@ LK_HD bool kcenter_can_skip(T center_gap_sq, T min_sq) {
 }
 
 // Squared distance between q_i (x) h_i and q_c (x) h_c from the factors (BADGE):
-// |g_i|^2 + |g_c|^2 - 2 <q_i, q_c><h_i, h_c>, clamped at 0 against cancellation.
+// |g_i|^2 + |g_c|^2 - 2 <q_i, q_c><h_i, h_c>. The formula cancels: its rounding error is a few
+// ulp of |g_i|^2 + |g_c|^2, so anything below kBadgeCancel ulp of that is exactly 0 (duplicates
+// of a pick then carry no sampling mass, as with the explicit embeddings).
+constexpr double kBadgeCancel = 16.0;
+
 template <typename T>
 LK_HD T badge_sq_dist(T g2_i, T g2_c, T qq, T hh) {
   const T d = g2_i + g2_c - T(2) * qq * hh;
-  return d > T(0) ? d : T(0);
+  const T floor = T(kBadgeCancel) * std::numeric_limits<T>::epsilon() * (g2_i + g2_c);
+  return d > floor ? d : T(0);
 }
 
 // Uncertainty of one [C] row from its softmax statistics: max m, second largest logit z2

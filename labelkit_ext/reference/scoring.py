@@ -209,6 +209,18 @@ def kcenter_greedy_ref(
     return picks
 
 
+#: Squared BADGE distances below this many ulp of |g_i|^2 + |g_c|^2 are cancellation noise: 0.
+BADGE_CANCEL_ULP = 16.0
+
+
+def badge_sq_dist(g2_i: torch.Tensor, g2_c: torch.Tensor, qq: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
+    """|g_i - g_c|^2 = |g_i|^2 + |g_c|^2 - 2 <q_i, q_c><h_i, h_c>; values within the formula's
+    rounding error of 0 (a few ulp of |g_i|^2 + |g_c|^2) are exactly 0, as for duplicates."""
+    d = g2_i + g2_c - 2.0 * qq * hh
+    floor = BADGE_CANCEL_ULP * torch.finfo(d.dtype).eps * (g2_i + g2_c)
+    return torch.where(d > floor, d, torch.zeros_like(d))
+
+
 def badge_uniforms(budget: int, seed: int) -> torch.Tensor:
     """The float64 uniforms of the k-means++ draws: one per pick (the first pick is
     deterministic and ignores its own). Drawn on the CPU so every device and shard agrees."""
@@ -260,6 +272,5 @@ def badge_select_ref(
             c = badge_sample(w, float(uniforms[t]), taken)
         picks[t] = c
         taken[c] = True
-        d = g2 + g2[c] - 2.0 * (q @ q[c]) * (h @ h[c])
-        min_d = torch.minimum(min_d, d.clamp_min(0.0))
+        min_d = torch.minimum(min_d, badge_sq_dist(g2, g2[c], q @ q[c], h @ h[c]))
     return picks

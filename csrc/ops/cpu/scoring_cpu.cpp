@@ -606,7 +606,7 @@ at::Tensor kcenter_greedy_cpu(const at::Tensor& embeddings, int64_t budget, cons
     }
     for (; t < budget; ++t) {
       out[t] = next;
-      next = state.add_center(next);
+      if (t + 1 < budget) next = state.add_center(next);  // the last pick needs no update
     }
   });
   return picks;
