@@ -47,9 +47,9 @@ def shard_bounds(total: int, info: DistInfo | None = None) -> tuple[int, int]:
 def _gather_scalars(values: list[float], device: torch.device, info: DistInfo) -> torch.Tensor:
     """[world, len(values)] float64: every rank's values, in rank order."""
     mine = torch.tensor(values, dtype=torch.float64, device=device)
-    out = torch.empty(info.world_size, len(values), dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(out, mine)
-    return out
+    out = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(out, mine)
+    return torch.stack(out)
 
 
 def _shard_offsets(local: int, device: torch.device, info: DistInfo) -> tuple[int, int]:

@@ -24,22 +24,29 @@ WORLD = 2
 
 
 def _pool():
-    """Integer-valued float64 data: exact distances, plenty of exact ties and duplicates."""
+    """float64 data whose ties are exact: keys are random vectors plus scaled basis vectors and a
+    zero vector (similarities with a basis vector are exact, so equal ones tie bit for bit; two
+    similarities that are only mathematically equal may round apart in a GEMM, and then rank by
+    their rounded values). k-center euclidean runs on integer coordinates (exact distances, many
+    ties and duplicates), cosine on random ones."""
     g = torch.Generator().manual_seed(0)
-    queries = torch.randint(-3, 4, (17, 5), generator=g).double()
-    keys = torch.randint(-3, 4, (41, 5), generator=g).double()
-    keys[9] = 0.0
+    queries = torch.randn(17, 5, generator=g, dtype=torch.float64)
+    queries[0] = torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0])
+    queries[1] = 0.0
+    basis = torch.eye(5, dtype=torch.float64)
+    keys = torch.cat([torch.randn(30, 5, generator=g, dtype=torch.float64), basis * 2, basis, torch.zeros(1, 5)])
     emb = torch.randint(-4, 5, (61, 6), generator=g).double()
     emb[30] = emb[31]
+    emb_cos = torch.randn(61, 6, generator=g, dtype=torch.float64)
     probs = torch.softmax(torch.randn(61, 4, generator=g, dtype=torch.float64) * 2, 1)
-    return queries, keys, emb, probs
+    return queries, keys, emb, emb_cos, probs
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        queries, keys, emb, probs = _pool()
+        queries, keys, emb, emb_cos, probs = _pool()
         ks, ke = shard_bounds(keys.shape[0])
         es, ee = shard_bounds(emb.shape[0])
         result = {}
@@ -48,9 +55,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result[f"topk_{largest}"] = (top.values, top.indices)
         for reduce in ("max", "min", "mean", "sum"):
             result[f"reduce_{reduce}"] = sharded_cosine_reduce(queries, keys[ks:ke], reduce)
-        for metric in ("euclidean", "cosine"):
-            result[f"kcenter_{metric}"] = sharded_kcenter_greedy(emb[es:ee], 20, None, metric)
-            result[f"kcenter_lab_{metric}"] = sharded_kcenter_greedy(emb[es:ee], 20, [3, 50, 31], metric)
+        for metric, x in (("euclidean", emb), ("cosine", emb_cos)):
+            result[f"kcenter_{metric}"] = sharded_kcenter_greedy(x[es:ee], 20, None, metric)
+            result[f"kcenter_lab_{metric}"] = sharded_kcenter_greedy(x[es:ee], 20, [3, 50, 31], metric)
         for seed in (0, 1, 2):
             result[f"badge_{seed}"] = sharded_badge_select(probs[es:ee], emb[es:ee], 15, seed)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -59,16 +66,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def _single_process():
-    queries, keys, emb, probs = _pool()
+    queries, keys, emb, emb_cos, probs = _pool()
     result = {}
     for largest in (True, False):
         top = cosine_topk(queries, keys, 7, largest)
         result[f"topk_{largest}"] = (top.values, top.indices)
     for reduce in ("max", "min", "mean", "sum"):
         result[f"reduce_{reduce}"] = cosine_reduce(queries, keys, reduce)
-    for metric in ("euclidean", "cosine"):
-        result[f"kcenter_{metric}"] = kcenter_greedy(emb, 20, None, metric)
-        result[f"kcenter_lab_{metric}"] = kcenter_greedy(emb, 20, [3, 50, 31], metric)
+    for metric, x in (("euclidean", emb), ("cosine", emb_cos)):
+        result[f"kcenter_{metric}"] = kcenter_greedy(x, 20, None, metric)
+        result[f"kcenter_lab_{metric}"] = kcenter_greedy(x, 20, [3, 50, 31], metric)
     for seed in (0, 1, 2):
         result[f"badge_{seed}"] = badge_select(probs, emb, 15, seed)
     return result

@@ -415,16 +415,18 @@ void for_each_score_tile(const at::Tensor& q_hat, const at::Tensor& k_hat, Tiles
   const int64_t N = q_hat.size(0);
   const int64_t M = k_hat.size(0);
   at::parallel_for(0, num_blocks(N, tiles.n), 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> buf(tiles.n * std::min(tiles.m, M));
+    // Through the ATen allocator (not std::vector) so that memory profilers see the tile.
+    const at::Tensor tile = at::empty({tiles.n * std::min(tiles.m, M)}, q_hat.options());
+    T* buf = tile.mutable_data_ptr<T>();
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * tiles.n;
       const int64_t rows = std::min(tiles.n, N - n0);
       const at::Tensor q = q_hat.narrow(0, n0, rows);
       for (int64_t m0 = 0; m0 < M; m0 += tiles.m) {
         const int64_t cols = std::min(tiles.m, M - m0);
-        at::Tensor s = at::from_blob(buf.data(), {rows, cols}, q_hat.options());
+        at::Tensor s = at::from_blob(buf, {rows, cols}, q_hat.options());
         at::mm_out(s, q, k_hat.narrow(0, m0, cols).t());
-        fold(static_cast<const T*>(buf.data()), n0, rows, m0, cols);
+        fold(static_cast<const T*>(buf), n0, rows, m0, cols);
       }
     }
   });
@@ -440,16 +442,17 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cpu(const at::Tensor& queries, co
   if (N == 0) return {values, indices};
   const at::Tensor q_hat = normalized_rows(queries, eps);
   const at::Tensor k_hat = normalized_rows(keys, eps);
-  std::vector<int64_t> filled(N, 0);
+  const at::Tensor filled_t = at::zeros({N}, queries.options().dtype(at::kLong));
+  int64_t* filled = filled_t.mutable_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(q_hat.scalar_type(), "cosine_topk_cpu", [&] {
     scalar_t* vp = values.mutable_data_ptr<scalar_t>();
     int64_t* ip = indices.mutable_data_ptr<int64_t>();
     for_each_score_tile<scalar_t>(q_hat, k_hat, pick_tiles(tile_size),
                                   [&](const scalar_t* s, int64_t n0, int64_t rows, int64_t m0, int64_t cols) {
       if (largest) {
-        merge_tile_topk<true>(s, rows, cols, m0, k, vp + n0 * k, ip + n0 * k, filled.data() + n0);
+        merge_tile_topk<true>(s, rows, cols, m0, k, vp + n0 * k, ip + n0 * k, filled + n0);
       } else {
-        merge_tile_topk<false>(s, rows, cols, m0, k, vp + n0 * k, ip + n0 * k, filled.data() + n0);
+        merge_tile_topk<false>(s, rows, cols, m0, k, vp + n0 * k, ip + n0 * k, filled + n0);
       }
     });
   });
