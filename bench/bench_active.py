@@ -50,7 +50,9 @@ KEY = ("strategy", "n", "d", "c", "labeled", "budget")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--n", type=common.int_list, default=[50_000, 200_000], help="pool sizes")
     p.add_argument("--d", type=int, default=128, help="embedding size")
     p.add_argument("--c", type=int, default=10, help="classes")
@@ -60,7 +62,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", type=common.choice_list(PEERS), default=list(PEERS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-run-time", type=float, default=0.5)
-    p.add_argument("--min-samples", type=int, default=1, help="peers take seconds: one timed call is the default")
+    p.add_argument(
+        "--min-samples",
+        type=int,
+        default=1,
+        help="peers take seconds: one timed call is the default",
+    )
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)
@@ -169,7 +176,9 @@ def skactiveml_select(strategy: str, pool: dict, budget: int) -> Callable[[], np
     return lambda: np.asarray(qs.query(rows, y, clf, fit_clf=False, batch_size=budget))
 
 
-def peer_callable(peer: str, strategy: str, pool: dict, budget: int) -> Callable[[], np.ndarray] | None:
+def peer_callable(
+    peer: str, strategy: str, pool: dict, budget: int
+) -> Callable[[], np.ndarray] | None:
     """The peer's selection, or None where it has no such strategy."""
     if peer == "skactiveml":
         return skactiveml_select(strategy, pool, budget)
@@ -204,10 +213,14 @@ def peak_mb(run: Callable[[], object], device: torch.device) -> float:
     return round(max(torch_peak, numpy_peak / 2**20), 1)
 
 
-def measure(name: str, run: Callable[[], np.ndarray], device: torch.device, args: argparse.Namespace) -> dict:
+def measure(
+    name: str, run: Callable[[], np.ndarray], device: torch.device, args: argparse.Namespace
+) -> dict:
     task = common.Task(run=lambda _: run())
     with common.OtherCpu() as other:
-        timing = common.time_task(task, device, min_run_time=args.min_run_time, min_samples=args.min_samples, label=name)
+        timing = common.time_task(
+            task, device, min_run_time=args.min_run_time, min_samples=args.min_samples, label=name
+        )
     row = {"time_ms": round(timing.median_ms, 3), "iqr_ms": round(timing.iqr_ms, 3), "samples": timing.samples,
            "other_cpu_pct": other.percent}  # fmt: skip
     if not args.no_memory:
@@ -236,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_ours = ours(strategy, pool, args.budget, device)
             tic = time.perf_counter()
             reference = run_ours()
-            print(f"{strategy} n={n}: ours {1e3 * (time.perf_counter() - tic):.1f} ms (first call)", flush=True)
+            print(
+                f"{strategy} n={n}: ours {1e3 * (time.perf_counter() - tic):.1f} ms (first call)",
+                flush=True,
+            )
             rows.append({**base, "provider": "ours", "check": "reference",
                          **measure(f"ours {strategy}", run_ours, device, args)})  # fmt: skip
             for peer in available:
@@ -245,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 tic = time.perf_counter()
                 verdict = check(strategy, run_peer(), reference, pool, args.budget)
-                print(f"{strategy} n={n}: {peer} {1e3 * (time.perf_counter() - tic):.1f} ms (first call), {verdict}", flush=True)
+                print(
+                    f"{strategy} n={n}: {peer} {1e3 * (time.perf_counter() - tic):.1f} ms (first call), {verdict}",
+                    flush=True,
+                )
                 rows.append({**base, "provider": peer, "check": verdict,
                              **measure(f"{peer} {strategy}", run_peer, device, args)})  # fmt: skip
             common.release_memory(device)

@@ -118,7 +118,9 @@ def test_mc_strategies_pick_disagreement_not_ambiguity():
     mc = _mc([[half, a, a], [half, b, a], [half, a, a], [half, b, a]])
     scores = PoolScores(mc_logits=mc)
     for name in ("bald", "variation-ratio", "mean-std", "batchbald"):
-        assert select(build_strategy(name), _ctx(scores, budget=1, num_classes=2)).tolist() == [1], name
+        assert select(build_strategy(name), _ctx(scores, budget=1, num_classes=2)).tolist() == [
+            1
+        ], name
 
 
 def test_batchbald_avoids_the_duplicate_that_bald_takes():
@@ -176,7 +178,9 @@ def test_badge_first_pick_is_the_largest_gradient_embedding():
     emb = torch.tensor([[1.0, 0.0], [1.0, 1.0], [3.0, 0.0], [5.0, 5.0]])
     q = probs - torch.nn.functional.one_hot(probs.argmax(1), 2)
     norms = q.norm(dim=1) * emb.norm(dim=1)
-    ctx = _ctx(PoolScores(logits=probs.log(), embeddings=emb), labeled=[int(norms.argmax())], budget=1)
+    ctx = _ctx(
+        PoolScores(logits=probs.log(), embeddings=emb), labeled=[int(norms.argmax())], budget=1
+    )
     masked = norms.clone()
     masked[int(norms.argmax())] = -1
     assert select(build_strategy("badge"), ctx).tolist() == [int(masked.argmax())]
@@ -275,7 +279,9 @@ def test_strategy_errors_are_clear():
     with pytest.raises(ValueError, match="needs pool mc_logits"):
         select(build_strategy("bald"), _ctx(PoolScores(logits=torch.zeros(4, 2)), budget=1))
     with pytest.raises(ValueError, match="needs at least one labeled"):
-        select(build_strategy("similarity"), _ctx(PoolScores(embeddings=torch.ones(4, 2)), budget=1))
+        select(
+            build_strategy("similarity"), _ctx(PoolScores(embeddings=torch.ones(4, 2)), budget=1)
+        )
     with pytest.raises(ValueError, match="beta must be >= 0"):
         build_strategy("density", beta=-1.0)
 
@@ -323,7 +329,9 @@ def _embedding_pool(n: int = 300, classes: int = 4, d: int = 16, seed: int = 0):
 
 def _embedding_loop(out, strategy="entropy", rounds=3, oracle=None, on_step=None, seed=0):
     pool, pool_y, test, test_y = _embedding_pool()
-    learner = EmbeddingLearner(pool, test, test_y, 4, device="cpu", steps=50, dropout=0.2, seed=seed)
+    learner = EmbeddingLearner(
+        pool, test, test_y, 4, device="cpu", steps=50, dropout=0.2, seed=seed
+    )
     config = ActiveConfig(rounds=rounds, query_size=10, initial_size=8, seed=seed, mc_samples=5)
     return ActiveLoop(learner, build_strategy(strategy), oracle or SimulatedOracle(pool_y), config,
                       out, fingerprint=FP, on_step=on_step)  # fmt: skip
@@ -368,7 +376,9 @@ def test_file_oracle_round_trips_and_resumes_when_answers_arrive(tmp_path):
     images = torch.randint(0, 255, (300, 1, 8, 8), dtype=torch.uint8)
     names = ["cat", "dog", "eel", "fox"]
     oracle = FileOracle(folder, lambda i: images[i], names)
-    run = lambda: _embedding_loop(tmp_path / "run", "margin", rounds=1, oracle=oracle).run(resume=True)  # noqa: E731
+
+    def run():
+        return _embedding_loop(tmp_path / "run", "margin", rounds=1, oracle=oracle).run(resume=True)
 
     with pytest.raises(AwaitingAnswers, match="waiting for 8 answer"):
         run()
@@ -378,7 +388,10 @@ def test_file_oracle_round_trips_and_resumes_when_answers_arrive(tmp_path):
     assert asked == initial_indices(300, 8, 0)
     assert all((folder / r["thumbnail"]).is_file() for r in query)
     # half the answers, as names and as numbers: saved, the run stops again for the rest
-    _answer(folder, [(i, names[int(pool_y[i])]) for i in asked[:3]] + [(asked[3], str(int(pool_y[asked[3]])))])
+    _answer(
+        folder,
+        [(i, names[int(pool_y[i])]) for i in asked[:3]] + [(asked[3], str(int(pool_y[asked[3]])))],
+    )
     with pytest.raises(AwaitingAnswers, match="waiting for 4 answer"):
         run()
     saved = json.loads((tmp_path / "run" / "state.json").read_text())["state"]
@@ -439,7 +452,14 @@ KILL_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "step,occurrence",
-    [("initial", 1), ("answered", 2), ("trained", 2), ("evaluated", 3), ("scored", 2), ("selected", 3)],
+    [
+        ("initial", 1),
+        ("answered", 2),
+        ("trained", 2),
+        ("evaluated", 3),
+        ("scored", 2),
+        ("selected", 3),
+    ],
 )
 def test_sigkill_after_any_step_resumes_to_the_identical_run(tmp_path, step, occurrence):
     assert step in STEPS
@@ -447,7 +467,10 @@ def test_sigkill_after_any_step_resumes_to_the_identical_run(tmp_path, step, occ
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT.format(test_dir=str(Path(__file__).parent)))
     out, log = tmp_path / "run", tmp_path / "asked.txt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     killed = subprocess.run([sys.executable, str(script), str(out), step, str(occurrence), str(log)],
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -465,14 +488,18 @@ def test_sigkill_after_any_step_resumes_to_the_identical_run(tmp_path, step, occ
 
 
 def test_area_under_curve_and_labels_to_target_by_hand():
-    assert area_under_curve([10, 20, 40], [0.5, 0.7, 0.9]) == pytest.approx(((0.5 + 0.7) / 2 * 10 + (0.7 + 0.9) / 2 * 20) / 30)
+    assert area_under_curve([10, 20, 40], [0.5, 0.7, 0.9]) == pytest.approx(
+        ((0.5 + 0.7) / 2 * 10 + (0.7 + 0.9) / 2 * 20) / 30
+    )
     assert area_under_curve([10], [0.5]) is None
     assert labels_to_reach([10, 20, 40], [0.5, 0.7, 0.9], 0.7) == 20
     assert labels_to_reach([10, 20, 40], [0.5, 0.7, 0.9], 0.95) is None
     records = {0: [{"labels": 10, "accuracy": 0.5}, {"labels": 20, "accuracy": 0.9, "selection_seconds": 1.0}],
                1: [{"labels": 10, "accuracy": 0.7}, {"labels": 20, "accuracy": 0.7}]}  # fmt: skip
     s = summarize_strategy(records, 0.8)
-    assert s["accuracy_mean"] == pytest.approx([0.6, 0.8]) and s["accuracy_std"] == pytest.approx([0.1, 0.1])
+    assert s["accuracy_mean"] == pytest.approx([0.6, 0.8]) and s["accuracy_std"] == pytest.approx(
+        [0.1, 0.1]
+    )
     assert s["aulc_mean"] == pytest.approx(0.7) and s["labels_to_target_per_seed"] == [20, None]
     assert s["seeds_reaching_target"] == 1 and math.isclose(s["mean_selection_seconds"], 1.0)
 
@@ -511,7 +538,15 @@ TINY = ["--dataset", "digits", "--image-size", "8", "--epochs", "2", "--batch-si
 
 def test_run_active_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "active", *TINY, "--strategies", "random,entropy,bald,cluster-margin", "--out", str(out)]
+    args = [
+        "run",
+        "active",
+        *TINY,
+        "--strategies",
+        "random,entropy,bald,cluster-margin",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
@@ -527,7 +562,10 @@ def test_run_active_cli_end_to_end(tmp_path, capsys):
     # a finished run resumes to the same numbers; without --resume it is refused
     assert main([*args, "--resume"]) == 0
     again = json.loads((out / "results.json").read_text())
-    assert again["summary"]["entropy"]["accuracy_mean"] == results["summary"]["entropy"]["accuracy_mean"]
+    assert (
+        again["summary"]["entropy"]["accuracy_mean"]
+        == results["summary"]["entropy"]["accuracy_mean"]
+    )
     assert main(args) == 2
     assert "pass --resume" in capsys.readouterr().err
 

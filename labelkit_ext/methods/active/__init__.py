@@ -118,11 +118,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_STRATEGIES,
         help=f"comma-separated, from {', '.join(available_strategies())} (default: %(default)s)",
     )
-    group.add_argument("--num-seeds", type=int, default=2, help="seeds --seed, --seed+1, ... (default: %(default)s)")
-    group.add_argument("--rounds", type=int, default=5, help="queries after the initial set (default: %(default)s)")
-    group.add_argument("--query-size", type=int, default=20, help="labels per query (default: %(default)s)")
-    group.add_argument("--initial-size", type=int, default=20, help="random initial labels (default: %(default)s)")
-    group.add_argument("--mc-samples", type=int, default=20, help="MC-dropout passes (default: %(default)s)")
+    group.add_argument(
+        "--num-seeds",
+        type=int,
+        default=2,
+        help="seeds --seed, --seed+1, ... (default: %(default)s)",
+    )
+    group.add_argument(
+        "--rounds", type=int, default=5, help="queries after the initial set (default: %(default)s)"
+    )
+    group.add_argument(
+        "--query-size", type=int, default=20, help="labels per query (default: %(default)s)"
+    )
+    group.add_argument(
+        "--initial-size", type=int, default=20, help="random initial labels (default: %(default)s)"
+    )
+    group.add_argument(
+        "--mc-samples", type=int, default=20, help="MC-dropout passes (default: %(default)s)"
+    )
     group.add_argument(
         "--dropout",
         type=float,
@@ -131,11 +144,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{', '.join(DROPOUT_MODELS)} and embedding pools, else 0)",
     )
     group.add_argument(
-        "--target-accuracy", type=float, default=0.9, help="report the labels needed to reach it (default: %(default)s)"
+        "--target-accuracy",
+        type=float,
+        default=0.9,
+        help="report the labels needed to reach it (default: %(default)s)",
     )
     group.add_argument("--oracle", choices=("simulated", "file"), default="simulated")
     group.add_argument(
-        "--oracle-dir", default=None, metavar="DIR", help="file oracle folder (default: OUT/runs/<strategy>/seed_<k>/oracle)"
+        "--oracle-dir",
+        default=None,
+        metavar="DIR",
+        help="file oracle folder (default: OUT/runs/<strategy>/seed_<k>/oracle)",
     )
     group.add_argument(
         "--oracle-wait", type=float, default=0.0, metavar="S",
@@ -148,15 +167,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pool-scale mode: a torch file with 'pool' (N, D), 'pool_targets' (N,), 'test' (T, D), "
         "'test_targets' (T,) embeddings; a linear head is trained on them instead of a network",
     )
-    group.add_argument("--head-steps", type=int, default=200, help="embedding mode: Adam steps per round")
+    group.add_argument(
+        "--head-steps", type=int, default=200, help="embedding mode: Adam steps per round"
+    )
     strategy = parser.add_argument_group("strategy options")
-    strategy.add_argument("--beta", type=float, default=1.0, help="density: representativeness exponent")
-    strategy.add_argument("--density-references", type=int, default=20_000, help="density: pool samples averaged over")
+    strategy.add_argument(
+        "--beta", type=float, default=1.0, help="density: representativeness exponent"
+    )
+    strategy.add_argument(
+        "--density-references", type=int, default=20_000, help="density: pool samples averaged over"
+    )
     strategy.add_argument("--coreset-metric", choices=("euclidean", "cosine"), default="euclidean")
-    strategy.add_argument("--clusters", type=int, default=None, help="cluster-margin: clusters (default: the query size)")
-    strategy.add_argument("--margin-multiple", type=float, default=10.0, help="cluster-margin: candidates per label")
-    strategy.add_argument("--batchbald-candidates", type=int, default=1000, help="batchbald: top-BALD candidates")
-    strategy.add_argument("--batchbald-configs", type=int, default=512, help="batchbald: sampled label configurations")
+    strategy.add_argument(
+        "--clusters",
+        type=int,
+        default=None,
+        help="cluster-margin: clusters (default: the query size)",
+    )
+    strategy.add_argument(
+        "--margin-multiple", type=float, default=10.0, help="cluster-margin: candidates per label"
+    )
+    strategy.add_argument(
+        "--batchbald-candidates", type=int, default=1000, help="batchbald: top-BALD candidates"
+    )
+    strategy.add_argument(
+        "--batchbald-configs", type=int, default=512, help="batchbald: sampled label configurations"
+    )
 
 
 def strategy_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,7 +224,9 @@ def _parse_strategies(text: str) -> list[str]:
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in available_strategies()]
     if not names or unknown:
-        raise ValueError(f"--strategies must name strategies among {available_strategies()}, got {text!r}")
+        raise ValueError(
+            f"--strategies must name strategies among {available_strategies()}, got {text!r}"
+        )
     if len(set(names)) != len(names):
         raise ValueError(f"--strategies lists a strategy twice: {text!r}")
     return names
@@ -200,8 +238,14 @@ def _fingerprint(args: argparse.Namespace, config: TrainConfig, dropout: float) 
     data = (
         {"embeddings": str(Path(args.embeddings).resolve()), "head_steps": args.head_steps}
         if args.embeddings
-        else {"dataset": args.dataset, "split_seed": args.split_seed, "image_size": args.image_size,
-              "model": args.model, "pretrained": args.pretrained, **train}  # fmt: skip
+        else {
+            "dataset": args.dataset,
+            "split_seed": args.split_seed,
+            "image_size": args.image_size,
+            "model": args.model,
+            "pretrained": args.pretrained,
+            **train,
+        }  # fmt: skip
     )
     return {**data, "dropout": dropout, "oracle": args.oracle}
 
@@ -214,7 +258,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.oracle_wait < 0:
         raise ValueError(f"--oracle-wait must be >= 0, got {args.oracle_wait}")
     if args.oracle == "file" and args.embeddings:
-        raise ValueError("--oracle file needs images for its thumbnails; it does not work with --embeddings")
+        raise ValueError(
+            "--oracle file needs images for its thumbnails; it does not work with --embeddings"
+        )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -224,7 +270,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     strategies = _parse_strategies(args.strategies)
     config = replace(train_config(args), quiet=True)  # one line per round instead of per epoch
     seeds = list(range(args.seed, args.seed + args.num_seeds))
-    active = ActiveConfig(args.rounds, args.query_size, args.initial_size, args.seed, args.mc_samples)
+    active = ActiveConfig(
+        args.rounds, args.query_size, args.initial_size, args.seed, args.mc_samples
+    )
     out = run_dir(args, "active")
     extra: dict[str, Any]
     if args.embeddings:
@@ -237,7 +285,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     device=args.device, steps=args.head_steps, lr=args.lr,
                                     dropout=dropout, seed=seed)  # fmt: skip
 
-        targets, class_names, images = data["pool_targets"], [str(c) for c in range(num_classes)], None
+        targets, class_names, images = (
+            data["pool_targets"],
+            [str(c) for c in range(num_classes)],
+            None,
+        )
         extra = {"dataset": {"embeddings": args.embeddings, "pool": list(data["pool"].shape)}}
     else:
         if args.dataset == "digits" and args.image_size is None:
@@ -258,7 +310,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.oracle == "simulated":
             return SimulatedOracle(targets)
         where = Path(args.oracle_dir) if args.oracle_dir else folder / "oracle"
-        return FileOracle(where, lambda i: pool_image(images, i), class_names, wait_seconds=args.oracle_wait)
+        return FileOracle(
+            where, lambda i: pool_image(images, i), class_names, wait_seconds=args.oracle_wait
+        )
 
     title = f"active learning: {args.embeddings or args.dataset}"
     try:

@@ -13,7 +13,11 @@ from typing import Any
 from labelkit_ext.methods.active.learners import Learner
 from labelkit_ext.methods.active.loop import ActiveConfig, ActiveLoop
 from labelkit_ext.methods.active.oracles import Oracle
-from labelkit_ext.methods.active.report import plot_learning_curves, summarize_strategy, summary_table
+from labelkit_ext.methods.active.report import (
+    plot_learning_curves,
+    summarize_strategy,
+    summary_table,
+)
 from labelkit_ext.methods.active.state import ActiveState
 from labelkit_ext.methods.active.strategies import build_strategy
 from labelkit_ext.methods.common import write_results

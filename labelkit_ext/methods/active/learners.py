@@ -73,7 +73,7 @@ class Learner(ABC):
     def fitted(self) -> bool:
         """Whether ``fit`` has run in this process (a resumed loop refits first)."""
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - optional hook: most learners keep no files
         """Forget files left by an earlier run (called when a run starts afresh)."""
 
 
@@ -83,7 +83,9 @@ class LabeledSubset(Dataset):
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], labels: Sequence[int]) -> None:
         if len(indices) != len(labels):
-            raise ValueError(f"indices ({len(indices)}) and labels ({len(labels)}) differ in length")
+            raise ValueError(
+                f"indices ({len(indices)}) and labels ({len(labels)}) differ in length"
+            )
         self.dataset = dataset
         self.indices = [int(i) for i in indices]
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
@@ -168,7 +170,12 @@ class NetLearner(Learner):
         seed_everything(config.seed)
         kwargs = {"dropout": self.dropout} if self.dropout else {}
         net = build_model(
-            self.model_name, info.num_classes, info.in_channels, info.image_size, self.pretrained, **kwargs
+            self.model_name,
+            info.num_classes,
+            info.in_channels,
+            info.image_size,
+            self.pretrained,
+            **kwargs,
         )
         out = self._round_dir(round)
         if out is not None and round > 0:
@@ -292,7 +299,9 @@ class EmbeddingLearner(Learner):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if steps < 1 or lr <= 0 or not 0 <= dropout < 1:
-            raise ValueError(f"need steps >= 1, lr > 0, dropout in [0, 1); got {steps}, {lr}, {dropout}")
+            raise ValueError(
+                f"need steps >= 1, lr > 0, dropout in [0, 1); got {steps}, {lr}, {dropout}"
+            )
         self.device = select_device(device)
         self.pool = pool.to(self.device, torch.float32)
         self.test = test.to(self.device, torch.float32)
@@ -307,7 +316,9 @@ class EmbeddingLearner(Learner):
         return self.head is not None
 
     def _build(self) -> nn.Module:
-        return nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.pool.shape[1], self.num_classes))
+        return nn.Sequential(
+            nn.Dropout(self.dropout), nn.Linear(self.pool.shape[1], self.num_classes)
+        )
 
     def fit(self, indices: Sequence[int], labels: Sequence[int], round: int) -> dict:
         tic = time.perf_counter()
@@ -329,7 +340,9 @@ class EmbeddingLearner(Learner):
             raise RuntimeError("the learner has not been fitted yet")
         self.head.train(mc)
         try:
-            return torch.cat([self.head(x[i : i + self.chunk]) for i in range(0, len(x), self.chunk)])
+            return torch.cat(
+                [self.head(x[i : i + self.chunk]) for i in range(0, len(x), self.chunk)]
+            )
         finally:
             self.head.eval()
 

@@ -133,7 +133,9 @@ class ActiveLoop:
         # Files left by a run whose state was removed must not leak into this one.
         self.strategy_state_path.unlink(missing_ok=True)
         self.learner.reset()
-        pending = initial_indices(self.learner.pool_size, self.config.initial_size, self.config.seed)
+        pending = initial_indices(
+            self.learner.pool_size, self.config.initial_size, self.config.seed
+        )
         state = ActiveState(fingerprint=self.fingerprint, pending=pending)
         self._save(state)
         self._step("initial", state)
@@ -145,7 +147,9 @@ class ActiveLoop:
         answers = self.oracle.answer(list(state.pending), state.round)
         unknown = [i for i, y in answers.items() if not 0 <= int(y) < self.learner.num_classes]
         if unknown:
-            raise ValueError(f"oracle gave labels outside [0, {self.learner.num_classes}) for {unknown[:5]}")
+            raise ValueError(
+                f"oracle gave labels outside [0, {self.learner.num_classes}) for {unknown[:5]}"
+            )
         if state.add_answers(answers):
             if not state.pending and len(state.records) > state.round:
                 state.round += 1  # the query of an evaluated round is complete

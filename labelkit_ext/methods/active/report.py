@@ -62,9 +62,7 @@ def summarize_strategy(
     aulc = [area_under_curve(labels, row) for row in acc]
     reach = [labels_to_reach(labels, row, target) for row in acc] if target is not None else []
     timing = {
-        key: [
-            r[key] for s in seeds for r in records_by_seed[s][:rounds] if r.get(key) is not None
-        ]
+        key: [r[key] for s in seeds for r in records_by_seed[s][:rounds] if r.get(key) is not None]
         for key in ("scoring_seconds", "selection_seconds", "train_seconds")
     }
     aulc_mean, aulc_std = _mean_std(aulc)
@@ -98,7 +96,11 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     rows = []
     for name, s in summaries.items():
         reach = s["labels_to_target_mean"]
-        reach_text = "-" if reach is None else f"{reach:.0f} ({s['seeds_reaching_target']}/{len(s['seeds'])})"
+        reach_text = (
+            "-"
+            if reach is None
+            else f"{reach:.0f} ({s['seeds_reaching_target']}/{len(s['seeds'])})"
+        )
         rows.append(
             [
                 name,

@@ -118,7 +118,11 @@ def save_state(path: str | os.PathLike, state: ActiveState) -> Path:
 
 def _mismatches(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(expected))
-    return [f"{k}={saved.get(k)!r} -> {expected.get(k)!r}" for k in keys if saved.get(k) != expected.get(k)]
+    return [
+        f"{k}={saved.get(k)!r} -> {expected.get(k)!r}"
+        for k in keys
+        if saved.get(k) != expected.get(k)
+    ]
 
 
 def load_state(
@@ -139,7 +143,9 @@ def load_state(
     if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
         raise StateError(f"{path} is not a labelkit active-learning state file; {hint}")
     if doc.get("version") != STATE_VERSION:
-        raise StateError(f"{path} has state version {doc.get('version')!r}, expected {STATE_VERSION}")
+        raise StateError(
+            f"{path} has state version {doc.get('version')!r}, expected {STATE_VERSION}"
+        )
     body = doc.get("state")
     if not isinstance(body, dict) or doc.get("sha256") != _digest(body):
         raise StateError(f"state file {path} fails its checksum (edited or corrupt); {hint}")

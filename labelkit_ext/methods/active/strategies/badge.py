@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 from labelkit_ext.engine import derive_seed
-from labelkit_ext.methods.active.strategies.base import SelectionContext, Strategy, register_strategy
+from labelkit_ext.methods.active.strategies.base import (
+    SelectionContext,
+    Strategy,
+    register_strategy,
+)
 from labelkit_ext.ops.scoring import badge_select
 
 __all__ = ["BadgeStrategy"]
@@ -25,5 +29,7 @@ class BadgeStrategy(Strategy):
         unlabeled = ctx.unlabeled()
         probs = logits[unlabeled].float().softmax(dim=1)
         budget = min(ctx.budget, unlabeled.numel())
-        picks = badge_select(probs, embeddings[unlabeled].float(), budget, derive_seed(ctx.seed, ctx.round))
+        picks = badge_select(
+            probs, embeddings[unlabeled].float(), budget, derive_seed(ctx.seed, ctx.round)
+        )
         return unlabeled[picks.to(unlabeled.device)]

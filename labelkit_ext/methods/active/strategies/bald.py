@@ -60,7 +60,9 @@ def batchbald_greedy(
         parents = torch.arange(num_configs, device=p.device) % M
         w = weights[:, parents]
         predictive = (w.T @ p[:, n]).clamp_min(0)  # (num_configs, C)
-        labels = torch.multinomial(predictive.cpu().float() + 1e-12, 1, generator=generator).squeeze(1)
+        labels = torch.multinomial(
+            predictive.cpu().float() + 1e-12, 1, generator=generator
+        ).squeeze(1)
         w = w * p[:, n, labels.to(p.device)]
         weights = w / w.sum(0, keepdim=True).clamp_min(1e-300)
     return torch.tensor(picks, dtype=torch.long)

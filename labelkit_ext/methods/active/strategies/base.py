@@ -173,7 +173,9 @@ def check_selection(chosen: torch.Tensor, ctx: SelectionContext, strategy: str) 
     chosen = torch.as_tensor(chosen).reshape(-1).long().cpu()
     expected = min(ctx.budget, ctx.pool_size - len(ctx.labeled))
     if chosen.numel() != expected:
-        raise RuntimeError(f"strategy {strategy!r} returned {chosen.numel()} indices, expected {expected}")
+        raise RuntimeError(
+            f"strategy {strategy!r} returned {chosen.numel()} indices, expected {expected}"
+        )
     if chosen.numel() and (chosen.min() < 0 or chosen.max() >= ctx.pool_size):
         raise RuntimeError(f"strategy {strategy!r} returned indices outside [0, {ctx.pool_size})")
     if chosen.unique().numel() != chosen.numel():

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from labelkit_ext.methods.active.strategies.base import SelectionContext, Strategy, register_strategy
+from labelkit_ext.methods.active.strategies.base import (
+    SelectionContext,
+    Strategy,
+    register_strategy,
+)
 from labelkit_ext.ops.scoring import kcenter_greedy
 
 __all__ = ["CoreSetStrategy"]

@@ -62,7 +62,11 @@ class DensityStrategy(Strategy):
         self.max_references = max_references
 
     def params(self) -> dict:
-        return {"beta": self.beta, "uncertainty": self.method, "max_references": self.max_references}
+        return {
+            "beta": self.beta,
+            "uncertainty": self.method,
+            "max_references": self.max_references,
+        }
 
     def select(self, ctx: SelectionContext) -> torch.Tensor:
         logits = ctx.require("logits", self.name)
