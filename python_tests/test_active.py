@@ -593,3 +593,25 @@ def test_run_active_on_an_embedding_pool(tmp_path, capsys):
                  "--rounds", "2", "--num-seeds", "1", "--device", "cpu", "--quiet", "--out", str(out)]) == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert results["summary"]["coreset"]["labels"] == [20, 40, 60]
+
+
+def test_run_active_with_the_file_oracle_stops_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "active", *TINY, "--strategies", "margin", "--num-seeds", "1", "--rounds", "1",
+            "--oracle", "file", "--out", str(out), "--resume"]  # fmt: skip
+    targets = load_dataset("digits", image_size=8).train_eval.targets
+    folder = out / "runs" / "margin" / "seed_0" / "oracle"
+    answered: list[int] = []
+    for expected in (10, 10):  # the initial query, then the round-0 query
+        assert main(args) == 0
+        assert "stopped cleanly: waiting for 10 answer(s)" in capsys.readouterr().out
+        with open(folder / "queries.csv", newline="") as f:
+            asked = [int(r["index"]) for r in csv.DictReader(f)]
+        assert len(asked) == expected and not set(asked) & set(answered)
+        answered += asked
+        _answer(folder, [(i, str(int(targets[i]))) for i in answered])
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["summary"]["margin"]["labels"] == [10, 20]
+    state = json.loads((out / "runs" / "margin" / "seed_0" / "state.json").read_text())["state"]
+    assert state["labeled"] == answered
