@@ -584,6 +584,19 @@ class KCenterState {
   std::vector<int64_t> centers_;
 };
 
+// Index of the row nearest the mean, with the reference's own ATen ops per row (identical bits,
+// first index on ties), a block of rows at a time so that no N x D temporary is made.
+int64_t nearest_to_mean(const at::Tensor& x) {
+  const at::Tensor mean = x.mean(0);
+  const int64_t N = x.size(0);
+  at::Tensor d = at::empty({N}, x.options());
+  for (int64_t b = 0; b < N; b += kBlock) {
+    const int64_t len = std::min(kBlock, N - b);
+    d.narrow(0, b, len).copy_((x.narrow(0, b, len) - mean).square().sum(-1));
+  }
+  return d.argmin().item<int64_t>();
+}
+
 at::Tensor kcenter_greedy_cpu(const at::Tensor& embeddings, int64_t budget, const c10::optional<at::Tensor>& labeled,
                               bool cosine, double eps) {
   const at::Tensor lab = labeled.has_value() ? labeled->to(at::kCPU).contiguous()
@@ -604,8 +617,7 @@ at::Tensor kcenter_greedy_cpu(const at::Tensor& embeddings, int64_t budget, cons
       const int64_t* l = lab.const_data_ptr<int64_t>();
       for (int64_t j = 0; j < lab.numel(); ++j) next = state.add_center(l[j]);
     } else {
-      // Nearest the mean, with the reference's own ATen ops (identical bits, same tie rule).
-      next = (x - x.mean(0)).square().sum(-1).argmin().item<int64_t>();
+      next = nearest_to_mean(x);
     }
     for (; t < budget; ++t) {
       out[t] = next;
