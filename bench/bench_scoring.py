@@ -51,7 +51,9 @@ KEY = ("case", "data", "dtype", "n", "m", "d", "k")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cases", type=common.choice_list(CASES), default=list(CASES))
     p.add_argument("--topk-n", type=int, default=200_000)
     p.add_argument("--topk-m", type=int, default=20_000)
@@ -60,9 +62,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kcenter-n", type=int, default=200_000)
     p.add_argument("--kcenter-d", type=int, default=128)
     p.add_argument("--kcenter-budget", type=int, default=1_000)
-    p.add_argument("--kcenter-data", type=common.choice_list(("mixture", "gaussian")), default=["mixture", "gaussian"])
-    p.add_argument("--mc", type=common.int_list, default=[20, 65_536, 10], help="S,N,C of the uncertainty case")
-    p.add_argument("--full-limit-gb", type=float, default=4.0, help="run 'full' only if N*M*4 bytes fit")
+    p.add_argument(
+        "--kcenter-data",
+        type=common.choice_list(("mixture", "gaussian")),
+        default=["mixture", "gaussian"],
+    )
+    p.add_argument(
+        "--mc", type=common.int_list, default=[20, 65_536, 10], help="S,N,C of the uncertainty case"
+    )
+    p.add_argument(
+        "--full-limit-gb", type=float, default=4.0, help="run 'full' only if N*M*4 bytes fit"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", type=int, default=3, help="timed calls per provider (median reported)")
     p.add_argument("--no-memory", action="store_true")
@@ -92,7 +102,10 @@ def full_topk(q: torch.Tensor, k: torch.Tensor, kk: int):
 def chunked_mean(q: torch.Tensor, k: torch.Tensor):
     kn = F.normalize(k.float(), dim=1)
     return torch.cat(
-        [(F.normalize(q[i : i + CHUNK].float(), dim=1) @ kn.t()).mean(1) for i in range(0, q.shape[0], CHUNK)]
+        [
+            (F.normalize(q[i : i + CHUNK].float(), dim=1) @ kn.t()).mean(1)
+            for i in range(0, q.shape[0], CHUNK)
+        ]
     )
 
 
@@ -131,7 +144,9 @@ def gaussian(n: int, d: int, device, seed: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- measuring
 
 
-def measure(name: str, fn: Callable[[], object], device: torch.device, runs: int, memory: bool) -> dict:
+def measure(
+    name: str, fn: Callable[[], object], device: torch.device, runs: int, memory: bool
+) -> dict:
     """Median/IQR of ``runs`` calls (after one warm-up call), the busy share of other processes,
     and the peak memory of one more call."""
     fn()
@@ -154,7 +169,9 @@ def measure(name: str, fn: Callable[[], object], device: torch.device, runs: int
         "other_cpu_pct": other.percent,
     }
     if memory:
-        row["peak_mem_mb"] = round(common.peak_memory_mb(common.Task(run=lambda _: fn()), device), 1)
+        row["peak_mem_mb"] = round(
+            common.peak_memory_mb(common.Task(run=lambda _: fn()), device), 1
+        )
     common.release_memory(device)
     print(f"  {name:8s} {row['time_ms']:10.1f} ms  (range {row['iqr_ms']:.1f})  "
           f"peak {row.get('peak_mem_mb', '-')} MiB  other cpu {other.percent}%", flush=True)  # fmt: skip
@@ -169,22 +186,42 @@ def topk_case(args, device) -> list[dict]:
     base = chunked_topk(q, k, kk)
     torch.testing.assert_close(ours.values, base[0], rtol=1e-5, atol=1e-5)
     sl = slice(0, min(n, 2048))
-    assert torch.equal(ours.indices[sl], cosine_topk_ref(q[sl], k, kk).indices), "indices differ from the reference"
-    providers = [("ours", lambda: labelkit_ext.cosine_topk(q, k, kk)), ("chunked", lambda: chunked_topk(q, k, kk))]
+    assert torch.equal(ours.indices[sl], cosine_topk_ref(q[sl], k, kk).indices), (
+        "indices differ from the reference"
+    )
+    providers = [
+        ("ours", lambda: labelkit_ext.cosine_topk(q, k, kk)),
+        ("chunked", lambda: chunked_topk(q, k, kk)),
+    ]
     if n * m * 4 <= args.full_limit_gb * 2**30:
         providers.append(("full", lambda: full_topk(q, k, kk)))
-    common_cols = dict(case="topk", data="gaussian", dtype="float32", n=n, m=m, d=d, k=kk, correct=True)
-    return [dict(common_cols, **measure(name, fn, device, args.runs, not args.no_memory)) for name, fn in providers]
+    common_cols = dict(
+        case="topk", data="gaussian", dtype="float32", n=n, m=m, d=d, k=kk, correct=True
+    )
+    return [
+        dict(common_cols, **measure(name, fn, device, args.runs, not args.no_memory))
+        for name, fn in providers
+    ]
 
 
 def reduce_case(args, device) -> list[dict]:
     n, m, d = args.topk_n, args.topk_m, args.topk_d
     q, k = gaussian(n, d, device, args.seed), gaussian(m, d, device, args.seed + 1)
     print(f"reduce(mean): N={n} M={m} D={d}", flush=True)
-    torch.testing.assert_close(labelkit_ext.cosine_reduce(q, k, "mean"), chunked_mean(q, k), rtol=1e-4, atol=1e-5)
-    common_cols = dict(case="reduce_mean", data="gaussian", dtype="float32", n=n, m=m, d=d, k="", correct=True)
-    providers = [("ours", lambda: labelkit_ext.cosine_reduce(q, k, "mean")), ("chunked", lambda: chunked_mean(q, k))]
-    return [dict(common_cols, **measure(name, fn, device, args.runs, not args.no_memory)) for name, fn in providers]
+    torch.testing.assert_close(
+        labelkit_ext.cosine_reduce(q, k, "mean"), chunked_mean(q, k), rtol=1e-4, atol=1e-5
+    )
+    common_cols = dict(
+        case="reduce_mean", data="gaussian", dtype="float32", n=n, m=m, d=d, k="", correct=True
+    )
+    providers = [
+        ("ours", lambda: labelkit_ext.cosine_reduce(q, k, "mean")),
+        ("chunked", lambda: chunked_mean(q, k)),
+    ]
+    return [
+        dict(common_cols, **measure(name, fn, device, args.runs, not args.no_memory))
+        for name, fn in providers
+    ]
 
 
 def kcenter_case(args, device) -> list[dict]:
@@ -194,13 +231,28 @@ def kcenter_case(args, device) -> list[dict]:
         x = (mixture if data == "mixture" else gaussian)(n, d, device, args.seed)
         print(f"kcenter ({data}): N={n} D={d} budget={b}", flush=True)
         small = x[: min(n, 20_000)]
-        assert torch.equal(labelkit_ext.kcenter_greedy(small, 100), kcenter_greedy_ref(small, 100)), "picks differ"
+        assert torch.equal(
+            labelkit_ext.kcenter_greedy(small, 100), kcenter_greedy_ref(small, 100)
+        ), "picks differ"
         ours = labelkit_ext.kcenter_greedy(x, b)
         agree = (ours.cpu() == kcenter_loop(x, b)).float().mean().item()
-        print(f"  picks equal to the torch loop's (which rounds differently): {agree:.1%}", flush=True)
-        common_cols = dict(case="kcenter", data=data, dtype="float32", n=n, m="", d=d, k=b, correct=True)
-        for name, fn in (("ours", lambda: labelkit_ext.kcenter_greedy(x, b)), ("loop", lambda: kcenter_loop(x, b))):
-            rows.append(dict(common_cols, **measure(name, fn, device, max(1, args.runs - 2), not args.no_memory)))
+        print(
+            f"  picks equal to the torch loop's (which rounds differently): {agree:.1%}", flush=True
+        )
+        common_cols = dict(
+            case="kcenter", data=data, dtype="float32", n=n, m="", d=d, k=b, correct=True
+        )
+        providers = (
+            ("ours", lambda x=x: labelkit_ext.kcenter_greedy(x, b)),
+            ("loop", lambda x=x: kcenter_loop(x, b)),
+        )
+        for name, fn in providers:
+            rows.append(
+                dict(
+                    common_cols,
+                    **measure(name, fn, device, max(1, args.runs - 2), not args.no_memory),
+                )
+            )
     return rows
 
 
@@ -208,10 +260,20 @@ def uncertainty_case(args, device) -> list[dict]:
     S, n, c = args.mc
     z = gaussian(S * n, c, device, args.seed).view(S, n, c) * 2
     print(f"uncertainty(bald): S={S} N={n} C={c}", flush=True)
-    torch.testing.assert_close(labelkit_ext.uncertainty(z, "bald"), uncertainty_ref(z, "bald"), rtol=1e-4, atol=1e-5)
-    common_cols = dict(case="uncertainty_bald", data="gaussian", dtype="float32", n=n, m=S, d=c, k="", correct=True)
-    providers = [("ours", lambda: labelkit_ext.uncertainty(z, "bald")), ("eager", lambda: uncertainty_ref(z, "bald"))]
-    return [dict(common_cols, **measure(name, fn, device, args.runs, not args.no_memory)) for name, fn in providers]
+    torch.testing.assert_close(
+        labelkit_ext.uncertainty(z, "bald"), uncertainty_ref(z, "bald"), rtol=1e-4, atol=1e-5
+    )
+    common_cols = dict(
+        case="uncertainty_bald", data="gaussian", dtype="float32", n=n, m=S, d=c, k="", correct=True
+    )
+    providers = [
+        ("ours", lambda: labelkit_ext.uncertainty(z, "bald")),
+        ("eager", lambda: uncertainty_ref(z, "bald")),
+    ]
+    return [
+        dict(common_cols, **measure(name, fn, device, args.runs, not args.no_memory))
+        for name, fn in providers
+    ]
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -228,9 +290,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     env = common.environment(device)
     if not labelkit_ext.HAS_OPS:
-        common.banner(f"labelkit_ext extension NOT loaded ({labelkit_ext.LOAD_ERROR}): 'ours' is the reference")
+        common.banner(
+            f"labelkit_ext extension NOT loaded ({labelkit_ext.LOAD_ERROR}): 'ours' is the reference"
+        )
     common.warn_if_busy(device)
-    run = {"topk": topk_case, "reduce": reduce_case, "kcenter": kcenter_case, "uncertainty": uncertainty_case}
+    run = {
+        "topk": topk_case,
+        "reduce": reduce_case,
+        "kcenter": kcenter_case,
+        "uncertainty": uncertainty_case,
+    }
     rows: list[dict] = []
     for case in args.cases:
         rows += run[case](args, device)

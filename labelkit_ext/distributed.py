@@ -21,10 +21,21 @@ import torch
 import torch.distributed as dist
 
 from labelkit_ext.engine.distributed import DistInfo, current_dist
-from labelkit_ext.ops.scoring import COSINE_EPS, badge_select, cosine_reduce, cosine_topk, kcenter_greedy
+from labelkit_ext.ops.scoring import (
+    COSINE_EPS,
+    badge_select,
+    cosine_reduce,
+    cosine_topk,
+    kcenter_greedy,
+)
 from labelkit_ext.ops.types import TopK
 from labelkit_ext.reference.entropy import accumulation_dtype
-from labelkit_ext.reference.scoring import badge_factors, badge_sq_dist, badge_uniforms, normalize_rows
+from labelkit_ext.reference.scoring import (
+    badge_factors,
+    badge_sq_dist,
+    badge_uniforms,
+    normalize_rows,
+)
 
 __all__ = [
     "shard_bounds",
@@ -58,7 +69,9 @@ def _shard_offsets(local: int, device: torch.device, info: DistInfo) -> tuple[in
     return sum(sizes[: info.rank]), sum(sizes)
 
 
-def _from_owner(rows: torch.Tensor, owned: torch.Tensor, width: int, like: torch.Tensor) -> torch.Tensor:
+def _from_owner(
+    rows: torch.Tensor, owned: torch.Tensor, width: int, like: torch.Tensor
+) -> torch.Tensor:
     """Rows held by different ranks, assembled on every rank: each owner writes its rows, the rest
     contribute zeros, and a SUM all-reduce adds exact zeros."""
     buf = like.new_zeros(owned.shape[0], width)
@@ -86,7 +99,9 @@ def sharded_cosine_topk(
         return cosine_topk(queries, keys_shard, k, largest, eps=eps, tile_size=tile_size)
     offset, total = _shard_offsets(keys_shard.shape[0], queries.device, info)
     if not 1 <= k <= total:
-        raise ValueError(f"sharded_cosine_topk: k={k} must lie in [1, M = {total}] (keys of all ranks)")
+        raise ValueError(
+            f"sharded_cosine_topk: k={k} must lie in [1, M = {total}] (keys of all ranks)"
+        )
     local_k = min(k, keys_shard.shape[0])
     N = queries.shape[0]
     acc = accumulation_dtype(queries.dtype)
@@ -137,7 +152,9 @@ def sharded_cosine_reduce(
 # ---- greedy selections over sharded samples ---------------------------------------------------------
 
 
-def _global_best(value: float, index: int, device: torch.device, info: DistInfo, largest: bool = True) -> int:
+def _global_best(
+    value: float, index: int, device: torch.device, info: DistInfo, largest: bool = True
+) -> int:
     """The all-reduce of the argmax: best value over ranks, lowest global index on ties; -1 if no
     rank has a candidate (index < 0)."""
     pairs = _gather_scalars([value, float(index)], device, info).tolist()
@@ -145,13 +162,17 @@ def _global_best(value: float, index: int, device: torch.device, info: DistInfo,
     for v, i in pairs:
         if i < 0:
             continue
-        better = best_i < 0 or (v > best_v if largest else v < best_v) or (v == best_v and i < best_i)
+        better = (
+            best_i < 0 or (v > best_v if largest else v < best_v) or (v == best_v and i < best_i)
+        )
         if better:
             best_v, best_i = v, int(i)
     return best_i
 
 
-def _local_best(values: torch.Tensor, available: torch.Tensor, offset: int, largest: bool = True) -> tuple[float, int]:
+def _local_best(
+    values: torch.Tensor, available: torch.Tensor, offset: int, largest: bool = True
+) -> tuple[float, int]:
     """(value, global index) of this shard's best available entry (first index on ties)."""
     if not bool(available.any()):
         return 0.0, -1
@@ -193,14 +214,18 @@ def sharded_kcenter_greedy(
     if metric not in ("euclidean", "cosine"):
         raise ValueError(f"{op}: metric must be 'euclidean' or 'cosine', got {metric!r}")
     device = embeddings_shard.device
-    x = normalize_rows(embeddings_shard, eps) if metric == "cosine" else embeddings_shard.to(
-        accumulation_dtype(embeddings_shard.dtype)
+    x = (
+        normalize_rows(embeddings_shard, eps)
+        if metric == "cosine"
+        else embeddings_shard.to(accumulation_dtype(embeddings_shard.dtype))
     )
     local, D = x.shape
     offset, total = _shard_offsets(local, device, info)
     lab = _check_global_labeled(labeled, total, op)
     if not 0 <= budget <= total - len(lab):
-        raise ValueError(f"{op}: budget={budget} must lie in [0, {total - len(lab)}] (the unlabeled pool)")
+        raise ValueError(
+            f"{op}: budget={budget} must lie in [0, {total - len(lab)}] (the unlabeled pool)"
+        )
     picks: list[int] = []
     if budget == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -217,13 +242,18 @@ def sharded_kcenter_greedy(
         gidx = torch.tensor(lab, dtype=torch.int64, device=device)
         own = _owned(gidx, offset, local)
         vecs = _from_owner(x[gidx[own] - offset], own, D, x)
-        for g, vec in zip(lab, vecs):
+        for g, vec in zip(lab, vecs, strict=True):
             add_center(g, vec)
     else:
         mean = x.sum(0)
         dist.all_reduce(mean)
         mean = mean / total
-        v, i = _local_best((x - mean).square().sum(-1), torch.ones(local, dtype=torch.bool, device=device), offset, largest=False)
+        v, i = _local_best(
+            (x - mean).square().sum(-1),
+            torch.ones(local, dtype=torch.bool, device=device),
+            offset,
+            largest=False,
+        )
         first = _global_best(v, i, device, info, largest=False)
         picks.append(first)
         add_center(first, _center(x, first, offset, local))
@@ -243,7 +273,9 @@ def _center(rows: torch.Tensor, g: int, offset: int, local: int) -> torch.Tensor
     return _from_owner(mine, own, rows.shape[1], rows)[0]
 
 
-def _draw(weights: torch.Tensor, taken: torch.Tensor, u: float, offset: int, device, info: DistInfo) -> int:
+def _draw(
+    weights: torch.Tensor, taken: torch.Tensor, u: float, offset: int, device, info: DistInfo
+) -> int:
     """Inverse-CDF draw over the shards: the first global i with cumsum > u * total."""
     totals = _gather_scalars([float(weights.sum())], device, info)[:, 0].tolist()
     total = sum(totals)
@@ -262,7 +294,11 @@ def _draw(weights: torch.Tensor, taken: torch.Tensor, u: float, offset: int, dev
     mine = -1
     if info.rank == owner:
         cdf = weights.cumsum(0)
-        i = int(torch.searchsorted(cdf, torch.tensor([target - before], dtype=cdf.dtype, device=device), right=True))
+        i = int(
+            torch.searchsorted(
+                cdf, torch.tensor([target - before], dtype=cdf.dtype, device=device), right=True
+            )
+        )
         if i >= weights.shape[0]:
             i = int(weights.nonzero()[-1])
         mine = i + offset

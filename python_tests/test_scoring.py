@@ -29,7 +29,9 @@ MC_ONLY = ["bald", "mean_std"]
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(
+        device=device, dtype=dtype
+    )
 
 
 # ---- independent oracles: full matrices and slow NumPy loops in float64 ---------------------------
@@ -104,7 +106,9 @@ def kcenter_oracle(x: np.ndarray, budget: int, labeled: list[int], metric: str) 
     return picks
 
 
-def badge_oracle(probs: np.ndarray, emb: np.ndarray, budget: int, uniforms: np.ndarray) -> list[int]:
+def badge_oracle(
+    probs: np.ndarray, emb: np.ndarray, budget: int, uniforms: np.ndarray
+) -> list[int]:
     """k-means++ (BADGE's seeding) on the explicitly built N x (C*D) gradient embeddings."""
     p = probs.astype(np.float64)
     q = p.copy()
@@ -130,9 +134,17 @@ def test_uncertainty_reference_matches_oracle(from_logits):
     z = randn(5, 17, 6, scale=3.0, dtype=torch.float64)
     x = z if from_logits else torch.softmax(z, -1)
     for m in SINGLE_METHODS:
-        np.testing.assert_allclose(uncertainty_ref(x[0], m, from_logits), uncertainty_oracle(x[0].numpy(), m, from_logits), atol=1e-12)
+        np.testing.assert_allclose(
+            uncertainty_ref(x[0], m, from_logits),
+            uncertainty_oracle(x[0].numpy(), m, from_logits),
+            atol=1e-12,
+        )
     for m in MC_ONLY + ["variation_ratio"]:
-        np.testing.assert_allclose(uncertainty_ref(x, m, from_logits), uncertainty_oracle(x.numpy(), m, from_logits), atol=1e-12)
+        np.testing.assert_allclose(
+            uncertainty_ref(x, m, from_logits),
+            uncertainty_oracle(x.numpy(), m, from_logits),
+            atol=1e-12,
+        )
 
 
 @pytest.mark.parametrize("tile", [None, 1, 5, 64])
@@ -145,7 +157,12 @@ def test_cosine_references_match_full_matrix(tile, largest):
     torch.testing.assert_close(v, ov)
     assert torch.equal(i, oi)
     sims = cosine_oracle(q, k)
-    for reduce, expected in [("max", sims.amax(1)), ("min", sims.amin(1)), ("mean", sims.mean(1)), ("sum", sims.sum(1))]:
+    for reduce, expected in [
+        ("max", sims.amax(1)),
+        ("min", sims.amin(1)),
+        ("mean", sims.mean(1)),
+        ("sum", sims.sum(1)),
+    ]:
         torch.testing.assert_close(cosine_reduce_ref(q, k, reduce, tile_size=tile), expected)
 
 
@@ -164,7 +181,9 @@ def test_badge_reference_matches_kmeanspp_on_built_embeddings():
     emb = randn(80, 6, seed=5, dtype=torch.float64)
     for seed in range(4):
         u = badge_uniforms(15, seed)
-        assert badge_select_ref(probs, emb, 15, u).tolist() == badge_oracle(probs.numpy(), emb.numpy(), 15, u.numpy())
+        assert badge_select_ref(probs, emb, 15, u).tolist() == badge_oracle(
+            probs.numpy(), emb.numpy(), 15, u.numpy()
+        )
 
 
 # ---- 1. ops against the references and oracles ---------------------------------------------------
@@ -204,12 +223,16 @@ def test_uncertainty_orientation_larger_means_query_first(device):
 
 def test_uncertainty_special_values(device):
     inf = math.inf
-    x = torch.tensor([[0.0, -inf, 0.0], [math.nan, 0.0, 1.0], [inf, 0.0, 0.0], [-inf, -inf, -inf]], device=device)
+    x = torch.tensor(
+        [[0.0, -inf, 0.0], [math.nan, 0.0, 1.0], [inf, 0.0, 0.0], [-inf, -inf, -inf]], device=device
+    )
     for m in SINGLE_METHODS:
         out = uncertainty(x, m)
         ref = uncertainty_ref(x, m)
         assert_close(out, ref)
-        assert torch.isfinite(out[0]) and out[1:].isnan().all()  # masked class ok; NaN/+inf/no mass -> NaN
+        assert (
+            torch.isfinite(out[0]) and out[1:].isnan().all()
+        )  # masked class ok; NaN/+inf/no mass -> NaN
     assert uncertainty(x[:1], "entropy").item() == pytest.approx(math.log(2))
 
 
@@ -273,7 +296,9 @@ def test_cosine_topk_ties_keep_lower_index(device, largest, tile):
     # Keys are scaled basis vectors, so every similarity is exact and equal ones tie bit for bit.
     eye = torch.eye(4, device=device)
     keys = torch.cat([eye * 2, eye, eye * 0.5, torch.zeros(2, 4, device=device)])  # 14 keys
-    queries = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], device=device)
+    queries = torch.tensor(
+        [[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], device=device
+    )
     v, i = cosine_topk(queries, keys, 14, largest, tile_size=tile)
     ov, oi = topk_oracle(queries.cpu(), keys.cpu(), 14, largest)
     assert torch.equal(i.cpu(), oi)
@@ -311,7 +336,9 @@ def test_cosine_reduce_matches_reference_and_full_matrix(device, dtype, reduce, 
     assert out.dtype == acc and out.shape == (33,)
     assert_close(out, cosine_reduce_ref(q, k, reduce, tile_size=tile))
     sims = cosine_oracle(q, k)
-    expected = {"max": sims.amax(1), "min": sims.amin(1), "mean": sims.mean(1), "sum": sims.sum(1)}[reduce]
+    expected = {"max": sims.amax(1), "min": sims.amin(1), "mean": sims.mean(1), "sum": sims.sum(1)}[
+        reduce
+    ]
     assert_close(out, expected.to(device), dtype=acc)
     assert cosine_reduce(torch.empty(0, 10, device=device, dtype=dtype), k, reduce).shape == (0,)
 
@@ -331,9 +358,17 @@ def test_kcenter_matches_oracle_float64(device, metric, labeled):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_kcenter_matches_reference(device, dtype):
     x = randn(300, 16, seed=18, device=device, dtype=dtype)
-    for labeled in (None, torch.tensor([3, 9], device=device), torch.arange(300, device=device) < 10):
+    for labeled in (
+        None,
+        torch.tensor([3, 9], device=device),
+        torch.arange(300, device=device) < 10,
+    ):
         got = kcenter_greedy(x, 30, labeled)
-        lab = None if labeled is None else (labeled.nonzero().flatten() if labeled.dtype == torch.bool else labeled)
+        lab = (
+            None
+            if labeled is None
+            else (labeled.nonzero().flatten() if labeled.dtype == torch.bool else labeled)
+        )
         assert torch.equal(got, kcenter_greedy_ref(x, 30, lab))
         assert not set(got.tolist()) & set([] if lab is None else lab.tolist())
         assert len(set(got.tolist())) == 30
@@ -398,12 +433,24 @@ _K = torch.randn(5, 3)
         (lambda: cosine_topk(_Q, _K.long(), 2), ValueError, "keys must be a floating-point"),
         (lambda: cosine_topk(_Q, _K, 2, eps=0.0), ValueError, "eps must be"),
         (lambda: cosine_topk(_Q, _K, 2, tile_size=0), ValueError, "tile_size must be >= 1"),
-        (lambda: cosine_topk(torch.full((2, 3), math.nan), _K, 2), ValueError, "queries must be finite"),
-        (lambda: cosine_topk(_Q, torch.empty(0, 3), 1), ValueError, "larger than the number of keys M=0"),
+        (
+            lambda: cosine_topk(torch.full((2, 3), math.nan), _K, 2),
+            ValueError,
+            "queries must be finite",
+        ),
+        (
+            lambda: cosine_topk(_Q, torch.empty(0, 3), 1),
+            ValueError,
+            "larger than the number of keys M=0",
+        ),
         (lambda: cosine_reduce(_Q, _K, "median"), ValueError, "reduce must be one of"),
         (lambda: cosine_reduce(_Q, torch.empty(0, 3)), ValueError, "keys is empty"),
         (lambda: cosine_reduce(_Q, _K.clone().fill_(math.inf)), ValueError, "keys must be finite"),
-        (lambda: cosine_reduce(torch.empty(2, 0), torch.empty(3, 0)), ValueError, "empty feature dimension"),
+        (
+            lambda: cosine_reduce(torch.empty(2, 0), torch.empty(3, 0)),
+            ValueError,
+            "empty feature dimension",
+        ),
         (lambda: uncertainty(_Q, "bald"), ValueError, r"3-D Monte-Carlo samples \[S, N, C\]"),
         (lambda: uncertainty(_Q[None], "entropy"), ValueError, r"2-D \[N, C\]"),
         (lambda: uncertainty(_Q, "variance"), ValueError, "method must be one of"),
@@ -412,19 +459,43 @@ _K = torch.randn(5, 3)
         (lambda: uncertainty(_Q, from_logits=False), ValueError, r"probabilities in \[0, 1\]"),
         (lambda: uncertainty(_Q.long()), ValueError, "floating-point"),
         (lambda: kcenter_greedy(_K, 6), ValueError, "larger than the unlabeled pool"),
-        (lambda: kcenter_greedy(_K, 3, [0, 1, 2]), ValueError, r"budget=3 is larger than the unlabeled pool \(2"),
-        (lambda: kcenter_greedy(_K, 1, [5]), ValueError, r"labeled indices must lie in \[0, N = 5\)"),
+        (
+            lambda: kcenter_greedy(_K, 3, [0, 1, 2]),
+            ValueError,
+            r"budget=3 is larger than the unlabeled pool \(2",
+        ),
+        (
+            lambda: kcenter_greedy(_K, 1, [5]),
+            ValueError,
+            r"labeled indices must lie in \[0, N = 5\)",
+        ),
         (lambda: kcenter_greedy(_K, 1, [-1]), ValueError, "labeled indices must lie"),
         (lambda: kcenter_greedy(_K, 1, [1, 1]), ValueError, "labeled indices must not repeat"),
-        (lambda: kcenter_greedy(_K, 1, torch.ones(4, dtype=torch.bool)), ValueError, "bool labeled mask"),
+        (
+            lambda: kcenter_greedy(_K, 1, torch.ones(4, dtype=torch.bool)),
+            ValueError,
+            "bool labeled mask",
+        ),
         (lambda: kcenter_greedy(_K, 1, "0"), TypeError, "labeled must be"),
         (lambda: kcenter_greedy(_K, -1), ValueError, "budget must be >= 0"),
         (lambda: kcenter_greedy(_K, 1, metric="l1"), ValueError, "metric must be one of"),
-        (lambda: kcenter_greedy(_K.clone().fill_(math.nan), 1), ValueError, "embeddings must be finite"),
+        (
+            lambda: kcenter_greedy(_K.clone().fill_(math.nan), 1),
+            ValueError,
+            "embeddings must be finite",
+        ),
         (lambda: badge_select(torch.rand(5, 2), _K[:4], 1), ValueError, "same number of samples N"),
-        (lambda: badge_select(torch.rand(5, 2), _K, 6), ValueError, "larger than the unlabeled pool"),
+        (
+            lambda: badge_select(torch.rand(5, 2), _K, 6),
+            ValueError,
+            "larger than the unlabeled pool",
+        ),
         (lambda: badge_select(torch.rand(5, 2), _K, 1, seed=-1), ValueError, "seed must be >= 0"),
-        (lambda: badge_select(torch.full((5, 2), math.nan), _K, 1), ValueError, "probs must be finite"),
+        (
+            lambda: badge_select(torch.full((5, 2), math.nan), _K, 1),
+            ValueError,
+            "probs must be finite",
+        ),
     ],
 )
 def test_bad_input(call, exc, match):
@@ -461,11 +532,27 @@ def test_opcheck(device, requires_grad):
     for m in MC_ONLY:
         torch.library.opcheck(ops.uncertainty.default, (zm, m, True))
     q, k = randn(7, 4, device=device), randn(9, 4, device=device, seed=1)
-    torch.library.opcheck(ops.cosine_topk.default, (q, k, 3, True, 1e-8, 0), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.cosine_reduce.default, (q, k, "max", 1e-8, 2), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ops.kcenter_greedy.default, (k, 3, None, False, 1e-8), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.cosine_topk.default,
+        (q, k, 3, True, 1e-8, 0),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        ops.cosine_reduce.default,
+        (q, k, "max", 1e-8, 2),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(
+        ops.kcenter_greedy.default,
+        (k, 3, None, False, 1e-8),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     probs = torch.softmax(k, 1)
-    torch.library.opcheck(ops.badge_select.default, (probs, k, badge_uniforms(3, 0), 3), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.badge_select.default,
+        (probs, k, badge_uniforms(3, 0), 3),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @requires_ops
@@ -479,7 +566,7 @@ def test_compile_fullgraph_matches_eager():
         return u, top.values, top.indices, cosine_reduce(q, k, "mean")
 
     compiled = torch.compile(fn, fullgraph=True)
-    for a, b in zip(compiled(z, q, k), fn(z, q, k)):
+    for a, b in zip(compiled(z, q, k), fn(z, q, k), strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -34,7 +33,9 @@ def _pool():
     queries[0] = torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0])
     queries[1] = 0.0
     basis = torch.eye(5, dtype=torch.float64)
-    keys = torch.cat([torch.randn(30, 5, generator=g, dtype=torch.float64), basis * 2, basis, torch.zeros(1, 5)])
+    keys = torch.cat(
+        [torch.randn(30, 5, generator=g, dtype=torch.float64), basis * 2, basis, torch.zeros(1, 5)]
+    )
     emb = torch.randint(-4, 5, (61, 6), generator=g).double()
     emb[30] = emb[31]
     emb_cos = torch.randn(61, 6, generator=g, dtype=torch.float64)
@@ -57,7 +58,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result[f"reduce_{reduce}"] = sharded_cosine_reduce(queries, keys[ks:ke], reduce)
         for metric, x in (("euclidean", emb), ("cosine", emb_cos)):
             result[f"kcenter_{metric}"] = sharded_kcenter_greedy(x[es:ee], 20, None, metric)
-            result[f"kcenter_lab_{metric}"] = sharded_kcenter_greedy(x[es:ee], 20, [3, 50, 31], metric)
+            result[f"kcenter_lab_{metric}"] = sharded_kcenter_greedy(
+                x[es:ee], 20, [3, 50, 31], metric
+            )
         for seed in (0, 1, 2):
             result[f"badge_{seed}"] = sharded_badge_select(probs[es:ee], emb[es:ee], 15, seed)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

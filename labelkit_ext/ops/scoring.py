@@ -65,7 +65,9 @@ _METRICS = ("euclidean", "cosine")
 # ---- argument checks ----------------------------------------------------------------------------
 
 
-def _check_float_tensor(x: object, name: str, op: str, ndim: int | tuple[int, ...], shape_doc: str) -> None:
+def _check_float_tensor(
+    x: object, name: str, op: str, ndim: int | tuple[int, ...], shape_doc: str
+) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -98,7 +100,11 @@ def _check_int(value: object, name: str, op: str, low: int) -> int:
 
 
 def _check_eps(eps: object, op: str) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
+    if (
+        not isinstance(eps, (int, float))
+        or isinstance(eps, bool)
+        or not (math.isfinite(eps) and eps > 0)
+    ):
         raise ValueError(f"{op}: eps must be a finite float > 0, got {eps!r}")
     return float(eps)
 
@@ -121,7 +127,9 @@ def _check_pair(queries: torch.Tensor, keys: torch.Tensor, op: str) -> None:
     if queries.shape[1] == 0:
         raise ValueError(f"{op}: queries and keys have an empty feature dimension (D == 0)")
     if queries.dtype != keys.dtype:
-        raise ValueError(f"{op}: queries and keys must have the same dtype, got {queries.dtype} and {keys.dtype}")
+        raise ValueError(
+            f"{op}: queries and keys must have the same dtype, got {queries.dtype} and {keys.dtype}"
+        )
     if queries.device != keys.device:
         raise ValueError(
             f"{op}: queries and keys must be on the same device, got {queries.device} and {keys.device}"
@@ -133,19 +141,37 @@ def _check_pair(queries: torch.Tensor, keys: torch.Tensor, op: str) -> None:
 def _check_uncertainty_scores(scores: object, method: str, from_logits: bool) -> None:
     op = "uncertainty"
     if method not in UNCERTAINTY_METHODS:
-        raise ValueError(f"uncertainty: method must be one of {UNCERTAINTY_METHODS}, got {method!r}")
+        raise ValueError(
+            f"uncertainty: method must be one of {UNCERTAINTY_METHODS}, got {method!r}"
+        )
     if not isinstance(from_logits, bool):
-        raise TypeError(f"uncertainty: from_logits must be a bool, got {type(from_logits).__name__}")
+        raise TypeError(
+            f"uncertainty: from_logits must be a bool, got {type(from_logits).__name__}"
+        )
     if method in MC_METHODS:
-        _check_float_tensor(scores, "scores", op, 3, f"3-D Monte-Carlo samples [S, N, C] for method={method!r}")
+        _check_float_tensor(
+            scores, "scores", op, 3, f"3-D Monte-Carlo samples [S, N, C] for method={method!r}"
+        )
     elif method == "variation_ratio":
-        _check_float_tensor(scores, "scores", op, (2, 3), "2-D [N, C] or 3-D Monte-Carlo samples [S, N, C]")
+        _check_float_tensor(
+            scores, "scores", op, (2, 3), "2-D [N, C] or 3-D Monte-Carlo samples [S, N, C]"
+        )
     else:
-        _check_float_tensor(scores, "scores", op, 2, f"2-D [N, C] for method={method!r} (MC samples: use 'bald' or 'mean_std')")
+        _check_float_tensor(
+            scores,
+            "scores",
+            op,
+            2,
+            f"2-D [N, C] for method={method!r} (MC samples: use 'bald' or 'mean_std')",
+        )
     if scores.shape[-1] == 0:
-        raise ValueError(f"uncertainty: scores has an empty class dimension (C == 0), got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"uncertainty: scores has an empty class dimension (C == 0), got shape {tuple(scores.shape)}"
+        )
     if scores.dim() == 3 and scores.shape[0] == 0:
-        raise ValueError(f"uncertainty: scores has no Monte-Carlo samples (S == 0), got shape {tuple(scores.shape)}")
+        raise ValueError(
+            f"uncertainty: scores has no Monte-Carlo samples (S == 0), got shape {tuple(scores.shape)}"
+        )
     if not from_logits and not torch.compiler.is_compiling() and scores.numel() > 0:
         if not bool(((scores >= 0) & (scores <= 1)).all()):
             raise ValueError(
@@ -159,16 +185,24 @@ def _check_labeled(labeled: object, N: int, device: torch.device, op: str) -> to
         return None
     if isinstance(labeled, torch.Tensor):
         idx = labeled
-    elif isinstance(labeled, Sequence) and all(isinstance(i, int) and not isinstance(i, bool) for i in labeled):
+    elif isinstance(labeled, Sequence) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in labeled
+    ):
         idx = torch.tensor(list(labeled), dtype=torch.int64)
     else:
-        raise TypeError(f"{op}: labeled must be an int64 tensor, a bool mask or a sequence of ints, got {type(labeled).__name__}")
+        raise TypeError(
+            f"{op}: labeled must be an int64 tensor, a bool mask or a sequence of ints, got {type(labeled).__name__}"
+        )
     if idx.dtype == torch.bool:
         if idx.shape != (N,):
-            raise ValueError(f"{op}: a bool labeled mask must have shape [N] = [{N}], got {tuple(idx.shape)}")
+            raise ValueError(
+                f"{op}: a bool labeled mask must have shape [N] = [{N}], got {tuple(idx.shape)}"
+            )
         idx = idx.nonzero().flatten()
     if idx.dtype != torch.int64 or idx.dim() != 1:
-        raise ValueError(f"{op}: labeled must be a 1-D int64 index tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+        raise ValueError(
+            f"{op}: labeled must be a 1-D int64 index tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
+        )
     idx = idx.to(device)
     if torch.compiler.is_compiling() or idx.numel() == 0:
         return idx
@@ -183,14 +217,18 @@ def _check_labeled(labeled: object, N: int, device: torch.device, op: str) -> to
 def _check_budget(budget: object, pool: int, op: str) -> int:
     budget = _check_int(budget, "budget", op, 0)
     if budget > pool:
-        raise ValueError(f"{op}: budget={budget} is larger than the unlabeled pool ({pool} samples)")
+        raise ValueError(
+            f"{op}: budget={budget} is larger than the unlabeled pool ({pool} samples)"
+        )
     return budget
 
 
 # ---- public functions -----------------------------------------------------------------------------
 
 
-def uncertainty(scores: torch.Tensor, method: str = "entropy", from_logits: bool = True) -> torch.Tensor:
+def uncertainty(
+    scores: torch.Tensor, method: str = "entropy", from_logits: bool = True
+) -> torch.Tensor:
     """Per-sample uncertainty in one fused pass; **larger always means query first**.
 
     Args:
@@ -331,7 +369,9 @@ def kcenter_greedy(
     return kcenter_greedy_ref(embeddings, budget, idx, metric, eps)
 
 
-def badge_select(probs: torch.Tensor, embeddings: torch.Tensor, budget: int, seed: int = 0) -> torch.Tensor:
+def badge_select(
+    probs: torch.Tensor, embeddings: torch.Tensor, budget: int, seed: int = 0
+) -> torch.Tensor:
     """BADGE (Ash et al., ICLR 2020): k-means++ seeding on the last-layer gradient embeddings
     ``g_i = (p_i - onehot(argmax p_i)) (x) h_i``, without building the N x (C*D) matrix: it uses
     ``|g_i|^2 = |q_i|^2 |h_i|^2`` and ``<g_i, g_j> = <q_i, q_j> <h_i, h_j>`` with ``q = p - onehot``.
@@ -365,7 +405,9 @@ def badge_select(probs: torch.Tensor, embeddings: torch.Tensor, budget: int, see
         )
     budget = _check_budget(budget, N, op)
     if budget > 0 and (probs.shape[1] == 0 or embeddings.shape[1] == 0):
-        raise ValueError("badge_select: probs (C) and embeddings (D) must have non-empty feature dimensions")
+        raise ValueError(
+            "badge_select: probs (C) and embeddings (D) must have non-empty feature dimensions"
+        )
     seed = _check_int(seed, "seed", op, 0)
     _check_finite(probs, "probs", op)
     _check_finite(embeddings, "embeddings", op)
@@ -417,7 +459,11 @@ def _uncertainty_setup(ctx, inputs, output):
 
 def _uncertainty_backward(ctx, grad):
     (scores,) = ctx.saved_tensors
-    return torch.ops.labelkit._uncertainty_backward(grad, scores, ctx.method, ctx.from_logits), None, None
+    return (
+        torch.ops.labelkit._uncertainty_backward(grad, scores, ctx.method, ctx.from_logits),
+        None,
+        None,
+    )
 
 
 def _register_autograd() -> None:

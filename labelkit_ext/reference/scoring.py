@@ -21,7 +21,14 @@ from labelkit_ext.reference.entropy import accumulation_dtype, softmax_entropy_r
 #: Rows/columns per tile of the references (the kernels choose their own).
 DEFAULT_TILE = 1024
 
-UNCERTAINTY_METHODS = ("entropy", "margin", "least_confidence", "variation_ratio", "bald", "mean_std")
+UNCERTAINTY_METHODS = (
+    "entropy",
+    "margin",
+    "least_confidence",
+    "variation_ratio",
+    "bald",
+    "mean_std",
+)
 MC_METHODS = ("bald", "mean_std")
 
 
@@ -54,12 +61,16 @@ def _mc_variation_ratio(scores: torch.Tensor, from_logits: bool) -> torch.Tensor
     S, N, C = scores.shape
     dtype = accumulation_dtype(scores.dtype)
     votes = torch.zeros(N, C, dtype=dtype, device=scores.device)
-    votes.scatter_add_(1, scores.argmax(-1).t(), torch.ones(N, S, dtype=dtype, device=scores.device))
+    votes.scatter_add_(
+        1, scores.argmax(-1).t(), torch.ones(N, S, dtype=dtype, device=scores.device)
+    )
     bad = scores.isnan() | (scores == float("inf")) if from_logits else scores.isnan()
     return (1.0 - votes.amax(-1) / S).masked_fill(bad.any(-1).any(0), float("nan"))
 
 
-def uncertainty_ref(scores: torch.Tensor, method: str = "entropy", from_logits: bool = True) -> torch.Tensor:
+def uncertainty_ref(
+    scores: torch.Tensor, method: str = "entropy", from_logits: bool = True
+) -> torch.Tensor:
     """Per-sample uncertainty, larger = query first; see :func:`labelkit_ext.uncertainty`."""
     if method == "entropy":
         return _entropy(scores, from_logits)
@@ -180,8 +191,10 @@ def kcenter_greedy_ref(
     points the first pick is the point nearest the mean. Cosine distance ranks like
     ``|x_hat - c_hat|^2 = 2 - 2 cos``, which is what is computed.
     """
-    x = normalize_rows(embeddings, eps) if metric == "cosine" else embeddings.to(
-        accumulation_dtype(embeddings.dtype)
+    x = (
+        normalize_rows(embeddings, eps)
+        if metric == "cosine"
+        else embeddings.to(accumulation_dtype(embeddings.dtype))
     )
     N = x.shape[0]
     picks = torch.empty(budget, dtype=torch.int64, device=x.device)
@@ -213,7 +226,9 @@ def kcenter_greedy_ref(
 BADGE_CANCEL_ULP = 16.0
 
 
-def badge_sq_dist(g2_i: torch.Tensor, g2_c: torch.Tensor, qq: torch.Tensor, hh: torch.Tensor) -> torch.Tensor:
+def badge_sq_dist(
+    g2_i: torch.Tensor, g2_c: torch.Tensor, qq: torch.Tensor, hh: torch.Tensor
+) -> torch.Tensor:
     """|g_i - g_c|^2 = |g_i|^2 + |g_c|^2 - 2 <q_i, q_c><h_i, h_c>; values within the formula's
     rounding error of 0 (a few ulp of |g_i|^2 + |g_c|^2) are exactly 0, as for duplicates."""
     d = g2_i + g2_c - 2.0 * qq * hh
@@ -245,7 +260,11 @@ def badge_sample(weights: torch.Tensor, u: float, taken: torch.Tensor) -> int:
     if not total > 0.0:
         return int((~taken).nonzero()[0])
     cdf = weights.cumsum(0)
-    i = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=cdf.dtype, device=cdf.device), right=True))
+    i = int(
+        torch.searchsorted(
+            cdf, torch.tensor([u * total], dtype=cdf.dtype, device=cdf.device), right=True
+        )
+    )
     if i >= weights.shape[0]:  # u * total rounded onto the last step of the CDF
         i = int(weights.nonzero()[-1])
     return i
