@@ -636,3 +636,47 @@ def test_kcenter_property(n, d, data):
     metric = data.draw(st.sampled_from(["euclidean", "cosine"]))
     got = kcenter_greedy(x, budget, labeled, metric)
     assert got.tolist() == kcenter_oracle(x.numpy(), budget, labeled, metric)
+
+
+# ---- the benchmark script on tiny sizes (keeps it from rotting) -----------------------------------
+
+
+def test_bench_scoring_smoke(tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    try:
+        bench = importlib.import_module("bench.bench_scoring")
+    finally:
+        sys.path.remove(str(root))
+    argv = [
+        "--topk-n",
+        "300",
+        "--topk-m",
+        "200",
+        "--topk-d",
+        "16",
+        "--kcenter-n",
+        "400",
+        "--kcenter-d",
+        "8",
+    ]
+    argv += [
+        "--kcenter-budget",
+        "10",
+        "--mc",
+        "3,100,5",
+        "--runs",
+        "1",
+        "--no-memory",
+        "--device",
+        "cpu",
+    ]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    (csv_path,) = tmp_path.glob("*/scoring.csv")
+    text = csv_path.read_text()
+    for case in ("topk", "reduce_mean", "kcenter", "uncertainty_bald"):
+        assert case in text
