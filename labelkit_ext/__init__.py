@@ -19,6 +19,14 @@ from labelkit_ext.ops.pretext import (
     make_pretext_batch,
     rotate90,
 )
+from labelkit_ext.ops.scoring import (
+    TopK,
+    badge_select,
+    cosine_reduce,
+    cosine_topk,
+    kcenter_greedy,
+    uncertainty,
+)
 
 __version__ = "0.1.0"
 
@@ -26,19 +34,25 @@ __all__ = [
     "BUILD_INFO",
     "HAS_OPS",
     "LOAD_ERROR",
-    "EntropyGate",
     "affine_grid_sample",
-    "HammingStats",
-    "PretextBatch",
+    "badge_select",
     "context_pair",
+    "cosine_reduce",
+    "cosine_topk",
+    "entropy_gate",
+    "EntropyGate",
     "hamming_distance_stats",
     "hamming_permutations",
-    "jigsaw_tiles",
-    "make_pretext_batch",
-    "rotate90",
-    "entropy_gate",
+    "HammingStats",
     "info",
+    "jigsaw_tiles",
+    "kcenter_greedy",
+    "make_pretext_batch",
     "max_entropy_loss",
+    "PretextBatch",
+    "rotate90",
     "softmax_entropy",
+    "TopK",
+    "uncertainty",
     "__version__",
 ]

@@ -23,3 +23,14 @@ class EntropyGate(NamedTuple):
     prediction: torch.Tensor
     cluster_probs: torch.Tensor | None
     cluster: torch.Tensor | None
+
+
+class TopK(NamedTuple):
+    """Output of :func:`labelkit_ext.cosine_topk` for queries ``[N, D]`` and keys ``[M, D]``.
+
+    values:  ``[N, k]`` cosine similarities, best first (float32; float64 for float64 inputs).
+    indices: ``[N, k]`` int64 key indices; equal values keep the lower key index first.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor

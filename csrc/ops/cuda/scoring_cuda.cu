@@ -1,0 +1,749 @@
+// CUDA kernels of the pool-scoring family. Compiled for sm_80/sm_90 in every build; this project's
+// CI has no GPU, so they are compile-checked only (docs/ops/scoring.md says so).
+//
+// cosine_topk / cosine_reduce(max|min): for each query tile, each key tile's scores are one
+//   cuBLAS GEMM written transposed ([keys, queries]) into a bounded buffer, so the merge kernel
+//   (one thread per query row, walking keys in index order) reads coalesced columns and folds
+//   them into the running top-k kept in the outputs. mean/sum: <q_hat, sum_j k_hat_j>.
+// kcenter_greedy: per pick, three launches and no host sync: distances between the new center
+//   and the previous ones, the fused running-min pass (triangle-inequality skip) with a block
+//   argmax, and a one-block argmax that writes the next center's index to device memory.
+// badge_select: the running min on BADGE's implicit gradient embeddings, then an inverse-CDF
+//   draw (float64 cumsum + searchsorted) that also stays on the device.
+// uncertainty: one thread per [C] row; Monte-Carlo samples use a per-(s, n) statistics pass and
+//   one thread per sample n for the two-pass per-class means and deviations.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "ops/entropy.h"
+#include "ops/scoring.h"
+#include "ops/scoring_checks.h"
+
+namespace labelkit {
+namespace {
+
+using entropy::neg_inf;
+using scoring::Method;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 4096;
+constexpr int64_t kTileElements = int64_t(1) << 26;  // score buffer bound: 256 MiB of float32
+constexpr int64_t kKeyTile = 4096;
+
+at::ScalarType acc_type(at::ScalarType in) {
+  return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+int64_t grid_for(int64_t items, int64_t per_block = kThreads) {
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block));
+}
+
+at::Tensor normalized_rows(const at::Tensor& x, double eps) {
+  const at::Tensor y = x.to(acc_type(x.scalar_type()));
+  return (y / at::linalg_vector_norm(y, 2, {-1}, /*keepdim=*/true).clamp_min(eps)).contiguous();
+}
+
+// ---- uncertainty ----------------------------------------------------------------------------------
+
+// Largest and second largest of a row read through acc_t (first index of each on ties).
+template <typename scalar_t, typename T>
+__device__ void row_top2(const scalar_t* x, int64_t C, T& v1, T& v2, int64_t& a, int64_t& b, bool& has_nan) {
+  v1 = neg_inf<T>();
+  v2 = neg_inf<T>();
+  a = -1;
+  b = -1;
+  has_nan = false;
+  for (int64_t j = 0; j < C; ++j) {
+    const T v = static_cast<T>(x[j]);
+    if (v != v) {
+      has_nan = true;
+    } else if (v > v1 || a < 0) {
+      v2 = v1;
+      b = a;
+      v1 = v;
+      a = j;
+    } else if (v > v2 || b < 0) {
+      v2 = v;
+      b = j;
+    }
+  }
+}
+
+template <typename scalar_t, typename T>
+__device__ void row_moments(const scalar_t* x, int64_t C, T m, T& s, T& t) {
+  s = T(0);
+  t = T(0);
+  for (int64_t j = 0; j < C; ++j) {
+    T e, ed;
+    entropy::term(static_cast<T>(x[j]), m, e, ed);
+    s += e;
+    t += ed;
+  }
+}
+
+template <typename T>
+__device__ T plogp(T p) {
+  return p > T(0) ? p * entropy::fast_log(p) : T(0);
+}
+
+template <typename scalar_t, typename T>
+__global__ void uncertainty_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, Method method,
+                                        bool from_logits, T* __restrict__ out) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
+    const scalar_t* row = x + n * C;
+    T v1, v2;
+    int64_t a, b;
+    bool has_nan;
+    row_top2<scalar_t, T>(row, C, v1, v2, a, b, has_nan);
+    if (from_logits) {
+      T s, t;
+      row_moments<scalar_t, T>(row, C, v1, s, t);
+      out[n] = scoring::uncertainty_from_logit_stats(method, v1, v2, s, t, has_nan);
+      continue;
+    }
+    T u;
+    if (has_nan) {
+      u = std::numeric_limits<T>::quiet_NaN();
+    } else if (method == Method::kEntropy) {
+      u = T(0);
+      for (int64_t j = 0; j < C; ++j) u -= plogp(static_cast<T>(row[j]));
+    } else if (method == Method::kMargin) {
+      u = T(1) - (v1 - (b < 0 ? T(0) : v2));
+    } else {
+      u = T(1) - v1;
+    }
+    out[n] = u;
+  }
+}
+
+template <typename scalar_t, typename T>
+__global__ void uncertainty_rows_backward_kernel(const scalar_t* __restrict__ x, const T* __restrict__ grad,
+                                                 int64_t N, int64_t C, Method method, bool from_logits,
+                                                 scalar_t* __restrict__ gx) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
+    const scalar_t* row = x + n * C;
+    scalar_t* grow = gx + n * C;
+    const T g = grad[n];
+    T v1, v2;
+    int64_t a, b;
+    bool has_nan;
+    row_top2<scalar_t, T>(row, C, v1, v2, a, b, has_nan);
+    if (!from_logits) {
+      for (int64_t j = 0; j < C; ++j) {
+        T d;
+        if (method == Method::kEntropy) {
+          d = -(entropy::fast_log(static_cast<T>(row[j])) + T(1));
+        } else {
+          d = -T(j == a) + (method == Method::kMargin ? T(j == b) : T(0));
+        }
+        grow[j] = static_cast<scalar_t>(g * d);
+      }
+      continue;
+    }
+    T s, t;
+    row_moments<scalar_t, T>(row, C, v1, s, t);
+    const T log_s = entropy::fast_log(s);
+    if (method == Method::kEntropy) {
+      const T H = entropy::entropy_from(s, t);
+      for (int64_t j = 0; j < C; ++j) {
+        grow[j] = static_cast<scalar_t>(entropy::gate_grad(static_cast<T>(row[j]), v1 + log_s, H, g, T(0)));
+      }
+      continue;
+    }
+    const T p_a = T(1) / s;
+    const T p_b = (b < 0 || v2 == neg_inf<T>()) ? T(0) : entropy::fast_exp(v2 - v1) / s;
+    for (int64_t j = 0; j < C; ++j) {
+      const T z = static_cast<T>(row[j]);
+      const T p_j = z == neg_inf<T>() ? T(0) : entropy::fast_exp((z - v1) - log_s);
+      grow[j] = static_cast<scalar_t>(g * scoring::uncertainty_logit_grad(method, j, a, b, p_j, p_a, p_b));
+    }
+  }
+}
+
+// Per (s, n) row of MC samples: shift m, log s (logits; 0 for probabilities), argmax, and whether
+// the row is unusable (NaN, or for logits +inf / no mass).
+template <typename scalar_t, typename T>
+__global__ void mc_row_stats_kernel(const scalar_t* __restrict__ x, int64_t rows, int64_t C, bool from_logits,
+                                    T* __restrict__ shift, T* __restrict__ log_norm, int64_t* __restrict__ argmax,
+                                    uint8_t* __restrict__ bad) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+    const scalar_t* row = x + r * C;
+    T v1, v2;
+    int64_t a, b;
+    bool has_nan;
+    row_top2<scalar_t, T>(row, C, v1, v2, a, b, has_nan);
+    argmax[r] = a < 0 ? 0 : a;
+    if (from_logits) {
+      T s, t;
+      row_moments<scalar_t, T>(row, C, v1, s, t);
+      shift[r] = v1;
+      log_norm[r] = entropy::fast_log(s);
+      bad[r] = has_nan || !(s > T(0)) || s != s;
+    } else {
+      shift[r] = T(0);
+      log_norm[r] = T(0);
+      bad[r] = has_nan;
+    }
+  }
+}
+
+template <typename scalar_t, typename T>
+__device__ T mc_prob(const scalar_t* x, int64_t r, int64_t C, int64_t j, bool from_logits, const T* shift,
+                     const T* log_norm) {
+  const T z = static_cast<T>(x[r * C + j]);
+  if (!from_logits) return z;
+  return z == neg_inf<T>() ? T(0) : entropy::fast_exp((z - shift[r]) - log_norm[r]);
+}
+
+// Per sample n: mean (pbar) and population std of p over the S samples, class by class.
+template <typename scalar_t, typename T>
+__device__ void mc_class_stats(const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t n, int64_t j,
+                               bool from_logits, const T* shift, const T* log_norm, T& mean, T& sd) {
+  mean = T(0);
+  for (int64_t s = 0; s < S; ++s) mean += mc_prob<scalar_t, T>(x, s * N + n, C, j, from_logits, shift, log_norm);
+  mean /= T(S);
+  T var = T(0);
+  for (int64_t s = 0; s < S; ++s) {
+    const T d = mc_prob<scalar_t, T>(x, s * N + n, C, j, from_logits, shift, log_norm) - mean;
+    var += d * d;
+  }
+  sd = ::sqrt(var / T(S));
+}
+
+template <typename scalar_t, typename T>
+__global__ void mc_uncertainty_kernel(const scalar_t* __restrict__ x, int64_t S, int64_t N, int64_t C, Method method,
+                                      bool from_logits, const T* __restrict__ shift, const T* __restrict__ log_norm,
+                                      const int64_t* __restrict__ argmax, const uint8_t* __restrict__ bad,
+                                      T* __restrict__ out) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
+    bool any_bad = false;
+    for (int64_t s = 0; s < S; ++s) any_bad |= bad[s * N + n] != 0;
+    if (any_bad) {
+      out[n] = std::numeric_limits<T>::quiet_NaN();
+      continue;
+    }
+    if (method == Method::kVariationRatio) {
+      int64_t mode = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        int64_t votes = 0;
+        for (int64_t s2 = 0; s2 < S; ++s2) votes += argmax[s2 * N + n] == argmax[s * N + n];
+        mode = votes > mode ? votes : mode;
+      }
+      out[n] = T(1) - T(mode) / T(S);
+      continue;
+    }
+    T h_mean = T(0), mean_h = T(0), sd_sum = T(0);
+    for (int64_t j = 0; j < C; ++j) {
+      T mean, sd;
+      mc_class_stats<scalar_t, T>(x, S, N, C, n, j, from_logits, shift, log_norm, mean, sd);
+      h_mean -= plogp(mean);
+      sd_sum += sd;
+      if (method == Method::kBald) {
+        for (int64_t s = 0; s < S; ++s) mean_h -= plogp(mc_prob<scalar_t, T>(x, s * N + n, C, j, from_logits, shift, log_norm));
+      }
+    }
+    out[n] = method == Method::kBald ? h_mean - mean_h / T(S) : sd_sum / T(C);
+  }
+}
+
+// d u / d p_sj (BALD: (log p_sj - log pbar_j) / S; mean_std: (p_sj - pbar_j) / (S C sd_j)), pushed
+// through the softmax for logits: d/dz_k = p_k (G_k - sum_j p_j G_j). pbar and sd come from
+// mc_class_stats into scratch [N, C].
+template <typename scalar_t, typename T>
+__device__ T mc_dp(Method method, T p, T log_p, T mean, T sd, int64_t S, int64_t C, T g) {
+  if (method == Method::kBald) return g * (log_p - entropy::fast_log(mean)) / T(S);
+  return sd > T(0) ? g * (p - mean) / (T(S) * T(C) * sd) : T(0);
+}
+
+template <typename scalar_t, typename T>
+__global__ void mc_uncertainty_backward_kernel(const scalar_t* __restrict__ x, const T* __restrict__ grad, int64_t S,
+                                               int64_t N, int64_t C, Method method, bool from_logits,
+                                               const T* __restrict__ shift, const T* __restrict__ log_norm,
+                                               const uint8_t* __restrict__ bad, T* __restrict__ means,
+                                               T* __restrict__ sds, scalar_t* __restrict__ gx) {
+  for (int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; n < N; n += int64_t(gridDim.x) * blockDim.x) {
+    bool any_bad = false;
+    for (int64_t s = 0; s < S; ++s) any_bad |= bad[s * N + n] != 0;
+    const T g = grad[n];
+    for (int64_t j = 0; j < C; ++j) {
+      mc_class_stats<scalar_t, T>(x, S, N, C, n, j, from_logits, shift, log_norm, means[n * C + j], sds[n * C + j]);
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t r = s * N + n;
+      T dot = T(0);
+      for (int64_t j = 0; j < C; ++j) {
+        const T p = mc_prob<scalar_t, T>(x, r, C, j, from_logits, shift, log_norm);
+        const T z = static_cast<T>(x[r * C + j]);
+        const T log_p = from_logits ? (z - shift[r]) - log_norm[r] : entropy::fast_log(p);
+        const T G = mc_dp<scalar_t, T>(method, p, log_p, means[n * C + j], sds[n * C + j], S, C, g);
+        if (p > T(0)) dot += p * G;
+      }
+      for (int64_t j = 0; j < C; ++j) {
+        const T p = mc_prob<scalar_t, T>(x, r, C, j, from_logits, shift, log_norm);
+        const T z = static_cast<T>(x[r * C + j]);
+        const T log_p = from_logits ? (z - shift[r]) - log_norm[r] : entropy::fast_log(p);
+        const T G = mc_dp<scalar_t, T>(method, p, log_p, means[n * C + j], sds[n * C + j], S, C, g);
+        T out;
+        if (any_bad) {
+          out = std::numeric_limits<T>::quiet_NaN();
+        } else if (from_logits) {
+          out = p > T(0) ? p * (G - dot) : T(0);
+        } else {
+          out = G;
+        }
+        gx[r * C + j] = static_cast<scalar_t>(out);
+      }
+    }
+  }
+}
+
+at::Tensor uncertainty_cuda(const at::Tensor& scores, c10::string_view method_sv, bool from_logits) {
+  const std::string method_s(method_sv);
+  check_uncertainty_args(scores, method_s);
+  const Method method = parse_uncertainty_method(method_s, scores.dim());
+  c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor x = scores.contiguous();
+  const bool mc = x.dim() == 3;
+  const int64_t S = mc ? x.size(0) : 1;
+  const int64_t N = x.size(-2);
+  const int64_t C = x.size(-1);
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor out = at::empty({N}, x.options().dtype(acc));
+  if (N == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uncertainty_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (!mc) {
+      uncertainty_rows_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+          xp, N, C, method, from_logits, out.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    at::Tensor shift = at::empty({S * N}, x.options().dtype(acc));
+    at::Tensor log_norm = at::empty({S * N}, x.options().dtype(acc));
+    at::Tensor argmax = at::empty({S * N}, x.options().dtype(at::kLong));
+    at::Tensor bad = at::empty({S * N}, x.options().dtype(at::kByte));
+    mc_row_stats_kernel<scalar_t, acc_t><<<grid_for(S * N), kThreads, 0, stream>>>(
+        xp, S * N, C, from_logits, shift.mutable_data_ptr<acc_t>(), log_norm.mutable_data_ptr<acc_t>(),
+        argmax.mutable_data_ptr<int64_t>(), bad.mutable_data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    mc_uncertainty_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+        xp, S, N, C, method, from_logits, shift.const_data_ptr<acc_t>(), log_norm.const_data_ptr<acc_t>(),
+        argmax.const_data_ptr<int64_t>(), bad.const_data_ptr<uint8_t>(), out.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor uncertainty_backward_cuda(const at::Tensor& grad, const at::Tensor& scores, c10::string_view method_sv,
+                                     bool from_logits) {
+  const std::string method_s(method_sv);
+  check_uncertainty_args(scores, method_s);
+  const Method method = parse_uncertainty_method(method_s, scores.dim());
+  c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor x = scores.contiguous();
+  const bool mc = x.dim() == 3;
+  const int64_t S = mc ? x.size(0) : 1;
+  const int64_t N = x.size(-2);
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(grad.numel() == N, "uncertainty_backward: grad must have one value per sample (", N, ")");
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor g = grad.to(acc).contiguous();
+  if (N == 0 || (mc && method == Method::kVariationRatio)) return at::zeros_like(x);
+  at::Tensor gx = at::empty_like(x);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "uncertainty_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (!mc) {
+      uncertainty_rows_backward_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+          xp, g.const_data_ptr<acc_t>(), N, C, method, from_logits, gx.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    at::Tensor shift = at::empty({S * N}, x.options().dtype(acc));
+    at::Tensor log_norm = at::empty({S * N}, x.options().dtype(acc));
+    at::Tensor argmax = at::empty({S * N}, x.options().dtype(at::kLong));
+    at::Tensor bad = at::empty({S * N}, x.options().dtype(at::kByte));
+    at::Tensor means = at::empty({N, C}, x.options().dtype(acc));
+    at::Tensor sds = at::empty({N, C}, x.options().dtype(acc));
+    mc_row_stats_kernel<scalar_t, acc_t><<<grid_for(S * N), kThreads, 0, stream>>>(
+        xp, S * N, C, from_logits, shift.mutable_data_ptr<acc_t>(), log_norm.mutable_data_ptr<acc_t>(),
+        argmax.mutable_data_ptr<int64_t>(), bad.mutable_data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    mc_uncertainty_backward_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+        xp, g.const_data_ptr<acc_t>(), S, N, C, method, from_logits, shift.const_data_ptr<acc_t>(),
+        log_norm.const_data_ptr<acc_t>(), bad.const_data_ptr<uint8_t>(), means.mutable_data_ptr<acc_t>(),
+        sds.mutable_data_ptr<acc_t>(), gx.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
+// ---- cosine top-k and reductions ------------------------------------------------------------------
+
+// scores_t is [cols, rows] (key-major): thread r reads column r, coalesced across the warp.
+template <bool kLargest, typename T>
+__global__ void merge_topk_kernel(const T* __restrict__ scores_t, int64_t rows, int64_t cols, int64_t m0, int64_t k,
+                                  T* __restrict__ vals, int64_t* __restrict__ idx, int64_t* __restrict__ filled) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+    T* v = vals + r * k;
+    int64_t* id = idx + r * k;
+    int64_t f = filled[r];
+    int64_t j = 0;
+    for (; j < cols && f < k; ++j) scoring::topk_insert<kLargest>(v, id, k, f, scores_t[j * rows + r], m0 + j);
+    T thr = v[k - 1];
+    for (; j < cols; ++j) {
+      const T s = scores_t[j * rows + r];
+      if (kLargest ? s > thr : s < thr) {
+        scoring::topk_insert<kLargest>(v, id, k, f, s, m0 + j);
+        thr = v[k - 1];
+      }
+    }
+    filled[r] = f;
+  }
+}
+
+template <typename T>
+__global__ void merge_extreme_kernel(const T* __restrict__ scores_t, int64_t rows, int64_t cols, bool largest,
+                                     T* __restrict__ out) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
+    T best = out[r];
+    for (int64_t j = 0; j < cols; ++j) {
+      const T s = scores_t[j * rows + r];
+      best = largest ? (s > best ? s : best) : (s < best ? s : best);
+    }
+    out[r] = best;
+  }
+}
+
+// Calls merge(scores_t, n0, rows, m0, cols) for every tile pair; the score buffer is reused and
+// bounded by kTileElements.
+template <typename Merge>
+void for_each_score_tile(const at::Tensor& q_hat, const at::Tensor& k_hat, int64_t tile_size, const Merge& merge) {
+  const int64_t N = q_hat.size(0);
+  const int64_t M = k_hat.size(0);
+  const int64_t tm = std::min(M, tile_size > 0 ? tile_size : kKeyTile);
+  const int64_t tn = std::min(N, tile_size > 0 ? tile_size : std::max<int64_t>(1, kTileElements / tm));
+  at::Tensor buf = at::empty({tn * tm}, q_hat.options());
+  for (int64_t n0 = 0; n0 < N; n0 += tn) {
+    const int64_t rows = std::min(tn, N - n0);
+    const at::Tensor q = q_hat.narrow(0, n0, rows);
+    for (int64_t m0 = 0; m0 < M; m0 += tm) {
+      const int64_t cols = std::min(tm, M - m0);
+      at::Tensor s = buf.narrow(0, 0, rows * cols).view({cols, rows});
+      at::mm_out(s, k_hat.narrow(0, m0, cols), q.t());
+      merge(s, n0, rows, m0, cols);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, const at::Tensor& keys, int64_t k,
+                                                    bool largest, double eps, int64_t tile_size) {
+  check_topk_args(queries, keys, k, eps, tile_size);
+  c10::cuda::CUDAGuard guard(queries.device());
+  const int64_t N = queries.size(0);
+  const auto acc = acc_type(queries.scalar_type());
+  at::Tensor values = at::empty({N, k}, queries.options().dtype(acc));
+  at::Tensor indices = at::empty({N, k}, queries.options().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+  const at::Tensor q_hat = normalized_rows(queries, eps);
+  const at::Tensor k_hat = normalized_rows(keys, eps);
+  at::Tensor filled = at::zeros({N}, queries.options().dtype(at::kLong));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q_hat.scalar_type(), "cosine_topk_cuda", [&] {
+    scalar_t* vp = values.mutable_data_ptr<scalar_t>();
+    int64_t* ip = indices.mutable_data_ptr<int64_t>();
+    int64_t* fp = filled.mutable_data_ptr<int64_t>();
+    for_each_score_tile(q_hat, k_hat, tile_size, [&](const at::Tensor& s, int64_t n0, int64_t rows, int64_t m0,
+                                                     int64_t cols) {
+      const scalar_t* sp = s.const_data_ptr<scalar_t>();
+      if (largest) {
+        merge_topk_kernel<true, scalar_t><<<grid_for(rows), kThreads, 0, stream>>>(sp, rows, cols, m0, k, vp + n0 * k,
+                                                                                   ip + n0 * k, fp + n0);
+      } else {
+        merge_topk_kernel<false, scalar_t><<<grid_for(rows), kThreads, 0, stream>>>(sp, rows, cols, m0, k, vp + n0 * k,
+                                                                                    ip + n0 * k, fp + n0);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {values, indices};
+}
+
+at::Tensor cosine_reduce_cuda(const at::Tensor& queries, const at::Tensor& keys, c10::string_view reduce_sv, double eps,
+                              int64_t tile_size) {
+  check_reduce_args(queries, keys, eps, tile_size);
+  const Reduce reduce = parse_reduce(std::string(reduce_sv));
+  c10::cuda::CUDAGuard guard(queries.device());
+  const int64_t N = queries.size(0);
+  const auto acc = acc_type(queries.scalar_type());
+  if (N == 0) return at::empty({0}, queries.options().dtype(acc));
+  const at::Tensor q_hat = normalized_rows(queries, eps);
+  const at::Tensor k_hat = normalized_rows(keys, eps);
+  if (reduce == Reduce::kMean || reduce == Reduce::kSum) {
+    const at::Tensor out = at::mv(q_hat, k_hat.sum(0));
+    return reduce == Reduce::kMean ? out / static_cast<double>(keys.size(0)) : out;
+  }
+  const bool largest = reduce == Reduce::kMax;
+  at::Tensor out = at::full({N}, largest ? -INFINITY : INFINITY, queries.options().dtype(acc));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q_hat.scalar_type(), "cosine_reduce_cuda", [&] {
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_score_tile(q_hat, k_hat, tile_size, [&](const at::Tensor& s, int64_t n0, int64_t rows, int64_t,
+                                                     int64_t cols) {
+      merge_extreme_kernel<scalar_t><<<grid_for(rows), kThreads, 0, stream>>>(s.const_data_ptr<scalar_t>(), rows, cols,
+                                                                             largest, op + n0);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// ---- greedy selections ----------------------------------------------------------------------------
+
+template <typename T>
+__device__ __forceinline__ void keep_better(T& best, int64_t& bi, T v, int64_t i) {
+  if (i >= 0 && (bi < 0 || scoring::ranks_before<true>(v, i, best, bi))) {
+    best = v;
+    bi = i;
+  }
+}
+
+// Block-wide argmax (value desc, index asc) into thread 0. bi < 0 means "none".
+template <typename T>
+__device__ void block_argmax(T& best, int64_t& bi) {
+  __shared__ T sv[kThreads];
+  __shared__ int64_t si[kThreads];
+  sv[threadIdx.x] = best;
+  si[threadIdx.x] = bi;
+  __syncthreads();
+  for (int off = blockDim.x / 2; off > 0; off /= 2) {
+    if (threadIdx.x < off) {
+      T v = sv[threadIdx.x];
+      int64_t i = si[threadIdx.x];
+      keep_better(v, i, sv[threadIdx.x + off], si[threadIdx.x + off]);
+      sv[threadIdx.x] = v;
+      si[threadIdx.x] = i;
+    }
+    __syncthreads();
+  }
+  best = sv[0];
+  bi = si[0];
+}
+
+template <typename T>
+__device__ T sq_dist(const T* a, const T* b, int64_t D) {
+  T acc = T(0);
+  for (int64_t d = 0; d < D; ++d) {
+    const T diff = a[d] - b[d];
+    acc += diff * diff;
+  }
+  return acc;
+}
+
+// gap[a] = |x_{centers[p]} - x_{centers[a]}|^2 for a < p; also marks the new center taken.
+template <typename T>
+__global__ void kcenter_gap_kernel(const T* __restrict__ x, int64_t D, const int64_t* __restrict__ centers, int64_t p,
+                                   T* __restrict__ gap, uint8_t* __restrict__ taken) {
+  const int64_t c = centers[p];
+  if (blockIdx.x == 0 && threadIdx.x == 0) taken[c] = 1;
+  for (int64_t a = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; a < p; a += int64_t(gridDim.x) * blockDim.x) {
+    gap[a] = sq_dist(x + centers[a] * D, x + c * D, D);
+  }
+}
+
+template <typename T>
+__global__ void kcenter_update_kernel(const T* __restrict__ x, int64_t N, int64_t D,
+                                      const int64_t* __restrict__ centers, int64_t p, const T* __restrict__ gap,
+                                      T* __restrict__ min_d, int64_t* __restrict__ assign,
+                                      const uint8_t* __restrict__ taken, T* __restrict__ part_v,
+                                      int64_t* __restrict__ part_i) {
+  const T* xc = x + centers[p] * D;
+  T best = T(0);
+  int64_t bi = -1;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t a = assign[i];
+    T m = min_d[i];
+    if (a < 0 || !scoring::kcenter_can_skip(gap[a], m)) {
+      const T d = sq_dist(x + i * D, xc, D);
+      if (d < m) {
+        m = d;
+        min_d[i] = d;
+        assign[i] = p;
+      }
+    }
+    if (!taken[i]) keep_better(best, bi, m, i);
+  }
+  block_argmax(best, bi);
+  if (threadIdx.x == 0) {
+    part_v[blockIdx.x] = best;
+    part_i[blockIdx.x] = bi;
+  }
+}
+
+// One block: the argmax over the partials becomes centers[p + 1] when that slot is a pick.
+template <typename T>
+__global__ void kcenter_argmax_kernel(const T* __restrict__ part_v, const int64_t* __restrict__ part_i, int64_t parts,
+                                      int64_t* __restrict__ centers, int64_t p, bool write) {
+  T best = T(0);
+  int64_t bi = -1;
+  for (int64_t b = threadIdx.x; b < parts; b += blockDim.x) keep_better(best, bi, part_v[b], part_i[b]);
+  block_argmax(best, bi);
+  if (threadIdx.x == 0 && write) centers[p + 1] = bi;
+}
+
+at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, const c10::optional<at::Tensor>& labeled,
+                               bool cosine, double eps) {
+  const at::Tensor lab_cpu = labeled.has_value() ? labeled->to(at::kCPU).contiguous()
+                                                 : at::empty({0}, embeddings.options().dtype(at::kLong).device(at::kCPU));
+  check_kcenter_args(embeddings, budget, lab_cpu, eps);  // host-side index checks (one copy of L ints)
+  c10::cuda::CUDAGuard guard(embeddings.device());
+  if (budget == 0) return at::empty({0}, embeddings.options().dtype(at::kLong));
+  const at::Tensor x = cosine ? normalized_rows(embeddings, eps)
+                              : embeddings.to(acc_type(embeddings.scalar_type())).contiguous();
+  const int64_t N = x.size(0);
+  const int64_t D = x.size(1);
+  const int64_t L = lab_cpu.numel();
+  const int64_t first_pick = L > 0 ? L : 1;            // centers before the first greedy pick
+  const int64_t total = L > 0 ? L + budget : budget;   // centers in all
+  const auto opts = x.options();
+  at::Tensor centers = at::empty({total + 1}, opts.dtype(at::kLong));
+  if (L > 0) {
+    centers.narrow(0, 0, L).copy_(lab_cpu, /*non_blocking=*/false);
+  } else {
+    centers.narrow(0, 0, 1).copy_((x - x.mean(0)).square().sum(-1).argmin().view({1}));
+  }
+  at::Tensor min_d = at::full({N}, INFINITY, opts);
+  at::Tensor assign = at::full({N}, -1, opts.dtype(at::kLong));
+  at::Tensor taken = at::zeros({N}, opts.dtype(at::kByte));
+  at::Tensor gap = at::empty({std::max<int64_t>(total, 1)}, opts);
+  const int64_t parts = grid_for(N);
+  at::Tensor part_v = at::empty({parts}, opts);
+  at::Tensor part_i = at::empty({parts}, opts.dtype(at::kLong));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kcenter_greedy_cuda", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    int64_t* cp = centers.mutable_data_ptr<int64_t>();
+    for (int64_t p = 0; p + 1 < total; ++p) {
+      kcenter_gap_kernel<scalar_t><<<grid_for(p), kThreads, 0, stream>>>(xp, D, cp, p, gap.mutable_data_ptr<scalar_t>(),
+                                                                       taken.mutable_data_ptr<uint8_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kcenter_update_kernel<scalar_t><<<parts, kThreads, 0, stream>>>(
+          xp, N, D, cp, p, gap.const_data_ptr<scalar_t>(), min_d.mutable_data_ptr<scalar_t>(),
+          assign.mutable_data_ptr<int64_t>(), taken.const_data_ptr<uint8_t>(), part_v.mutable_data_ptr<scalar_t>(),
+          part_i.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kcenter_argmax_kernel<scalar_t><<<1, kThreads, 0, stream>>>(part_v.const_data_ptr<scalar_t>(),
+                                                                 part_i.const_data_ptr<int64_t>(), parts, cp, p,
+                                                                 p + 1 >= first_pick);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return centers.narrow(0, L, budget).clone();
+}
+
+template <typename T>
+__device__ T dot(const T* a, const T* b, int64_t n) {
+  T acc = T(0);
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+template <typename T>
+__global__ void badge_update_kernel(const T* __restrict__ q, const T* __restrict__ h, const T* __restrict__ g2,
+                                    int64_t N, int64_t C, int64_t D, const int64_t* __restrict__ centers, int64_t t,
+                                    T* __restrict__ min_d, uint8_t* __restrict__ taken) {
+  const int64_t c = centers[t];
+  if (blockIdx.x == 0 && threadIdx.x == 0) taken[c] = 1;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    const T d = scoring::badge_sq_dist(g2[i], g2[c], dot(q + i * C, q + c * C, C), dot(h + i * D, h + c * D, D));
+    min_d[i] = d < min_d[i] ? d : min_d[i];
+  }
+}
+
+// Turns searchsorted's answer into the pick: no mass left -> lowest untaken; past the end
+// (u * total rounded onto the last CDF step) -> last sample with mass. One thread.
+__global__ void badge_fix_kernel(const double* __restrict__ w, const int64_t* __restrict__ found,
+                                 const uint8_t* __restrict__ taken, int64_t N, int64_t* __restrict__ centers,
+                                 int64_t t) {
+  if (blockIdx.x != 0 || threadIdx.x != 0) return;
+  int64_t i = found[0];
+  double total = 0.0;
+  for (int64_t j = 0; j < N && !(total > 0.0); ++j) total += w[j];
+  if (!(total > 0.0)) {
+    i = 0;
+    while (i < N - 1 && taken[i]) ++i;
+  } else if (i >= N) {
+    i = N - 1;
+    while (i > 0 && !(w[i] > 0.0)) --i;
+  }
+  centers[t] = i;
+}
+
+at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddings, const at::Tensor& uniforms,
+                             int64_t budget) {
+  check_badge_args(probs, embeddings, uniforms, budget);
+  c10::cuda::CUDAGuard guard(probs.device());
+  at::Tensor centers = at::empty({budget}, probs.options().dtype(at::kLong));
+  if (budget == 0) return centers;
+  const auto acc = acc_type(embeddings.scalar_type());
+  at::Tensor q = probs.to(acc).clone();
+  const int64_t N = q.size(0);
+  const at::Tensor rows = at::arange(N, q.options().dtype(at::kLong));
+  const at::Tensor top = q.argmax(1);
+  q.index_put_({rows, top}, q.index({rows, top}) - 1.0);
+  q = q.contiguous();
+  const at::Tensor h = embeddings.to(acc).contiguous();
+  const at::Tensor g2 = (q.square().sum(1) * h.square().sum(1)).contiguous();
+  const int64_t C = q.size(1);
+  const int64_t D = h.size(1);
+  centers.narrow(0, 0, 1).copy_(g2.argmax().view({1}));
+  at::Tensor min_d = at::full({N}, INFINITY, q.options());
+  at::Tensor taken = at::zeros({N}, q.options().dtype(at::kByte));
+  const double* u = uniforms.const_data_ptr<double>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "badge_select_cuda", [&] {
+    for (int64_t t = 0; t < budget; ++t) {
+      badge_update_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
+          q.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g2.const_data_ptr<scalar_t>(), N, C, D,
+          centers.const_data_ptr<int64_t>(), t, min_d.mutable_data_ptr<scalar_t>(), taken.mutable_data_ptr<uint8_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (t + 1 == budget) break;
+      const at::Tensor w = min_d.to(at::kDouble).masked_fill(taken.to(at::kBool), 0.0);
+      const at::Tensor cdf = w.cumsum(0);
+      const at::Tensor target = cdf.narrow(0, N - 1, 1) * u[t + 1];
+      const at::Tensor found = at::searchsorted(cdf, target, /*out_int32=*/false, /*right=*/true);
+      badge_fix_kernel<<<1, 1, 0, stream>>>(w.const_data_ptr<double>(), found.const_data_ptr<int64_t>(),
+                                            taken.const_data_ptr<uint8_t>(), N, centers.mutable_data_ptr<int64_t>(),
+                                            t + 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return centers;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(labelkit, CUDA, m) {
+  m.impl("uncertainty", &uncertainty_cuda);
+  m.impl("_uncertainty_backward", &uncertainty_backward_cuda);
+  m.impl("cosine_topk", &cosine_topk_cuda);
+  m.impl("cosine_reduce", &cosine_reduce_cuda);
+  m.impl("kcenter_greedy", &kcenter_greedy_cuda);
+  m.impl("badge_select", &badge_select_cuda);
+}
+
+}  // namespace labelkit

@@ -1,0 +1,35 @@
+"""``badge``: k-means++ seeding on gradient embeddings (Ash et al., ICLR 2020)."""
+
+from __future__ import annotations
+
+import torch
+
+from labelkit_ext.engine import derive_seed
+from labelkit_ext.methods.active.strategies.base import (
+    SelectionContext,
+    Strategy,
+    register_strategy,
+)
+from labelkit_ext.ops.scoring import badge_select
+
+__all__ = ["BadgeStrategy"]
+
+
+@register_strategy
+class BadgeStrategy(Strategy):
+    """Uncertain (large last-layer gradient) and diverse (k-means++ spread) at once, on the
+    unlabeled pool; the draws are seeded by (seed, round)."""
+
+    name = "badge"
+    needs = ("logits", "embeddings")
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        logits = ctx.require("logits", self.name)
+        embeddings = ctx.require("embeddings", self.name)
+        unlabeled = ctx.unlabeled()
+        probs = logits[unlabeled].float().softmax(dim=1)
+        budget = min(ctx.budget, unlabeled.numel())
+        picks = badge_select(
+            probs, embeddings[unlabeled].float(), budget, derive_seed(ctx.seed, ctx.round)
+        )
+        return unlabeled[picks.to(unlabeled.device)]

@@ -1,0 +1,36 @@
+"""``similarity``: query what the labeled set represents least (lowest cosine similarity to
+its nearest labeled sample), one streamed ``cosine_reduce`` over labeled keys."""
+
+from __future__ import annotations
+
+import torch
+
+from labelkit_ext.methods.active.strategies.base import (
+    SelectionContext,
+    Strategy,
+    register_strategy,
+    top_unlabeled,
+)
+from labelkit_ext.ops.scoring import cosine_reduce
+
+__all__ = ["SimilarityStrategy", "labeled_similarity"]
+
+
+def labeled_similarity(ctx: SelectionContext, strategy: str) -> torch.Tensor:
+    """(U,) cosine similarity of every unlabeled sample to its nearest labeled sample."""
+    embeddings = ctx.require("embeddings", strategy)
+    if len(ctx.labeled) == 0:
+        raise ValueError(f"strategy {strategy!r} needs at least one labeled sample")
+    keys = embeddings[ctx.labeled.to(embeddings.device)]
+    return cosine_reduce(embeddings[ctx.unlabeled()], keys, "max")
+
+
+@register_strategy
+class SimilarityStrategy(Strategy):
+    """The unlabeled samples least similar to the labeled set (novelty / coverage)."""
+
+    name = "similarity"
+    needs = ("embeddings",)
+
+    def select(self, ctx: SelectionContext) -> torch.Tensor:
+        return top_unlabeled(-labeled_similarity(ctx, self.name), ctx)
