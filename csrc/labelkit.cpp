@@ -4,7 +4,8 @@
 
 TORCH_LIBRARY(labelkit, m) {
   // Shannon entropy (natural log) of softmax over the last dim: [..., C] -> [...], and the
-  // row's log-sum-exp (saved for the one-pass backward; not differentiable).
+  // row's log-sum-exp as a (max, log sum exp(z - max)) pair [..., 2] (saved for the one-pass
+  // backward; not differentiable).
   // float32 out for float16/bfloat16/float32 in, float64 for float64.
   m.def("softmax_entropy(Tensor logits) -> (Tensor entropy, Tensor lse)", {at::Tag::pt2_compliant_tag});
   m.def(
@@ -12,7 +13,7 @@ TORCH_LIBRARY(labelkit, m) {
       {at::Tag::pt2_compliant_tag});
   // One pass over logits [N, C]: entropy [N], uncertain [N] (entropy >= threshold),
   // prediction [N] (argmax), and with clusters [C] (ids 0..num_clusters-1) the softmax mass
-  // per cluster [N, S] and its argmax [N]; without clusters those are [N, 0] and [0]; lse [N].
+  // per cluster [N, S] and its argmax [N]; without clusters those are [N, 0] and [0]; lse [N, 2].
   m.def(
       "entropy_gate(Tensor logits, float threshold, Tensor? clusters, SymInt num_clusters) -> "
       "(Tensor entropy, Tensor uncertain, Tensor prediction, Tensor cluster_probs, Tensor cluster, "

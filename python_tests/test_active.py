@@ -573,8 +573,8 @@ def test_run_active_cli_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     "option,message",
     [
-        (["--strategies", "entropy,nope"], "--strategies must name strategies"),
-        (["--num-seeds", "0"], "--num-seeds must be >= 1"),
+        (["--strategies", "entropy,nope"], "strategies must name strategies"),
+        (["--num-seeds", "0"], "num_seeds must be >= 1"),
         (["--query-size", "0"], "query_size must be >= 1"),
         (["--model", "resnet18", "--dropout", "0.3"], "--dropout needs a model among"),
     ],

@@ -379,7 +379,7 @@ def test_backward_ops_check_shapes_and_devices(device):
     backward = torch.ops.labelkit._softmax_entropy_backward
     with pytest.raises(RuntimeError, match=r"grad must have shape \[4\]"):
         backward(torch.ones(3, device=device), x, H, lse)
-    with pytest.raises(RuntimeError, match=r"lse must have shape \[4\]"):
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[4, 2\]"):
         backward(torch.ones(4, device=device), x, H, lse[:2])
     clusters = _random_clusters(5, 2, device)
     gate = torch.ops.labelkit.entropy_gate(x, 1.0, clusters, 2)
@@ -391,6 +391,16 @@ def test_backward_ops_check_shapes_and_devices(device):
     if device == "cuda":
         with pytest.raises(RuntimeError, match="must be on the logits' device"):
             backward(torch.ones(4), x, H, lse)
+
+
+def test_grad_accurate_for_large_logits(device):
+    """The backward's saved log-sum-exp is a (max, log-sum) pair: with logits near 1e4 their
+    sum would round log-sum to float32's spacing there (~1e-3) and every p_j with it."""
+    x = (make_logits((6, 50), torch.float64, device) + 1e4).float().requires_grad_()
+    softmax_entropy(x).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    softmax_entropy_ref(x64).sum().backward()
+    assert_close(x.grad, x64.grad.float())
 
 
 def test_double_backward_is_a_clear_error(device):

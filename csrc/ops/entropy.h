@@ -160,19 +160,15 @@ LK_HD T entropy_from(T s, T t) {
   return fast_log(s) - t / s;
 }
 
-// log-sum-exp of a row from its moments: m + log s (-inf for an all -inf row, NaN with NaN).
-template <typename T>
-LK_HD T lse_from(T m, T s) {
-  return m + fast_log(s);
-}
-
-// The one-pass backward of the family, from the row's saved lse and H. With log p_j = z_j - lse,
+// The one-pass backward of the family, from the row's saved max m, log s and H. The forward
+// saves the log-sum-exp as that pair, not as m + log s: with large logits (|m| ~ 1e4) the sum
+// would round log s to float's spacing at m, and p_j with it. With log p_j = (z_j - m) - log s,
 //   d H / d z_j = -p_j (log p_j + H)   and   d cp_k / d z_j = p_j ([c_j == k] - cp_k),
 // so the gradient of g_H H + <g_c, cp> is p_j (-g_H (log p_j + H) + g_c[c_j] - <g_c, cp>);
 // `cluster_term` is g_c[c_j] - <g_c, cp> (0 without clusters). Masked classes get exactly 0.
 template <typename T>
-LK_HD T gate_grad(T z, T lse, T H, T g_H, T cluster_term) {
-  const T log_p = z - lse;
+LK_HD T gate_grad(T z, T m, T log_s, T H, T g_H, T cluster_term) {
+  const T log_p = (z - m) - log_s;
   const T p = fast_exp(log_p);
   const T grad = p * (cluster_term - g_H * (log_p + H));
   return z == neg_inf<T>() || p == T(0) ? T(0) : grad;  // p == 0: no 0 * -inf

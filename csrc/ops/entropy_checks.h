@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <vector>
 
 namespace labelkit {
 
@@ -57,6 +58,18 @@ inline void check_row_values(const at::Tensor& t, const char* name, const at::Te
       t.sizes());
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ",
               t.scalar_type());
+}
+
+// The saved log-sum-exp pairs (max, log sum exp(z - max)): [rows..., 2] on the logits' device.
+inline void check_lse(const at::Tensor& lse, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(lse.device() == logits.device(), op, ": lse must be on the logits' device (",
+              logits.device(), "), got ", lse.device());
+  std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 1);
+  shape.push_back(2);
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(shape), op, ": lse must have shape ", shape,
+              " (a (max, log-sum) pair per row), got ", lse.sizes());
+  TORCH_CHECK(at::isFloatingType(lse.scalar_type()), op, ": lse must be floating point, got ",
+              lse.scalar_type());
 }
 
 // The cluster arguments of the entropy_gate backward: ids [C] and the forward's probs [N, S].

@@ -256,7 +256,7 @@ def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::softmax_entropy")
     def _softmax_entropy_fake(logits):
         rows = logits.shape[:-1]
-        return _entropy_like(logits, rows), _entropy_like(logits, rows)
+        return _entropy_like(logits, rows), _entropy_like(logits, (*rows, 2))
 
     @torch.library.register_fake("labelkit::_softmax_entropy_backward")
     def _softmax_entropy_backward_fake(grad, logits, entropy, lse):
@@ -271,7 +271,7 @@ def _register_fake_kernels() -> None:
             logits.new_empty((n,), dtype=torch.int64),
             _entropy_like(logits, (n, num_clusters)),
             logits.new_empty((n if clusters is not None else 0,), dtype=torch.int64),
-            _entropy_like(logits, (n,)),
+            _entropy_like(logits, (n, 2)),
         )
 
     @torch.library.register_fake("labelkit::_entropy_gate_backward")
@@ -281,8 +281,9 @@ def _register_fake_kernels() -> None:
         return logits.new_empty(logits.shape)
 
 
-# The backward ops read the logits and the forward's saved per-row lse and entropy once and
-# write the gradient once (O(N) saved besides the logits; O(N S) with clusters). They have no
+# The backward ops read the logits and the forward's saved per-row log-sum-exp (as a (max,
+# log sum exp(z - max)) pair, exact for large logits) and entropy once and write the gradient
+# once (O(N) saved besides the logits; O(N S) with clusters). They have no
 # derivative themselves: a double backward raises (see _no_double_backward).
 
 

@@ -154,7 +154,8 @@ LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64
     const RowStats<acc_t> st = row_stats(r, C, routed ? e : nullptr);
     const acc_t H = entropy::entropy_from(st.s, st.t);
     out.entropy[i] = H;
-    out.lse[i] = entropy::lse_from(st.m, st.s);
+    out.lse[2 * i] = st.m;  // the log-sum-exp as (max, log sum exp(z - max))
+    out.lse[2 * i + 1] = entropy::fast_log(st.s);
     if (out.uncertain == nullptr) continue;
     out.uncertain[i] = H >= out.threshold;
     out.prediction[i] = row_argmax(r, C, st.m, st.has_nan);
@@ -175,15 +176,17 @@ struct GradRows {
 };
 
 template <typename T>
-LK_ROW void grad_row(const T* x, int64_t C, T lse, T H, T g_H, T* gx) {
+LK_ROW void grad_row(const T* x, int64_t C, const T* lse, T H, T g_H, T* gx) {
+  const T m = lse[0], log_s = lse[1];
 #pragma omp simd
-  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], lse, H, g_H, T(0));
+  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], m, log_s, H, g_H, T(0));
 }
 
 template <typename T>
-LK_ROW void grad_row_clusters(const T* x, int64_t C, T lse, T H, T g_H, const T* g_c, T dot, const int64_t* clusters, T* gx) {
+LK_ROW void grad_row_clusters(const T* x, int64_t C, const T* lse, T H, T g_H, const T* g_c, T dot, const int64_t* clusters, T* gx) {
+  const T m = lse[0], log_s = lse[1];
 #pragma omp simd
-  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], lse, H, g_H, g_c[clusters[j]] - dot);
+  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], m, log_s, H, g_H, g_c[clusters[j]] - dot);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -193,13 +196,13 @@ LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int6
     acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(gx + i * C) : gbuf;
     const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i] : acc_t(0);
     if (in.grad_cluster == nullptr) {
-      grad_row(r, C, in.lse[i], in.entropy[i], g_H, g);
+      grad_row(r, C, in.lse + 2 * i, in.entropy[i], g_H, g);
     } else {
       const acc_t* g_c = in.grad_cluster + i * in.S;
       const acc_t* cp = in.cluster_probs + i * in.S;
       acc_t dot = acc_t(0);
       for (int64_t k = 0; k < in.S; ++k) dot += g_c[k] * cp[k];
-      grad_row_clusters(r, C, in.lse[i], in.entropy[i], g_H, g_c, dot, in.clusters, g);
+      grad_row_clusters(r, C, in.lse + 2 * i, in.entropy[i], g_H, g_c, dot, in.clusters, g);
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       for (int64_t j = 0; j < C; ++j) gx[i * C + j] = static_cast<scalar_t>(g[j]);
@@ -231,6 +234,13 @@ at::ScalarType entropy_dtype(at::ScalarType in) {
   return in == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The saved log-sum-exp of every row as a (max, log sum exp(z - max)) pair: rows + [2].
+std::vector<int64_t> lse_shape(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(2);
+  return shape;
+}
+
 // Runs the forward over all rows in parallel tasks, each with its own scratch rows.
 template <typename scalar_t, typename acc_t>
 void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
@@ -250,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cpu(const at::Tensor& logits)
   const at::Tensor x = logits.contiguous();
   const auto opts = x.options().dtype(entropy_dtype(x.scalar_type()));
   at::Tensor ent = at::empty(x.sizes().slice(0, x.dim() - 1), opts);
-  at::Tensor lse = at::empty_like(ent);
+  at::Tensor lse = at::empty(lse_shape(x), opts);
   if (ent.numel() == 0) return {ent, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -285,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = x.options();
   const auto acc_opts = opts.dtype(entropy_dtype(x.scalar_type()));
   at::Tensor ent = at::empty({N}, acc_opts);
-  at::Tensor lse = at::empty({N}, acc_opts);
+  at::Tensor lse = at::empty({N, 2}, acc_opts);
   at::Tensor unc = at::empty({N}, opts.dtype(at::kBool));
   at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
   at::Tensor cprob = at::empty({N, S}, acc_opts);
@@ -356,7 +366,7 @@ at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor
   check_logits(logits, op, 1);
   check_row_values(grad, "grad", logits, op);
   check_row_values(entropy, "entropy", logits, op);
-  check_row_values(lse, "lse", logits, op);
+  check_lse(lse, logits, op);
   return run_backward(logits, grad, c10::nullopt, entropy, lse, c10::nullopt, entropy);
 }
 
@@ -369,7 +379,7 @@ at::Tensor entropy_gate_backward_cpu(const c10::optional<at::Tensor>& grad_entro
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
   if (grad_entropy.has_value()) check_row_values(*grad_entropy, "grad_entropy", logits, op);
   check_row_values(entropy, "entropy", logits, op);
-  check_row_values(lse, "lse", logits, op);
+  check_lse(lse, logits, op);
   check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
   return run_backward(logits, grad_entropy, grad_cluster_probs, entropy, lse, clusters, cluster_probs);
 }

@@ -279,7 +279,7 @@ void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits
   const T log_s = entropy::fast_log(s);
   if (method == Method::kEntropy) {
     const T H = entropy::entropy_from(s, t);
-    for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], top.v1 + log_s, H, g, T(0));
+    for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], top.v1, log_s, H, g, T(0));
     return;
   }
   const T p_a = T(1) / s;

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 #include <cstdint>
 
 #include "ops/entropy.h"
@@ -173,7 +174,8 @@ template <typename acc_t>
 __device__ __forceinline__ void write_row(const GateOut<acc_t>& out, int64_t row, const RowStat<acc_t>& st) {
   const acc_t H = entropy::entropy_from(st.mom.s, st.mom.t);
   out.entropy[row] = H;
-  out.lse[row] = entropy::lse_from(st.mom.m, st.mom.s);
+  out.lse[2 * row] = st.mom.m;  // the log-sum-exp as (max, log sum exp(z - max))
+  out.lse[2 * row + 1] = entropy::fast_log(st.mom.s);
   if (out.uncertain != nullptr) {
     out.uncertain[row] = H >= out.threshold;
     out.prediction[row] = index_or_zero(st.idx);
@@ -230,7 +232,7 @@ __global__ void __launch_bounds__(kThreads) entropy_block_kernel(const scalar_t*
 template <typename scalar_t>
 struct GradIn {
   const scalar_t* x;
-  const at::opmath_type<scalar_t>* lse;
+  const at::opmath_type<scalar_t>* lse;  // [N, 2]: (max, log sum exp(z - max))
   const at::opmath_type<scalar_t>* entropy;
   const at::opmath_type<scalar_t>* grad_entropy;  // null: no entropy gradient
   const at::opmath_type<scalar_t>* grad_cluster;  // [N, S]; null: no cluster-mass gradient
@@ -253,7 +255,7 @@ __global__ void __launch_bounds__(kThreads) entropy_backward_kernel(GradIn<scala
       cluster_term = (c >= 0 && c < in.S ? in.grad_cluster[row * in.S + c] : acc_t(0)) - in.dot[row];
     }
     gx[idx] = static_cast<scalar_t>(
-        entropy::gate_grad(static_cast<acc_t>(in.x[idx]), in.lse[row], in.entropy[row], g_H, cluster_term));
+        entropy::gate_grad(static_cast<acc_t>(in.x[idx]), in.lse[2 * row], in.lse[2 * row + 1], in.entropy[row], g_H, cluster_term));
   }
 }
 
@@ -334,7 +336,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits
   const int64_t C = x.size(-1);
   const int64_t N = x.numel() / C;
   at::Tensor ent = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(entropy_dtype(x.scalar_type())));
-  at::Tensor lse = at::empty_like(ent);
+  std::vector<int64_t> lse_shape(x.sizes().begin(), x.sizes().end() - 1);
+  lse_shape.push_back(2);
+  at::Tensor lse = at::empty(lse_shape, ent.options());
   if (N == 0) return {ent, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -357,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto opts = x.options();
   const auto acc_dtype = entropy_dtype(x.scalar_type());
   at::Tensor ent = at::empty({N}, opts.dtype(acc_dtype));
-  at::Tensor lse = at::empty({N}, opts.dtype(acc_dtype));
+  at::Tensor lse = at::empty({N, 2}, opts.dtype(acc_dtype));
   at::Tensor unc = at::empty({N}, opts.dtype(at::kBool));
   at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
   // Bins are accumulated with atomics, so they start at zero.
@@ -423,7 +427,7 @@ at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad, const at::Tenso
   check_logits(logits, op, 1);
   check_row_values(grad, "grad", logits, op);
   check_row_values(entropy, "entropy", logits, op);
-  check_row_values(lse, "lse", logits, op);
+  check_lse(lse, logits, op);
   return run_backward(logits, grad, c10::nullopt, entropy, lse, c10::nullopt, entropy);
 }
 
@@ -436,7 +440,7 @@ at::Tensor entropy_gate_backward_cuda(const c10::optional<at::Tensor>& grad_entr
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
   if (grad_entropy.has_value()) check_row_values(*grad_entropy, "grad_entropy", logits, op);
   check_row_values(entropy, "entropy", logits, op);
-  check_row_values(lse, "lse", logits, op);
+  check_lse(lse, logits, op);
   check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
   return run_backward(logits, grad_entropy, grad_cluster_probs, entropy, lse, clusters, cluster_probs);
 }

@@ -157,7 +157,7 @@ __global__ void uncertainty_rows_backward_kernel(const scalar_t* __restrict__ x,
     if (method == Method::kEntropy) {
       const T H = entropy::entropy_from(s, t);
       for (int64_t j = 0; j < C; ++j) {
-        grow[j] = static_cast<scalar_t>(entropy::gate_grad(static_cast<T>(row[j]), v1 + log_s, H, g, T(0)));
+        grow[j] = static_cast<scalar_t>(entropy::gate_grad(static_cast<T>(row[j]), v1, log_s, H, g, T(0)));
       }
       continue;
     }

@@ -11,15 +11,16 @@ resumes where it stopped. See docs/methods/active.md.
 
 from __future__ import annotations
 
-import argparse
+import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from labelkit_ext.engine import TrainConfig
+from labelkit_ext.engine import TrainConfig, option
+from labelkit_ext.errors import MissingFileError, UsageError
 from labelkit_ext.methods.active.experiment import run_experiment, run_folder
 from labelkit_ext.methods.active.learners import (
     DROPOUT_MODELS,
@@ -54,20 +55,16 @@ from labelkit_ext.methods.active.strategies import (
     register_strategy,
     select,
 )
-from labelkit_ext.methods.common import (
-    add_training_arguments,
-    dataset_summary,
-    load_data,
-    run_dir,
-    train_config,
-)
+from labelkit_ext.methods.common import DataConfig, dataset_summary, default_run_dir, load_data
 from labelkit_ext.methods.registry import register_method
+from labelkit_ext.models import available_models
 
 __all__ = [
     "DROPOUT_MODELS",
     "STEPS",
     "ActiveConfig",
     "ActiveLoop",
+    "ActiveRunConfig",
     "ActiveState",
     "AwaitingAnswers",
     "EmbeddingLearner",
@@ -92,7 +89,7 @@ __all__ = [
     "plot_learning_curves",
     "pool_image",
     "register_strategy",
-    "run",
+    "run_active",
     "run_experiment",
     "run_folder",
     "save_state",
@@ -110,179 +107,150 @@ DEFAULT_DROPOUT = 0.25
 DIGITS_IMAGE_SIZE = 16
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_arguments(parser, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE)
-    group = parser.add_argument_group("active learning")
-    group.add_argument(
-        "--strategies",
-        default=DEFAULT_STRATEGIES,
-        help=f"comma-separated, from {', '.join(available_strategies())} (default: %(default)s)",
+@dataclass
+class ActiveRunConfig:
+    """``labelkit run active``: its options are these fields."""
+
+    data: DataConfig = option(factory=DataConfig, help="data")
+    model: str = option("small-cnn", "network", choices=available_models)
+    pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
+    train: TrainConfig = option(
+        factory=lambda: TrainConfig(epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE),
+        help="training of the learner every round",
     )
-    group.add_argument(
-        "--num-seeds",
-        type=int,
-        default=2,
-        help="seeds --seed, --seed+1, ... (default: %(default)s)",
+    strategies: str = option(
+        DEFAULT_STRATEGIES, f"comma-separated, from {', '.join(available_strategies())}"
     )
-    group.add_argument(
-        "--rounds", type=int, default=5, help="queries after the initial set (default: %(default)s)"
-    )
-    group.add_argument(
-        "--query-size", type=int, default=20, help="labels per query (default: %(default)s)"
-    )
-    group.add_argument(
-        "--initial-size", type=int, default=20, help="random initial labels (default: %(default)s)"
-    )
-    group.add_argument(
-        "--mc-samples", type=int, default=20, help="MC-dropout passes (default: %(default)s)"
-    )
-    group.add_argument(
-        "--dropout",
-        type=float,
-        default=None,
-        help=f"dropout before the last layer, for MC dropout (default: {DEFAULT_DROPOUT} for "
+    num_seeds: int = option(2, "seeds seed, seed+1, ...")
+    rounds: int = option(5, "queries after the initial set")
+    query_size: int = option(20, "labels per query")
+    initial_size: int = option(20, "random initial labels")
+    mc_samples: int = option(20, "MC-dropout passes")
+    dropout: float | None = option(
+        None,
+        f"dropout before the last layer, for MC dropout (default: {DEFAULT_DROPOUT} for "
         f"{', '.join(DROPOUT_MODELS)} and embedding pools, else 0)",
     )
-    group.add_argument(
-        "--target-accuracy",
-        type=float,
-        default=0.9,
-        help="report the labels needed to reach it (default: %(default)s)",
+    target_accuracy: float = option(0.9, "report the labels needed to reach it")
+    oracle: str = option("simulated", "who answers the queries", choices=("simulated", "file"))
+    oracle_dir: str | None = option(
+        None, "file oracle folder (default: OUT/runs/<strategy>/seed_<k>/oracle)", metavar="DIR"
     )
-    group.add_argument("--oracle", choices=("simulated", "file"), default="simulated")
-    group.add_argument(
-        "--oracle-dir",
-        default=None,
-        metavar="DIR",
-        help="file oracle folder (default: OUT/runs/<strategy>/seed_<k>/oracle)",
+    oracle_wait: float = option(
+        0.0, "file oracle: seconds to wait for answers before stopping cleanly", metavar="S"
     )
-    group.add_argument(
-        "--oracle-wait", type=float, default=0.0, metavar="S",
-        help="file oracle: seconds to wait for answers before stopping cleanly (default: %(default)s)",
-    )  # fmt: skip
-    group.add_argument(
-        "--embeddings",
-        default=None,
-        metavar="FILE",
-        help="pool-scale mode: a torch file with 'pool' (N, D), 'pool_targets' (N,), 'test' (T, D), "
+    embeddings: str | None = option(
+        None,
+        "pool-scale mode: a torch file with 'pool' (N, D), 'pool_targets' (N,), 'test' (T, D), "
         "'test_targets' (T,) embeddings; a linear head is trained on them instead of a network",
+        metavar="FILE",
     )
-    group.add_argument(
-        "--head-steps", type=int, default=200, help="embedding mode: Adam steps per round"
-    )
-    strategy = parser.add_argument_group("strategy options")
-    strategy.add_argument(
-        "--beta", type=float, default=1.0, help="density: representativeness exponent"
-    )
-    strategy.add_argument(
-        "--density-references", type=int, default=20_000, help="density: pool samples averaged over"
-    )
-    strategy.add_argument("--coreset-metric", choices=("euclidean", "cosine"), default="euclidean")
-    strategy.add_argument(
-        "--clusters",
-        type=int,
-        default=None,
-        help="cluster-margin: clusters (default: the query size)",
-    )
-    strategy.add_argument(
-        "--margin-multiple", type=float, default=10.0, help="cluster-margin: candidates per label"
-    )
-    strategy.add_argument(
-        "--batchbald-candidates", type=int, default=1000, help="batchbald: top-BALD candidates"
-    )
-    strategy.add_argument(
-        "--batchbald-configs", type=int, default=512, help="batchbald: sampled label configurations"
-    )
+    head_steps: int = option(200, "embedding mode: Adam steps per round")
+    beta: float = option(1.0, "density: representativeness exponent")
+    density_references: int = option(20_000, "density: pool samples averaged over")
+    coreset_metric: str = option("euclidean", "core-set distance", choices=("euclidean", "cosine"))
+    clusters: int | None = option(None, "cluster-margin: clusters (default: the query size)")
+    margin_multiple: float = option(10.0, "cluster-margin: candidates per label")
+    batchbald_candidates: int = option(1000, "batchbald: top-BALD candidates")
+    batchbald_configs: int = option(512, "batchbald: sampled label configurations")
 
+    def __post_init__(self) -> None:
+        if self.num_seeds < 1:
+            raise UsageError(f"num_seeds must be >= 1, got {self.num_seeds}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.oracle_wait < 0:
+            raise UsageError(f"oracle_wait must be >= 0, got {self.oracle_wait}")
+        if self.oracle == "file" and self.embeddings:
+            raise UsageError(
+                "oracle 'file' needs images for its thumbnails; it does not work with embeddings"
+            )
+        self.strategy_names()
 
-def strategy_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The constructor keywords of every strategy from the options (each takes its own)."""
-    return {
-        "beta": args.beta,
-        "max_references": args.density_references,
-        "metric": args.coreset_metric,
-        "num_clusters": args.clusters,
-        "margin_multiple": args.margin_multiple,
-        "candidates": args.batchbald_candidates,
-        "num_configs": args.batchbald_configs,
-    }
+    def strategy_names(self) -> list[str]:
+        names = [s.strip() for s in self.strategies.split(",") if s.strip()]
+        unknown = [s for s in names if s not in available_strategies()]
+        if not names or unknown:
+            raise UsageError(
+                f"strategies must name strategies among {available_strategies()}, "
+                f"got {self.strategies!r}"
+            )
+        if len(set(names)) != len(names):
+            raise UsageError(f"strategies lists a strategy twice: {self.strategies!r}")
+        return names
+
+    def strategy_params(self) -> dict[str, Any]:
+        """The constructor keywords of every strategy (each takes its own)."""
+        return {
+            "beta": self.beta,
+            "max_references": self.density_references,
+            "metric": self.coreset_metric,
+            "num_clusters": self.clusters,
+            "margin_multiple": self.margin_multiple,
+            "candidates": self.batchbald_candidates,
+            "num_configs": self.batchbald_configs,
+        }
 
 
 def load_embedding_pool(path: str) -> dict[str, torch.Tensor]:
     """The tensors of an ``--embeddings`` file (``weights_only``), checked."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"--embeddings file {file} not found")
+        raise MissingFileError(f"embeddings file {file} not found")
     data = torch.load(file, map_location="cpu", weights_only=True)
     needed = ("pool", "pool_targets", "test", "test_targets")
     if not isinstance(data, dict) or any(k not in data for k in needed):
-        raise ValueError(f"{file} must hold a dict with the tensors {needed}")
+        raise UsageError(f"{file} must hold a dict with the tensors {needed}")
     return data
 
 
-def _parse_strategies(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in available_strategies()]
-    if not names or unknown:
-        raise ValueError(
-            f"--strategies must name strategies among {available_strategies()}, got {text!r}"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"--strategies lists a strategy twice: {text!r}")
-    return names
-
-
-def _fingerprint(args: argparse.Namespace, config: TrainConfig, dropout: float) -> dict[str, Any]:
-    train = {k: getattr(config, k) for k in ("epochs", "batch_size", "lr", "optimizer", "momentum",
-                                             "weight_decay", "scheduler")}  # fmt: skip
-    data = (
-        {"embeddings": str(Path(args.embeddings).resolve()), "head_steps": args.head_steps}
-        if args.embeddings
+def _fingerprint(config: ActiveRunConfig, data: DataConfig, dropout: float) -> dict[str, Any]:
+    t = config.train
+    train = {k: getattr(t, k) for k in ("epochs", "batch_size", "lr", "optimizer", "momentum",
+                                        "weight_decay", "scheduler")}  # fmt: skip
+    fields = (
+        {"embeddings": str(Path(config.embeddings).resolve()), "head_steps": config.head_steps}
+        if config.embeddings
         else {
-            "dataset": args.dataset,
-            "split_seed": args.split_seed,
-            "image_size": args.image_size,
-            "model": args.model,
-            "pretrained": args.pretrained,
+            "dataset": data.dataset,
+            "split_seed": data.split_seed,
+            "image_size": data.image_size,
+            "model": config.model,
+            "pretrained": config.pretrained,
             **train,
         }  # fmt: skip
     )
-    return {**data, "dropout": dropout, "oracle": args.oracle}
+    return {**fields, "dropout": dropout, "oracle": config.oracle}
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.num_seeds < 1:
-        raise ValueError(f"--num-seeds must be >= 1, got {args.num_seeds}")
-    if args.dropout is not None and not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.oracle_wait < 0:
-        raise ValueError(f"--oracle-wait must be >= 0, got {args.oracle_wait}")
-    if args.oracle == "file" and args.embeddings:
-        raise ValueError(
-            "--oracle file needs images for its thumbnails; it does not work with --embeddings"
-        )
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``labelkit run active``: every strategy x seed, the learning-curve table and plot."""
-    tic = time.perf_counter()
-    _check_args(args)
-    strategies = _parse_strategies(args.strategies)
-    config = replace(train_config(args), quiet=True)  # one line per round instead of per epoch
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
-    active = ActiveConfig(
-        args.rounds, args.query_size, args.initial_size, args.seed, args.mc_samples
-    )
-    out = run_dir(args, "active")
+def run_active(
+    config: ActiveRunConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Every strategy x seed, the learning-curve table and plot (``out_dir`` default
+    ``runs/active-<dataset>``); a file oracle without answers yet stops cleanly."""
+    started = time.perf_counter()
+    config = config or ActiveRunConfig()
+    strategies = config.strategy_names()
+    train = replace(config.train, quiet=True)  # one line per round instead of per epoch
+    seeds = list(range(config.train.seed, config.train.seed + config.num_seeds))
+    active = ActiveConfig(config.rounds, config.query_size, config.initial_size,
+                          config.train.seed, config.mc_samples)  # fmt: skip
+    data_config = config.data
+    if data_config.dataset == "digits" and data_config.image_size is None:
+        data_config = replace(data_config, image_size=DIGITS_IMAGE_SIZE)
+    out = Path(out_dir) if out_dir is not None else default_run_dir("active", data_config)
     extra: dict[str, Any]
-    if args.embeddings:
-        data = load_embedding_pool(args.embeddings)
+    if config.embeddings:
+        data = load_embedding_pool(config.embeddings)
         num_classes = int(max(data["pool_targets"].max(), data["test_targets"].max())) + 1
-        dropout = DEFAULT_DROPOUT if args.dropout is None else args.dropout
+        dropout = DEFAULT_DROPOUT if config.dropout is None else config.dropout
 
         def make_learner(seed: int, folder: Path) -> Learner:
             return EmbeddingLearner(data["pool"], data["test"], data["test_targets"], num_classes,
-                                    device=args.device, steps=args.head_steps, lr=args.lr,
+                                    device=train.device, steps=config.head_steps, lr=train.lr,
                                     dropout=dropout, seed=seed)  # fmt: skip
 
         targets, class_names, images = (
@@ -290,44 +258,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             [str(c) for c in range(num_classes)],
             None,
         )
-        extra = {"dataset": {"embeddings": args.embeddings, "pool": list(data["pool"].shape)}}
+        extra = {"dataset": {"embeddings": config.embeddings, "pool": list(data["pool"].shape)}}
     else:
-        if args.dataset == "digits" and args.image_size is None:
-            args.image_size = DIGITS_IMAGE_SIZE
-        splits = load_data(args)
-        default = DEFAULT_DROPOUT if args.model in DROPOUT_MODELS else 0.0
-        dropout = default if args.dropout is None else args.dropout
+        splits = load_data(data_config)
+        default = DEFAULT_DROPOUT if config.model in DROPOUT_MODELS else 0.0
+        dropout = default if config.dropout is None else config.dropout
 
         def make_learner(seed: int, folder: Path) -> Learner:
-            return NetLearner(splits, args.model, replace(config, seed=seed), workdir=folder / "train",
-                              dropout=dropout, pretrained=args.pretrained)  # fmt: skip
+            return NetLearner(splits, config.model, replace(train, seed=seed),
+                              workdir=folder / "train", dropout=dropout,
+                              pretrained=config.pretrained)  # fmt: skip
 
         targets, class_names = splits.train_eval.targets, splits.info.class_names
         images = splits.train_eval
         extra = {"dataset": dataset_summary(splits)}
 
     def make_oracle(seed: int, folder: Path) -> Oracle:
-        if args.oracle == "simulated":
+        if config.oracle == "simulated":
             return SimulatedOracle(targets)
-        where = Path(args.oracle_dir) if args.oracle_dir else folder / "oracle"
-        return FileOracle(
-            where, lambda i: pool_image(images, i), class_names, wait_seconds=args.oracle_wait
-        )
+        where = Path(config.oracle_dir) if config.oracle_dir else folder / "oracle"
+        return FileOracle(where, lambda i: pool_image(images, i), class_names,
+                          wait_seconds=config.oracle_wait)  # fmt: skip
 
-    title = f"active learning: {args.embeddings or args.dataset}"
+    name = config.embeddings or data_config.dataset
+    extra |= {"run_config": asdict(config), "data_seconds": time.perf_counter() - started}
     try:
         results = run_experiment(
             make_learner, make_oracle, strategies, seeds, active, out,
-            strategy_params=strategy_params(args), fingerprint=_fingerprint(args, config, dropout),
-            target_accuracy=args.target_accuracy, resume=args.resume, quiet=args.quiet,
-            extra_results={**extra, "cli": vars(args), "data_seconds": time.perf_counter() - tic},
-            title=title,
+            strategy_params=config.strategy_params(),
+            fingerprint=_fingerprint(config, data_config, dropout),
+            target_accuracy=config.target_accuracy, resume=resume, quiet=config.train.quiet,
+            extra_results=extra, title=f"active learning: {name}",
         )  # fmt: skip
     except AwaitingAnswers as waiting:
         print(f"labelkit: stopped cleanly: {waiting}")
         return {"status": "awaiting_answers", "missing": waiting.missing}
-    print(f"active | {args.embeddings or args.dataset} | {len(seeds)} seed(s) | "
-          f"{args.initial_size} + {args.rounds} x {args.query_size} labels")  # fmt: skip
+    print(f"active | {name} | {len(seeds)} seed(s) | "
+          f"{config.initial_size} + {config.rounds} x {config.query_size} labels")  # fmt: skip
     print(results["table"])
     print(f"results: {out / 'results.json'}  plots: {', '.join(results['plots'])}")
     return results
@@ -335,8 +302,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 register_method(
     "active",
-    run=run,
-    add_arguments=add_arguments,
+    config=ActiveRunConfig,
+    run=run_active,
     help="pool-based active learning: uncertainty / similarity / combined strategies on our "
     "scoring ops, simulated or file oracle, resumable; learning curves over seeds",
 )

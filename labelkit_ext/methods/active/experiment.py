@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.learners import Learner
 from labelkit_ext.methods.active.loop import ActiveConfig, ActiveLoop
 from labelkit_ext.methods.active.oracles import Oracle
@@ -71,11 +72,11 @@ def run_experiment(
     ``out_dir/results.json`` (with ``learning_curves.png``).
     """
     if not strategies:
-        raise ValueError("give at least one strategy")
+        raise UsageError("give at least one strategy")
     if not seeds:
-        raise ValueError("give at least one seed")
+        raise UsageError("give at least one seed")
     if target_accuracy is not None and not 0 < target_accuracy <= 1:
-        raise ValueError(f"target_accuracy must be in (0, 1], got {target_accuracy}")
+        raise UsageError(f"target_accuracy must be in (0, 1], got {target_accuracy}")
     built = {name: build_strategy(name, **(strategy_params or {})) for name in strategies}
     started = time.perf_counter()
     out = Path(out_dir)

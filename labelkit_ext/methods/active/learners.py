@@ -33,6 +33,7 @@ from labelkit_ext.engine import (
     seed_everything,
     select_device,
 )
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies import PoolScores
 from labelkit_ext.models import build_model
 
@@ -83,7 +84,7 @@ class LabeledSubset(Dataset):
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], labels: Sequence[int]) -> None:
         if len(indices) != len(labels):
-            raise ValueError(
+            raise UsageError(
                 f"indices ({len(indices)}) and labels ({len(labels)}) differ in length"
             )
         self.dataset = dataset
@@ -137,11 +138,11 @@ class NetLearner(Learner):
         pretrained: str | os.PathLike | None = None,
     ) -> None:
         if splits.info.task != "multiclass":
-            raise ValueError(
+            raise UsageError(
                 f"active learning needs a multi-class data set, {splits.info.name} is {splits.info.task}"
             )
         if dropout and model not in DROPOUT_MODELS:
-            raise ValueError(f"--dropout needs a model among {DROPOUT_MODELS}, got {model!r}")
+            raise UsageError(f"--dropout needs a model among {DROPOUT_MODELS}, got {model!r}")
         self.splits = splits
         self.model_name = model
         self.config = config
@@ -209,7 +210,7 @@ class NetLearner(Learner):
         want_mc = "mc_logits" in needs
         dropouts = mc_dropout_modules(model) if want_mc else []
         if want_mc and not dropouts:
-            raise ValueError(
+            raise UsageError(
                 f"MC-dropout strategies need dropout layers: build {self.model_name} with "
                 f"--dropout > 0 (models taking it: {DROPOUT_MODELS})"
             )
@@ -291,15 +292,15 @@ class EmbeddingLearner(Learner):
         chunk: int = 65_536,
     ) -> None:
         if pool.ndim != 2 or test.ndim != 2 or pool.shape[1] != test.shape[1]:
-            raise ValueError(
+            raise UsageError(
                 f"pool and test embeddings must be (N, D) and (T, D), got {tuple(pool.shape)}, {tuple(test.shape)}"
             )
         if len(test_targets) != len(test):
-            raise ValueError(f"{len(test)} test embeddings but {len(test_targets)} test targets")
+            raise UsageError(f"{len(test)} test embeddings but {len(test_targets)} test targets")
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            raise UsageError(f"num_classes must be >= 2, got {num_classes}")
         if steps < 1 or lr <= 0 or not 0 <= dropout < 1:
-            raise ValueError(
+            raise UsageError(
                 f"need steps >= 1, lr > 0, dropout in [0, 1); got {steps}, {lr}, {dropout}"
             )
         self.device = select_device(device)
@@ -351,7 +352,7 @@ class EmbeddingLearner(Learner):
         mc = None
         if "mc_logits" in needs:
             if self.dropout == 0:
-                raise ValueError("MC-dropout strategies need the embedding head's --dropout > 0")
+                raise UsageError("MC-dropout strategies need the embedding head's --dropout > 0")
             mc = torch.stack([self._logits(self.pool, mc=True) for _ in range(mc_samples)])
         return PoolScores(
             logits=self._logits(self.pool) if "logits" in needs else None,

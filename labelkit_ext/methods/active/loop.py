@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from labelkit_ext.engine import derive_seed, load_checkpoint, save_checkpoint
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.learners import Learner
 from labelkit_ext.methods.active.oracles import AwaitingAnswers, Oracle
 from labelkit_ext.methods.active.state import (
@@ -54,15 +55,15 @@ class ActiveConfig:
     def __post_init__(self) -> None:
         for name in ("query_size", "initial_size", "mc_samples"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+            raise UsageError(f"rounds must be >= 0, got {self.rounds}")
 
 
 def initial_indices(pool_size: int, size: int, seed: int) -> list[int]:
     """``size`` distinct pool indices drawn uniformly, seeded (the same for every strategy)."""
     if not 1 <= size <= pool_size:
-        raise ValueError(f"initial_size must be in [1, pool size {pool_size}], got {size}")
+        raise UsageError(f"initial_size must be in [1, pool size {pool_size}], got {size}")
     generator = torch.Generator().manual_seed(derive_seed(seed, 0x1A1))
     return torch.randperm(pool_size, generator=generator)[:size].tolist()
 
@@ -147,7 +148,7 @@ class ActiveLoop:
         answers = self.oracle.answer(list(state.pending), state.round)
         unknown = [i for i, y in answers.items() if not 0 <= int(y) < self.learner.num_classes]
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"oracle gave labels outside [0, {self.learner.num_classes}) for {unknown[:5]}"
             )
         if state.add_answers(answers):

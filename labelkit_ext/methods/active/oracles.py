@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from labelkit_ext.engine.checkpoint import temp_path
+from labelkit_ext.errors import UsageError
 
 __all__ = [
     "ANSWERS_FILE",
@@ -70,7 +71,7 @@ class SimulatedOracle(Oracle):
     def __init__(self, targets: torch.Tensor | Sequence[int]) -> None:
         targets = torch.as_tensor(targets)
         if targets.ndim != 1:
-            raise ValueError(
+            raise UsageError(
                 f"targets must be 1-D class indices (multi-class data), got shape {tuple(targets.shape)}"
             )
         self.targets = targets.long()
@@ -91,7 +92,7 @@ def pool_image(dataset: object, index: int) -> torch.Tensor:
         return dataset.images[index]
     if hasattr(dataset, "load"):
         return dataset.load(index)
-    raise ValueError(f"cannot read raw images from a {type(dataset).__name__} for thumbnails")
+    raise UsageError(f"cannot read raw images from a {type(dataset).__name__} for thumbnails")
 
 
 def _write_atomic_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -137,7 +138,7 @@ class FileOracle(Oracle):
         poll_seconds: float = 2.0,
     ) -> None:
         if wait_seconds < 0 or poll_seconds <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"wait_seconds must be >= 0 and poll_seconds > 0, got {wait_seconds}, {poll_seconds}"
             )
         self.folder = Path(folder)
@@ -180,7 +181,7 @@ class FileOracle(Oracle):
             value = -1
         if 0 <= value < len(self.class_names):
             return value
-        raise ValueError(
+        raise UsageError(
             f"{where}: label {text!r} is neither a class name {self.class_names} nor a class "
             f"number in [0, {len(self.class_names)})"
         )
@@ -193,7 +194,7 @@ class FileOracle(Oracle):
         with open(self.answers_path, newline="") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"index", "label"} <= set(reader.fieldnames):
-                raise ValueError(f"{self.answers_path} needs the columns 'index' and 'label'")
+                raise UsageError(f"{self.answers_path} needs the columns 'index' and 'label'")
             for line, row in enumerate(reader, start=2):
                 label = (row.get("label") or "").strip()
                 if not label:
@@ -202,7 +203,7 @@ class FileOracle(Oracle):
                 try:
                     index = int(row["index"])
                 except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{where}: index {row['index']!r} is not an integer") from exc
+                    raise UsageError(f"{where}: index {row['index']!r} is not an integer") from exc
                 answers[index] = self.parse_label(label, where)
         return answers
 

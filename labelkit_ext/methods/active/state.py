@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from labelkit_ext.engine.checkpoint import temp_path
+from labelkit_ext.errors import UsageError
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "ActiveState", "StateError", "load_state", "save_state"]
 
@@ -27,7 +28,7 @@ STATE_FORMAT = "labelkit-active-state"
 STATE_VERSION = 1
 
 
-class StateError(ValueError):
+class StateError(UsageError):
     """A state file that cannot be trusted: corrupt, of another format, or of another run."""
 
 

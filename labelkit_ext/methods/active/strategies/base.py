@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from labelkit_ext.errors import UsageError
+
 __all__ = [
     "NEEDS",
     "PoolScores",
@@ -151,7 +153,7 @@ def build_strategy(name: str, **params: Any) -> Strategy:
     import inspect
 
     if name not in _STRATEGIES:
-        raise ValueError(f"strategy must be one of {available_strategies()}, got {name!r}")
+        raise UsageError(f"strategy must be one of {available_strategies()}, got {name!r}")
     cls = _STRATEGIES[name]
     accepted = inspect.signature(cls).parameters
     return cls(**{k: v for k, v in params.items() if k in accepted})

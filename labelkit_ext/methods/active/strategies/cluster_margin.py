@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
     Strategy,
@@ -27,7 +28,7 @@ def spherical_kmeans(x: torch.Tensor, num_clusters: int, iterations: int = 20) -
     """(N,) int64 cluster ids of the rows of ``x`` (N, D) by cosine k-means, deterministic."""
     n = x.shape[0]
     if not 1 <= num_clusters <= n:
-        raise ValueError(f"num_clusters must be in [1, {n}], got {num_clusters}")
+        raise UsageError(f"num_clusters must be in [1, {n}], got {num_clusters}")
     x = torch.nn.functional.normalize(x.float(), dim=1)
     centres = x[kcenter_greedy(x, num_clusters, metric="cosine")]
     assign = torch.full((n,), -1, dtype=torch.long, device=x.device)
@@ -75,9 +76,9 @@ class ClusterMarginStrategy(Strategy):
 
     def __init__(self, num_clusters: int | None = None, margin_multiple: float = 10.0) -> None:
         if num_clusters is not None and num_clusters < 1:
-            raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+            raise UsageError(f"num_clusters must be >= 1, got {num_clusters}")
         if margin_multiple < 1:
-            raise ValueError(f"margin_multiple must be >= 1, got {margin_multiple}")
+            raise UsageError(f"margin_multiple must be >= 1, got {margin_multiple}")
         self.num_clusters = num_clusters
         self.margin_multiple = margin_multiple
         self.clusters: torch.Tensor | None = None
@@ -98,7 +99,7 @@ class ClusterMarginStrategy(Strategy):
             k = min(self.num_clusters or ctx.budget, ctx.pool_size)
             self.clusters = spherical_kmeans(embeddings, k).cpu()
         elif self.clusters.shape != (ctx.pool_size,):
-            raise ValueError(
+            raise UsageError(
                 f"saved clusters cover {self.clusters.shape[0]} samples, the pool has {ctx.pool_size}"
             )
         unlabeled = ctx.unlabeled()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
     Strategy,
@@ -24,7 +25,7 @@ class CoreSetStrategy(Strategy):
 
     def __init__(self, metric: str = "euclidean") -> None:
         if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+            raise UsageError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
         self.metric = metric
 
     def params(self) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
     Strategy,
@@ -49,14 +50,14 @@ class DensityStrategy(Strategy):
         max_references: int = DEFAULT_MAX_REFERENCES,
     ) -> None:
         if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
+            raise UsageError(f"beta must be >= 0, got {beta}")
         if density_uncertainty not in ("entropy", "margin", "least_confidence"):
-            raise ValueError(
+            raise UsageError(
                 "density_uncertainty must be 'entropy', 'margin' or 'least_confidence', "
                 f"got {density_uncertainty!r}"
             )
         if max_references < 1:
-            raise ValueError(f"max_references must be >= 1, got {max_references}")
+            raise UsageError(f"max_references must be >= 1, got {max_references}")
         self.beta = beta
         self.method = density_uncertainty
         self.max_references = max_references
