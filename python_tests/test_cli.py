@@ -270,19 +270,19 @@ def test_cli_and_python_defaults_are_the_same_run(name):
 
 def test_config_options_round_trip_lists_flags_and_nested_groups():
     from labelkit_ext.cli import build_parser
-    from labelkit_ext.methods.ensemble import EnsembleConfig
+    from labelkit_ext.methods.ensemble import EnsembleRunConfig
     from labelkit_ext.methods.options import config_from_args
 
     argv = ["run", "ensemble", "--clusters", "2", "3", "--quantiles", "0.5", "0.9", "--no-augment",
             "--no-amp", "--quiet", "--scheduler", "step", "--step-size", "4", "--gamma", "0.5",
             "--dataset", "cifar10", "--epochs", "12"]  # fmt: skip
-    config = config_from_args(EnsembleConfig, build_parser().parse_args(argv))
+    config = config_from_args(EnsembleRunConfig, build_parser().parse_args(argv))
     assert config.clusters == [2, 3] and config.quantiles == (0.5, 0.9)
     assert config.data.augment is False and config.data.dataset == "cifar10"
     assert config.train.amp is False and config.train.quiet is True
     assert (config.train.scheduler, config.train.step_size, config.train.gamma) == ("step", 4, 0.5)
     assert config.train.epochs == 12 and config.sub_train.epochs == config.sub_epochs
-    assert EnsembleConfig().train.epochs == 20  # the method's own default reaches the CLI
+    assert EnsembleRunConfig().train.epochs == 20  # the method's own default reaches the CLI
     assert build_parser().parse_args(["run", "ensemble"]).epochs == 20
 
 

@@ -36,7 +36,7 @@ from labelkit_ext.methods.common import (
 from labelkit_ext.methods.registry import register_method
 from labelkit_ext.models import available_models, build_model
 
-__all__ = ["SupervisedConfig", "fit_supervised", "run_supervised", "train_supervised"]
+__all__ = ["SupervisedRunConfig", "fit_supervised", "run_supervised", "train_supervised"]
 
 
 def _plots(
@@ -160,7 +160,7 @@ def train_supervised(
 
 
 @dataclass
-class SupervisedConfig:
+class SupervisedRunConfig:
     """``labelkit run supervised``: its options are these fields."""
 
     data: DataConfig = option(factory=DataConfig, help="data")
@@ -170,7 +170,7 @@ class SupervisedConfig:
 
 
 def run_supervised(
-    config: SupervisedConfig | None = None,
+    config: SupervisedRunConfig | None = None,
     out_dir: str | os.PathLike | None = None,
     *,
     resume: bool = False,
@@ -178,7 +178,7 @@ def run_supervised(
     """Load the data, train, evaluate; write results.json and plots into ``out_dir`` (default
     ``runs/supervised-<dataset>``) and print the results table."""
     started = time.perf_counter()
-    config = config or SupervisedConfig()
+    config = config or SupervisedRunConfig()
     out = Path(out_dir) if out_dir is not None else default_run_dir("supervised", config.data)
     splits = load_data(config.data)
     data_seconds = time.perf_counter() - started
@@ -206,7 +206,7 @@ def run_supervised(
 
 register_method(
     "supervised",
-    config=SupervisedConfig,
+    config=SupervisedRunConfig,
     run=run_supervised,
     help="plain training on all labels, then val/test evaluation (the baseline)",
 )

@@ -73,7 +73,7 @@ __all__ = [
     "AFFINITY",
     "DEFAULT_QUANTILES",
     "ClusterRestricted",
-    "EnsembleConfig",
+    "EnsembleRunConfig",
     "EnsembleFit",
     "GridPoint",
     "LabelEmbeddingEnsemble",
@@ -107,7 +107,7 @@ __all__ = [
 
 
 @dataclass
-class EnsembleConfig:
+class EnsembleRunConfig:
     """``labelkit run ensemble``: its options are these fields."""
 
     data: DataConfig = option(factory=DataConfig, help="data")
@@ -150,7 +150,7 @@ class EnsembleConfig:
         return replace(self.train, epochs=self.sub_epochs, lr=self.sub_lr)
 
 
-def _print_report(fitted: EnsembleFit, config: EnsembleConfig) -> None:
+def _print_report(fitted: EnsembleFit, config: EnsembleRunConfig) -> None:
     results = fitted.results
     selected = results["selected"]
     per_cluster = []
@@ -180,7 +180,7 @@ def _print_report(fitted: EnsembleFit, config: EnsembleConfig) -> None:
 
 
 def run_ensemble(
-    config: EnsembleConfig | None = None,
+    config: EnsembleRunConfig | None = None,
     out_dir: str | os.PathLike | None = None,
     *,
     resume: bool = False,
@@ -189,7 +189,7 @@ def run_ensemble(
     results.json and plots into ``out_dir`` (default ``runs/ensemble-<dataset>``) and prints
     the tables."""
     started = time.perf_counter()
-    config = config or EnsembleConfig()
+    config = config or EnsembleRunConfig()
     out = Path(out_dir) if out_dir is not None else default_run_dir("ensemble", config.data)
     splits = load_data(config.data)
     data_seconds = time.perf_counter() - started
@@ -217,7 +217,7 @@ def run_ensemble(
 
 register_method(
     "ensemble",
-    config=EnsembleConfig,
+    config=EnsembleRunConfig,
     run=run_ensemble,
     help="label-embedding stacking ensemble: cluster confused classes, fine-tune a "
     "sub-classifier per cluster, route uncertain samples by entropy",
