@@ -476,7 +476,11 @@ def test_compile_matches_eager(device):
 
     eager = fn(x)
     compiled = torch.compile(fn, fullgraph=True)(x)
-    for a, b in zip(compiled, eager, strict=True):
+    # Standardised tiles are computed values: without the extension, inductor fuses the
+    # reference's reductions in another order, so they compare at float32 tolerance. The
+    # gathers are exact in every build.
+    assert_close(compiled[0], eager[0])
+    for a, b in zip(compiled[1:], eager[1:], strict=True):
         assert torch.equal(a, b)
 
 

@@ -60,8 +60,8 @@ def main() -> None:
     for j in range(9):
         r, c = divmod(j, 3)
         show(fig.add_subplot(grid[r, 6 + c]), shuffled[j], f"slot {j} <- cell {order[j]}")
-    show(fig.add_subplot(grid[0, 10]), centre[0], "context: centre")
-    show(fig.add_subplot(grid[0, 11]), neighbour[0], "neighbour pos 2")
+    show(fig.add_subplot(grid[0, 10]), centre[0], "centre")
+    show(fig.add_subplot(grid[0, 11]), neighbour[0], "neighbour 2")
     for k in range(4):
         show(fig.add_subplot(grid[1 + k // 2, 10 + k % 2]), rotations[k], f"k={k}")
     fig.suptitle(
