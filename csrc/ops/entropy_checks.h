@@ -66,7 +66,7 @@ inline void check_lse(const at::Tensor& lse, const at::Tensor& logits, const cha
               logits.device(), "), got ", lse.device());
   std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end() - 1);
   shape.push_back(2);
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(shape), op, ": lse must have shape ", shape,
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(shape), op, ": lse must have shape ", at::IntArrayRef(shape),
               " (a (max, log-sum) pair per row), got ", lse.sizes());
   TORCH_CHECK(at::isFloatingType(lse.scalar_type()), op, ": lse must be floating point, got ",
               lse.scalar_type());

@@ -48,7 +48,7 @@ def default_tile_size(image_size: int, grid: int) -> int:
     28 px images give 9 px cells and 7 px tiles."""
     cell = image_size // grid
     if cell < 3:
-        raise ValueError(
+        raise UsageError(
             f"images of {image_size} px are too small for a {grid}x{grid} grid "
             "(cells need at least 3 px); use a smaller --grid or a larger --image-size"
         )
@@ -108,7 +108,7 @@ def build_pretext_net(task: str, backbone: Backbone, settings: PretextSettings) 
     -> 8 positions, jigsaw grid^2 tiles (shared backbone, features concatenated in slot order)
     -> num_permutations, contrastive 1 view -> projection_dim."""
     if task == "context" and settings.grid % 2 == 0:
-        raise ValueError(f"the context task needs an odd grid, got {settings.grid}")
+        raise UsageError(f"the context task needs an odd grid, got {settings.grid}")
     inputs, outputs = _num_outputs(task, settings)
     return PretextNet(backbone, inputs, outputs, settings.hidden)
 
