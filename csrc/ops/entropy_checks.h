@@ -94,4 +94,27 @@ inline void check_gate_backward_clusters(
               grad_cluster_probs->sizes());
 }
 
+// Every argument of the two backward ops, as both backends check them.
+inline void check_softmax_entropy_backward_args(
+    const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse) {
+  const char* op = "softmax_entropy_backward";
+  check_logits(logits, op, 1);
+  check_row_values(grad, "grad", logits, op);
+  check_row_values(entropy, "entropy", logits, op);
+  check_lse(lse, logits, op);
+}
+
+inline void check_entropy_gate_backward_args(
+    const c10::optional<at::Tensor>& grad_entropy, const c10::optional<at::Tensor>& grad_cluster_probs,
+    const at::Tensor& logits, const at::Tensor& entropy, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
+  const char* op = "entropy_gate_backward";
+  check_logits(logits, op, 2);
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
+  if (grad_entropy.has_value()) check_row_values(*grad_entropy, "grad_entropy", logits, op);
+  check_row_values(entropy, "entropy", logits, op);
+  check_lse(lse, logits, op);
+  check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
+}
+
 }  // namespace labelkit

@@ -362,11 +362,7 @@ at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor
 
 at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& entropy,
                                         const at::Tensor& lse) {
-  const char* op = "softmax_entropy_backward";
-  check_logits(logits, op, 1);
-  check_row_values(grad, "grad", logits, op);
-  check_row_values(entropy, "entropy", logits, op);
-  check_lse(lse, logits, op);
+  check_softmax_entropy_backward_args(grad, logits, entropy, lse);
   return run_backward(logits, grad, c10::nullopt, entropy, lse, c10::nullopt, entropy);
 }
 
@@ -374,13 +370,7 @@ at::Tensor entropy_gate_backward_cpu(const c10::optional<at::Tensor>& grad_entro
                                      const c10::optional<at::Tensor>& grad_cluster_probs, const at::Tensor& logits,
                                      const at::Tensor& entropy, const at::Tensor& lse,
                                      const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
-  const char* op = "entropy_gate_backward";
-  check_logits(logits, op, 2);
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
-  if (grad_entropy.has_value()) check_row_values(*grad_entropy, "grad_entropy", logits, op);
-  check_row_values(entropy, "entropy", logits, op);
-  check_lse(lse, logits, op);
-  check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
+  check_entropy_gate_backward_args(grad_entropy, grad_cluster_probs, logits, entropy, lse, clusters, cluster_probs);
   return run_backward(logits, grad_entropy, grad_cluster_probs, entropy, lse, clusters, cluster_probs);
 }
 
