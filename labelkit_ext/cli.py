@@ -30,8 +30,8 @@ def _add_run(commands: argparse._SubParsersAction, with_methods: bool) -> None:
     )
     if not with_methods:  # importing every method costs seconds; only `run` needs them
         return
+    from labelkit_ext.engine.options import add_config_arguments
     from labelkit_ext.methods import load_methods
-    from labelkit_ext.methods.options import add_config_arguments
 
     methods = parser.add_subparsers(dest="method", metavar="<method>", required=True)
     for name, method in sorted(load_methods().items()):
@@ -122,8 +122,8 @@ def _info(as_json: bool) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from labelkit_ext.engine import init_distributed, shutdown_distributed
+    from labelkit_ext.engine.options import config_from_args
     from labelkit_ext.methods import get_method
-    from labelkit_ext.methods.options import config_from_args
 
     method = get_method(args.method)
     config = config_from_args(method.config, args)  # checks every option before any work

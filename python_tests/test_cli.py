@@ -253,8 +253,8 @@ def _methods():
 @pytest.mark.parametrize("name", [name for name, _ in _methods()])
 def test_cli_and_python_defaults_are_the_same_run(name):
     from labelkit_ext.cli import build_parser
+    from labelkit_ext.engine.options import config_from_args
     from labelkit_ext.methods import get_method
-    from labelkit_ext.methods.options import config_from_args
 
     method = get_method(name)
     args = build_parser().parse_args(["run", name])
@@ -270,8 +270,8 @@ def test_cli_and_python_defaults_are_the_same_run(name):
 
 def test_config_options_round_trip_lists_flags_and_nested_groups():
     from labelkit_ext.cli import build_parser
+    from labelkit_ext.engine.options import config_from_args
     from labelkit_ext.methods.ensemble import EnsembleRunConfig
-    from labelkit_ext.methods.options import config_from_args
 
     argv = ["run", "ensemble", "--clusters", "2", "3", "--quantiles", "0.5", "0.9", "--no-augment",
             "--no-amp", "--quiet", "--scheduler", "step", "--step-size", "4", "--gamma", "0.5",

@@ -26,7 +26,7 @@ SCHEDULERS = ("cosine", "step", "none")
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, **cli: Any) -> Any:
     """A dataclass field with its command-line help (and ``choices``, ``metavar``, ``flag``...)
     in ``metadata``: the ``labelkit`` options are generated from these fields, so Python and
-    the shell share one default (see ``labelkit_ext.methods.options``)."""
+    the shell share one default (see ``labelkit_ext.engine.options``)."""
     metadata = {"help": help, **cli}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=metadata)

@@ -15,8 +15,8 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from labelkit_ext.engine.options import option_names
 from labelkit_ext.errors import UsageError
-from labelkit_ext.methods.options import option_names
 
 __all__ = ["Method", "register_method", "get_method", "available_methods", "load_methods"]
 

@@ -1,4 +1,4 @@
-"""``labelkit run <method>`` options generated from the method's config dataclass.
+"""``labelkit run <method>`` options generated from a method's config dataclass.
 
 Every option is a dataclass field made with ``engine.option(default, help, ...)``; its default
 is the default of the Python API, so ``labelkit run m`` with no options and
