@@ -16,30 +16,11 @@
 #include <vector>
 
 #include "ops/affine.h"
+#include "tests/harness.h"
 
 namespace {
 
-int g_failed = 0;
-int g_passed = 0;
-
-#define EXPECT(cond)                                                                     \
-  do {                                                                                   \
-    if (!(cond)) {                                                                       \
-      std::fprintf(stderr, "  check failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                          \
-    }                                                                                    \
-  } while (0)
-
-void run(const char* name, const std::function<void()>& body) {
-  try {
-    body();
-    ++g_passed;
-    std::printf("PASS %s\n", name);
-  } catch (const std::exception& e) {
-    ++g_failed;
-    std::printf("FAIL %s: %s\n", name, e.what());
-  }
-}
+using lk_test::run;
 
 namespace af = labelkit::affine;
 
@@ -216,6 +197,5 @@ int main() {
   run("gather_equals_scatter_double", test_gather_equals_scatter_double);
   run("non_finite_theta_is_invalid_and_safe", test_non_finite_theta_is_invalid_and_safe);
   run("rejects_bad_arguments", test_rejects_bad_arguments);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return lk_test::finish();
 }

@@ -12,30 +12,11 @@
 #include <vector>
 
 #include "ops/entropy.h"
+#include "tests/harness.h"
 
 namespace {
 
-int g_failed = 0;
-int g_passed = 0;
-
-#define EXPECT(cond)                                                             \
-  do {                                                                          \
-    if (!(cond)) {                                                              \
-      std::fprintf(stderr, "  check failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                 \
-    }                                                                           \
-  } while (0)
-
-void run(const char* name, const std::function<void()>& body) {
-  try {
-    body();
-    ++g_passed;
-    std::printf("PASS %s\n", name);
-  } catch (const std::exception& e) {
-    ++g_failed;
-    std::printf("FAIL %s: %s\n", name, e.what());
-  }
-}
+using lk_test::run;
 
 bool close(const at::Tensor& a, const at::Tensor& b, double tol = 2e-5) {
   return at::allclose(a, b.to(a.scalar_type()), tol, tol, /*equal_nan=*/true);
@@ -162,6 +143,5 @@ int main() {
   run("entropy_gate_matches_libtorch", test_gate_matches_libtorch);
   run("entropy_gate_rejects_bad_cluster_ids", test_gate_rejects_bad_cluster_ids);
   run("backward_matches_libtorch_autograd", test_backward_matches_libtorch_autograd);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return lk_test::finish();
 }

@@ -13,30 +13,11 @@
 #include <vector>
 
 #include "ops/pretext.h"
+#include "tests/harness.h"
 
 namespace {
 
-int g_failed = 0;
-int g_passed = 0;
-
-#define EXPECT(cond)                                                                    \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::fprintf(stderr, "  check failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                        \
-    }                                                                                  \
-  } while (0)
-
-void run(const char* name, const std::function<void()>& body) {
-  try {
-    body();
-    ++g_passed;
-    std::printf("PASS %s\n", name);
-  } catch (const std::exception& e) {
-    ++g_failed;
-    std::printf("FAIL %s: %s\n", name, e.what());
-  }
-}
+using lk_test::run;
 
 at::Tensor tiles_op(
     const at::Tensor& x, const at::Tensor& index, const at::Tensor& table, int64_t grid, int64_t tile,
@@ -150,6 +131,5 @@ int main() {
   run("normalize_standardises", test_normalize_standardises);
   run("rotate90_matches_rot90", test_rotate90_matches_rot90);
   run("bad_values_raise", test_bad_values_raise);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+  return lk_test::finish();
 }

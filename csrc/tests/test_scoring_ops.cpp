@@ -12,30 +12,11 @@
 #include <vector>
 
 #include "ops/scoring.h"
+#include "tests/harness.h"
 
 namespace {
 
-int g_failed = 0;
-int g_passed = 0;
-
-#define EXPECT(cond)                                                                     \
-  do {                                                                                   \
-    if (!(cond)) {                                                                       \
-      std::fprintf(stderr, "  check failed at %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-      throw std::runtime_error("check failed");                                          \
-    }                                                                                    \
-  } while (0)
-
-void run(const char* name, const std::function<void()>& body) {
-  try {
-    body();
-    ++g_passed;
-    std::printf("PASS %s\n", name);
-  } catch (const std::exception& e) {
-    ++g_failed;
-    std::printf("FAIL %s: %s\n", name, e.what());
-  }
-}
+using lk_test::run;
 
 using TopK = std::tuple<at::Tensor, at::Tensor>;
 
@@ -153,6 +134,5 @@ int main() {
   run("kcenter_matches_loop", test_kcenter_matches_loop);
   run("kcenter_rejects_bad_labeled", test_kcenter_rejects_bad_labeled);
   run("uncertainty_matches_libtorch", test_uncertainty_matches_libtorch);
-  std::printf("%d passed, %d failed\n", g_passed, g_failed);
-  return g_failed == 0 ? 0 : 1;
+  return lk_test::finish();
 }
