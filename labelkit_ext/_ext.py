@@ -11,6 +11,7 @@ Python tests this way against the AddressSanitizer/UBSan build (docs/testing.md)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -123,3 +124,34 @@ def has_kernel(op: str, device_type: str) -> bool:
     under ``torch.compile``.
     """
     return (op, device_type) in KERNELS
+
+
+def _ops_fingerprint() -> str:
+    """A hash of what torch.compile learns about our ops: their schemas and the Python files
+    holding their fake kernels and autograd formulas."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::")):
+        base, _, overload = name.partition(".")
+        digest.update(str(torch._C._get_schema(base, overload)).encode())
+    for source in sorted((_HERE / "ops").glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _tag_compile_caches() -> None:
+    """Add our ops' fingerprint to ``torch.compiler.config.cache_key_tag``.
+
+    torch.compile's on-disk caches (FX graph, AOTAutograd) key a graph by its code and inputs,
+    not by the schemas or fake kernels of the custom ops it calls. After an upgrade that changes
+    an op's outputs, a cached graph would replay the old output shapes ("mismatch in length of
+    strides and shape", or worse). The tag makes such entries miss; graphs without our ops
+    only miss once per labelkit_ext version.
+    """
+    mark = f"labelkit_ext:{_ops_fingerprint()}"
+    tag = torch.compiler.config.cache_key_tag
+    if mark not in tag:
+        torch.compiler.config.cache_key_tag = f"{tag}|{mark}" if tag else mark
+
+
+if HAS_OPS:
+    _tag_compile_caches()

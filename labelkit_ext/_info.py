@@ -1,12 +1,38 @@
-"""``labelkit_ext.info()`` and ``python -m labelkit_ext info``: what this install can do."""
+"""``labelkit_ext.info()`` and ``labelkit info``: what this install can do.
+
+Two depths: ``install_info()`` reads files and package metadata only (no ``import torch``, so
+``labelkit info`` answers in well under a second); ``info()`` also loads torch and the extension
+and reports whether it loaded, which kernels each device has, and the GPUs.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import platform
+from pathlib import Path
 
-import torch
+_HERE = Path(__file__).resolve().parent
 
-from labelkit_ext import _ext
+
+def install_info(as_dict: bool = False) -> dict | str:
+    """What is installed, without importing torch: versions, the extension file and the torch
+    it was built against. ``info()`` says whether it actually loads."""
+    build_file = _HERE / "_build_info.json"
+    try:
+        build = json.loads(build_file.read_text()) if build_file.exists() else None
+    except (OSError, ValueError):
+        build = None
+    extension = sorted(_HERE.glob("_C*.so")) + sorted(_HERE.glob("_C*.pyd"))
+    report = {
+        "labelkit_ext": _version(),
+        "extension_file": str(extension[0]) if extension else None,
+        "build": build,
+        "torch": _installed("torch"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    return report if as_dict else _format(report)
 
 
 def info(as_dict: bool = False) -> dict | str:
@@ -14,9 +40,13 @@ def info(as_dict: bool = False) -> dict | str:
 
     Returns a human-readable multi-line string, or the underlying dict with ``as_dict=True``.
     """
+    import torch
+
+    from labelkit_ext import _ext
+
     ops = sorted({op for op, _ in _ext.KERNELS})
     report = {
-        "labelkit_ext": _version(),
+        **install_info(as_dict=True),
         "extension_loaded": _ext.HAS_OPS,
         "extension_error": _ext.LOAD_ERROR,
         "library": _ext.LIBRARY,
@@ -29,8 +59,6 @@ def info(as_dict: bool = False) -> dict | str:
         else [],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
     }
     return report if as_dict else _format(report)
 
@@ -41,20 +69,42 @@ def _version() -> str:
     return __version__
 
 
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _format(r: dict) -> str:
-    loaded = "yes" if r["extension_loaded"] else f"no ({r['extension_error']})"
     build = r["build"] or {}
-    gpus = ", ".join(r["gpus"]) if r["gpus"] else "none visible"
     lines = [
         f"labelkit_ext {r['labelkit_ext']}",
-        f"  extension _C     : {loaded}",
-        *([f"  loaded instead   : {r['library']} (LABELKIT_EXT_LIBRARY)"] if r["library"] else []),
+        *_extension_lines(r),
         f"  built against    : torch {build.get('torch', '-')}, CUDA {build.get('torch_cuda', '-')}, "
         f"archs {build.get('cuda_archs') or '-'}, with_cuda={build.get('with_cuda', '-')}",
-        f"  CPU kernels      : {', '.join(r['cpu_kernels']) or 'none (pure-PyTorch reference)'}",
-        f"  CUDA kernels     : {', '.join(r['cuda_kernels']) or 'none'}",
-        f"  GPU              : {gpus}",
-        f"  torch            : {r['torch']} (CUDA {r['torch_cuda']})",
-        f"  python           : {r['python']} on {r['platform']}",
     ]
+    if "extension_loaded" in r:
+        gpus = ", ".join(r["gpus"]) if r["gpus"] else "none visible"
+        lines += [
+            f"  CPU kernels      : {', '.join(r['cpu_kernels']) or 'none (pure-PyTorch reference)'}",
+            f"  CUDA kernels     : {', '.join(r['cuda_kernels']) or 'none'}",
+            f"  GPU              : {gpus}",
+            f"  torch            : {r['torch']} (CUDA {r['torch_cuda']})",
+        ]
+    else:
+        lines.append(f"  torch            : {r['torch'] or 'not installed'}")
+    lines.append(f"  python           : {r['python']} on {r['platform']}")
+    if "extension_loaded" not in r:
+        lines.append("  (`labelkit info --load` loads torch and the extension: kernels per device, GPUs)")
     return "\n".join(lines)
+
+
+def _extension_lines(r: dict) -> list[str]:
+    if "extension_loaded" not in r:
+        return [f"  extension _C     : {r['extension_file'] or 'not built (the pure-PyTorch references run)'}"]
+    loaded = "yes" if r["extension_loaded"] else f"no ({r['extension_error']})"
+    lines = [f"  extension _C     : {loaded}"]
+    if r["library"]:
+        lines.append(f"  loaded instead   : {r['library']} (LABELKIT_EXT_LIBRARY)")
+    return lines

@@ -17,8 +17,19 @@ BENCH_DIR = "bench"
 
 
 def _add_info(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("info", help="extension, kernels, GPU and versions")
+    parser = commands.add_parser(
+        "info",
+        help="versions and the built extension (--load: kernels per device, GPUs)",
+        description="What is installed, read from files without importing torch; with --load, "
+        "also import torch and the extension and report whether it loaded (and why not), the "
+        "kernels each device has and the visible GPUs.",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--load",
+        action="store_true",
+        help="load torch and the extension (takes the seconds of `import torch`)",
+    )
 
 
 def _add_run(commands: argparse._SubParsersAction, with_methods: bool) -> None:
@@ -113,10 +124,11 @@ def _bench(op: str, args: Sequence[str], bench_dir: str | None) -> int:
     return subprocess.call([sys.executable, str(script), *args], cwd=folder.parent)
 
 
-def _info(as_json: bool) -> int:
-    from labelkit_ext import info
+def _info(as_json: bool, load: bool) -> int:
+    from labelkit_ext._info import info, install_info
 
-    print(json.dumps(info(as_dict=True), indent=2, default=str) if as_json else info())
+    report = info if load else install_info
+    print(json.dumps(report(as_dict=True), indent=2, default=str) if as_json else report())
     return 0
 
 
@@ -148,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(with_methods=argv[:1] == ["run"]).parse_args(argv)
     try:
         if args.command == "info":
-            return _info(args.json)
+            return _info(args.json, args.load)
         if args.command == "bench":
             return _bench(args.op, args.args, args.bench_dir)
         return _run(args)

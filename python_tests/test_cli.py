@@ -12,8 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures_data import SHARED_DATA, write_medmnist
 
+import labelkit_ext
 from labelkit_ext.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +28,18 @@ def _results(out: Path) -> dict:
 
 def test_info_text_and_json(capsys):
     assert main(["info"]) == 0
-    assert "labelkit_ext" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "labelkit_ext" in text and "info --load" in text and "CPU kernels" not in text
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"extension_loaded", "torch", "cuda_available"} <= report.keys()
+    assert report["torch"] == torch.__version__.split("+")[0]
+    assert (report["extension_file"] is not None) == (labelkit_ext._ext.BUILD_INFO is not None)
+    assert main(["info", "--load"]) == 0
+    assert "CPU kernels" in capsys.readouterr().out
+    assert main(["info", "--load", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["extension_loaded"] == labelkit_ext.HAS_OPS
+    assert {"torch", "cuda_available", "cpu_kernels", "extension_file"} <= report.keys()
 
 
 def test_run_help_lists_the_methods(capsys):
@@ -333,9 +343,9 @@ def test_exit_codes_of_the_command(tmp_path):
     assert "Traceback" not in usage.stderr
 
 
-def test_help_and_info_load_no_method(tmp_path):
-    """`labelkit --help` and `labelkit info` import neither the methods nor scikit-learn,
-    matplotlib or torchvision (they cost seconds at start)."""
+def test_help_and_info_import_no_torch(tmp_path):
+    """`labelkit --help` and `labelkit info` import neither torch nor the methods, scikit-learn,
+    matplotlib or torchvision (they cost seconds at start; docs/cli.md has the timings)."""
     code = (
         "import sys, contextlib, io\n"
         "from labelkit_ext.cli import main\n"
@@ -345,7 +355,8 @@ def test_help_and_info_load_no_method(tmp_path):
         "    except SystemExit:\n"
         "        pass\n"
         "    main(['info'])\n"
-        "heavy = ('sklearn', 'matplotlib', 'torchvision', 'labelkit_ext.methods', 'labelkit_ext.data')\n"
+        "heavy = ('torch', 'sklearn', 'matplotlib', 'torchvision', 'labelkit_ext.methods',\n"
+        "         'labelkit_ext.data', 'labelkit_ext._ext')\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +53,43 @@ def test_env_switch_disables_the_extension():
     code = "import labelkit_ext as L; print(L.HAS_OPS, L.LOAD_ERROR)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("False disabled by LABELKIT_EXT_NO_EXT=1")
+
+
+def test_package_imports_lazily():
+    """`import labelkit_ext` costs no torch import; each public name loads its module on first
+    use and is then a plain module attribute (what torch.compile sees)."""
+    code = (
+        "import sys, labelkit_ext\n"
+        "assert 'torch' not in sys.modules, 'import labelkit_ext imported torch'\n"
+        "from labelkit_ext import entropy_gate\n"
+        "assert labelkit_ext.__dict__['entropy_gate'] is entropy_gate\n"
+        "missing = [n for n in labelkit_ext.__all__ if not hasattr(labelkit_ext, n)]\n"
+        "assert not missing, missing\n"
+        "assert set(labelkit_ext.__all__) <= set(dir(labelkit_ext))\n"
+        "assert labelkit_ext.methods.__name__ == 'labelkit_ext.methods'\n"
+        "try:\n"
+        "    labelkit_ext.no_such_name\n"
+        "except AttributeError as exc:\n"
+        "    assert 'no_such_name' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    root = Path(labelkit_ext.__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@requires_ops
+def test_compile_caches_are_keyed_by_our_ops():
+    """A torch.compile cache entry made with other schemas or fake kernels of our ops must miss
+    (a stale one replays old output shapes): their fingerprint is part of every cache key."""
+    mark = f"labelkit_ext:{_ext._ops_fingerprint()}"
+    assert mark in torch.compiler.config.cache_key_tag
+    _ext._tag_compile_caches()  # idempotent
+    assert torch.compiler.config.cache_key_tag.count(mark) == 1

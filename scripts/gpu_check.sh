@@ -5,7 +5,7 @@
 #
 # STEPs (default: all of them, in this order):
 #   build      pip install --no-build-isolation --no-deps . (CUDA kernels forced on), then
-#              `python -m labelkit_ext info`
+#              `python -m labelkit_ext info --load`
 #   test       the Python suite with the kernels required (the preflight made sure torch sees
 #              the GPU, so the CUDA tests run), then the fuzz tests with a larger budget
 #   sanitize   compute-sanitizer memcheck, racecheck and synccheck over the ops' CUDA tests and
@@ -110,7 +110,7 @@ step_build() {
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=1
   run_step "build (archs $TORCH_CUDA_ARCH_LIST)" "$LOGS/build.log" \
     "$PY" -m pip install --no-build-isolation --no-deps --force-reinstall --no-index -v .
-  run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info
+  run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info --load
 }
 
 step_test() {
