@@ -45,7 +45,12 @@ if TYPE_CHECKING:  # what static analysers and IDEs see
     from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
     from labelkit_ext._info import info
     from labelkit_ext.ops.affine import affine_grid_sample
-    from labelkit_ext.ops.entropy import EntropyGate, entropy_gate, max_entropy_loss, softmax_entropy
+    from labelkit_ext.ops.entropy import (
+        EntropyGate,
+        entropy_gate,
+        max_entropy_loss,
+        softmax_entropy,
+    )
     from labelkit_ext.ops.pretext import (
         HammingStats,
         PretextBatch,
