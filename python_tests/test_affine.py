@@ -236,6 +236,39 @@ def test_identity_and_translation_are_exact(device):
     assert (out[..., -1] == 0).all()
 
 
+@requires_ops  # the reference is torch's two-call composition, whose grid is rounded (below)
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("shape", [(8, 10), (7, 13), (49, 49)])
+def test_theta_gradient_at_identity_is_the_forward_slope(device, shape, align):
+    """At θ = I every sample sits exactly on a pixel, bilinear's kink. The kernel maps pixel
+    centres to pixel centres exactly, so it takes the floor convention's slope (the forward
+    difference) at every pixel. torch's affine_grid + grid_sample rounds the grid a few ulps off
+    the integers (1,470 of 2,401 points at 49x49), so its gradient there mixes left and right
+    slopes pixel by pixel; the oracle here is the forward difference, written out."""
+    H, W = shape
+    x = make_images((2, 3, H, W), torch.float64, device)
+    w = make_images((2, 3, H, W), torch.float64, device, seed=1)
+    theta = identity_theta(2, device, torch.float64).requires_grad_()
+    out = affine_grid_sample(x, theta, align_corners=align)
+    assert torch.equal(out, x)
+    (grad,) = torch.autograd.grad((out * w).sum(), theta)
+    # dL/du, dL/dv with zeros padding: the pixel to the right (below) minus the pixel itself.
+    pad_x, pad_y = F.pad(x, (0, 1)), F.pad(x, (0, 0, 0, 1))
+    dl_du = (w * (pad_x[..., 1:] - x)).sum(1)
+    dl_dv = (w * (pad_y[..., 1:, :] - x)).sum(1)
+    xn = torch.tensor([_base(i, W, align) for i in range(W)], dtype=torch.float64, device=device)
+    yn = torch.tensor([_base(i, H, align) for i in range(H)], dtype=torch.float64, device=device)
+    sx, sy = ((W - 1) / 2, (H - 1) / 2) if align else (W / 2, H / 2)
+    expected = torch.stack(
+        [
+            torch.stack([(d * xn).sum((1, 2)), (d * yn[:, None]).sum((1, 2)), d.sum((1, 2))], 1) * s
+            for d, s in ((dl_du, sx), (dl_dv, sy))
+        ],
+        1,
+    )
+    assert_close(grad, expected)
+
+
 def test_broadcast_theta(device):
     x = make_images((5, 2, 9, 9), torch.float32, device)
     theta = make_theta(1, seed=5).float().to(device)

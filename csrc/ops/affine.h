@@ -98,22 +98,37 @@ struct PixelMap {
   bool valid;         // θ and the coefficients are finite; otherwise the sample reads nothing
 };
 
+// Two per-axis constants of the map, each formed as one correctly rounded quotient of integers,
+// so that a map taking pixel centres to pixel centres is exact: at θ = I with equal sizes,
+// ratio = 1 and offset = (W - 1)/2, u = ox exactly, and every tap sits at weight 0/1. (Forming
+// them as products of rounded factors leaves u a few ulps off an integer, and then bilinear's
+// θ-gradient flips between the left and right slope pixel by pixel: the kink is at the integer.)
+//   ratio(in, out)  = 2 s(in) k(out)            d u / d (output index)
+//   offset(in, out) = s(in) (out - 1) k(out)    s(in) · (-xn at index 0)
+LK_AFF_HD double axis_ratio(int64_t in, int64_t out, bool align_corners) {
+  if (out <= 1) return 0.0;
+  return align_corners ? double(in - 1) / double(out - 1) : double(in) / double(out);
+}
+
+LK_AFF_HD double axis_offset(int64_t in, int64_t out, bool align_corners) {
+  if (out <= 1) return 0.0;
+  return align_corners ? double(in - 1) / 2.0 : double(in * (out - 1)) / double(2 * out);
+}
+
 // th: the six entries of one θ, row-major.
 template <typename T>
 LK_AFF_HD PixelMap<T> pixel_map(const double* th, int64_t H, int64_t W, int64_t Ho, int64_t Wo, bool align_corners) {
-  const double kx = norm_step<double>(Wo, align_corners);
-  const double ky = norm_step<double>(Ho, align_corners);
   const double sx = unnorm_scale<double>(W, align_corners);
   const double sy = unnorm_scale<double>(H, align_corners);
-  const double x0 = double(Wo - 1) * kx;  // -xn at ox = 0
-  const double y0 = double(Ho - 1) * ky;
   PixelMap<T> m;
-  m.ax = sx * th[0] * 2.0 * kx;
-  m.bx = sx * th[1] * 2.0 * ky;
-  m.cx = sx * (th[2] - th[0] * x0 - th[1] * y0) + double(W - 1) / 2.0;
-  m.ay = sy * th[3] * 2.0 * kx;
-  m.by = sy * th[4] * 2.0 * ky;
-  m.cy = sy * (th[5] - th[3] * x0 - th[4] * y0) + double(H - 1) / 2.0;
+  m.ax = th[0] * axis_ratio(W, Wo, align_corners);
+  m.bx = th[1] * axis_ratio(W, Ho, align_corners);
+  m.cx = sx * th[2] - th[0] * axis_offset(W, Wo, align_corners) - th[1] * axis_offset(W, Ho, align_corners) +
+         double(W - 1) / 2.0;
+  m.ay = th[3] * axis_ratio(H, Wo, align_corners);
+  m.by = th[4] * axis_ratio(H, Ho, align_corners);
+  m.cy = sy * th[5] - th[3] * axis_offset(H, Wo, align_corners) - th[4] * axis_offset(H, Ho, align_corners) +
+         double(H - 1) / 2.0;
   bool ok = true;
   for (int k = 0; k < 6; ++k) ok = ok && is_finite(th[k]);
   ok = ok && is_finite(m.ax) && is_finite(m.bx) && is_finite(m.cx);
