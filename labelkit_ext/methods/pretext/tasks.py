@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
+from labelkit_ext.ops.affine import affine_grid_sample
 from labelkit_ext.ops.pretext import PretextBatch, hamming_permutations, make_pretext_batch
 
 __all__ = [
@@ -160,18 +161,15 @@ def view_matrices(params: ViewParams, side: int) -> torch.Tensor:
 
 def warp_views(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
     """Rotate, zoom and shift each image by its own parameters (bilinear, zero fill), in one
-    batched pass.
+    batched pass of ``labelkit_ext.affine_grid_sample`` (no sampling grid is stored).
 
-    The one geometric step of the contrastive task, and the one place to switch to
-    ``labelkit_ext.affine_grid_sample(images, theta)`` when that fused op is available: it is
-    this ``affine_grid`` + ``grid_sample`` pair in one kernel. (torchvision v2's ``affine``
-    would need a Python loop over the batch, one parameter set per call: ~100x slower here.)
+    (torchvision v2's ``affine`` would need a Python loop over the batch, one parameter set per
+    call: ~100x slower here.)
     """
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"contrastive views need square images, got {tuple(images.shape[-2:])}")
     theta = view_matrices(params, images.shape[-1]).to(images.device, images.dtype)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return affine_grid_sample(images, theta, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def contrastive_views(
