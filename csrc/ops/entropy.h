@@ -136,22 +136,63 @@ LK_HD Moments<T> merge(const Moments<T>& a, const Moments<T>& b) {
   return out;
 }
 
-// Online update with one logit: the single-pass form the GPU uses.
+// Moves the sums of acc (0 when empty) to a new max m_new > acc.m. acc.m - m_new < 0, so the
+// rescale cannot overflow.
+template <typename T>
+LK_HD void rebase(Moments<T>& acc, T m_new) {
+  const T d_old = acc.m - m_new;
+  const T r = acc.s == T(0) ? T(0) : fast_exp(d_old);
+  acc.t = rescaled(r, acc.t, d_old, acc.s);
+  acc.s = acc.s * r;
+  acc.m = m_new;
+}
+
+// Adds a logit z <= acc.m (or -inf, or NaN) and returns its e = exp(z - m): +0 for a masked
+// class, NaN for NaN (which poisons s and t), never -0.
+template <typename T>
+LK_HD T accumulate(Moments<T>& acc, T z) {
+  T e, ed;
+  term(z, acc.m, e, ed);
+  acc.s += e;
+  acc.t += ed;
+  return e;
+}
+
+// Online update with one logit: the single-pass form the GPU uses without clusters.
 template <typename T>
 LK_HD void push(Moments<T>& acc, T z) {
   if (z == neg_inf<T>()) return;  // masked class
-  if (z > acc.m) {
-    // New max: move the sums (0 when empty) to it. m - z < 0 so the rescale cannot overflow.
-    const T d_old = acc.m - z;
-    const T r = acc.s == T(0) ? T(0) : fast_exp(d_old);
-    acc.t = rescaled(r, acc.t, d_old, acc.s);
-    acc.s = acc.s * r;
-    acc.m = z;
-  }
-  T e, ed;
-  term(z, acc.m, e, ed);  // NaN z (never > m) lands here and poisons s and t
-  acc.s += e;
-  acc.t += ed;
+  if (z > acc.m) rebase(acc, z);
+  accumulate(acc, z);  // NaN z (never > m) lands here
+}
+
+// Cluster-mass bins. A bin sums the e = exp(z - m) of its cluster's classes relative to a
+// running max m; it starts at -0, which adding e values (+0, positive or NaN) never gives back
+// and rescaling by exp(m_old - m_new) in [0, 1] keeps. So a bin still at -0 is a cluster that
+// holds no class: its mass is exactly 0 whatever the row. Every other bin is multiplied by 1/s,
+// which makes it NaN in a row with s == 0 (all -inf: its e are 0) or s NaN, as the per-class
+// sum of e_j / s does on the CPU. (Signed zeros must be kept: no -ffast-math/--use_fast_math.)
+template <typename T>
+LK_HD T empty_bin() {
+  return -T(0);
+}
+
+template <typename T>
+LK_HD bool is_empty_bin(T b) {
+  return b == T(0) && std::signbit(b);
+}
+
+// total + b r, where b is a bin relative to another max and r = exp(m_b - m_total); an empty b
+// adds nothing (not even 0 * NaN when both maxima are -inf).
+template <typename T>
+LK_HD T add_bin(T total, T b, T r) {
+  return is_empty_bin(b) ? total : total + b * r;
+}
+
+// The softmax mass of a cluster from its bin (relative to the row max) and 1/s.
+template <typename T>
+LK_HD T cluster_mass(T b, T inv_s) {
+  return is_empty_bin(b) ? T(0) : b * inv_s;
 }
 
 // H = log s - t / s; NaN when the row had no finite mass (s == 0) or held a NaN.

@@ -1,8 +1,23 @@
-// CUDA kernels of the entropy family: one read of each row (forward), one elementwise pass
-// from the saved lse and entropy (backward). A group of kGroup threads (a power
-// of two <= 32, inside one warp) owns a row; each thread folds its strided share of the row into
-// online softmax moments (ops/entropy.h push), and the group merges them with xor-shuffles, so
-// every lane ends with the same row statistics. Rows with C >= kBlockRowMinC use a whole block.
+// CUDA kernels of the entropy family: one read of each row (forward, cluster masses included),
+// one elementwise pass from the saved lse and entropy (backward).
+//
+// Forward. A group of kGroup threads (a power of two <= 32, inside one warp) owns a row; rows of
+// C >= kBlockRowMinC use a whole block, whose warps then act as groups over interleaved chunks.
+// Lanes read the row as 16-byte packs (4 floats, 8 halves, 2 doubles) on a grid that starts at the
+// 16-byte boundary at or before the row, so rows of any C and offset load whole packs; only the
+// partial packs at either end load scalars, bounds-checked.
+// * Without clusters each lane folds its values into online softmax moments (ops/entropy.h push);
+//   the group merges them with xor-shuffles, so every lane ends with the same row statistics.
+// * With clusters a group steps through the row in lockstep, one pack per lane, with a shared
+//   running max m: each e = exp(z - m) is computed once and goes both into the lane's moments and
+//   into the group's shared-memory bin of its cluster. Lanes whose values share a cluster are
+//   matched (__match_any_sync) and the lowest adds their e in lane order: no atomics, a fixed
+//   summation order, the same bits on every run. When m grows the group rescales its bins (the
+//   online-softmax trick); at the end a block's warps add their bins in warp order. Bins get at
+//   most kBinBytes of shared memory per block; with more clusters than fit (S > 1024 in float,
+//   512 in double), the row is scanned once per tile of clusters instead.
+// The forward kernels have not yet run on a GPU (none was available to the session that wrote
+// them); scripts/gpu_check.sh runs their tests and compute-sanitizer when one is.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -25,9 +40,15 @@ namespace {
 using entropy::Moments;
 
 constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
 constexpr int64_t kBlockRowMinC = 4096;
+constexpr int kBinBytes = 32 * 1024;       // cluster bins per block; the rest stays for occupancy
 constexpr long long kNoIndex = INT64_MAX;  // argmax sentinel: nothing seen yet
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// What a forward computes: the entropy (softmax_entropy), plus argmax (entropy_gate), plus
+// cluster masses (entropy_gate with clusters).
+enum class Fwd { kEntropy, kGate, kClusters };
 
 // Row statistics a thread, group or block accumulates: softmax moments and a running argmax.
 template <typename T>
@@ -52,6 +73,25 @@ __device__ __forceinline__ void merge_argmax(T& best, long long& idx, T ob, long
   }
 }
 
+// A lane's scan keeps the first of equal values: its indices only grow.
+template <typename T>
+__device__ __forceinline__ void see_argmax(RowStat<T>& st, T v, int64_t j) {
+  if (entropy::better(v, st.best)) {
+    st.best = v;
+    st.idx = j;
+  }
+}
+
+template <int kGroup, typename T>
+__device__ __forceinline__ void group_argmax(RowStat<T>& st) {
+#pragma unroll
+  for (int off = kGroup / 2; off > 0; off /= 2) {
+    const T ob = __shfl_xor_sync(kFullMask, st.best, off, kGroup);
+    const long long oi = __shfl_xor_sync(kFullMask, st.idx, off, kGroup);
+    merge_argmax(st.best, st.idx, ob, oi);
+  }
+}
+
 template <int kGroup, typename T>
 __device__ __forceinline__ void group_reduce(RowStat<T>& st) {
 #pragma unroll
@@ -60,11 +100,20 @@ __device__ __forceinline__ void group_reduce(RowStat<T>& st) {
     o.m = __shfl_xor_sync(kFullMask, st.mom.m, off, kGroup);
     o.s = __shfl_xor_sync(kFullMask, st.mom.s, off, kGroup);
     o.t = __shfl_xor_sync(kFullMask, st.mom.t, off, kGroup);
-    const T ob = __shfl_xor_sync(kFullMask, st.best, off, kGroup);
-    const long long oi = __shfl_xor_sync(kFullMask, st.idx, off, kGroup);
     st.mom = entropy::merge(st.mom, o);
-    merge_argmax(st.best, st.idx, ob, oi);
   }
+  group_argmax<kGroup>(st);
+}
+
+// group_reduce for lanes whose moments share one max (a lockstep scan): s and t just add up.
+template <int kGroup, typename T>
+__device__ __forceinline__ void group_reduce_shared_max(RowStat<T>& st) {
+#pragma unroll
+  for (int off = kGroup / 2; off > 0; off /= 2) {
+    st.mom.s += __shfl_xor_sync(kFullMask, st.mom.s, off, kGroup);
+    st.mom.t += __shfl_xor_sync(kFullMask, st.mom.t, off, kGroup);
+  }
+  group_argmax<kGroup>(st);
 }
 
 // Whole-block reduction; the result is returned to every thread. Ends with a barrier so the
@@ -110,47 +159,157 @@ __device__ RowStat<T> block_reduce(RowStat<T> st) {
   return out;
 }
 
-template <typename scalar_t, typename acc_t, bool kArgmax>
-__device__ __forceinline__ void scan_row(const scalar_t* __restrict__ row, int64_t C, int tid, int nthreads, RowStat<acc_t>& st) {
-  for (int64_t j = tid; j < C; j += nthreads) {
-    const acc_t v = static_cast<acc_t>(row[j]);
-    entropy::push(st.mom, v);
-    if (kArgmax && entropy::better(v, st.best)) {  // first hit per thread: j only grows
-      st.best = v;
-      st.idx = j;
-    }
-  }
+// ---- loading a row as 16-byte packs ------------------------------------------------------------
+
+template <typename scalar_t>
+constexpr int pack_size() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-// Softmax mass per cluster into bins (pre-zeroed), then each thread's best bin.
+// Pack p holds elements [p * kPack - head, +kPack) of the row: head is how far the row starts
+// past the 16-byte boundary below it, so every whole pack is an aligned 16-byte load.
+template <typename scalar_t>
+struct PackedRow {
+  const scalar_t* row;
+  int64_t len;  // C, or 0 for a group without a row (every element then reads as missing)
+  int head;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ PackedRow<scalar_t> packed_row(const scalar_t* row, int64_t len) {
+  const int head = static_cast<int>(reinterpret_cast<uintptr_t>(row) % 16 / sizeof(scalar_t));
+  return PackedRow<scalar_t>{row, len, head};
+}
+
+// Packs that cover a row of C elements at any head: the same for every row, so loops over them
+// run in step across a warp.
+__host__ __device__ __forceinline__ int64_t packs_for(int64_t C, int pack) {
+  return (C + 2 * pack - 2) / pack;
+}
+
+// Pack p in the accumulation type; elements outside the row read as -inf (a masked class).
+// Returns the row index of v[0].
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void scatter_cluster_mass(
-    const scalar_t* __restrict__ row, int64_t C, int tid, int nthreads, const Moments<acc_t>& mom,
-    const int64_t* __restrict__ clusters, int64_t S, acc_t* __restrict__ bins) {
-  const acc_t inv_s = acc_t(1) / mom.s;
-  for (int64_t j = tid; j < C; j += nthreads) {
-    const int64_t c = clusters[j];
-    // The CPU kernel raises for a bad id; here (no host sync) it is a device-side assert, and
-    // the write below never leaves the row's bins.
-    CUDA_KERNEL_ASSERT(c >= 0 && c < S && "entropy_gate: clusters must hold ids in [0, num_clusters)");
-    if (c < 0 || c >= S) continue;
-    acc_t e, ed;
-    entropy::term(static_cast<acc_t>(row[j]), mom.m, e, ed);
-    atomicAdd(bins + c, e * inv_s);
+__device__ __forceinline__ int64_t load_pack(const PackedRow<scalar_t>& r, int64_t p, acc_t (&v)[pack_size<scalar_t>()]) {
+  constexpr int kPack = pack_size<scalar_t>();
+  struct alignas(16) Pack {
+    scalar_t v[kPack];
+  };
+  const int64_t j0 = p * kPack - r.head;
+  if (j0 >= 0 && j0 + kPack <= r.len) {
+    const Pack pk = *reinterpret_cast<const Pack*>(r.row + j0);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) v[k] = static_cast<acc_t>(pk.v[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const int64_t j = j0 + k;
+      v[k] = j >= 0 && j < r.len ? static_cast<acc_t>(r.row[j]) : entropy::neg_inf<acc_t>();
+    }
+  }
+  return j0;
+}
+
+// ---- scans ---------------------------------------------------------------------------------------
+
+// Folds packs p0, p0 + pstep, ... < np into the lane's moments (and argmax for the gate).
+template <typename scalar_t, typename acc_t, bool kArgmax>
+__device__ __forceinline__ void scan_packs(const PackedRow<scalar_t>& r, int64_t p0, int64_t pstep, int64_t np, RowStat<acc_t>& st) {
+  constexpr int kPack = pack_size<scalar_t>();
+  for (int64_t p = p0; p < np; p += pstep) {
+    acc_t v[kPack];
+    const int64_t j0 = load_pack(r, p, v);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      entropy::push(st.mom, v[k]);
+      if (kArgmax) see_argmax(st, v[k], j0 + k);
+    }
   }
 }
 
+// A group's cluster bins for clusters [c0, c0 + tile) in shared memory, and its warp's slots for
+// passing e values to the lane that adds them.
 template <typename acc_t>
-__device__ __forceinline__ RowStat<acc_t> best_bin(const acc_t* __restrict__ bins, int64_t S, int tid, int nthreads) {
-  RowStat<acc_t> st = empty_stat<acc_t>();
-  for (int64_t k = tid; k < S; k += nthreads) {
-    const acc_t v = bins[k];
-    if (entropy::better(v, st.best)) {
-      st.best = v;
-      st.idx = k;
+struct Bins {
+  acc_t* bin;     // [tile]
+  acc_t* stage;   // [32], shared by the warp's groups
+  int tile;
+  int key_base;   // (group within its warp) * tile: groups of a warp never match each other
+  int64_t c0;
+  int64_t S;
+  const int64_t* clusters;
+};
+
+// The lockstep scan of a group with clusters, over the packs whose first lane is at
+// base0, base0 + step, ... < np (a bound the same for all the warp's groups: every lane reaches
+// each __syncwarp and __match_any_sync). st.mom.m is the group's running max, the same bits in
+// every lane; the bins are relative to it. Leaves the bins complete behind a __syncwarp.
+template <int kGroup, typename scalar_t, typename acc_t>
+__device__ void scan_packs_binned(const PackedRow<scalar_t>& r, int64_t base0, int64_t step, int64_t np, const Bins<acc_t>& b, RowStat<acc_t>& st, bool& ids_ok) {
+  constexpr int kPack = pack_size<scalar_t>();
+  const int lane = threadIdx.x % kGroup;
+  const int wlane = threadIdx.x % 32;
+  for (int c = lane; c < b.tile; c += kGroup) b.bin[c] = entropy::empty_bin<acc_t>();
+  for (int64_t base = base0; base < np; base += step) {
+    acc_t v[kPack];
+    const int64_t j0 = load_pack(r, base + lane, v);
+    // Keys first: cluster id loads overlap the max reduction. A lane with no element to add
+    // gets a key of its own (negative).
+    int key[kPack];
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const int64_t j = j0 + k;
+      key[k] = -1 - wlane;
+      if (j >= 0 && j < r.len) {
+        const int64_t c = b.clusters[j];
+        ids_ok = ids_ok && c >= 0 && c < b.S;  // a bad id gets no bin: no write leaves them
+        if (c >= b.c0 && c < b.c0 + b.tile) key[k] = b.key_base + static_cast<int>(c - b.c0);
+      }
+    }
+    acc_t m = entropy::neg_inf<acc_t>();  // NaN never wins: the max of the finite and inf values
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) m = v[k] > m ? v[k] : m;
+#pragma unroll
+    for (int off = kGroup / 2; off > 0; off /= 2) {
+      const acc_t o = __shfl_xor_sync(kFullMask, m, off, kGroup);
+      m = o > m ? o : m;
+    }
+    if (m > st.mom.m) {  // the same in every lane of the group
+      const acc_t old = st.mom.m;
+      entropy::rebase(st.mom, m);
+      // Bins under a max of -inf hold only +-0 or NaN, which the factor 0 would not change.
+      if (old != entropy::neg_inf<acc_t>()) {
+        const acc_t rb = entropy::fast_exp(old - m);
+        for (int c = lane; c < b.tile; c += kGroup) b.bin[c] *= rb;
+      }
+    }
+    __syncwarp();  // emptied or rescaled bins before the adds below
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      const int64_t j = j0 + k;
+      acc_t e = acc_t(0);
+      if (j >= 0 && j < r.len) {
+        e = entropy::accumulate(st.mom, v[k]);
+        see_argmax(st, v[k], j);
+      }
+      const unsigned peers = __match_any_sync(kFullMask, key[k]);
+      b.stage[wlane] = e;
+      __syncwarp();
+      if (key[k] >= 0 && wlane == __ffs(static_cast<int>(peers)) - 1) {
+        acc_t sum = e;
+        for (unsigned rest = peers & (peers - 1); rest != 0; rest &= rest - 1) sum += b.stage[__ffs(static_cast<int>(rest)) - 1];
+        b.bin[key[k] - b.key_base] += sum;
+      }
+      __syncwarp();  // bins and slots free for the next element
     }
   }
-  return st;
+  __syncwarp();  // also when this group had no pack
+}
+
+// The CPU kernel raises for a bad cluster id; here (no host sync) it is a device-side assert.
+// Kernels call it once, at their end: a call inside the loops keeps values live across it (spills).
+__device__ __forceinline__ void assert_ids_ok(bool ids_ok) {
+  CUDA_KERNEL_ASSERT(ids_ok && "entropy_gate: clusters must hold ids in [0, num_clusters)");
 }
 
 __device__ __forceinline__ int64_t index_or_zero(long long idx) {
@@ -182,48 +341,114 @@ __device__ __forceinline__ void write_row(const GateOut<acc_t>& out, int64_t row
   }
 }
 
-// Rows owned by groups of kGroup threads. The row loop bound is uniform across the block, and
-// inactive groups still join every shuffle, so full-mask shuffles are safe.
-template <typename scalar_t, int kGroup, bool kGate>
-__global__ void __launch_bounds__(kThreads) entropy_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, GateOut<at::opmath_type<scalar_t>> out) {
+// Dynamic shared memory of the clusters forward, in acc_t elements: `groups` bins of `tile`,
+// then each warp's 32 slots, then each warp's max (block kernel).
+int64_t bin_smem_elems(int groups, int tile) {
+  return static_cast<int64_t>(groups) * tile + kWarps * 32 + kWarps;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t* shared_bins() {
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // sized by the launch
+  return reinterpret_cast<acc_t*>(smem_raw);
+}
+
+// Rows owned by groups of kGroup threads. The row, tile and pack loops have bounds uniform
+// across the block, and groups without a row still join them, so every lane reaches each
+// warp-wide shuffle, match and __syncwarp.
+template <typename scalar_t, int kGroup, Fwd kMode>
+__global__ void __launch_bounds__(kThreads) entropy_rows_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, GateOut<at::opmath_type<scalar_t>> out, int tile) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kThreads / kGroup;
   const int g = threadIdx.x / kGroup;
   const int lane = threadIdx.x % kGroup;
+  const int64_t np = packs_for(C, pack_size<scalar_t>());
+  bool ids_ok = true;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock; base < N;
        base += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = base + g;
     const bool active = row < N;
-    RowStat<acc_t> st = empty_stat<acc_t>();
-    if (active) scan_row<scalar_t, acc_t, kGate>(x + row * C, C, lane, kGroup, st);
-    group_reduce<kGroup>(st);
-    if (active && lane == 0) write_row(out, row, st);
-    if (!kGate || out.clusters == nullptr) continue;  // uniform across the block
-    acc_t* bins = out.cluster_probs + (active ? row : 0) * out.S;
-    if (active) scatter_cluster_mass(x + row * C, C, lane, kGroup, st.mom, out.clusters, out.S, bins);
-    __syncwarp();  // orders this warp's atomics before the reads below
-    RowStat<acc_t> bb = active ? best_bin(bins, out.S, lane, kGroup) : empty_stat<acc_t>();
-    group_reduce<kGroup>(bb);
-    if (active && lane == 0) out.cluster[row] = index_or_zero(bb.idx);
+    const PackedRow<scalar_t> r = packed_row(x + (active ? row : 0) * C, active ? C : 0);
+    if constexpr (kMode != Fwd::kClusters) {
+      RowStat<acc_t> st = empty_stat<acc_t>();
+      scan_packs<scalar_t, acc_t, kMode == Fwd::kGate>(r, lane, kGroup, np, st);
+      group_reduce<kGroup>(st);
+      if (active && lane == 0) write_row(out, row, st);
+    } else {
+      acc_t* const smem = shared_bins<acc_t>();
+      acc_t* const stage = smem + kRowsPerBlock * tile + threadIdx.x / 32 * 32;
+      const Bins<acc_t> proto{smem + g * tile, stage, tile, (g % (32 / kGroup)) * tile, 0, out.S, out.clusters};
+      RowStat<acc_t> cbest = empty_stat<acc_t>();  // over all tiles: ids only grow per lane
+      for (int64_t c0 = 0; c0 < out.S; c0 += tile) {
+        Bins<acc_t> b = proto;
+        b.c0 = c0;
+        b.tile = static_cast<int>(std::min<int64_t>(tile, out.S - c0));
+        RowStat<acc_t> st = empty_stat<acc_t>();
+        scan_packs_binned<kGroup>(r, 0, kGroup, np, b, st, ids_ok);
+        group_reduce_shared_max<kGroup>(st);  // every lane: the bins' max, and the row's s
+        if (c0 == 0 && active && lane == 0) write_row(out, row, st);
+        const acc_t inv_s = acc_t(1) / st.mom.s;
+        for (int c = lane; c < b.tile; c += kGroup) {
+          const acc_t mass = entropy::cluster_mass(b.bin[c], inv_s);
+          if (active) out.cluster_probs[row * out.S + c0 + c] = mass;
+          see_argmax(cbest, mass, c0 + c);
+        }
+        __syncwarp();  // bins read before the next tile or row empties them
+      }
+      group_argmax<kGroup>(cbest);
+      if (active && lane == 0) out.cluster[row] = index_or_zero(cbest.idx);
+    }
   }
+  assert_ids_ok(ids_ok);
 }
 
-// One block per row, for long rows.
-template <typename scalar_t, bool kGate>
-__global__ void __launch_bounds__(kThreads) entropy_block_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, GateOut<at::opmath_type<scalar_t>> out) {
+// One block per row, for long rows. With clusters each warp is a group with its own bins and
+// running max over packs warp * 32 + lane + i * kThreads; the block merges them in warp order.
+template <typename scalar_t, Fwd kMode>
+__global__ void __launch_bounds__(kThreads) entropy_block_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t C, GateOut<at::opmath_type<scalar_t>> out, int tile) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t np = packs_for(C, pack_size<scalar_t>());
+  bool ids_ok = true;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
-    RowStat<acc_t> st = empty_stat<acc_t>();
-    scan_row<scalar_t, acc_t, kGate>(x + row * C, C, threadIdx.x, blockDim.x, st);
-    st = block_reduce(st);
-    if (threadIdx.x == 0) write_row(out, row, st);
-    if (!kGate || out.clusters == nullptr) continue;
-    acc_t* bins = out.cluster_probs + row * out.S;
-    scatter_cluster_mass(x + row * C, C, threadIdx.x, blockDim.x, st.mom, out.clusters, out.S, bins);
-    __syncthreads();  // all atomics of the row land before the scan
-    RowStat<acc_t> bb = block_reduce(best_bin(bins, out.S, threadIdx.x, blockDim.x));
-    if (threadIdx.x == 0) out.cluster[row] = index_or_zero(bb.idx);
+    const PackedRow<scalar_t> r = packed_row(x + row * C, C);
+    if constexpr (kMode != Fwd::kClusters) {
+      RowStat<acc_t> st = empty_stat<acc_t>();
+      scan_packs<scalar_t, acc_t, kMode == Fwd::kGate>(r, threadIdx.x, kThreads, np, st);
+      st = block_reduce(st);
+      if (threadIdx.x == 0) write_row(out, row, st);
+    } else {
+      acc_t* const smem = shared_bins<acc_t>();
+      const int warp = threadIdx.x / 32;
+      acc_t* const bins = smem;                                // [kWarps][t]
+      acc_t* const wmax = smem + kWarps * tile + kWarps * 32;  // [kWarps]
+      RowStat<acc_t> cbest = empty_stat<acc_t>();
+      for (int64_t c0 = 0; c0 < out.S; c0 += tile) {
+        const int t = static_cast<int>(std::min<int64_t>(tile, out.S - c0));
+        const Bins<acc_t> b{bins + warp * t, smem + kWarps * tile + warp * 32, t, 0, c0, out.S, out.clusters};
+        RowStat<acc_t> st = empty_stat<acc_t>();
+        scan_packs_binned<32>(r, warp * 32, kThreads, np, b, st, ids_ok);
+        if (threadIdx.x % 32 == 0) wmax[warp] = st.mom.m;  // the max this warp's bins are relative to
+        st = block_reduce(st);  // its barriers also publish every warp's bins and max
+        if (c0 == 0 && threadIdx.x == 0) write_row(out, row, st);
+        acc_t scale[kWarps];
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) scale[w] = entropy::fast_exp(wmax[w] - st.mom.m);
+        const acc_t inv_s = acc_t(1) / st.mom.s;
+        for (int c = threadIdx.x; c < t; c += kThreads) {
+          acc_t total = entropy::empty_bin<acc_t>();
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) total = entropy::add_bin(total, bins[w * t + c], scale[w]);
+          const acc_t mass = entropy::cluster_mass(total, inv_s);
+          out.cluster_probs[row * out.S + c0 + c] = mass;
+          see_argmax(cbest, mass, c0 + c);
+        }
+        __syncthreads();  // bins and maxima read before the next tile or row overwrites them
+      }
+      cbest = block_reduce(cbest);
+      if (threadIdx.x == 0) out.cluster[row] = index_or_zero(cbest.idx);
+    }
   }
+  assert_ids_ok(ids_ok);
 }
 
 // The backward needs no reduction: with the forward's lse and entropy saved, every element's
@@ -261,11 +486,17 @@ __global__ void __launch_bounds__(kThreads) entropy_backward_kernel(GradIn<scala
 
 // ---- launch helpers ---------------------------------------------------------------------------
 
-// Threads per row: enough that each thread handles about 4 values, at most a warp.
-int group_size(int64_t C) {
+// Threads per row: enough packs to cover the row, at most a warp.
+int group_size(int64_t C, int pack) {
   int g = 1;
-  while (g < 32 && static_cast<int64_t>(g) * 4 < C) g *= 2;
+  while (g < 32 && static_cast<int64_t>(g) * pack < C) g *= 2;
   return g;
+}
+
+// Bins per group: all S clusters when `groups` sets of them fit kBinBytes, else a tile.
+template <typename acc_t>
+int bin_tile(int64_t S, int groups) {
+  return static_cast<int>(std::min<int64_t>(S, kBinBytes / (groups * static_cast<int64_t>(sizeof(acc_t)))));
 }
 
 // Streaming multiprocessors of the current device, cached per device. (ATen/cuda/CUDAContext.h
@@ -289,20 +520,31 @@ int64_t grid_for(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(sms) * 32));
 }
 
-template <typename scalar_t, bool kGate>
+template <typename scalar_t, Fwd kMode>
 void launch_forward(const at::Tensor& x, int64_t N, int64_t C, const GateOut<at::opmath_type<scalar_t>>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kBinned = kMode == Fwd::kClusters;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   if (C >= kBlockRowMinC) {
-    entropy_block_kernel<scalar_t, kGate><<<grid_for(N, 1), kThreads, 0, stream>>>(xp, N, C, out);
+    const int tile = kBinned ? bin_tile<acc_t>(out.S, kWarps) : 0;
+    const size_t smem = kBinned ? bin_smem_elems(kWarps, tile) * sizeof(acc_t) : 0;
+    entropy_block_kernel<scalar_t, kMode><<<grid_for(N, 1), kThreads, smem, stream>>>(xp, N, C, out, tile);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int g = group_size(C);
+  int g = group_size(C, pack_size<scalar_t>());
+  int tile = 0;
+  if (kBinned) {
+    // Wider groups (fewer rows per block) when one set of bins per row does not fit.
+    while (g < 32 && bin_tile<acc_t>(out.S, kThreads / g) < out.S) g *= 2;
+    tile = bin_tile<acc_t>(out.S, kThreads / g);
+  }
+  const size_t smem = kBinned ? bin_smem_elems(kThreads / g, tile) * sizeof(acc_t) : 0;
   const int64_t grid = grid_for(N, kThreads / g);
-#define LK_LAUNCH_ROWS(G)                                                                    \
-  case G:                                                                                    \
-    entropy_rows_kernel<scalar_t, G, kGate><<<grid, kThreads, 0, stream>>>(xp, N, C, out); \
+#define LK_LAUNCH_ROWS(G)                                                                           \
+  case G:                                                                                           \
+    entropy_rows_kernel<scalar_t, G, kMode><<<grid, kThreads, smem, stream>>>(xp, N, C, out, tile); \
     break;
   switch (g) {
     LK_LAUNCH_ROWS(1)
@@ -343,7 +585,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     GateOut<acc_t> out{ent.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(), nullptr, nullptr, acc_t(0), nullptr, 0, nullptr, nullptr};
-    launch_forward<scalar_t, false>(x, N, C, out);
+    launch_forward<scalar_t, Fwd::kEntropy>(x, N, C, out);
   });
   return {ent, lse};
 }
@@ -364,8 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor lse = at::empty({N, 2}, opts.dtype(acc_dtype));
   at::Tensor unc = at::empty({N}, opts.dtype(at::kBool));
   at::Tensor pred = at::empty({N}, opts.dtype(at::kLong));
-  // Bins are accumulated with atomics, so they start at zero.
-  at::Tensor cprob = routed ? at::zeros({N, S}, opts.dtype(acc_dtype)) : at::empty({N, 0}, opts.dtype(acc_dtype));
+  at::Tensor cprob = at::empty({N, S}, opts.dtype(acc_dtype));  // every element is written
   at::Tensor cidx = at::empty({routed ? N : 0}, opts.dtype(at::kLong));
   if (N == 0) return {ent, unc, pred, cprob, cidx, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_gate_cuda", [&] {
@@ -380,7 +621,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         S,
         routed ? cprob.mutable_data_ptr<acc_t>() : nullptr,
         routed ? cidx.mutable_data_ptr<int64_t>() : nullptr};
-    launch_forward<scalar_t, true>(x, N, C, out);
+    if (routed) {
+      launch_forward<scalar_t, Fwd::kClusters>(x, N, C, out);
+    } else {
+      launch_forward<scalar_t, Fwd::kGate>(x, N, C, out);
+    }
   });
   return {ent, unc, pred, cprob, cidx, lse};
 }
