@@ -146,20 +146,74 @@ LK_ROW int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int64_t* c
   return best;
 }
 
+// Every forward output of row i from its statistics; e holds the row's exp(z - max) when routed.
+template <typename acc_t>
+LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int64_t C, const RowStats<acc_t>& st,
+                      const acc_t* e) {
+  const acc_t H = entropy::entropy_from(st.s, st.t);
+  out.entropy[i] = H;
+  out.lse[2 * i] = st.m;  // the log-sum-exp as (max, log sum exp(z - max))
+  out.lse[2 * i + 1] = entropy::fast_log(st.s);
+  if (out.uncertain == nullptr) return;
+  out.uncertain[i] = H >= out.threshold;
+  out.prediction[i] = row_argmax(r, C, st.m, st.has_nan);
+  if (out.clusters != nullptr) out.cluster[i] = cluster_bins(e, C, st.s, out.clusters, out.S, out.cluster_probs + i * out.S);
+}
+
 template <typename scalar_t, typename acc_t>
 LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {
   const bool routed = out.clusters != nullptr;
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* r = acc_row<scalar_t, acc_t>(x, C, i, buf);
-    const RowStats<acc_t> st = row_stats(r, C, routed ? e : nullptr);
-    const acc_t H = entropy::entropy_from(st.s, st.t);
-    out.entropy[i] = H;
-    out.lse[2 * i] = st.m;  // the log-sum-exp as (max, log sum exp(z - max))
-    out.lse[2 * i + 1] = entropy::fast_log(st.s);
-    if (out.uncertain == nullptr) continue;
-    out.uncertain[i] = H >= out.threshold;
-    out.prediction[i] = row_argmax(r, C, st.m, st.has_nan);
-    if (routed) out.cluster[i] = cluster_bins(e, C, st.s, out.clusters, out.S, out.cluster_probs + i * out.S);
+    write_row(out, i, r, C, row_stats(r, C, routed ? e : nullptr), e);
+  }
+}
+
+// Short rows (C = 10: the ensemble's case) would leave most of a vector idle in the row loops
+// above. They run in blocks instead: exp over the whole block is one flat vector loop, and each
+// row's sums then run in index order (so a row's result does not depend on its batch).
+constexpr int64_t kShortC = 32;
+constexpr int64_t kShortBlock = 64;  // rows per block: the four scratch arrays stay in L1
+
+int64_t short_scratch(int64_t C) {
+  return 4 * kShortBlock * C;
+}
+
+template <typename scalar_t, typename acc_t>
+LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out,
+                                    acc_t* scratch) {
+  acc_t* v = scratch;               // the block in acc_t (half types only)
+  acc_t* mm = v + kShortBlock * C;  // each element's row max
+  acc_t* e = mm + kShortBlock * C;  // exp(z - m)
+  acc_t* ed = e + kShortBlock * C;  // exp(z - m) (z - m)
+  acc_t m[kShortBlock];
+  bool has_nan[kShortBlock];
+  for (int64_t b = begin; b < end; b += kShortBlock) {
+    const int64_t n = std::min(kShortBlock, end - b);
+    const int64_t len = n * C;
+    const acc_t* r;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      r = x + b * C;
+    } else {
+      const scalar_t* src = x + b * C;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) v[k] = static_cast<acc_t>(src[k]);
+      r = v;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = row_max_impl(r + i * C, C, has_nan[i]);
+      for (int64_t j = 0; j < C; ++j) mm[i * C + j] = m[i];
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) entropy::term(r[k], mm[k], e[k], ed[k]);
+    for (int64_t i = 0; i < n; ++i) {
+      RowStats<acc_t> st{m[i], has_nan[i], acc_t(0), acc_t(0)};
+      for (int64_t j = 0; j < C; ++j) {
+        st.s += e[i * C + j];
+        st.t += ed[i * C + j];
+      }
+      write_row(out, b + i, r + i * C, C, st, e + i * C);
+    }
   }
 }
 
@@ -214,6 +268,7 @@ LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int6
 #define LK_BLOCK_FNS(scalar_t, acc_t)                                                                  \
   LK_CPU_CLONES void forward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,           \
                                   const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {                  \
+    if (C <= kShortC) return forward_short_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf);     \
     forward_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf, e);                                 \
   }                                                                                                    \
   LK_CPU_CLONES void backward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,          \
@@ -247,7 +302,8 @@ void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
   const int64_t C = x.size(-1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
+    // Short rows use buf as their block scratch (forward_short_rows_impl).
+    std::vector<acc_t> buf(C <= kShortC ? short_scratch(C) : (std::is_same_v<scalar_t, acc_t> ? 0 : C));
     std::vector<acc_t> e(out.clusters != nullptr ? C : 0);
     forward_rows(xp, C, begin, end, out, buf.data(), e.data());
   });
