@@ -243,23 +243,41 @@ LK_ROW void grad_row_clusters(const T* x, int64_t C, const T* lse, T H, T g_H, c
   for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], m, log_s, H, g_H, g_c[clusters[j]] - dot);
 }
 
+template <typename acc_t>
+LK_ROW void backward_row(const acc_t* r, int64_t C, int64_t i, const GradRows<acc_t>& in, acc_t* g) {
+  const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i] : acc_t(0);
+  if (in.grad_cluster == nullptr) {
+    grad_row(r, C, in.lse + 2 * i, in.entropy[i], g_H, g);
+    return;
+  }
+  const acc_t* g_c = in.grad_cluster + i * in.S;
+  const acc_t* cp = in.cluster_probs + i * in.S;
+  acc_t dot = acc_t(0);
+  for (int64_t k = 0; k < in.S; ++k) dot += g_c[k] * cp[k];
+  grad_row_clusters(r, C, in.lse + 2 * i, in.entropy[i], g_H, g_c, dot, in.clusters, g);
+}
+
+// Rows converted to and from the half types per call: short rows a block at a time, so that the
+// conversions are flat vector loops rather than one short loop per row.
+int64_t backward_rows_per_convert(int64_t C) {
+  return C <= kShortC ? kShortBlock : 1;
+}
+
 template <typename scalar_t, typename acc_t>
 LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in, scalar_t* gx, acc_t* buf, acc_t* gbuf) {
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t* r = acc_row<scalar_t, acc_t>(x, C, i, buf);
-    acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(gx + i * C) : gbuf;
-    const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i] : acc_t(0);
-    if (in.grad_cluster == nullptr) {
-      grad_row(r, C, in.lse + 2 * i, in.entropy[i], g_H, g);
-    } else {
-      const acc_t* g_c = in.grad_cluster + i * in.S;
-      const acc_t* cp = in.cluster_probs + i * in.S;
-      acc_t dot = acc_t(0);
-      for (int64_t k = 0; k < in.S; ++k) dot += g_c[k] * cp[k];
-      grad_row_clusters(r, C, in.lse + 2 * i, in.entropy[i], g_H, g_c, dot, in.clusters, g);
-    }
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      for (int64_t j = 0; j < C; ++j) gx[i * C + j] = static_cast<scalar_t>(g[j]);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t i = begin; i < end; ++i) backward_row(x + i * C, C, i, in, gx + i * C);
+  } else {
+    const int64_t rows = backward_rows_per_convert(C);
+    for (int64_t b = begin; b < end; b += rows) {
+      const int64_t len = std::min(rows, end - b) * C;
+      const scalar_t* src = x + b * C;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<acc_t>(src[k]);
+      for (int64_t k = 0; k < len; k += C) backward_row(buf + k, C, b + k / C, in, gbuf + k);
+      scalar_t* dst = gx + b * C;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) dst[k] = static_cast<scalar_t>(gbuf[k]);
     }
   }
 }
@@ -408,8 +426,9 @@ at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
-      std::vector<acc_t> gbuf(std::is_same_v<scalar_t, acc_t> ? 0 : C);
+      const int64_t scratch = std::is_same_v<scalar_t, acc_t> ? 0 : backward_rows_per_convert(C) * C;
+      std::vector<acc_t> buf(scratch);
+      std::vector<acc_t> gbuf(scratch);
       backward_rows(xp, C, begin, end, in, gxp, buf.data(), gbuf.data());
     });
   });
