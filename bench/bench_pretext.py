@@ -312,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     (out_dir / "pretext.md").write_text(
         f"# pretext ops on {env['device']} (N={args.n}, torch {env['torch']}, "
-        f"{env['threads']} threads)\n\nShared, busy machine: timings are noisy; ratios are from one run "
-        f"side by side.\n\n{table}\n\n## hamming_permutations (grid 3)\n\n{ham_table}\n"
+        f"{env['threads']} threads)\n\nRatios are from one run, side by side; `other_cpu_pct` in the "
+        f"CSV says how busy the machine was.\n\n{table}\n\n## hamming_permutations (grid 3)\n\n{ham_table}\n"
     )
     print(f"\n{table}\n\n{ham_table}\nwrote {out_dir / 'pretext.csv'}")
     for f in failures:
