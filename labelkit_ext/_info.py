@@ -77,34 +77,42 @@ def _installed(distribution: str) -> str | None:
 
 
 def _format(r: dict) -> str:
-    build = r["build"] or {}
+    loaded = "extension_loaded" in r  # info() rather than install_info()
     lines = [
         f"labelkit_ext {r['labelkit_ext']}",
-        *_extension_lines(r),
-        f"  built against    : torch {build.get('torch', '-')}, CUDA {build.get('torch_cuda', '-')}, "
-        f"archs {build.get('cuda_archs') or '-'}, with_cuda={build.get('with_cuda', '-')}",
+        *(_loaded_lines(r) if loaded else _install_lines(r)),
+        f"  python           : {r['python']} on {r['platform']}",
     ]
-    if "extension_loaded" in r:
-        gpus = ", ".join(r["gpus"]) if r["gpus"] else "none visible"
-        lines += [
-            f"  CPU kernels      : {', '.join(r['cpu_kernels']) or 'none (pure-PyTorch reference)'}",
-            f"  CUDA kernels     : {', '.join(r['cuda_kernels']) or 'none'}",
-            f"  GPU              : {gpus}",
-            f"  torch            : {r['torch']} (CUDA {r['torch_cuda']})",
-        ]
-    else:
-        lines.append(f"  torch            : {r['torch'] or 'not installed'}")
-    lines.append(f"  python           : {r['python']} on {r['platform']}")
-    if "extension_loaded" not in r:
+    if not loaded:
         lines.append("  (`labelkit info --load` loads torch and the extension: kernels per device, GPUs)")
     return "\n".join(lines)
 
 
-def _extension_lines(r: dict) -> list[str]:
-    if "extension_loaded" not in r:
-        return [f"  extension _C     : {r['extension_file'] or 'not built (the pure-PyTorch references run)'}"]
+def _build_line(r: dict) -> str:
+    build = r["build"] or {}
+    return (
+        f"  built against    : torch {build.get('torch', '-')}, CUDA {build.get('torch_cuda', '-')}, "
+        f"archs {build.get('cuda_archs') or '-'}, with_cuda={build.get('with_cuda', '-')}"
+    )
+
+
+def _install_lines(r: dict) -> list[str]:
+    return [
+        f"  extension _C     : {r['extension_file'] or 'not built (the pure-PyTorch references run)'}",
+        _build_line(r),
+        f"  torch            : {r['torch'] or 'not installed'}",
+    ]
+
+
+def _loaded_lines(r: dict) -> list[str]:
     loaded = "yes" if r["extension_loaded"] else f"no ({r['extension_error']})"
-    lines = [f"  extension _C     : {loaded}"]
-    if r["library"]:
-        lines.append(f"  loaded instead   : {r['library']} (LABELKIT_EXT_LIBRARY)")
-    return lines
+    gpus = ", ".join(r["gpus"]) if r["gpus"] else "none visible"
+    return [
+        f"  extension _C     : {loaded}",
+        *([f"  loaded instead   : {r['library']} (LABELKIT_EXT_LIBRARY)"] if r["library"] else []),
+        _build_line(r),
+        f"  CPU kernels      : {', '.join(r['cpu_kernels']) or 'none (pure-PyTorch reference)'}",
+        f"  CUDA kernels     : {', '.join(r['cuda_kernels']) or 'none'}",
+        f"  GPU              : {gpus}",
+        f"  torch            : {r['torch']} (CUDA {r['torch_cuda']})",
+    ]

@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA kernels of the entropy family. The messages match
-// the Python wrappers' (labelkit_ext/ops/entropy.py), which check first with the same words.
+// Host code shared by the CPU and CUDA kernels of the entropy family: argument checks (their
+// messages match the Python wrappers', labelkit_ext/ops/entropy.py, which check first with the
+// same words), output dtypes and shapes, and the backward's inputs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -115,6 +116,44 @@ inline void check_entropy_gate_backward_args(
   check_row_values(entropy, "entropy", logits, op);
   check_lse(lse, logits, op);
   check_gate_backward_clusters(logits, clusters, cluster_probs, grad_cluster_probs);
+}
+
+// Entropy, lse and the gate's float outputs: float32, float64 for float64 logits.
+inline at::ScalarType entropy_dtype(at::ScalarType in) {
+  return in == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The saved log-sum-exp of every row as a (max, log sum exp(z - max)) pair: rows + [2].
+inline std::vector<int64_t> lse_shape(const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(2);
+  return shape;
+}
+
+// What a backward kernel reads: contiguous logits, and the saved row statistics and incoming
+// gradients in the accumulation type, contiguous (a no-op for the forward's own outputs).
+// Absent gradients stay undefined; the cluster tensors are defined only with grad_cluster.
+struct BackwardInputs {
+  at::Tensor x, entropy, lse, grad_entropy, grad_cluster, cluster_probs, clusters;
+  bool routed() const { return grad_cluster.defined(); }
+};
+
+inline BackwardInputs backward_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_entropy,
+                                      const c10::optional<at::Tensor>& grad_cluster, const at::Tensor& entropy,
+                                      const at::Tensor& lse, const c10::optional<at::Tensor>& clusters,
+                                      const at::Tensor& cluster_probs) {
+  BackwardInputs b;
+  b.x = logits.contiguous();
+  const auto acc = [&](const at::Tensor& t) { return t.to(entropy_dtype(b.x.scalar_type())).contiguous(); };
+  b.entropy = acc(entropy);
+  b.lse = acc(lse);
+  if (grad_entropy.has_value()) b.grad_entropy = acc(*grad_entropy);
+  if (grad_cluster.has_value()) {
+    b.grad_cluster = acc(*grad_cluster);
+    b.cluster_probs = acc(cluster_probs);
+    b.clusters = clusters->contiguous();
+  }
+  return b;
 }
 
 }  // namespace labelkit

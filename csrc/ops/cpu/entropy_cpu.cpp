@@ -306,17 +306,6 @@ int64_t rows_of(const at::Tensor& x) {
   return x.numel() / x.size(-1);
 }
 
-at::ScalarType entropy_dtype(at::ScalarType in) {
-  return in == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The saved log-sum-exp of every row as a (max, log sum exp(z - max)) pair: rows + [2].
-std::vector<int64_t> lse_shape(const at::Tensor& x) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(2);
-  return shape;
-}
-
 // Runs the forward over all rows in parallel tasks, each with its own scratch rows.
 template <typename scalar_t, typename acc_t>
 void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
@@ -395,36 +384,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {ent, unc, pred, cprob, cidx, lse};
 }
 
-// Row statistics in the accumulation type, contiguous (a no-op for the forward's own outputs).
-at::Tensor acc_rows(const at::Tensor& t, const at::Tensor& x) {
-  return t.to(entropy_dtype(x.scalar_type())).contiguous();
-}
-
 at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_entropy,
                         const c10::optional<at::Tensor>& grad_cluster, const at::Tensor& entropy, const at::Tensor& lse,
                         const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
-  const at::Tensor x = logits.contiguous();
+  const BackwardInputs b = backward_inputs(logits, grad_entropy, grad_cluster, entropy, lse, clusters, cluster_probs);
+  const at::Tensor& x = b.x;
   const int64_t C = x.size(-1);
   at::Tensor gx = at::empty_like(x);
   if (x.numel() == 0) return gx;
-  const at::Tensor H = acc_rows(entropy, x);
-  const at::Tensor L = acc_rows(lse, x);
-  const at::Tensor gH = grad_entropy.has_value() ? acc_rows(*grad_entropy, x) : at::Tensor();
-  const bool routed = grad_cluster.has_value();
-  const at::Tensor gC = routed ? acc_rows(*grad_cluster, x) : at::Tensor();
-  const at::Tensor cp = routed ? acc_rows(cluster_probs, x) : at::Tensor();
-  const at::Tensor cl = routed ? clusters->contiguous() : at::Tensor();
-  const int64_t S = routed ? cp.size(1) : 0;
-  if (routed) check_cluster_ids(cl, S, "entropy_gate_backward");
+  const bool routed = b.routed();
+  const int64_t S = routed ? b.cluster_probs.size(1) : 0;
+  if (routed) check_cluster_ids(b.clusters, S, "entropy_gate_backward");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const GradRows<acc_t> in{
-        L.const_data_ptr<acc_t>(),
-        H.const_data_ptr<acc_t>(),
-        gH.defined() ? gH.const_data_ptr<acc_t>() : nullptr,
-        routed ? gC.const_data_ptr<acc_t>() : nullptr,
-        routed ? cp.const_data_ptr<acc_t>() : nullptr,
-        routed ? cl.const_data_ptr<int64_t>() : nullptr,
+        b.lse.const_data_ptr<acc_t>(),
+        b.entropy.const_data_ptr<acc_t>(),
+        b.grad_entropy.defined() ? b.grad_entropy.const_data_ptr<acc_t>() : nullptr,
+        routed ? b.grad_cluster.const_data_ptr<acc_t>() : nullptr,
+        routed ? b.cluster_probs.const_data_ptr<acc_t>() : nullptr,
+        routed ? b.clusters.const_data_ptr<int64_t>() : nullptr,
         S};
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();

@@ -565,10 +565,6 @@ void launch_backward(const GradIn<scalar_t>& in, int64_t total, int64_t C, at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::ScalarType entropy_dtype(at::ScalarType in) {
-  return in == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // ---- ops ----------------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits) {
@@ -578,9 +574,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_entropy_cuda(const at::Tensor& logits
   const int64_t C = x.size(-1);
   const int64_t N = x.numel() / C;
   at::Tensor ent = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(entropy_dtype(x.scalar_type())));
-  std::vector<int64_t> lse_shape(x.sizes().begin(), x.sizes().end() - 1);
-  lse_shape.push_back(2);
-  at::Tensor lse = at::empty(lse_shape, ent.options());
+  at::Tensor lse = at::empty(lse_shape(x), ent.options());
   if (N == 0) return {ent, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -630,37 +624,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {ent, unc, pred, cprob, cidx, lse};
 }
 
-// Row statistics in the accumulation type, contiguous (a no-op for the forward's own outputs).
-at::Tensor acc_rows(const at::Tensor& t, const at::Tensor& x) {
-  return t.to(entropy_dtype(x.scalar_type())).contiguous();
-}
-
 at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_entropy,
                         const c10::optional<at::Tensor>& grad_cluster, const at::Tensor& entropy, const at::Tensor& lse,
                         const c10::optional<at::Tensor>& clusters, const at::Tensor& cluster_probs) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor x = logits.contiguous();
+  const BackwardInputs b = backward_inputs(logits, grad_entropy, grad_cluster, entropy, lse, clusters, cluster_probs);
+  const at::Tensor& x = b.x;
   at::Tensor gx = at::empty_like(x);
   if (x.numel() == 0) return gx;
-  const at::Tensor H = acc_rows(entropy, x);
-  const at::Tensor L = acc_rows(lse, x);
-  const at::Tensor gH = grad_entropy.has_value() ? acc_rows(*grad_entropy, x) : at::Tensor();
-  const bool routed = grad_cluster.has_value();
-  const at::Tensor gC = routed ? acc_rows(*grad_cluster, x) : at::Tensor();
+  const bool routed = b.routed();
   // <g_c, cp> per row: an [N] vector (the only temporary besides [N, S]-sized casts).
-  const at::Tensor dot = routed ? (gC * acc_rows(cluster_probs, x)).sum(1) : at::Tensor();
-  const at::Tensor cl = routed ? clusters->contiguous() : at::Tensor();
+  const at::Tensor dot = routed ? (b.grad_cluster * b.cluster_probs).sum(1) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const GradIn<scalar_t> in{
         x.const_data_ptr<scalar_t>(),
-        L.const_data_ptr<acc_t>(),
-        H.const_data_ptr<acc_t>(),
-        gH.defined() ? gH.const_data_ptr<acc_t>() : nullptr,
-        routed ? gC.const_data_ptr<acc_t>() : nullptr,
+        b.lse.const_data_ptr<acc_t>(),
+        b.entropy.const_data_ptr<acc_t>(),
+        b.grad_entropy.defined() ? b.grad_entropy.const_data_ptr<acc_t>() : nullptr,
+        routed ? b.grad_cluster.const_data_ptr<acc_t>() : nullptr,
         routed ? dot.const_data_ptr<acc_t>() : nullptr,
-        routed ? cl.const_data_ptr<int64_t>() : nullptr,
-        routed ? gC.size(1) : 0};
+        routed ? b.clusters.const_data_ptr<int64_t>() : nullptr,
+        routed ? b.grad_cluster.size(1) : 0};
     launch_backward<scalar_t>(in, x.numel(), x.size(-1), gx);
   });
   return gx;
