@@ -93,3 +93,42 @@ def test_compile_caches_are_keyed_by_our_ops():
     assert mark in torch.compiler.config.cache_key_tag
     _ext._tag_compile_caches()  # idempotent
     assert torch.compiler.config.cache_key_tag.count(mark) == 1
+
+
+_HUGE_PAGE_PROBE = """
+import torch, labelkit_ext as L
+def advised(t):  # VmFlags 'hg' = MADV_HUGEPAGE on the mapping holding the middle of t
+    mid = t.data_ptr() + t.nbytes // 2
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= mid < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()
+    raise AssertionError("no mapping holds the tensor")
+x = torch.randn(4096, 1024, requires_grad=True)
+(grad,) = torch.autograd.grad(L.softmax_entropy(x).sum(), x)
+imgs = torch.rand(64, 3, 128, 128)
+theta = torch.eye(2, 3).expand(64, 2, 3)
+small = torch.empty(4096, 1024)  # torch's own allocation: never advised
+print([advised(t) for t in (grad, L.rotate90(imgs, torch.ones(64, dtype=torch.long)),
+                             L.affine_grid_sample(imgs, theta), small)])
+"""
+
+
+@requires_ops
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
+@pytest.mark.parametrize("switch, expected", [(None, "[True, True, True, False]"), ("0", "[False, False, False, False]")])
+def test_large_cpu_outputs_ask_for_huge_pages(switch, expected):
+    """Large outputs are advised for transparent huge pages before the kernel writes them (a
+    fresh 4 KiB-paged output costs more in page faults than the write); LABELKIT_HUGE_PAGES=0
+    turns the hint off."""
+    env = {k: v for k, v in os.environ.items() if k != "LABELKIT_HUGE_PAGES"}
+    if switch is not None:
+        env["LABELKIT_HUGE_PAGES"] = switch
+    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

@@ -17,6 +17,7 @@
 
 #include "ops/affine.h"
 #include "ops/affine_checks.h"
+#include "ops/cpu/fresh_output.h"
 
 namespace labelkit {
 namespace {
@@ -285,7 +286,7 @@ at::Tensor affine_grid_sample_cpu(
   const int64_t Wo = out_w.expect_int();
   check_affine_args(input, theta, Ho, Wo, mode, padding_mode);
   const Geometry g = make_geometry(input, Ho, Wo, mode, padding_mode, align_corners);
-  at::Tensor out = at::empty({g.N, g.C, Ho, Wo}, input.options().memory_format(affine_memory_format(input)));
+  at::Tensor out = cpu::empty_output({g.N, g.C, Ho, Wo}, input.options().memory_format(affine_memory_format(input)));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_cpu", [&] {
     forward_cpu_impl<scalar_t>(input, theta, out, g);
@@ -507,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(
   const Geometry g = make_geometry(input, Ho, Wo, mode, padding_mode, align_corners);
   const at::Tensor go = grad.to(input.scalar_type());
   at::Tensor gi = output_mask[0]
-                      ? at::empty(input.sizes(), input.options().memory_format(affine_memory_format(input)))
+                      ? cpu::empty_output(input.sizes(), input.options().memory_format(affine_memory_format(input)))
                       : at::empty({0}, input.options());
   at::Tensor gt = output_mask[1] ? at::zeros({g.N, 2, 3}, theta.options()) : at::empty({0}, theta.options());
   if (g.N == 0 || g.C == 0) {

@@ -14,6 +14,7 @@
 
 #include "ops/entropy.h"
 #include "ops/entropy_checks.h"
+#include "ops/cpu/fresh_output.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The selects in ops/entropy.h vectorise only with -fno-trapping-math (set by setup.py and
@@ -390,7 +391,7 @@ at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor
   const BackwardInputs b = backward_inputs(logits, grad_entropy, grad_cluster, entropy, lse, clusters, cluster_probs);
   const at::Tensor& x = b.x;
   const int64_t C = x.size(-1);
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = cpu::empty_output_like(x);
   if (x.numel() == 0) return gx;
   const bool routed = b.routed();
   const int64_t S = routed ? b.cluster_probs.size(1) : 0;

@@ -15,6 +15,7 @@
 
 #include "ops/pretext.h"
 #include "ops/pretext_checks.h"
+#include "ops/cpu/fresh_output.h"
 
 namespace labelkit {
 namespace {
@@ -169,7 +170,7 @@ at::Tensor grid_tiles_cpu(
   constexpr const char* op = "grid_tiles";
   check_grid_tiles_args(images, index, table, grid, tile, offsets, offsets_by_cell, op);
   const int64_t N = images.size(0), C = images.size(1), K = table.size(1);
-  at::Tensor out = at::empty({N, K, C, tile, tile}, images.options().dtype(tile_dtype(images.scalar_type(), normalize)));
+  at::Tensor out = cpu::empty_output({N, K, C, tile, tile}, images.options().dtype(tile_dtype(images.scalar_type(), normalize)));
   if (out.numel() == 0) return out;
   const TileInputs in = tile_inputs(index, table, offsets, offsets_by_cell);
   const Geometry g = pretext::make_geometry(images.size(2), images.size(3), grid, tile);
@@ -251,7 +252,7 @@ at::Tensor grid_tiles_backward_cpu(
   constexpr const char* op = "_grid_tiles_backward";
   check_grid_tiles_args(images, index, table, grid, tile, offsets, offsets_by_cell, op);
   check_grid_tiles_backward_args(grad, images, table, tile);
-  at::Tensor gx = at::zeros_like(images);
+  at::Tensor gx = cpu::zeros_output_like(images);
   if (grad.numel() == 0) return gx;
   const at::Tensor g = grad.contiguous();
   const TileInputs in = tile_inputs(index, table, offsets, offsets_by_cell);
@@ -322,7 +323,7 @@ void rotate_images(const at::Tensor& images, const int64_t* k, at::Tensor& out) 
 
 at::Tensor rotate90_cpu(const at::Tensor& images, const at::Tensor& k) {
   check_rotate90_args(images, k);
-  at::Tensor out = at::empty_like(images);
+  at::Tensor out = cpu::empty_output_like(images);
   if (out.numel() == 0) return out;
   const at::Tensor kc = k.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "rotate90_cpu", [&] {
