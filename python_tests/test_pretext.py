@@ -297,6 +297,17 @@ def test_context_and_rotate_forward(device, dtype, layout):
         assert r.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", IMAGE_DTYPES)
+@pytest.mark.parametrize("size", [1, 4, 7, 8, 9, 16, 33])
+def test_rotate90_every_turn_at_tile_edges(device, dtype, size):
+    """Sizes around the CPU kernel's 8 x 8 transpose blocks (whole blocks, remainders, none)."""
+    x = make_images((4, 2, size, size), dtype, device)
+    k = torch.arange(4, device=device)
+    r = rotate90(x, k)
+    for n in range(4):
+        assert torch.equal(r[n], torch.rot90(x[n], n, dims=(-2, -1))), f"k={n}"
+
+
 def test_default_tile_is_largest_fitting(device):
     x = make_images((2, 1, 20, 31), device=device)
     perms = hamming_permutations(4, grid=2).to(device)

@@ -13,6 +13,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "ops/pretext.h"
 #include "ops/pretext_checks.h"
 #include "ops/cpu/fresh_output.h"
@@ -265,6 +269,112 @@ at::Tensor grid_tiles_backward_cpu(
 
 // ---- rotate90 ----------------------------------------------------------------------------------
 
+constexpr int64_t kRowBlock = 16;  // output rows of one plane per rotate90 task
+
+// Any strides: along an output row the source moves by a fixed step, along a source row for
+// k = 0, 2, down a source column for k = 1, 3 (walked j outermost, so the rows' reads of one step
+// share a source cache line).
+template <typename T>
+void rotate_strided_rows(const T* src, const Strides4& s, T* dst, const Strides4& so, int64_t S, int64_t kn,
+                         int64_t i0, int64_t i1) {
+  int64_t start[kRowBlock];
+  const int64_t rows = i1 - i0;
+  int64_t step = 0;
+  for (int64_t b = 0; b < rows; ++b) {
+    int64_t si0, sj0, si1, sj1;
+    pretext::rotate_source(kn, S, i0 + b, 0, si0, sj0);
+    pretext::rotate_source(kn, S, i0 + b, S > 1 ? 1 : 0, si1, sj1);
+    start[b] = si0 * s.h + sj0 * s.w;
+    step = S > 1 ? (si1 - si0) * s.h + (sj1 - sj0) * s.w : 0;
+  }
+  dst += i0 * so.h;
+  if (kn % 2 == 0) {
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t j = 0; j < S; ++j) dst[b * so.h + j * so.w] = src[start[b] + j * step];
+  } else {
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t b = 0; b < rows; ++b) dst[b * so.h + j * so.w] = src[start[b] + j * step];
+  }
+}
+
+// Rows contiguous in source and output (the NCHW case). Quarter turns are transposes with a
+// flipped axis: k = 1 is the source transposed into the output rows bottom-up, k = 3 the source
+// read bottom-up, transposed. Transposes go in kTile x kTile blocks (a block's reads and writes
+// stay within kTile cache lines) of fixed size, which the compiler unrolls into register shuffles.
+constexpr int64_t kTile = 8;
+
+#if defined(__GNUC__)
+#define LK_INLINE inline __attribute__((always_inline))
+#else
+#define LK_INLINE inline
+#endif
+
+// A kTile x kTile block: dst[b * ld_dst + a] = src[a * ld_src + b].
+template <typename T>
+LK_INLINE void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+  T tile[kTile][kTile];
+  for (int64_t a = 0; a < kTile; ++a)
+    for (int64_t b = 0; b < kTile; ++b) tile[a][b] = src[a * ld_src + b];
+  for (int64_t b = 0; b < kTile; ++b)
+    for (int64_t a = 0; a < kTile; ++a) dst[b * ld_dst + a] = tile[a][b];
+}
+
+#if defined(__SSE2__)
+// float32 (the common case): 4 x 4 register transposes, SSE being part of every x86-64.
+template <>
+LK_INLINE void transpose_tile<float>(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  for (int64_t a = 0; a < kTile; a += 4)
+    for (int64_t b = 0; b < kTile; b += 4) {
+      const float* s = src + a * ld_src + b;
+      __m128 r0 = _mm_loadu_ps(s), r1 = _mm_loadu_ps(s + ld_src), r2 = _mm_loadu_ps(s + 2 * ld_src),
+             r3 = _mm_loadu_ps(s + 3 * ld_src);
+      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+      float* d = dst + b * ld_dst + a;
+      _mm_storeu_ps(d, r0);
+      _mm_storeu_ps(d + ld_dst, r1);
+      _mm_storeu_ps(d + 2 * ld_dst, r2);
+      _mm_storeu_ps(d + 3 * ld_dst, r3);
+    }
+}
+#endif
+
+// dst[r * ld_dst + c] = src[c * ld_src + r] for r in [r0, r1), every c in [0, S); strides signed.
+template <typename T>
+void transpose_rows(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t S, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  for (; r + kTile <= r1; r += kTile) {
+    int64_t c = 0;
+    for (; c + kTile <= S; c += kTile) transpose_tile(src + c * ld_src + r, ld_src, dst + r * ld_dst + c, ld_dst);
+    for (; c < S; ++c)
+      for (int64_t b = 0; b < kTile; ++b) dst[(r + b) * ld_dst + c] = src[c * ld_src + r + b];
+  }
+  for (; r < r1; ++r)
+    for (int64_t c = 0; c < S; ++c) dst[r * ld_dst + c] = src[c * ld_src + r];
+}
+
+// Output rows [i0, i1) of one S x S plane turned by k quarter turns.
+template <typename T>
+void rotate_plane_rows(const T* src, int64_t sh, T* dst, int64_t dh, int64_t S, int64_t k, int64_t i0, int64_t i1) {
+  const int64_t last = S - 1;
+  switch (k) {
+    case 0:
+      for (int64_t i = i0; i < i1; ++i) std::copy_n(src + i * sh, S, dst + i * dh);
+      break;
+    case 2:
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* row = src + (last - i) * sh;
+        T* out = dst + i * dh;
+        for (int64_t j = 0; j < S; ++j) out[j] = row[last - j];
+      }
+      break;
+    case 1:  // out[i][j] = src[j][last - i]: output row i is row (last - i) of the transpose
+      transpose_rows(src, sh, dst + last * dh, -dh, S, last - i1 + 1, last - i0 + 1);
+      break;
+    default:  // 3: out[i][j] = src[last - j][i]: the transpose of the source read bottom-up
+      transpose_rows(src + last * sh, -sh, dst, dh, S, i0, i1);
+  }
+}
+
 template <typename T>
 void rotate_images(const at::Tensor& images, const int64_t* k, at::Tensor& out) {
   const int64_t N = images.size(0), C = images.size(1), S = images.size(2);
@@ -289,34 +399,19 @@ void rotate_images(const at::Tensor& images, const int64_t* k, at::Tensor& out) 
     });
     return;
   }
-  // Tasks are blocks of kRowBlock output rows of one plane. Along an output row the source
-  // moves by a fixed step: along a source row for k = 0, 2 (copied row by row), down a source
-  // column for k = 1, 3. For those, the block walks j outermost, so the kRowBlock reads of one
-  // step share a source cache line instead of each row striding through the whole plane.
-  constexpr int64_t kRowBlock = 16;
+  // Tasks are blocks of kRowBlock output rows of one plane.
   const int64_t blocks = (S + kRowBlock - 1) / kRowBlock;
+  const bool rows_contiguous = s.w == 1 && so.w == 1;
   at::parallel_for(0, N * C * blocks, task_grain(S * kRowBlock), [&](int64_t begin, int64_t end) {
-    int64_t start[kRowBlock];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t blk = r % blocks, c = (r / blocks) % C, n = r / (blocks * C), kn = turns(n);
-      const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, S - i0);
+      const int64_t i0 = blk * kRowBlock, i1 = std::min(S, i0 + kRowBlock);
       const T* src = x + n * s.n + c * s.c;
-      T* dst = y + n * so.n + c * so.c + i0 * so.h;
-      int64_t step = 0;
-      for (int64_t b = 0; b < rows; ++b) {
-        int64_t si0, sj0, si1, sj1;
-        pretext::rotate_source(kn, S, i0 + b, 0, si0, sj0);
-        pretext::rotate_source(kn, S, i0 + b, S > 1 ? 1 : 0, si1, sj1);
-        start[b] = si0 * s.h + sj0 * s.w;
-        step = S > 1 ? (si1 - si0) * s.h + (sj1 - sj0) * s.w : 0;
-      }
-      if (kn % 2 == 0) {
-        for (int64_t b = 0; b < rows; ++b)
-          for (int64_t j = 0; j < S; ++j) dst[b * so.h + j * so.w] = src[start[b] + j * step];
-      } else {
-        for (int64_t j = 0; j < S; ++j)
-          for (int64_t b = 0; b < rows; ++b) dst[b * so.h + j * so.w] = src[start[b] + j * step];
-      }
+      T* dst = y + n * so.n + c * so.c;
+      if (rows_contiguous)
+        rotate_plane_rows(src, s.h, dst, so.h, S, kn, i0, i1);
+      else
+        rotate_strided_rows(src, s, dst, so, S, kn, i0, i1);
     }
   });
 }
