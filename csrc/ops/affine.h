@@ -197,11 +197,14 @@ LK_AFF_HD T pad_coord(T u, int64_t size, int64_t padding, bool align_corners, T&
   return u;
 }
 
-// NaN, ±inf and coordinates beyond two pixels outside touch no pixel: send them to -2, where
-// every tap is out of bounds and the integer conversion is defined.
+// NaN, ±inf and coordinates beyond two pixels outside touch no pixel: clamp them to -2 (NaN
+// too) or size + 1, where every tap is out of bounds and the integer conversion is defined.
+// Two independent selects, not one with && : GCC then keeps the CPU row loops branch-free and
+// vectorises them (a single select with a constant arm gets threaded into a branch).
 template <typename T>
 LK_AFF_HD T guard_coord(T p, int64_t size) {
-  return (p >= T(-2) && p <= T(size + 1)) ? p : T(-2);
+  p = p >= T(-2) ? p : T(-2);
+  return p <= T(size + 1) ? p : T(size + 1);
 }
 
 // ---- taps ------------------------------------------------------------------------------------

@@ -67,21 +67,31 @@ std::vector<af::PixelMap<T>> sample_maps(const at::Tensor& theta, const Geometry
 // Taps of one output row, structure of arrays: tap k of pixel ox has offset off[k][ox] (-1 when
 // outside the image) and weight w[k][ox]. 32-bit offsets keep the gathers vector-wide; the
 // caller checks that a sample's plane fits.
+// With slopes (θ's gradient), also the fractional parts fx, fy and the padding's derivatives du,
+// dv of each pixel: sl[0..3][ox].
 template <typename T>
 struct RowTaps {
-  std::vector<int32_t> off[4];
-  std::vector<T> w[4];
-  explicit RowTaps(int64_t Wo) {
+  std::vector<int32_t> off_v[4];
+  std::vector<T> w_v[4];
+  std::vector<T> sl_v[4];
+  int32_t* off[4];
+  T* w[4];
+  T* sl[4];
+  RowTaps(int64_t Wo, bool slopes) {
     for (int k = 0; k < 4; ++k) {
-      off[k].resize(Wo);
-      w[k].resize(Wo);
+      off_v[k].resize(Wo);
+      w_v[k].resize(Wo);
+      sl_v[k].resize(slopes ? Wo : 0);
+      off[k] = off_v[k].data();
+      w[k] = w_v[k].data();
+      sl[k] = slopes ? sl_v[k].data() : nullptr;
     }
   }
 };
 
-template <typename T, int64_t kMode, int64_t kPad>
+template <typename T, int64_t kMode, int64_t kPad, bool kSlopes>
 LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,
-                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w) {
+                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {
   // As af::map_u / map_v: the coordinate is formed in double and rounded once.
   const double ax = m.ax;
   const double ay = m.ay;
@@ -95,6 +105,12 @@ LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int6
   T* w1 = w[1];
   T* w2 = w[2];
   T* w3 = w[3];
+  T* s_fx = kSlopes ? sl[0] : nullptr;
+  T* s_fy = kSlopes ? sl[1] : nullptr;
+  T* s_du = kSlopes ? sl[2] : nullptr;
+  T* s_dv = kSlopes ? sl[3] : nullptr;
+  const int32_t W32 = static_cast<int32_t>(W);
+  const int32_t H32 = static_cast<int32_t>(H);
 #pragma omp simd
   for (int32_t ox = 0; ox < static_cast<int32_t>(Wo); ++ox) {
     T du, dv;
@@ -115,19 +131,25 @@ LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int6
       const int32_t y = static_cast<int32_t>(fy0);
       const T fx = px - fx0;
       const T fy = py - fy0;
-      const bool inx0 = x >= 0 && x < W;
-      const bool inx1 = x + 1 >= 0 && x + 1 < W;
-      const bool iny0 = y >= 0 && y < H;
-      const bool iny1 = y + 1 >= 0 && y + 1 < H;
+      const int32_t inx0 = (x >= 0) & (x < W32);
+      const int32_t inx1 = (x + 1 >= 0) & (x + 1 < W32);
+      const int32_t iny0 = (y >= 0) & (y < H32);
+      const int32_t iny1 = (y + 1 >= 0) & (y + 1 < H32);
       const int32_t base = y * sH + x * sW;
-      o0[ox] = inx0 && iny0 ? base : -1;
-      o1[ox] = inx1 && iny0 ? base + sW : -1;
-      o2[ox] = inx0 && iny1 ? base + sH : -1;
-      o3[ox] = inx1 && iny1 ? base + sH + sW : -1;
+      o0[ox] = (inx0 & iny0) ? base : -1;
+      o1[ox] = (inx1 & iny0) ? base + sW : -1;
+      o2[ox] = (inx0 & iny1) ? base + sH : -1;
+      o3[ox] = (inx1 & iny1) ? base + sH + sW : -1;
       w0[ox] = (T(1) - fx) * (T(1) - fy);
       w1[ox] = fx * (T(1) - fy);
       w2[ox] = (T(1) - fx) * fy;
       w3[ox] = fx * fy;
+      if constexpr (kSlopes) {
+        s_fx[ox] = fx;
+        s_fy[ox] = fy;
+        s_du[ox] = du;
+        s_dv[ox] = dv;
+      }
     }
   }
 }
@@ -163,43 +185,55 @@ LK_ROW void row_gather_impl(const scalar_t* xc, const int32_t* const* off, const
   }
 }
 
-// ISA-cloned instances: taps per (mode, padding), gathers per dtype. Reflection's fmod does not
-// vectorise; it runs the same code scalar.
-#define LK_ROW_TAPS(T, MODE, PAD, NAME)                                                              \
-  LK_CPU_CLONES void NAME(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align, \
-                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w) {                 \
-    row_taps_impl<T, MODE, PAD>(m, oy, Wo, H, W, align, sH, sW, off, w);                            \
+// ISA-cloned instances: taps per (mode, padding, slopes), gathers per dtype. Reflection's fmod
+// does not vectorise; it runs the same code scalar. Slopes are for bilinear only.
+#define LK_ROW_TAPS(T, MODE, PAD, SLOPES, NAME)                                                                \
+  LK_CPU_CLONES void NAME(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,  \
+                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {          \
+    row_taps_impl<T, MODE, PAD, SLOPES>(m, oy, Wo, H, W, align, sH, sW, off, w, sl);                       \
   }
-LK_ROW_TAPS(float, af::kBilinear, af::kZeros, row_taps_bz)
-LK_ROW_TAPS(float, af::kBilinear, af::kBorder, row_taps_bb)
-LK_ROW_TAPS(float, af::kBilinear, af::kReflection, row_taps_br)
-LK_ROW_TAPS(float, af::kNearest, af::kZeros, row_taps_nz)
-LK_ROW_TAPS(float, af::kNearest, af::kBorder, row_taps_nb)
-LK_ROW_TAPS(float, af::kNearest, af::kReflection, row_taps_nr)
+LK_ROW_TAPS(float, af::kBilinear, af::kZeros, false, row_taps_bz)
+LK_ROW_TAPS(float, af::kBilinear, af::kBorder, false, row_taps_bb)
+LK_ROW_TAPS(float, af::kBilinear, af::kReflection, false, row_taps_br)
+LK_ROW_TAPS(float, af::kNearest, af::kZeros, false, row_taps_nz)
+LK_ROW_TAPS(float, af::kNearest, af::kBorder, false, row_taps_nb)
+LK_ROW_TAPS(float, af::kNearest, af::kReflection, false, row_taps_nr)
+LK_ROW_TAPS(float, af::kBilinear, af::kZeros, true, row_taps_bz_slopes)
+LK_ROW_TAPS(float, af::kBilinear, af::kBorder, true, row_taps_bb_slopes)
+LK_ROW_TAPS(float, af::kBilinear, af::kReflection, true, row_taps_br_slopes)
 #undef LK_ROW_TAPS
 
-void row_taps(const af::PixelMap<float>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW, int32_t* const* off,
-              float* const* w) {
+// Taps of output row oy (offsets for strides sH, sW); slopes too when rt.sl is set (bilinear).
+void row_taps(const af::PixelMap<float>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW,
+              RowTaps<float>& rt) {
   using Fn = void (*)(const af::PixelMap<float>&, int64_t, int64_t, int64_t, int64_t, bool, int32_t, int32_t,
-                      int32_t* const*, float* const*);
-  static constexpr Fn kTable[2][3] = {{row_taps_bz, row_taps_bb, row_taps_br}, {row_taps_nz, row_taps_nb, row_taps_nr}};
-  kTable[g.mode][g.padding](m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+                      int32_t* const*, float* const*, float* const*);
+  static constexpr Fn kTable[3][3] = {{row_taps_bz, row_taps_bb, row_taps_br},
+                                      {row_taps_nz, row_taps_nb, row_taps_nr},
+                                      {row_taps_bz_slopes, row_taps_bb_slopes, row_taps_br_slopes}};
+  const int64_t kind = rt.sl[0] != nullptr ? 2 : g.mode;
+  kTable[kind][g.padding](m, oy, g.Wo, g.H, g.W, g.align, sH, sW, rt.off, rt.w, rt.sl);
 }
 
-void row_taps(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW, int32_t* const* off,
-              double* const* w) {
-  const bool nearest = g.mode == af::kNearest;
+template <int64_t kPad>
+void row_taps_double(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW,
+                     RowTaps<double>& rt) {
+  if (rt.sl[0] != nullptr)
+    return row_taps_impl<double, af::kBilinear, kPad, true>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, rt.off, rt.w, rt.sl);
+  if (g.mode == af::kNearest)
+    return row_taps_impl<double, af::kNearest, kPad, false>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, rt.off, rt.w, rt.sl);
+  row_taps_impl<double, af::kBilinear, kPad, false>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, rt.off, rt.w, rt.sl);
+}
+
+void row_taps(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW,
+              RowTaps<double>& rt) {
   switch (g.padding) {
     case af::kZeros:
-      return nearest ? row_taps_impl<double, af::kNearest, af::kZeros>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w)
-                     : row_taps_impl<double, af::kBilinear, af::kZeros>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+      return row_taps_double<af::kZeros>(m, oy, g, sH, sW, rt);
     case af::kBorder:
-      return nearest ? row_taps_impl<double, af::kNearest, af::kBorder>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w)
-                     : row_taps_impl<double, af::kBilinear, af::kBorder>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+      return row_taps_double<af::kBorder>(m, oy, g, sH, sW, rt);
     default:
-      return nearest
-                 ? row_taps_impl<double, af::kNearest, af::kReflection>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w)
-                 : row_taps_impl<double, af::kBilinear, af::kReflection>(m, oy, g.Wo, g.H, g.W, g.align, sH, sW, off, w);
+      return row_taps_double<af::kReflection>(m, oy, g, sH, sW, rt);
   }
 }
 
@@ -243,9 +277,7 @@ void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tenso
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool nearest = g.mode == af::kNearest;
   at::parallel_for(0, g.N * g.Ho, grain_rows(g.Wo * g.C), [&](int64_t begin, int64_t end) {
-    RowTaps<T> rt(g.Wo);
-    int32_t* off[4] = {rt.off[0].data(), rt.off[1].data(), rt.off[2].data(), rt.off[3].data()};
-    T* w[4] = {rt.w[0].data(), rt.w[1].data(), rt.w[2].data(), rt.w[3].data()};
+    RowTaps<T> rt(g.Wo, false);
     std::vector<scalar_t> row(oW == 1 ? 0 : g.Wo);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.Ho;
@@ -258,14 +290,14 @@ void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tenso
         }
         continue;
       }
-      row_taps(m, oy, g, sH, sW, off, w);
+      row_taps(m, oy, g, sH, sW, rt);
       for (int64_t c = 0; c < g.C; ++c) {
         const scalar_t* xc = xp + n * sN + c * sC;
         scalar_t* dst = oW == 1 ? orow + c * oC : row.data();
         if (nearest) {
-          row_gather1(xc, off, w, g.Wo, dst);
+          row_gather1(xc, rt.off, rt.w, g.Wo, dst);
         } else {
-          row_gather4(xc, off, w, g.Wo, dst);
+          row_gather4(xc, rt.off, rt.w, g.Wo, dst);
         }
         if (oW != 1) {
           for (int64_t ox = 0; ox < g.Wo; ++ox) orow[c * oC + ox * oW] = row[ox];
@@ -392,86 +424,124 @@ void input_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& theta, at::Te
   });
 }
 
+// ---- backward: both, one sample per task ----------------------------------------------------
+
+// θ: accumulate one channel's d sample / d (px, py), times the output gradient, into gpx / gpy.
+template <typename scalar_t, typename T>
+LK_ROW void row_slopes_impl(const scalar_t* xc, const scalar_t* go, const int32_t* const* off, T* const* sl,
+                            int64_t Wo, T* gpx, T* gpy) {
+  const int32_t* o0 = off[0];
+  const int32_t* o1 = off[1];
+  const int32_t* o2 = off[2];
+  const int32_t* o3 = off[3];
+  const T* fx = sl[0];
+  const T* fy = sl[1];
+#pragma omp simd
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    const T v0 = tap(xc, o0[ox], T(1));
+    const T v1 = tap(xc, o1[ox], T(1));
+    const T v2 = tap(xc, o2[ox], T(1));
+    const T v3 = tap(xc, o3[ox], T(1));
+    const T dpx = (T(1) - fy[ox]) * (v1 - v0) + fy[ox] * (v3 - v2);  // as af::bilinear_slope
+    const T dpy = (T(1) - fx[ox]) * (v2 - v0) + fx[ox] * (v3 - v1);
+    const T g = static_cast<T>(go[ox]);
+    gpx[ox] += g * dpx;
+    gpy[ox] += g * dpy;
+  }
+}
+
+#define LK_ROW_SLOPES(S, T)                                                                                   \
+  LK_CPU_CLONES void row_slopes(const S* xc, const S* go, const int32_t* const* off, T* const* sl, int64_t Wo, \
+                                T* gpx, T* gpy) {                                                             \
+    row_slopes_impl<S, T>(xc, go, off, sl, Wo, gpx, gpy);                                                     \
+  }
+LK_ROW_SLOPES(float, float)
+LK_ROW_SLOPES(c10::Half, float)
+LK_ROW_SLOPES(c10::BFloat16, float)
+#undef LK_ROW_SLOPES
+void row_slopes(const double* xc, const double* go, const int32_t* const* off, double* const* sl, int64_t Wo,
+                double* gpx, double* gpy) {
+  row_slopes_impl<double, double>(xc, go, off, sl, Wo, gpx, gpy);
+}
+
+// Input: scatter one channel's output gradient into its taps (scalar: taps of neighbouring
+// pixels collide).
+template <typename scalar_t, typename T>
+void row_scatter(const scalar_t* go, const int32_t* const* off, T* const* w, int64_t Wo, int taps, T* acc) {
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    const T g = static_cast<T>(go[ox]);
+    for (int k = 0; k < taps; ++k) {
+      const int32_t o = off[k][ox];
+      if (o >= 0) acc[o] += w[k][ox] * g;
+    }
+  }
+}
+
 // Both gradients in one pass over the output, one sample per task: each task owns its sample's
 // input gradient, so the scatter is race-free and its order fixed (deterministic). Used when
 // there are at least as many samples as threads; float16/bfloat16 accumulate in a float32 copy.
+// Per output row the taps (and θ's slopes) are formed vectorised, as the forward's, then each
+// channel's gradient row is scattered into the taps. Planes past 32-bit offsets take the
+// gather path instead (see fits_int32).
 template <typename scalar_t>
 void scatter_backward_cpu_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& theta, at::Tensor& gi, at::Tensor& gt,
-    const Geometry& g, bool need_input, bool need_theta) {
+    const Geometry& g, bool need_theta) {
   using T = coord_t<scalar_t>;
   const auto maps = sample_maps<T>(theta, g);
-  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t sN = x.stride(0), sC = x.stride(1);
+  const int32_t sH = static_cast<int32_t>(x.stride(2)), sW = static_cast<int32_t>(x.stride(3));
   const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  // The accumulator has the input gradient's strides (gi is dense: the same extent per sample).
+  const int64_t aC = gi.stride(1);
+  const int32_t aH = static_cast<int32_t>(gi.stride(2)), aW = static_cast<int32_t>(gi.stride(3));
+  const bool same_layout = aH == sH && aW == sW;  // one set of taps then serves reads and scatter
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-  // Accumulator layout per sample: the input's strides without the batch dimension.
   constexpr bool kDirect = std::is_same_v<scalar_t, T>;
   const int64_t plane = g.C * g.H * g.W;
+  const int taps = g.mode == af::kNearest ? 1 : 4;
   const double sx = af::unnorm_scale<double>(g.W, g.align);
   const double sy = af::unnorm_scale<double>(g.H, g.align);
   std::vector<double> th_grad(g.N * 6, 0.0);
   at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buf(kDirect || !need_input ? 0 : plane);
+    RowTaps<T> rt(g.Wo, need_theta);
+    RowTaps<T> at_taps(same_layout ? 0 : g.Wo, false);
+    RowTaps<T>& st = same_layout ? rt : at_taps;  // the scatter's taps
+    std::vector<T> buf(kDirect ? 0 : plane);
+    std::vector<scalar_t> grow_buf(gW == 1 ? 0 : g.Wo);
+    std::vector<T> gpx(need_theta ? g.Wo : 0), gpy(need_theta ? g.Wo : 0);
     for (int64_t n = begin; n < end; ++n) {
       const af::PixelMap<T>& m = maps[n];
-      T* acc = nullptr;
-      int64_t aC = 0, aH = 0, aW = 0;
-      if (need_input) {
-        if constexpr (kDirect) {
-          acc = reinterpret_cast<T*>(gi.mutable_data_ptr<scalar_t>()) + n * gi.stride(0);
-          aC = gi.stride(1), aH = gi.stride(2), aW = gi.stride(3);
-          for (int64_t c = 0; c < g.C; ++c)
-            for (int64_t y = 0; y < g.H; ++y)
-              for (int64_t xx = 0; xx < g.W; ++xx) acc[c * aC + y * aH + xx * aW] = T(0);
-        } else {
-          acc = buf.data();
-          aC = gi.stride(1), aH = gi.stride(2), aW = gi.stride(3);  // gi is dense: same extent
-          std::fill(buf.begin(), buf.end(), T(0));
-        }
-      }
-      // The gradient usually has the input's layout: one set of taps then serves both.
-      const bool same_layout = aH == sH && aW == sW;
+      T* acc = kDirect ? reinterpret_cast<T*>(gi.mutable_data_ptr<scalar_t>() + n * gi.stride(0)) : buf.data();
+      std::fill(acc, acc + plane, T(0));
       double s[6] = {0, 0, 0, 0, 0, 0};
-      if (m.valid) {
-        const scalar_t* xs = xp + n * sN;
-        for (int64_t oy = 0; oy < g.Ho; ++oy) {
-          const double yn = af::base_coord<double>(oy, g.Ho, g.align);
-          double su_x = 0, su = 0, sv_x = 0, sv = 0;
-          const scalar_t* grow = gp + n * gN + oy * gH;
-          for (int64_t ox = 0; ox < g.Wo; ++ox) {
-            const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
-            const af::Taps<T> tx = af::make_taps(p.px, p.py, g.H, g.W, sH, sW, g.mode);
-            const af::Taps<T> t = same_layout ? tx : af::make_taps(p.px, p.py, g.H, g.W, aH, aW, g.mode);
-            T gpx = T(0), gpy = T(0);
-            for (int64_t c = 0; c < g.C; ++c) {
-              const T go = static_cast<T>(grow[c * gC + ox * gW]);
-              if (need_input) {
-                T* ac = acc + c * aC;
-                for (int k = 0; k < 4; ++k) {
-                  if (t.in[k]) ac[t.off[k]] += t.w[k] * go;
-                }
-              }
-              if (need_theta) {
-                const scalar_t* xc = xs + c * sC;
-                T v[4];
-                for (int k = 0; k < 4; ++k) v[k] = tx.in[k] ? static_cast<T>(xc[tx.off[k]]) : T(0);
-                T dpx, dpy;
-                af::bilinear_slope(tx, v, dpx, dpy);
-                gpx += go * dpx;
-                gpy += go * dpy;
-              }
-            }
-            if (need_theta) {
-              const double gu = double(gpx * p.du);
-              const double gv = double(gpy * p.dv);
-              const double xn = af::base_coord<double>(ox, g.Wo, g.align);
-              su_x += gu * xn;
-              su += gu;
-              sv_x += gv * xn;
-              sv += gv;
-            }
+      for (int64_t oy = 0; m.valid && oy < g.Ho; ++oy) {
+        row_taps(m, oy, g, sH, sW, rt);
+        if (!same_layout) row_taps(m, oy, g, aH, aW, st);
+        std::fill(gpx.begin(), gpx.end(), T(0));
+        std::fill(gpy.begin(), gpy.end(), T(0));
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* go = gp + n * gN + c * gC + oy * gH;
+          if (gW != 1) {
+            for (int64_t ox = 0; ox < g.Wo; ++ox) grow_buf[ox] = go[ox * gW];
+            go = grow_buf.data();
           }
+          if (need_theta) row_slopes(xp + n * sN + c * sC, go, rt.off, rt.sl, g.Wo, gpx.data(), gpy.data());
+          row_scatter(go, st.off, st.w, g.Wo, taps, acc + c * aC);
+        }
+        if (need_theta) {
+          double su_x = 0, su = 0, sv_x = 0, sv = 0;
+          for (int64_t ox = 0; ox < g.Wo; ++ox) {
+            const double gu = double(gpx[ox] * rt.sl[2][ox]);
+            const double gv = double(gpy[ox] * rt.sl[3][ox]);
+            const double xn = af::base_coord<double>(ox, g.Wo, g.align);
+            su_x += gu * xn;
+            su += gu;
+            sv_x += gv * xn;
+            sv += gv;
+          }
+          const double yn = af::base_coord<double>(oy, g.Ho, g.align);
           s[0] += sx * su_x;
           s[1] += sx * yn * su;
           s[2] += sx * su;
@@ -482,10 +552,8 @@ void scatter_backward_cpu_impl(
       }
       for (int k = 0; k < 6; ++k) th_grad[n * 6 + k] = s[k];
       if constexpr (!kDirect) {
-        if (need_input) {
-          scalar_t* dst = gi.mutable_data_ptr<scalar_t>() + n * gi.stride(0);
-          for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
-        }
+        scalar_t* dst = gi.mutable_data_ptr<scalar_t>() + n * gi.stride(0);
+        for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
       }
     }
   });
@@ -517,8 +585,8 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_backward_cpu", [&] {
     const bool need_theta = output_mask[1] && mode == af::kBilinear;
-    if (output_mask[0] && g.N >= at::get_num_threads()) {
-      scatter_backward_cpu_impl<scalar_t>(go, input, theta, gi, gt, g, true, need_theta);
+    if (output_mask[0] && g.N >= at::get_num_threads() && fits_int32(input) && fits_int32(gi)) {
+      scatter_backward_cpu_impl<scalar_t>(go, input, theta, gi, gt, g, need_theta);
       return;
     }
     if (need_theta) gt = theta_grad_cpu_impl<scalar_t>(go, input, theta, g);
