@@ -465,14 +465,15 @@ void row_slopes(const double* xc, const double* go, const int32_t* const* off, d
 }
 
 // Input: scatter one channel's output gradient into its taps (scalar: taps of neighbouring
-// pixels collide).
+// pixels collide). One tap at a time along the row: tap 1 of pixel ox is usually tap 0 of
+// pixel ox + 1, and adding both back to back would stall each add on the previous store.
 template <typename scalar_t, typename T>
 void row_scatter(const scalar_t* go, const int32_t* const* off, T* const* w, int64_t Wo, int taps, T* acc) {
-  for (int64_t ox = 0; ox < Wo; ++ox) {
-    const T g = static_cast<T>(go[ox]);
-    for (int k = 0; k < taps; ++k) {
-      const int32_t o = off[k][ox];
-      if (o >= 0) acc[o] += w[k][ox] * g;
+  for (int k = 0; k < taps; ++k) {
+    const int32_t* ok = off[k];
+    const T* wk = w[k];
+    for (int64_t ox = 0; ox < Wo; ++ox) {
+      if (ok[ox] >= 0) acc[ok[ox]] += wk[ox] * static_cast<T>(go[ox]);
     }
   }
 }
