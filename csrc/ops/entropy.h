@@ -9,7 +9,7 @@
 //
 // Policy for special values (documented in docs/ops/entropy.md):
 //   z_j == -inf   a masked class: contributes exactly 0 to s, t and to the gradient.
-//   row all -inf  s == 0: H is NaN (softmax is undefined), like torch.softmax.
+//   row all -inf  s == 0: H and its gradient are NaN (softmax is undefined), like torch.softmax.
 //   NaN or +inf   propagates: H is NaN.
 #pragma once
 
@@ -206,13 +206,16 @@ LK_HD T entropy_from(T s, T t) {
 // would round log s to float's spacing at m, and p_j with it. With log p_j = (z_j - m) - log s,
 //   d H / d z_j = -p_j (log p_j + H)   and   d cp_k / d z_j = p_j ([c_j == k] - cp_k),
 // so the gradient of g_H H + <g_c, cp> is p_j (-g_H (log p_j + H) + g_c[c_j] - <g_c, cp>);
-// `cluster_term` is g_c[c_j] - <g_c, cp> (0 without clusters). Masked classes get exactly 0.
+// `cluster_term` is g_c[c_j] - <g_c, cp> (0 without clusters). Masked classes get exactly 0 in a
+// row with an entropy; a row whose H is NaN (all -inf, NaN or +inf) gets NaN everywhere, as
+// autograd through softmax does.
 template <typename T>
 LK_HD T gate_grad(T z, T m, T log_s, T H, T g_H, T cluster_term) {
   const T log_p = (z - m) - log_s;
   const T p = fast_exp(log_p);
   const T grad = p * (cluster_term - g_H * (log_p + H));
-  return z == neg_inf<T>() || p == T(0) ? T(0) : grad;  // p == 0: no 0 * -inf
+  const bool zero = (z == neg_inf<T>()) | (p == T(0));  // p == 0: no 0 * -inf
+  return zero && H == H ? T(0) : grad;  // an all -inf row: log_p, and so grad, is NaN
 }
 
 // Argmax ordering: NaN beats everything (as torch.argmax), then larger values; ties keep the
