@@ -18,6 +18,7 @@
 #include "ops/affine.h"
 #include "ops/affine_checks.h"
 #include "ops/cpu/fresh_output.h"
+#include "ops/cpu/narrow.h"
 
 namespace labelkit {
 namespace {
@@ -162,9 +163,8 @@ LK_ROW T tap(const scalar_t* xc, int32_t o, T w) {
   return o < 0 ? T(0) : w * v;
 }
 
-template <typename scalar_t, typename T, int kTaps>
-LK_ROW void row_gather_impl(const scalar_t* xc, const int32_t* const* off, const T* const* w, int64_t Wo,
-                            scalar_t* out) {
+template <typename in_t, typename out_t, typename T, int kTaps>
+LK_ROW void row_gather_impl(const in_t* xc, const int32_t* const* off, const T* const* w, int64_t Wo, out_t* out) {
   const int32_t* o0 = off[0];
   const int32_t* o1 = off[1];
   const int32_t* o2 = off[2];
@@ -181,7 +181,7 @@ LK_ROW void row_gather_impl(const scalar_t* xc, const int32_t* const* off, const
       acc += tap(xc, o2[ox], w2[ox]);
       acc += tap(xc, o3[ox], w3[ox]);
     }
-    out[ox] = static_cast<scalar_t>(acc);
+    out[ox] = cpu::narrow<out_t>(acc);
   }
 }
 
@@ -237,23 +237,28 @@ void row_taps(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int3
   }
 }
 
-#define LK_ROW_GATHER(S, T, TAPS, NAME)                                                                      \
-  LK_CPU_CLONES void NAME(const S* xc, const int32_t* const* off, const T* const* w, int64_t Wo, S* out) { \
-    row_gather_impl<S, T, TAPS>(xc, off, w, Wo, out);                                                        \
+// Gathers per (input, output) type; float16/bfloat16 images are read either directly or from a
+// float copy of the sample (see SampleCopy).
+#define LK_ROW_GATHER(IN, OUT, TAPS, NAME)                                                                      \
+  LK_CPU_CLONES void NAME(const IN* xc, const int32_t* const* off, const float* const* w, int64_t Wo, OUT* out) { \
+    row_gather_impl<IN, OUT, float, TAPS>(xc, off, w, Wo, out);                                                 \
   }
-LK_ROW_GATHER(float, float, 4, row_gather4)
-LK_ROW_GATHER(float, float, 1, row_gather1)
-LK_ROW_GATHER(c10::Half, float, 4, row_gather4)
-LK_ROW_GATHER(c10::Half, float, 1, row_gather1)
-LK_ROW_GATHER(c10::BFloat16, float, 4, row_gather4)
-LK_ROW_GATHER(c10::BFloat16, float, 1, row_gather1)
+#define LK_ROW_GATHERS(IN, OUT)             \
+  LK_ROW_GATHER(IN, OUT, 4, row_gather4) \
+  LK_ROW_GATHER(IN, OUT, 1, row_gather1)
+LK_ROW_GATHERS(float, float)
+LK_ROW_GATHERS(c10::Half, c10::Half)
+LK_ROW_GATHERS(c10::BFloat16, c10::BFloat16)
+LK_ROW_GATHERS(float, c10::Half)
+LK_ROW_GATHERS(float, c10::BFloat16)
+#undef LK_ROW_GATHERS
 #undef LK_ROW_GATHER
 
 void row_gather4(const double* xc, const int32_t* const* off, const double* const* w, int64_t Wo, double* out) {
-  row_gather_impl<double, double, 4>(xc, off, w, Wo, out);
+  row_gather_impl<double, double, double, 4>(xc, off, w, Wo, out);
 }
 void row_gather1(const double* xc, const int32_t* const* off, const double* const* w, int64_t Wo, double* out) {
-  row_gather_impl<double, double, 1>(xc, off, w, Wo, out);
+  row_gather_impl<double, double, double, 1>(xc, off, w, Wo, out);
 }
 
 // A sample's reachable offsets must fit the 32-bit tap offsets.
@@ -262,6 +267,40 @@ bool fits_int32(const at::Tensor& x) {
                        x.stride(2) + x.stride(3);
   return span < (int64_t(1) << 31) - 1;
 }
+
+// A float copy of one float16/bfloat16 sample, at the sample's own strides, so that the tap
+// offsets stay valid: 16-bit elements have no vector gather, 32-bit ones do. Worth it when the
+// output pixels read from the copy are at least as many as the sample's pixels.
+template <typename scalar_t>
+class SampleCopy {
+ public:
+  static constexpr bool kHalf = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+  using value_t = std::conditional_t<kHalf, float, scalar_t>;  // never made for other types
+
+  explicit SampleCopy(const at::Tensor& x)
+      : C_(x.size(1)), H_(x.size(2)), W_(x.size(3)), sC_(x.stride(1)), sH_(x.stride(2)), sW_(x.stride(3)),
+        buf_(kHalf ? (C_ - 1) * sC_ + (H_ - 1) * sH_ + (W_ - 1) * sW_ + 1 : 0) {}
+
+  static bool worth_it(int64_t out_pixels, const Geometry& g) { return kHalf && out_pixels >= g.H * g.W; }
+
+  // The copy of the sample at xs (made once per sample in a row).
+  const value_t* of(const scalar_t* xs) {
+    if (xs != src_) {
+      for (int64_t c = 0; c < C_; ++c)
+        for (int64_t y = 0; y < H_; ++y) {
+          const int64_t o = c * sC_ + y * sH_;
+          for (int64_t x = 0; x < W_; ++x) buf_[o + x * sW_] = static_cast<value_t>(xs[o + x * sW_]);
+        }
+      src_ = xs;
+    }
+    return buf_.data();
+  }
+
+ private:
+  int64_t C_, H_, W_, sC_, sH_, sW_;
+  std::vector<value_t> buf_;
+  const scalar_t* src_ = nullptr;
+};
 
 template <typename scalar_t>
 void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tensor& out, const Geometry& g) {
@@ -278,11 +317,14 @@ void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tenso
   const bool nearest = g.mode == af::kNearest;
   at::parallel_for(0, g.N * g.Ho, grain_rows(g.Wo * g.C), [&](int64_t begin, int64_t end) {
     RowTaps<T> rt(g.Wo, false);
+    SampleCopy<scalar_t> copy(x);
     std::vector<scalar_t> row(oW == 1 ? 0 : g.Wo);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.Ho;
       const int64_t oy = r % g.Ho;
       const af::PixelMap<T>& m = maps[n];
+      const int64_t rows_here = std::min(end, (n + 1) * g.Ho) - std::max(begin, n * g.Ho);  // of sample n
+      const bool from_copy = SampleCopy<scalar_t>::worth_it(rows_here * g.Wo, g);
       scalar_t* orow = op + n * oN + oy * oH;
       if (!m.valid) {
         for (int64_t c = 0; c < g.C; ++c) {
@@ -291,13 +333,14 @@ void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tenso
         continue;
       }
       row_taps(m, oy, g, sH, sW, rt);
+      const auto* xf = from_copy ? copy.of(xp + n * sN) : nullptr;
       for (int64_t c = 0; c < g.C; ++c) {
-        const scalar_t* xc = xp + n * sN + c * sC;
         scalar_t* dst = oW == 1 ? orow + c * oC : row.data();
-        if (nearest) {
-          row_gather1(xc, rt.off, rt.w, g.Wo, dst);
+        if (xf != nullptr) {
+          nearest ? row_gather1(xf + c * sC, rt.off, rt.w, g.Wo, dst) : row_gather4(xf + c * sC, rt.off, rt.w, g.Wo, dst);
         } else {
-          row_gather4(xc, rt.off, rt.w, g.Wo, dst);
+          const scalar_t* xc = xp + n * sN + c * sC;
+          nearest ? row_gather1(xc, rt.off, rt.w, g.Wo, dst) : row_gather4(xc, rt.off, rt.w, g.Wo, dst);
         }
         if (oW != 1) {
           for (int64_t ox = 0; ox < g.Wo; ++ox) orow[c * oC + ox * oW] = row[ox];
@@ -427,9 +470,9 @@ void input_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& theta, at::Te
 // ---- backward: both, one sample per task ----------------------------------------------------
 
 // θ: accumulate one channel's d sample / d (px, py), times the output gradient, into gpx / gpy.
-template <typename scalar_t, typename T>
-LK_ROW void row_slopes_impl(const scalar_t* xc, const scalar_t* go, const int32_t* const* off, T* const* sl,
-                            int64_t Wo, T* gpx, T* gpy) {
+template <typename x_t, typename g_t, typename T>
+LK_ROW void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* off, T* const* sl, int64_t Wo,
+                            T* gpx, T* gpy) {
   const int32_t* o0 = off[0];
   const int32_t* o1 = off[1];
   const int32_t* o2 = off[2];
@@ -450,18 +493,20 @@ LK_ROW void row_slopes_impl(const scalar_t* xc, const scalar_t* go, const int32_
   }
 }
 
-#define LK_ROW_SLOPES(S, T)                                                                                   \
-  LK_CPU_CLONES void row_slopes(const S* xc, const S* go, const int32_t* const* off, T* const* sl, int64_t Wo, \
-                                T* gpx, T* gpy) {                                                             \
-    row_slopes_impl<S, T>(xc, go, off, sl, Wo, gpx, gpy);                                                     \
+#define LK_ROW_SLOPES(X, G)                                                                                       \
+  LK_CPU_CLONES void row_slopes(const X* xc, const G* go, const int32_t* const* off, float* const* sl, int64_t Wo, \
+                                float* gpx, float* gpy) {                                                         \
+    row_slopes_impl<X, G, float>(xc, go, off, sl, Wo, gpx, gpy);                                                  \
   }
 LK_ROW_SLOPES(float, float)
-LK_ROW_SLOPES(c10::Half, float)
-LK_ROW_SLOPES(c10::BFloat16, float)
+LK_ROW_SLOPES(c10::Half, c10::Half)
+LK_ROW_SLOPES(c10::BFloat16, c10::BFloat16)
+LK_ROW_SLOPES(float, c10::Half)
+LK_ROW_SLOPES(float, c10::BFloat16)
 #undef LK_ROW_SLOPES
 void row_slopes(const double* xc, const double* go, const int32_t* const* off, double* const* sl, int64_t Wo,
                 double* gpx, double* gpy) {
-  row_slopes_impl<double, double>(xc, go, off, sl, Wo, gpx, gpy);
+  row_slopes_impl<double, double, double>(xc, go, off, sl, Wo, gpx, gpy);
 }
 
 // Input: scatter one channel's output gradient into its taps (scalar: taps of neighbouring
@@ -512,8 +557,11 @@ void scatter_backward_cpu_impl(
     std::vector<T> buf(kDirect ? 0 : plane);
     std::vector<scalar_t> grow_buf(gW == 1 ? 0 : g.Wo);
     std::vector<T> gpx(need_theta ? g.Wo : 0), gpy(need_theta ? g.Wo : 0);
+    SampleCopy<scalar_t> copy(x);
+    const bool from_copy = need_theta && SampleCopy<scalar_t>::worth_it(g.Ho * g.Wo, g);
     for (int64_t n = begin; n < end; ++n) {
       const af::PixelMap<T>& m = maps[n];
+      const auto* xf = from_copy && m.valid ? copy.of(xp + n * sN) : nullptr;
       T* acc = kDirect ? reinterpret_cast<T*>(gi.mutable_data_ptr<scalar_t>() + n * gi.stride(0)) : buf.data();
       std::fill(acc, acc + plane, T(0));
       double s[6] = {0, 0, 0, 0, 0, 0};
@@ -528,7 +576,11 @@ void scatter_backward_cpu_impl(
             for (int64_t ox = 0; ox < g.Wo; ++ox) grow_buf[ox] = go[ox * gW];
             go = grow_buf.data();
           }
-          if (need_theta) row_slopes(xp + n * sN + c * sC, go, rt.off, rt.sl, g.Wo, gpx.data(), gpy.data());
+          if (xf != nullptr) {
+            row_slopes(xf + c * sC, go, rt.off, rt.sl, g.Wo, gpx.data(), gpy.data());
+          } else if (need_theta) {
+            row_slopes(xp + n * sN + c * sC, go, rt.off, rt.sl, g.Wo, gpx.data(), gpy.data());
+          }
           row_scatter(go, st.off, st.w, g.Wo, taps, acc + c * aC);
         }
         if (need_theta) {
@@ -554,7 +606,7 @@ void scatter_backward_cpu_impl(
       for (int k = 0; k < 6; ++k) th_grad[n * 6 + k] = s[k];
       if constexpr (!kDirect) {
         scalar_t* dst = gi.mutable_data_ptr<scalar_t>() + n * gi.stride(0);
-        for (int64_t i = 0; i < plane; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+        for (int64_t i = 0; i < plane; ++i) dst[i] = cpu::narrow<scalar_t>(buf[i]);
       }
     }
   });
