@@ -197,8 +197,13 @@ LK_HD T cluster_mass(T b, T inv_s) {
 
 // H = log s - t / s; NaN when the row had no finite mass (s == 0) or held a NaN.
 template <typename T>
+LK_HD T entropy_from_log(T log_s, T s, T t) {
+  return log_s - t / s;
+}
+
+template <typename T>
 LK_HD T entropy_from(T s, T t) {
-  return fast_log(s) - t / s;
+  return entropy_from_log(fast_log(s), s, t);
 }
 
 // The one-pass backward of the family, from the row's saved max m, log s and H. The forward

@@ -152,10 +152,11 @@ LK_ROW int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int64_t* c
 template <typename acc_t>
 LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int64_t C, const RowStats<acc_t>& st,
                       const acc_t* e) {
-  const acc_t H = entropy::entropy_from(st.s, st.t);
+  const acc_t log_s = entropy::fast_log(st.s);  // once: a libm call per row
+  const acc_t H = entropy::entropy_from_log(log_s, st.s, st.t);
   out.entropy[i] = H;
   out.lse[2 * i] = st.m;  // the log-sum-exp as (max, log sum exp(z - max))
-  out.lse[2 * i + 1] = entropy::fast_log(st.s);
+  out.lse[2 * i + 1] = log_s;
   if (out.uncertain == nullptr) return;
   out.uncertain[i] = H >= out.threshold;
   out.prediction[i] = row_argmax(r, C, st.m, st.has_nan);
@@ -172,49 +173,72 @@ LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64
 }
 
 // Short rows (C = 10: the ensemble's case) would leave most of a vector idle in the row loops
-// above. They run in blocks instead: exp over the whole block is one flat vector loop, and each
-// row's sums then run in index order (so a row's result does not depend on its batch).
+// above, and their horizontal max/sum reductions cost more than the row. They run in blocks of
+// kShortBlock rows, transposed, so that every step is a vertical vector loop across the rows of
+// the block; each row's sums still run in index order (a row's result does not depend on its
+// batch).
 constexpr int64_t kShortC = 32;
-constexpr int64_t kShortBlock = 64;  // rows per block: the four scratch arrays stay in L1
+constexpr int64_t kShortBlock = 64;  // rows per block: the scratch arrays stay in L1
 
 int64_t short_scratch(int64_t C) {
-  return 4 * kShortBlock * C;
+  return 3 * kShortBlock * C;
 }
 
 template <typename scalar_t, typename acc_t>
 LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out,
                                     acc_t* scratch) {
-  acc_t* v = scratch;               // the block in acc_t (half types only)
-  acc_t* mm = v + kShortBlock * C;  // each element's row max
-  acc_t* e = mm + kShortBlock * C;  // exp(z - m)
-  acc_t* ed = e + kShortBlock * C;  // exp(z - m) (z - m)
-  acc_t m[kShortBlock];
-  bool has_nan[kShortBlock];
-  for (int64_t b = begin; b < end; b += kShortBlock) {
-    const int64_t n = std::min(kShortBlock, end - b);
-    const int64_t len = n * C;
+  constexpr int64_t B = kShortBlock;
+  acc_t* v = scratch;       // the block in acc_t, row-major (half types only)
+  acc_t* vt = v + B * C;    // the block transposed: vt[j * B + i] = row i, class j
+  acc_t* et = vt + B * C;   // exp(z - m), transposed (routed only)
+  const bool routed = out.clusters != nullptr;
+  acc_t m[B], s[B], t[B], e_row[kShortC];
+  int32_t nan[B];
+  for (int64_t b = begin; b < end; b += B) {
+    const int64_t n = std::min(B, end - b);
     const acc_t* r;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       r = x + b * C;
     } else {
       const scalar_t* src = x + b * C;
 #pragma omp simd
-      for (int64_t k = 0; k < len; ++k) v[k] = static_cast<acc_t>(src[k]);
+      for (int64_t k = 0; k < n * C; ++k) v[k] = static_cast<acc_t>(src[k]);
       r = v;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      m[i] = row_max_impl(r + i * C, C, has_nan[i]);
-      for (int64_t j = 0; j < C; ++j) mm[i * C + j] = m[i];
-    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < C; ++j) vt[j * B + i] = r[i * C + j];
 #pragma omp simd
-    for (int64_t k = 0; k < len; ++k) entropy::term(r[k], mm[k], e[k], ed[k]);
     for (int64_t i = 0; i < n; ++i) {
-      RowStats<acc_t> st{m[i], has_nan[i], acc_t(0), acc_t(0)};
-      for (int64_t j = 0; j < C; ++j) {
-        st.s += e[i * C + j];
-        st.t += ed[i * C + j];
+      m[i] = neg_inf<acc_t>();
+      nan[i] = 0;
+      s[i] = acc_t(0);
+      t[i] = acc_t(0);
+    }
+    for (int64_t j = 0; j < C; ++j) {
+      const acc_t* col = vt + j * B;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        m[i] = col[i] > m[i] ? col[i] : m[i];  // drops NaN, tracked separately
+        nan[i] |= static_cast<int32_t>(col[i] != col[i]);
       }
-      write_row(out, b + i, r + i * C, C, st, e + i * C);
+    }
+    for (int64_t j = 0; j < C; ++j) {
+      const acc_t* col = vt + j * B;
+      acc_t* ecol = et + j * B;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        acc_t e, ed;
+        entropy::term(col[i], m[i], e, ed);
+        s[i] += e;
+        t[i] += ed;
+        ecol[i] = e;
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      if (routed) {
+        for (int64_t j = 0; j < C; ++j) e_row[j] = et[j * B + i];
+      }
+      write_row(out, b + i, r + i * C, C, RowStats<acc_t>{m[i], nan[i] != 0, s[i], t[i]}, e_row);
     }
   }
 }
@@ -270,18 +294,64 @@ int64_t backward_rows_per_convert(int64_t C) {
   return C <= kShortC ? kShortBlock : std::max<int64_t>(1, kConvertBlock / C);
 }
 
+// Short rows without clusters: each row's statistics are broadcast over its elements, then the
+// whole block is one flat vector loop (a loop per row of C = 10 leaves most of a vector idle).
+// stats holds 4 kShortBlock x C arrays.
+template <typename acc_t>
+LK_ROW void backward_short_block(const acc_t* r, int64_t C, int64_t row0, int64_t n, const GradRows<acc_t>& in,
+                                 acc_t* g, acc_t* stats) {
+  acc_t* M = stats;
+  acc_t* LS = M + kShortBlock * C;
+  acc_t* HH = LS + kShortBlock * C;
+  acc_t* GH = HH + kShortBlock * C;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = row0 + i;
+    const acc_t m = in.lse[2 * row], log_s = in.lse[2 * row + 1], H = in.entropy[row];
+    const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[row] : acc_t(0);
+#pragma omp simd
+    for (int64_t j = 0; j < C; ++j) {
+      M[i * C + j] = m;
+      LS[i * C + j] = log_s;
+      HH[i * C + j] = H;
+      GH[i * C + j] = g_H;
+    }
+  }
+#pragma omp simd
+  for (int64_t k = 0; k < n * C; ++k) g[k] = entropy::gate_grad(r[k], M[k], LS[k], HH[k], GH[k], acc_t(0));
+}
+
+bool short_backward(int64_t C, bool routed) {
+  return C <= kShortC && !routed;
+}
+
+// Rows [b, b + n) of the block r (already in acc_t) into g.
+template <typename acc_t>
+LK_ROW void backward_block(const acc_t* r, int64_t C, int64_t b, int64_t n, const GradRows<acc_t>& in, acc_t* g,
+                           acc_t* stats) {
+  if (short_backward(C, in.grad_cluster != nullptr)) {
+    for (int64_t k = 0; k < n; k += kShortBlock) {
+      const int64_t rows = std::min(kShortBlock, n - k);
+      backward_short_block(r + k * C, C, b + k, rows, in, g + k * C, stats);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) backward_row(r + i * C, C, b + i, in, g + i * C);
+}
+
 template <typename scalar_t, typename acc_t>
-LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in, scalar_t* gx, acc_t* buf, acc_t* gbuf) {
+LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in,
+                               scalar_t* gx, acc_t* buf, acc_t* gbuf, acc_t* stats) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t i = begin; i < end; ++i) backward_row(x + i * C, C, i, in, gx + i * C);
+    backward_block(x + begin * C, C, begin, end - begin, in, gx + begin * C, stats);
   } else {
     const int64_t rows = backward_rows_per_convert(C);
     for (int64_t b = begin; b < end; b += rows) {
-      const int64_t len = std::min(rows, end - b) * C;
+      const int64_t n = std::min(rows, end - b);
+      const int64_t len = n * C;
       const scalar_t* src = x + b * C;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<acc_t>(src[k]);
-      for (int64_t k = 0; k < len; k += C) backward_row(buf + k, C, b + k / C, in, gbuf + k);
+      backward_block(buf, C, b, n, in, gbuf, stats);
       scalar_t* dst = gx + b * C;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) dst[k] = cpu::narrow<scalar_t>(gbuf[k]);
@@ -297,8 +367,9 @@ LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int6
     forward_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf, e);                                 \
   }                                                                                                    \
   LK_CPU_CLONES void backward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,          \
-                                   const GradRows<acc_t>& in, scalar_t* gx, acc_t* buf, acc_t* gbuf) { \
-    backward_rows_impl<scalar_t, acc_t>(x, C, begin, end, in, gx, buf, gbuf);                          \
+                                   const GradRows<acc_t>& in, scalar_t* gx, acc_t* buf, acc_t* gbuf,   \
+                                   acc_t* stats) {                                                     \
+    backward_rows_impl<scalar_t, acc_t>(x, C, begin, end, in, gx, buf, gbuf, stats);                   \
   }
 LK_BLOCK_FNS(float, float)
 LK_BLOCK_FNS(c10::Half, float)
@@ -415,7 +486,8 @@ at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor
       const int64_t scratch = std::is_same_v<scalar_t, acc_t> ? 0 : backward_rows_per_convert(C) * C;
       std::vector<acc_t> buf(scratch);
       std::vector<acc_t> gbuf(scratch);
-      backward_rows(xp, C, begin, end, in, gxp, buf.data(), gbuf.data());
+      std::vector<acc_t> stats(short_backward(C, routed) ? 4 * kShortBlock * C : 0);
+      backward_rows(xp, C, begin, end, in, gxp, buf.data(), gbuf.data(), stats.data());
     });
   });
   return gx;
