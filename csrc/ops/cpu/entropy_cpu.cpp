@@ -91,6 +91,7 @@ struct RowStats {
   bool has_nan;
   T s;
   T t;
+  int64_t argmax = -1;  // the prediction when already known; -1: scan the row for it
 };
 
 template <typename T>
@@ -159,7 +160,7 @@ LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int
   out.lse[2 * i + 1] = log_s;
   if (out.uncertain == nullptr) return;
   out.uncertain[i] = H >= out.threshold;
-  out.prediction[i] = row_argmax(r, C, st.m, st.has_nan);
+  out.prediction[i] = st.argmax >= 0 ? st.argmax : row_argmax(r, C, st.m, st.has_nan);
   if (out.clusters != nullptr) out.cluster[i] = cluster_bins(e, C, st.s, out.clusters, out.S, out.cluster_probs + i * out.S);
 }
 
@@ -177,7 +178,8 @@ LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64
 // kShortBlock rows, transposed, so that every step is a vertical vector loop across the rows of
 // the block; each row's sums still run in index order (a row's result does not depend on its
 // batch).
-constexpr int64_t kShortC = 32;
+constexpr int64_t kShortC = 32;        // backward: flat blocks up to here
+constexpr int64_t kShortForwardC = 128;  // forward: transposed blocks up to here
 constexpr int64_t kShortBlock = 64;  // rows per block: the scratch arrays stay in L1
 
 int64_t short_scratch(int64_t C) {
@@ -192,8 +194,8 @@ LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin,
   acc_t* vt = v + B * C;    // the block transposed: vt[j * B + i] = row i, class j
   acc_t* et = vt + B * C;   // exp(z - m), transposed (routed only)
   const bool routed = out.clusters != nullptr;
-  acc_t m[B], s[B], t[B], e_row[kShortC];
-  int32_t nan[B];
+  acc_t m[B], s[B], t[B], e_row[kShortForwardC];
+  int32_t nan[B], best[B], first_nan[B];  // torch.argmax's rule: the first NaN, else the first max
   for (int64_t b = begin; b < end; b += B) {
     const int64_t n = std::min(B, end - b);
     const acc_t* r;
@@ -211,6 +213,8 @@ LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin,
     for (int64_t i = 0; i < n; ++i) {
       m[i] = neg_inf<acc_t>();
       nan[i] = 0;
+      best[i] = 0;
+      first_nan[i] = -1;
       s[i] = acc_t(0);
       t[i] = acc_t(0);
     }
@@ -218,8 +222,11 @@ LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin,
       const acc_t* col = vt + j * B;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
+        const bool is_nan = col[i] != col[i];
+        best[i] = col[i] > m[i] ? static_cast<int32_t>(j) : best[i];
         m[i] = col[i] > m[i] ? col[i] : m[i];  // drops NaN, tracked separately
-        nan[i] |= static_cast<int32_t>(col[i] != col[i]);
+        first_nan[i] = is_nan && first_nan[i] < 0 ? static_cast<int32_t>(j) : first_nan[i];
+        nan[i] |= static_cast<int32_t>(is_nan);
       }
     }
     for (int64_t j = 0; j < C; ++j) {
@@ -238,7 +245,8 @@ LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin,
       if (routed) {
         for (int64_t j = 0; j < C; ++j) e_row[j] = et[j * B + i];
       }
-      write_row(out, b + i, r + i * C, C, RowStats<acc_t>{m[i], nan[i] != 0, s[i], t[i]}, e_row);
+      const int64_t argmax = nan[i] != 0 ? first_nan[i] : best[i];
+      write_row(out, b + i, r + i * C, C, RowStats<acc_t>{m[i], nan[i] != 0, s[i], t[i], argmax}, e_row);
     }
   }
 }
@@ -363,7 +371,7 @@ LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int6
 #define LK_BLOCK_FNS(scalar_t, acc_t)                                                                  \
   LK_CPU_CLONES void forward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,           \
                                   const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {                  \
-    if (C <= kShortC) return forward_short_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf);     \
+    if (C <= kShortForwardC) return forward_short_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf);     \
     forward_rows_impl<scalar_t, acc_t>(x, C, begin, end, out, buf, e);                                 \
   }                                                                                                    \
   LK_CPU_CLONES void backward_rows(const scalar_t* x, int64_t C, int64_t begin, int64_t end,          \
@@ -388,7 +396,7 @@ void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
     // Short rows use buf as their block scratch (forward_short_rows_impl).
-    std::vector<acc_t> buf(C <= kShortC ? short_scratch(C) : (std::is_same_v<scalar_t, acc_t> ? 0 : C));
+    std::vector<acc_t> buf(C <= kShortForwardC ? short_scratch(C) : (std::is_same_v<scalar_t, acc_t> ? 0 : C));
     std::vector<acc_t> e(out.clusters != nullptr ? C : 0);
     forward_rows(xp, C, begin, end, out, buf.data(), e.data());
   });
