@@ -99,6 +99,33 @@ def test_softmax_entropy_forward(device, dtype, shape):
     assert_close(out, ref64(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C", [10, 32, 33, 64, 65, 100, 128, 129])
+def test_block_sizes_and_batch_independence(device, dtype, C):
+    """Row counts and widths around the CPU kernels' row blocks (32/64 rows, C <= 32 / 64 / 128
+    paths): every output of entropy_gate matches the reference, ties and NaN rows included, and
+    a row's results do not depend on the rows batched with it."""
+    x = make_logits((97, C), torch.float32, device).to(dtype)
+    x[3, :] = 1.0  # a tie everywhere: prediction 0
+    x[40, C // 2] = math.nan
+    x[41, -1] = math.nan
+    x[70, :] = -INF
+    clusters = torch.arange(C, device=device) % 4
+    out = entropy_gate(x, 1.5, clusters, num_clusters=4)
+    ref = entropy_gate_ref(x.double(), 1.5, clusters, 4)
+    assert_close(out.entropy, ref.entropy.float())
+    assert_close(out.cluster_probs, ref.cluster_probs.float())
+    live = ~ref.entropy.isnan()
+    assert torch.equal(out.uncertain[live], ref.uncertain[live])
+    assert out.prediction.tolist() == ref.prediction.tolist()
+    assert out.prediction[40] == C // 2 and out.prediction[41] == C - 1 and out.prediction[3] == 0
+    for i in (0, 31, 63, 64, 96):
+        alone = entropy_gate(x[i : i + 1], 1.5, clusters, num_clusters=4)
+        assert torch.equal(alone.entropy, out.entropy[i : i + 1])
+        assert torch.equal(alone.cluster_probs, out.cluster_probs[i : i + 1])
+        assert torch.equal(softmax_entropy(x[i : i + 1]), softmax_entropy(x)[i : i + 1])
+
+
 @pytest.mark.parametrize("dim", [0, 1, -3])
 def test_softmax_entropy_dim_and_noncontiguous(device, dim):
     x = make_logits((6, 7, 8), torch.float32, device)

@@ -180,7 +180,13 @@ LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64
 // batch).
 constexpr int64_t kShortC = 32;        // backward: flat blocks up to here
 constexpr int64_t kShortForwardC = 128;  // forward: transposed blocks up to here
-constexpr int64_t kShortBlock = 64;  // rows per block: the scratch arrays stay in L1
+constexpr int64_t kShortBlock = 64;  // rows per block (at most): the scratch arrays stay in L1
+
+// Forward block rows: 64, or 32 past 64 classes, so that the transposed block and its exp
+// (2 x rows x C floats) stay within 32 KiB of L1 (64 rows at C = 100 made the forward 1.3x slower).
+int64_t forward_block_rows(int64_t C) {
+  return C <= 64 ? kShortBlock : kShortBlock / 2;
+}
 
 int64_t short_scratch(int64_t C) {
   return 3 * kShortBlock * C;
@@ -189,13 +195,14 @@ int64_t short_scratch(int64_t C) {
 template <typename scalar_t, typename acc_t>
 LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out,
                                     acc_t* scratch) {
-  constexpr int64_t B = kShortBlock;
+  const int64_t B = forward_block_rows(C);
   acc_t* v = scratch;       // the block in acc_t, row-major (half types only)
   acc_t* vt = v + B * C;    // the block transposed: vt[j * B + i] = row i, class j
   acc_t* et = vt + B * C;   // exp(z - m), transposed (routed only)
   const bool routed = out.clusters != nullptr;
-  acc_t m[B], s[B], t[B], e_row[kShortForwardC];
-  int32_t nan[B], best[B], first_nan[B];  // torch.argmax's rule: the first NaN, else the first max
+  acc_t m[kShortBlock], s[kShortBlock], t[kShortBlock], e_row[kShortForwardC];
+  // torch.argmax's rule: the first NaN, else the first max
+  int32_t nan[kShortBlock], best[kShortBlock], first_nan[kShortBlock];
   for (int64_t b = begin; b < end; b += B) {
     const int64_t n = std::min(B, end - b);
     const acc_t* r;
