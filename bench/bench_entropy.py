@@ -296,19 +296,6 @@ def run_case(
 # ----------------------------------------------------------------------------- report
 
 
-def summary_rows(rows: Sequence[dict]) -> list[dict]:
-    """One line per (op, clusters, dtype, n, c, mode) with the providers side by side."""
-    table: dict[tuple, dict] = {}
-    for r in rows:
-        line = table.setdefault(tuple(r[k] for k in KEY), {k: r[k] for k in KEY})
-        line[f"{r['provider']}_ms"] = r["time_ms"]
-        line[f"{r['provider']}_mb"] = r["peak_mem_mb"]
-        if r["provider"] == "ours":
-            line.update(vs_eager=r["speedup_vs_eager"], vs_compile=r["speedup_vs_compile"],
-                        gbps=r["gbps"], pct_peak=r["pct_peak"])  # fmt: skip
-    return list(table.values())
-
-
 def report(rows: list[dict], device: torch.device, out_dir: Path) -> str:
     columns = [
         ("op", "op"), ("clusters", "S"), ("dtype", "dtype"), ("n", "N"), ("c", "C"), ("mode", "mode"),
@@ -318,7 +305,8 @@ def report(rows: list[dict], device: torch.device, out_dir: Path) -> str:
     if common.peak_gbps(device):
         columns.append(("pct_peak", f"% of {common.peak_gbps(device):.0f} GB/s"))
     columns += [("ours_mb", "ours MiB"), ("eager_mb", "eager MiB"), ("compile_mb", "compile MiB")]
-    table = common.markdown_table(summary_rows(rows), columns)
+    ours_columns = ["speedup_vs_eager", "speedup_vs_compile", "gbps", "pct_peak"]
+    table = common.markdown_table(common.side_by_side(rows, KEY, ours_columns), columns)
     head = (f"Device `{common.device_slug(device)}` ({common.device_name(device)}), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, labelkit_ext HAS_OPS={labelkit_ext.HAS_OPS}. "
             "× = speed-up of ours (time of the other / time of ours); MiB = peak allocated by one call.")  # fmt: skip

@@ -545,6 +545,19 @@ def fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
+def side_by_side(rows: Sequence[dict], key: Sequence[str], ours: Sequence[str]) -> list[dict]:
+    """One line per ``key`` with every provider's ``<provider>_ms`` and ``<provider>_mb`` side by
+    side, plus the ``ours`` columns of ours' row (``speedup_vs_<x>`` is renamed ``vs_<x>``)."""
+    table: dict[tuple, dict] = {}
+    for r in rows:
+        line = table.setdefault(tuple(r[k] for k in key), {k: r[k] for k in key})
+        line[f"{r['provider']}_ms"] = r["time_ms"]
+        line[f"{r['provider']}_mb"] = r["peak_mem_mb"]
+        if r["provider"] == "ours":
+            line.update({c.replace("speedup_", ""): r[c] for c in ours})
+    return list(table.values())
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     """A GitHub markdown table of ``rows``; ``columns`` are (key, header) pairs."""
     head = "| " + " | ".join(h for _, h in columns) + " |"
