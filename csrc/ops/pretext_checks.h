@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace labelkit {
@@ -104,6 +106,51 @@ inline void check_rotate90_args(const at::Tensor& images, const at::Tensor& k) {
 // Output dtype of a tile op: the input's, except normalised uint8 tiles are float32.
 inline at::ScalarType tile_dtype(at::ScalarType in, bool normalize) {
   return normalize && in == at::kByte ? at::kFloat : in;
+}
+
+// ---- host-side argument preparation, shared by the CPU and CUDA kernels ----------------------
+
+// float64 images are computed in double, every other dtype in float.
+template <typename T>
+using pretext_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Strides of a 4-D tensor (passed by value to CUDA kernels).
+struct Strides4 {
+  int64_t n, c, h, w;
+};
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// Raw pointers to the (contiguous int64) index arguments of grid_tiles.
+struct TileArgs {
+  const int64_t* index;
+  const int64_t* table;
+  int64_t rows;
+  int64_t K;
+  const int64_t* offsets;  // null: centred tiles
+  bool by_cell;
+};
+
+// The index arguments made contiguous (kept alive here) and their TileArgs.
+struct TileInputs {
+  at::Tensor index;
+  at::Tensor table;
+  at::Tensor offsets;  // undefined when none
+  TileArgs args;
+};
+
+inline TileInputs tile_inputs(
+    const at::Tensor& index, const at::Tensor& table, const c10::optional<at::Tensor>& offsets, bool by_cell) {
+  TileInputs in;
+  in.index = index.contiguous();
+  in.table = table.contiguous();
+  if (offsets.has_value()) in.offsets = offsets->contiguous();
+  in.args = TileArgs{
+      in.index.data_ptr<int64_t>(), in.table.data_ptr<int64_t>(), in.table.size(0), in.table.size(1),
+      in.offsets.defined() ? in.offsets.data_ptr<int64_t>() : nullptr, by_cell};
+  return in;
 }
 
 }  // namespace labelkit

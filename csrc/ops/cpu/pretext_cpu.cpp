@@ -30,38 +30,8 @@ using pretext::TileStats;
 
 constexpr int64_t kGrainPixels = 1 << 14;  // pixels per parallel task, amortises scheduling
 
-// float64 images are computed in double, every other dtype in float.
 template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Raw pointers to the (contiguous int64) index arguments of grid_tiles.
-struct TileArgs {
-  const int64_t* index;
-  const int64_t* table;
-  int64_t rows;
-  int64_t K;
-  const int64_t* offsets;  // null: centred tiles
-  bool by_cell;
-};
-
-struct TileInputs {
-  at::Tensor index;
-  at::Tensor table;
-  at::Tensor offsets;  // undefined when none
-  TileArgs args;
-};
-
-TileInputs tile_inputs(
-    const at::Tensor& index, const at::Tensor& table, const c10::optional<at::Tensor>& offsets, bool by_cell) {
-  TileInputs in;
-  in.index = index.contiguous();
-  in.table = table.contiguous();
-  if (offsets.has_value()) in.offsets = offsets->contiguous();
-  in.args = TileArgs{
-      in.index.data_ptr<int64_t>(), in.table.data_ptr<int64_t>(), in.table.size(0), in.table.size(1),
-      in.offsets.defined() ? in.offsets.data_ptr<int64_t>() : nullptr, by_cell};
-  return in;
-}
+using acc_type = pretext_acc_t<T>;
 
 TileSource resolve_or_throw(const Geometry& g, const TileArgs& a, int64_t n, int64_t k, const char* op) {
   TileSource src{};
@@ -75,12 +45,6 @@ TileSource resolve_or_throw(const Geometry& g, const TileArgs& a, int64_t n, int
 int64_t task_grain(int64_t pixels_per_task) {
   return std::max<int64_t>(1, kGrainPixels / std::max<int64_t>(1, pixels_per_task));
 }
-
-// Strides of a 4-D tensor.
-struct Strides4 {
-  int64_t n, c, h, w;
-  explicit Strides4(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
-};
 
 // ---- forward ----------------------------------------------------------------------------------
 
@@ -139,7 +103,7 @@ void tiles_forward(
     const at::Tensor& images, const TileArgs& a, const Geometry& g, at::Tensor& out, const char* op) {
   using acc_t = acc_type<in_t>;
   const int64_t N = images.size(0), C = images.size(1), K = a.K, t = g.tile, plane = t * t;
-  const Strides4 s(images);
+  const Strides4 s = strides_of(images);
   const in_t* x = images.const_data_ptr<in_t>();
   out_t* y = out.data_ptr<out_t>();
   at::parallel_for(0, N * K, task_grain(C * plane), [&](int64_t begin, int64_t end) {
@@ -197,8 +161,8 @@ void tiles_backward(
     at::Tensor& gx) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = images.size(0), C = images.size(1), K = a.K, t = g.tile, plane = t * t;
-  const Strides4 s(images);
-  const Strides4 sg(gx);
+  const Strides4 s = strides_of(images);
+  const Strides4 sg = strides_of(gx);
   const scalar_t* x = images.const_data_ptr<scalar_t>();
   const scalar_t* gy = grad.const_data_ptr<scalar_t>();
   scalar_t* out = gx.data_ptr<scalar_t>();
@@ -378,8 +342,8 @@ void rotate_plane_rows(const T* src, int64_t sh, T* dst, int64_t dh, int64_t S, 
 template <typename T>
 void rotate_images(const at::Tensor& images, const int64_t* k, at::Tensor& out) {
   const int64_t N = images.size(0), C = images.size(1), S = images.size(2);
-  const Strides4 s(images);
-  const Strides4 so(out);
+  const Strides4 s = strides_of(images);
+  const Strides4 so = strides_of(out);
   const T* x = images.const_data_ptr<T>();
   T* y = out.data_ptr<T>();
   auto turns = [&](int64_t n) {

@@ -37,24 +37,7 @@ constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-struct TileArgs {
-  const int64_t* index;
-  const int64_t* table;
-  int64_t rows;
-  int64_t K;
-  const int64_t* offsets;  // null: centred tiles
-  bool by_cell;
-};
-
-struct Strides4 {
-  int64_t n, c, h, w;
-};
-
-Strides4 strides_of(const at::Tensor& t) {
-  return Strides4{t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
+using acc_type = pretext_acc_t<T>;
 
 __device__ __forceinline__ bool resolve(const Geometry& g, const TileArgs& a, int64_t n, int64_t k, TileSource& src) {
   return pretext::resolve_tile(g, a.index, a.table, a.rows, a.K, a.offsets, a.by_cell, n, k, src);
@@ -167,12 +150,6 @@ __global__ void __launch_bounds__(kThreads) tiles_normalize_kernel(
   }
 }
 
-TileArgs tile_args(const at::Tensor& index, const at::Tensor& table, const at::Tensor& offsets, bool by_cell) {
-  return TileArgs{
-      index.data_ptr<int64_t>(), table.data_ptr<int64_t>(), table.size(0), table.size(1),
-      offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr, by_cell};
-}
-
 at::Tensor grid_tiles_cuda(
     const at::Tensor& images,
     const at::Tensor& index,
@@ -187,9 +164,8 @@ at::Tensor grid_tiles_cuda(
   const int64_t N = images.size(0), C = images.size(1), K = table.size(1);
   at::Tensor out = at::empty({N, K, C, tile, tile}, images.options().dtype(tile_dtype(images.scalar_type(), normalize)));
   if (out.numel() == 0) return out;
-  const at::Tensor idx = index.contiguous(), tab = table.contiguous();
-  const at::Tensor off = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  const TileArgs a = tile_args(idx, tab, off, offsets_by_cell);
+  const TileInputs in = tile_inputs(index, table, offsets, offsets_by_cell);
+  const TileArgs& a = in.args;
   const Geometry g = pretext::make_geometry(images.size(2), images.size(3), grid, tile);
   const Strides4 s = strides_of(images);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -305,9 +281,8 @@ at::Tensor grid_tiles_backward_cuda(
   if (grad.numel() == 0) return gx.zero_();
   const int64_t N = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3), K = table.size(1);
   const at::Tensor g = grad.contiguous();
-  const at::Tensor idx = index.contiguous(), tab = table.contiguous();
-  const at::Tensor off = offsets.has_value() ? offsets->contiguous() : at::Tensor();
-  const TileArgs a = tile_args(idx, tab, off, offsets_by_cell);
+  const TileInputs in = tile_inputs(index, table, offsets, offsets_by_cell);
+  const TileArgs& a = in.args;
   const Geometry geo = pretext::make_geometry(H, W, grid, tile);
   const Strides4 s = strides_of(images), sg = strides_of(gx);
   auto stream = c10::cuda::getCurrentCUDAStream();
