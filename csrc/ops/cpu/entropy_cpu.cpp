@@ -16,6 +16,7 @@
 #include "ops/entropy_checks.h"
 #include "ops/cpu/fresh_output.h"
 #include "ops/cpu/narrow.h"
+#include "ops/cpu/row_moments.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The selects in ops/entropy.h vectorise only with -fno-trapping-math (set by setup.py and
@@ -58,22 +59,6 @@ LK_ROW T row_max_impl(const T* x, int64_t C, bool& has_nan) {
   return m;
 }
 
-// s = sum exp(x - m), t = sum exp(x - m) (x - m); with kStore also writes exp(x - m) to e_out.
-template <typename T, bool kStore>
-LK_ROW void row_moments_impl(const T* x, int64_t C, T m, T* e_out, T& s_out, T& t_out) {
-  T s = T(0);
-  T t = T(0);
-#pragma omp simd reduction(+ : s, t)
-  for (int64_t j = 0; j < C; ++j) {
-    T e, ed;
-    entropy::term(x[j], m, e, ed);
-    s += e;
-    t += ed;
-    if constexpr (kStore) e_out[j] = e;
-  }
-  s_out = s;
-  t_out = t;
-}
 
 // First index of the maximum; with a NaN in the row, the first NaN (torch.argmax's rule).
 template <typename T>
@@ -99,9 +84,9 @@ LK_ROW RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
   RowStats<T> st;
   st.m = row_max_impl(x, C, st.has_nan);
   if (e_out != nullptr) {
-    row_moments_impl<T, true>(x, C, st.m, e_out, st.s, st.t);
+    cpu::row_moments<T, true>(x, C, st.m, e_out, st.s, st.t);
   } else {
-    row_moments_impl<T, false>(x, C, st.m, nullptr, st.s, st.t);
+    cpu::row_moments<T, false>(x, C, st.m, nullptr, st.s, st.t);
   }
   return st;
 }

@@ -23,6 +23,7 @@
 #include "ops/entropy.h"
 #include "ops/scoring.h"
 #include "ops/scoring_checks.h"
+#include "ops/cpu/row_moments.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -107,21 +108,6 @@ Top2<T> row_top2(const T* x, int64_t C) {
   return r;
 }
 
-// Softmax moments (s, t) relative to m (ops/entropy.h's term).
-template <typename T>
-void row_moments(const T* x, int64_t C, T m, T& s_out, T& t_out) {
-  T s = T(0);
-  T t = T(0);
-#pragma omp simd reduction(+ : s, t)
-  for (int64_t j = 0; j < C; ++j) {
-    T e, ed;
-    entropy::term(x[j], m, e, ed);
-    s += e;
-    t += ed;
-  }
-  s_out = s;
-  t_out = t;
-}
 
 // -sum p log p with 0 log 0 = 0.
 template <typename T>
@@ -138,7 +124,7 @@ T uncertainty_row(Method method, const T* x, int64_t C, bool from_logits) {
   const Top2<T> top = row_top2(x, C);
   if (from_logits) {
     T s, t;
-    row_moments(x, C, top.v1, s, t);
+    cpu::row_moments<T, false>(x, C, top.v1, nullptr, s, t);
     return scoring::uncertainty_from_logit_stats(method, top.v1, top.v2, s, t, top.has_nan);
   }
   if (top.has_nan) return std::numeric_limits<T>::quiet_NaN();
@@ -166,7 +152,7 @@ bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T* log_p) {
   }
   const Top2<T> top = row_top2(x, C);
   T s, t;
-  row_moments(x, C, top.v1, s, t);
+  cpu::row_moments<T, false>(x, C, top.v1, nullptr, s, t);
   if (top.has_nan || !(s > T(0)) || s != s) return false;
   const T log_s = entropy::fast_log(s);
   for (int64_t j = 0; j < C; ++j) {
@@ -275,7 +261,7 @@ void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits
     return;
   }
   T s, t;
-  row_moments(x, C, top.v1, s, t);
+  cpu::row_moments<T, false>(x, C, top.v1, nullptr, s, t);
   const T log_s = entropy::fast_log(s);
   if (method == Method::kEntropy) {
     const T H = entropy::entropy_from(s, t);
