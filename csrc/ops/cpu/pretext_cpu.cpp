@@ -264,7 +264,7 @@ void rotate_strided_rows(const T* src, const Strides4& s, T* dst, const Strides4
 // Rows contiguous in source and output (the NCHW case). Quarter turns are transposes with a
 // flipped axis: k = 1 is the source transposed into the output rows bottom-up, k = 3 the source
 // read bottom-up, transposed. Transposes go in kTile x kTile blocks (a block's reads and writes
-// stay within kTile cache lines) of fixed size, which the compiler unrolls into register shuffles.
+// stay within kTile cache lines); float32, 16-bit and uint8 blocks are SSE register transposes.
 constexpr int64_t kTile = 8;
 
 #if defined(__GNUC__)
@@ -299,6 +299,55 @@ LK_INLINE void transpose_tile<float>(const float* src, int64_t ld_src, float* ds
       _mm_storeu_ps(d + 2 * ld_dst, r2);
       _mm_storeu_ps(d + 3 * ld_dst, r3);
     }
+}
+
+// 16-bit elements (float16, bfloat16): one 8 x 8 transpose in three rounds of unpacks.
+LK_INLINE void transpose_tile_16bit(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+  __m128i r[8], t[8], u[8];
+  for (int a = 0; a < 8; ++a) r[a] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + a * ld_src));
+  for (int a = 0; a < 8; a += 2) {
+    t[a] = _mm_unpacklo_epi16(r[a], r[a + 1]);      // columns 0-3 of rows a, a + 1
+    t[a + 1] = _mm_unpackhi_epi16(r[a], r[a + 1]);  // columns 4-7
+  }
+  for (int h = 0; h < 2; ++h)  // h: columns 0-3 or 4-7
+    for (int q = 0; q < 2; ++q) {  // q: rows 0-3 or 4-7
+      u[4 * h + 2 * q] = _mm_unpacklo_epi32(t[4 * q + h], t[4 * q + 2 + h]);
+      u[4 * h + 2 * q + 1] = _mm_unpackhi_epi32(t[4 * q + h], t[4 * q + 2 + h]);
+    }
+  for (int h = 0; h < 2; ++h)
+    for (int p = 0; p < 2; ++p) {  // u[4h + p] (rows 0-3) and u[4h + 2 + p] (rows 4-7): columns 4h + 2p, + 1
+      const int col = 4 * h + 2 * p;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + col * ld_dst), _mm_unpacklo_epi64(u[4 * h + p], u[4 * h + 2 + p]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (col + 1) * ld_dst),
+                       _mm_unpackhi_epi64(u[4 * h + p], u[4 * h + 2 + p]));
+    }
+}
+
+template <>
+LK_INLINE void transpose_tile<c10::Half>(const c10::Half* src, int64_t ld_src, c10::Half* dst, int64_t ld_dst) {
+  transpose_tile_16bit(reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
+}
+
+template <>
+LK_INLINE void transpose_tile<c10::BFloat16>(const c10::BFloat16* src, int64_t ld_src, c10::BFloat16* dst,
+                                             int64_t ld_dst) {
+  transpose_tile_16bit(reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
+}
+
+// uint8: rows as 8-byte halves, then unpacks of 8, 16 and 32 bits; each result holds two columns.
+template <>
+LK_INLINE void transpose_tile<uint8_t>(const uint8_t* src, int64_t ld_src, uint8_t* dst, int64_t ld_dst) {
+  __m128i r[8], t[4];
+  for (int a = 0; a < 8; ++a) r[a] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + a * ld_src));
+  for (int a = 0; a < 8; a += 2) t[a / 2] = _mm_unpacklo_epi8(r[a], r[a + 1]);  // rows a, a + 1 interleaved
+  const __m128i lo01 = _mm_unpacklo_epi16(t[0], t[1]), hi01 = _mm_unpackhi_epi16(t[0], t[1]);  // rows 0-3
+  const __m128i lo23 = _mm_unpacklo_epi16(t[2], t[3]), hi23 = _mm_unpackhi_epi16(t[2], t[3]);  // rows 4-7
+  const __m128i c[4] = {_mm_unpacklo_epi32(lo01, lo23), _mm_unpackhi_epi32(lo01, lo23),
+                        _mm_unpacklo_epi32(hi01, hi23), _mm_unpackhi_epi32(hi01, hi23)};
+  for (int p = 0; p < 4; ++p) {  // c[p] = columns 2p and 2p + 1, eight bytes each
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + 2 * p * ld_dst), c[p]);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (2 * p + 1) * ld_dst), _mm_unpackhi_epi64(c[p], c[p]));
+  }
 }
 #endif
 
