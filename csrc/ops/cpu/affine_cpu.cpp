@@ -371,58 +371,113 @@ at::Tensor affine_grid_sample_cpu(
 
 // ---- backward: θ ----------------------------------------------------------------------------
 
-// d loss / d θ of each sample: per output row the sums of dL/du (xn, 1) and dL/dv (xn, 1), turned
-// into that row's six partials; then a sum over rows in order.
+// θ: accumulate one channel's d sample / d (px, py), times the output gradient, into gpx / gpy.
+template <typename x_t, typename g_t, typename T>
+LK_ROW void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* off, T* const* sl, int64_t Wo,
+                            T* gpx, T* gpy) {
+  const int32_t* o0 = off[0];
+  const int32_t* o1 = off[1];
+  const int32_t* o2 = off[2];
+  const int32_t* o3 = off[3];
+  const T* fx = sl[0];
+  const T* fy = sl[1];
+#pragma omp simd
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    const T v0 = tap(xc, o0[ox], T(1));
+    const T v1 = tap(xc, o1[ox], T(1));
+    const T v2 = tap(xc, o2[ox], T(1));
+    const T v3 = tap(xc, o3[ox], T(1));
+    const T dpx = (T(1) - fy[ox]) * (v1 - v0) + fy[ox] * (v3 - v2);  // as af::bilinear_slope
+    const T dpy = (T(1) - fx[ox]) * (v2 - v0) + fx[ox] * (v3 - v1);
+    const T g = static_cast<T>(go[ox]);
+    gpx[ox] += g * dpx;
+    gpy[ox] += g * dpy;
+  }
+}
+
+#define LK_ROW_SLOPES(X, G)                                                                                       \
+  LK_CPU_CLONES void row_slopes(const X* xc, const G* go, const int32_t* const* off, float* const* sl, int64_t Wo, \
+                                float* gpx, float* gpy) {                                                         \
+    row_slopes_impl<X, G, float>(xc, go, off, sl, Wo, gpx, gpy);                                                  \
+  }
+LK_ROW_SLOPES(float, float)
+LK_ROW_SLOPES(c10::Half, c10::Half)
+LK_ROW_SLOPES(c10::BFloat16, c10::BFloat16)
+LK_ROW_SLOPES(float, c10::Half)
+LK_ROW_SLOPES(float, c10::BFloat16)
+#undef LK_ROW_SLOPES
+void row_slopes(const double* xc, const double* go, const int32_t* const* off, double* const* sl, int64_t Wo,
+                double* gpx, double* gpy) {
+  row_slopes_impl<double, double, double>(xc, go, off, sl, Wo, gpx, gpy);
+}
+
+// Row oy of channel c of sample n of the output gradient, with unit stride (through buf if not).
 template <typename scalar_t>
-at::Tensor theta_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& theta, const Geometry& g) {
+const scalar_t* grad_row(const scalar_t* gp, const at::Tensor& grad, int64_t n, int64_t c, int64_t oy, int64_t Wo,
+                         scalar_t* buf) {
+  const scalar_t* row = gp + n * grad.stride(0) + c * grad.stride(1) + oy * grad.stride(2);
+  const int64_t gW = grad.stride(3);
+  if (gW == 1) return row;
+  for (int64_t ox = 0; ox < Wo; ++ox) buf[ox] = row[ox * gW];
+  return buf;
+}
+
+// θ's six partials from output row oy, added to s[6]: Σ dL/du · sx · (xn, yn, 1) and the same for
+// v, with dL/du = gpx · du per pixel (gpx: the row's slopes summed over channels).
+template <typename T>
+void add_theta_row(const T* gpx, const T* gpy, const T* du, const T* dv, int64_t oy, const Geometry& g, double* s) {
+  double su_x = 0, su = 0, sv_x = 0, sv = 0;
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    const double gu = double(gpx[ox] * du[ox]);
+    const double gv = double(gpy[ox] * dv[ox]);
+    const double xn = af::base_coord<double>(ox, g.Wo, g.align);
+    su_x += gu * xn;
+    su += gu;
+    sv_x += gv * xn;
+    sv += gv;
+  }
+  const double sx = af::unnorm_scale<double>(g.W, g.align);
+  const double sy = af::unnorm_scale<double>(g.H, g.align);
+  const double yn = af::base_coord<double>(oy, g.Ho, g.align);
+  s[0] += sx * su_x;
+  s[1] += sx * yn * su;
+  s[2] += sx * su;
+  s[3] += sy * sv_x;
+  s[4] += sy * yn * sv;
+  s[5] += sy * sv;
+}
+
+// d loss / d θ of each sample (bilinear), rows in parallel: per output row the vectorised taps
+// and slopes, summed over channels, then the row's six partials; a sum over rows in order.
+template <typename scalar_t>
+at::Tensor theta_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& theta,
+                               const Geometry& g) {
   using T = coord_t<scalar_t>;
   const auto maps = sample_maps<T>(theta, g);
-  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
-  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  const at::Tensor x = fits_int32(x_in) ? x_in : x_in.contiguous();
+  TORCH_CHECK(fits_int32(x), "affine_grid_sample_backward: one image of ", x.sizes(), " exceeds 2^31 elements");
+  const int64_t sN = x.stride(0), sC = x.stride(1);
+  const int32_t sH = static_cast<int32_t>(x.stride(2)), sW = static_cast<int32_t>(x.stride(3));
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   std::vector<double> part(g.N * g.Ho * 6, 0.0);
-  const double sx = af::unnorm_scale<double>(g.W, g.align);
-  const double sy = af::unnorm_scale<double>(g.H, g.align);
   at::parallel_for(0, g.N * g.Ho, grain_rows(g.Wo * g.C), [&](int64_t begin, int64_t end) {
+    RowTaps<T> rt(g.Wo, true);
+    std::vector<T> gpx(g.Wo), gpy(g.Wo);
+    std::vector<scalar_t> row_buf(g.Wo);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.Ho;
       const int64_t oy = r % g.Ho;
       const af::PixelMap<T>& m = maps[n];
       if (!m.valid) continue;  // zeros
-      const scalar_t* xs = xp + n * sN;
-      const scalar_t* grow = gp + n * gN + oy * gH;
-      double su_x = 0, su = 0, sv_x = 0, sv = 0;
-      for (int64_t ox = 0; ox < g.Wo; ++ox) {
-        const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
-        const af::Taps<T> t = af::make_taps(p.px, p.py, g.H, g.W, sH, sW, g.mode);
-        T gpx = T(0), gpy = T(0);
-        for (int64_t c = 0; c < g.C; ++c) {
-          const scalar_t* xc = xs + c * sC;
-          T v[4];
-          for (int k = 0; k < 4; ++k) v[k] = t.in[k] ? static_cast<T>(xc[t.off[k]]) : T(0);
-          T dpx, dpy;
-          af::bilinear_slope(t, v, dpx, dpy);
-          const T go = static_cast<T>(grow[c * gC + ox * gW]);
-          gpx += go * dpx;
-          gpy += go * dpy;
-        }
-        const double gu = double(gpx * p.du);
-        const double gv = double(gpy * p.dv);
-        const double xn = af::base_coord<double>(ox, g.Wo, g.align);
-        su_x += gu * xn;
-        su += gu;
-        sv_x += gv * xn;
-        sv += gv;
+      row_taps(m, oy, g, sH, sW, rt);
+      std::fill(gpx.begin(), gpx.end(), T(0));
+      std::fill(gpy.begin(), gpy.end(), T(0));
+      for (int64_t c = 0; c < g.C; ++c) {
+        const scalar_t* go = grad_row(gp, grad, n, c, oy, g.Wo, row_buf.data());
+        row_slopes(xp + n * sN + c * sC, go, rt.off, rt.sl, g.Wo, gpx.data(), gpy.data());
       }
-      const double yn = af::base_coord<double>(oy, g.Ho, g.align);
-      double* pr = part.data() + r * 6;
-      pr[0] = sx * su_x;
-      pr[1] = sx * yn * su;
-      pr[2] = sx * su;
-      pr[3] = sy * sv_x;
-      pr[4] = sy * yn * sv;
-      pr[5] = sy * sv;
+      add_theta_row(gpx.data(), gpy.data(), rt.sl[2], rt.sl[3], oy, g, part.data() + r * 6);
     }
   });
   at::Tensor out = at::zeros({g.N, 2, 3}, theta.options().dtype(at::kDouble));
@@ -469,46 +524,6 @@ void input_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& theta, at::Te
 
 // ---- backward: both, one sample per task ----------------------------------------------------
 
-// θ: accumulate one channel's d sample / d (px, py), times the output gradient, into gpx / gpy.
-template <typename x_t, typename g_t, typename T>
-LK_ROW void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* off, T* const* sl, int64_t Wo,
-                            T* gpx, T* gpy) {
-  const int32_t* o0 = off[0];
-  const int32_t* o1 = off[1];
-  const int32_t* o2 = off[2];
-  const int32_t* o3 = off[3];
-  const T* fx = sl[0];
-  const T* fy = sl[1];
-#pragma omp simd
-  for (int64_t ox = 0; ox < Wo; ++ox) {
-    const T v0 = tap(xc, o0[ox], T(1));
-    const T v1 = tap(xc, o1[ox], T(1));
-    const T v2 = tap(xc, o2[ox], T(1));
-    const T v3 = tap(xc, o3[ox], T(1));
-    const T dpx = (T(1) - fy[ox]) * (v1 - v0) + fy[ox] * (v3 - v2);  // as af::bilinear_slope
-    const T dpy = (T(1) - fx[ox]) * (v2 - v0) + fx[ox] * (v3 - v1);
-    const T g = static_cast<T>(go[ox]);
-    gpx[ox] += g * dpx;
-    gpy[ox] += g * dpy;
-  }
-}
-
-#define LK_ROW_SLOPES(X, G)                                                                                       \
-  LK_CPU_CLONES void row_slopes(const X* xc, const G* go, const int32_t* const* off, float* const* sl, int64_t Wo, \
-                                float* gpx, float* gpy) {                                                         \
-    row_slopes_impl<X, G, float>(xc, go, off, sl, Wo, gpx, gpy);                                                  \
-  }
-LK_ROW_SLOPES(float, float)
-LK_ROW_SLOPES(c10::Half, c10::Half)
-LK_ROW_SLOPES(c10::BFloat16, c10::BFloat16)
-LK_ROW_SLOPES(float, c10::Half)
-LK_ROW_SLOPES(float, c10::BFloat16)
-#undef LK_ROW_SLOPES
-void row_slopes(const double* xc, const double* go, const int32_t* const* off, double* const* sl, int64_t Wo,
-                double* gpx, double* gpy) {
-  row_slopes_impl<double, double, double>(xc, go, off, sl, Wo, gpx, gpy);
-}
-
 // Input: scatter one channel's output gradient into its taps (scalar: taps of neighbouring
 // pixels collide). One tap at a time along the row: tap 1 of pixel ox is usually tap 0 of
 // pixel ox + 1, and adding both back to back would stall each add on the previous store.
@@ -537,7 +552,6 @@ void scatter_backward_cpu_impl(
   const auto maps = sample_maps<T>(theta, g);
   const int64_t sN = x.stride(0), sC = x.stride(1);
   const int32_t sH = static_cast<int32_t>(x.stride(2)), sW = static_cast<int32_t>(x.stride(3));
-  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
   // The accumulator has the input gradient's strides (gi is dense: the same extent per sample).
   const int64_t aC = gi.stride(1);
   const int32_t aH = static_cast<int32_t>(gi.stride(2)), aW = static_cast<int32_t>(gi.stride(3));
@@ -547,15 +561,13 @@ void scatter_backward_cpu_impl(
   constexpr bool kDirect = std::is_same_v<scalar_t, T>;
   const int64_t plane = g.C * g.H * g.W;
   const int taps = g.mode == af::kNearest ? 1 : 4;
-  const double sx = af::unnorm_scale<double>(g.W, g.align);
-  const double sy = af::unnorm_scale<double>(g.H, g.align);
   std::vector<double> th_grad(g.N * 6, 0.0);
   at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
     RowTaps<T> rt(g.Wo, need_theta);
     RowTaps<T> at_taps(same_layout ? 0 : g.Wo, false);
     RowTaps<T>& st = same_layout ? rt : at_taps;  // the scatter's taps
     std::vector<T> buf(kDirect ? 0 : plane);
-    std::vector<scalar_t> grow_buf(gW == 1 ? 0 : g.Wo);
+    std::vector<scalar_t> grow_buf(g.Wo);
     std::vector<T> gpx(need_theta ? g.Wo : 0), gpy(need_theta ? g.Wo : 0);
     SampleCopy<scalar_t> copy(x);
     const bool from_copy = need_theta && SampleCopy<scalar_t>::worth_it(g.Ho * g.Wo, g);
@@ -571,11 +583,7 @@ void scatter_backward_cpu_impl(
         std::fill(gpx.begin(), gpx.end(), T(0));
         std::fill(gpy.begin(), gpy.end(), T(0));
         for (int64_t c = 0; c < g.C; ++c) {
-          const scalar_t* go = gp + n * gN + c * gC + oy * gH;
-          if (gW != 1) {
-            for (int64_t ox = 0; ox < g.Wo; ++ox) grow_buf[ox] = go[ox * gW];
-            go = grow_buf.data();
-          }
+          const scalar_t* go = grad_row(gp, grad, n, c, oy, g.Wo, grow_buf.data());
           if (xf != nullptr) {
             row_slopes(xf + c * sC, go, rt.off, rt.sl, g.Wo, gpx.data(), gpy.data());
           } else if (need_theta) {
@@ -583,25 +591,7 @@ void scatter_backward_cpu_impl(
           }
           row_scatter(go, st.off, st.w, g.Wo, taps, acc + c * aC);
         }
-        if (need_theta) {
-          double su_x = 0, su = 0, sv_x = 0, sv = 0;
-          for (int64_t ox = 0; ox < g.Wo; ++ox) {
-            const double gu = double(gpx[ox] * rt.sl[2][ox]);
-            const double gv = double(gpy[ox] * rt.sl[3][ox]);
-            const double xn = af::base_coord<double>(ox, g.Wo, g.align);
-            su_x += gu * xn;
-            su += gu;
-            sv_x += gv * xn;
-            sv += gv;
-          }
-          const double yn = af::base_coord<double>(oy, g.Ho, g.align);
-          s[0] += sx * su_x;
-          s[1] += sx * yn * su;
-          s[2] += sx * su;
-          s[3] += sy * sv_x;
-          s[4] += sy * yn * sv;
-          s[5] += sy * sv;
-        }
+        if (need_theta) add_theta_row(gpx.data(), gpy.data(), rt.sl[2], rt.sl[3], oy, g, s);
       }
       for (int k = 0; k < 6; ++k) th_grad[n * 6 + k] = s[k];
       if constexpr (!kDirect) {
