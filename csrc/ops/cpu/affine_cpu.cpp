@@ -1,11 +1,13 @@
 // CPU kernels of the affine grid-sample op (math in ops/affine.h). Work is split over
 // (sample, row) pairs with at::parallel_for. Forward: the taps of an output row are computed
-// once into small buffers, then every channel runs a tight weighted-gather loop over them
-// (vectorised, ISA clones). Backward, deterministic either way (no thread ever writes where
+// once into small buffers, then the gathers run over them (vectorised, ISA clones): for three
+// channels or more over a pixel-major copy of the sample (a tap is one vector of channels),
+// else one channel at a time. Backward, deterministic either way (no thread ever writes where
 // another one does, and every sum has a fixed order): with at least as many samples as threads,
-// one pass per sample scatters the input gradient and sums θ's; otherwise θ-gradient partial
-// sums per output row (reduced per sample in row order) and the input gradient as a gather per
-// input pixel (ops/affine.h gather_taps, the CUDA kernel's algorithm).
+// one pass per sample scatters the input gradient and sums θ's (pixel-major from two channels);
+// otherwise θ-gradient partial sums per output row (reduced per sample in row order) and the
+// input gradient as a gather per input pixel (ops/affine.h gather_taps, the CUDA kernel's
+// algorithm).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +21,7 @@
 #include "ops/affine_checks.h"
 #include "ops/cpu/fresh_output.h"
 #include "ops/cpu/narrow.h"
+#include "ops/cpu/transpose.h"
 
 namespace labelkit {
 namespace {
@@ -268,20 +271,22 @@ bool fits_int32(const at::Tensor& x) {
   return span < (int64_t(1) << 31) - 1;
 }
 
-// A float copy of one float16/bfloat16 sample, at the sample's own strides, so that the tap
-// offsets stay valid: 16-bit elements have no vector gather, 32-bit ones do. Worth it when the
-// output pixels read from the copy are at least as many as the sample's pixels.
+// A float copy of one sample, at the sample's own strides so that the tap offsets stay valid,
+// made by one sequential pass: float16/bfloat16 have no vector gather (32-bit elements do), and
+// even a float32 image gathers faster from a cache-resident copy than from memory, where a
+// rotated row misses on every input row it crosses (float32 64x3x224x224 forward 18 -> 10.5 ms).
+// Worth it when the output pixels read from the copy are at least as many as the sample's pixels
+// (as is PixelMajorCopy).
 template <typename scalar_t>
 class SampleCopy {
  public:
-  static constexpr bool kHalf = std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
-  using value_t = std::conditional_t<kHalf, float, scalar_t>;  // never made for other types
+  static constexpr bool kCopy = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half> ||
+                                std::is_same_v<scalar_t, c10::BFloat16>;
+  using value_t = std::conditional_t<kCopy, float, scalar_t>;  // never made for double
 
   explicit SampleCopy(const at::Tensor& x)
       : C_(x.size(1)), H_(x.size(2)), W_(x.size(3)), sC_(x.stride(1)), sH_(x.stride(2)), sW_(x.stride(3)),
-        buf_(kHalf ? (C_ - 1) * sC_ + (H_ - 1) * sH_ + (W_ - 1) * sW_ + 1 : 0) {}
-
-  static bool worth_it(int64_t out_pixels, const Geometry& g) { return kHalf && out_pixels >= g.H * g.W; }
+        buf_(kCopy ? (C_ - 1) * sC_ + (H_ - 1) * sH_ + (W_ - 1) * sW_ + 1 : 0) {}
 
   // The copy of the sample at xs (made once per sample in a row).
   const value_t* of(const scalar_t* xs) {
@@ -302,6 +307,232 @@ class SampleCopy {
   const scalar_t* src_ = nullptr;
 };
 
+// ---- pixel-major ------------------------------------------------------------------------------
+// A pixel's channels lie contiguous in an [H*W, P] copy of the sample (P = the pixel stride, C
+// rounded up to 4; padding lanes hold zeros): a tap is then a vector load instead of a gather,
+// and the backward's scatter a vector add into an [H*W, P] accumulator, free of collisions
+// inside the vector. One extra pixel of zeros at the end (the null pixel) stands for every
+// out-of-image tap, so no tap needs a select. P = 4 (C <= 4: RGB, grayscale) has its own
+// fixed-width row kernels.
+int64_t pixel_stride(int64_t C) {
+  return (C + 3) / 4 * 4;
+}
+
+bool pixel_major(const Geometry& g) {
+  return (g.H * g.W + 1) * pixel_stride(g.C) < (int64_t(1) << 31) - 1;
+}
+
+// Pixel-major from this many channels: below, the per-channel row gathers and scatter win (a
+// grayscale image would fill one lane of four).
+constexpr int64_t kPixelMajorForward = 3;
+
+constexpr int64_t kPixelMajorBackward = 2;
+constexpr int64_t kStagePixels = 512;  // float16/bfloat16 widened or narrowed this many at a time
+
+// dst[i * P + j] = src[j * s_c + i], j < cols: planar rows (row stride ld) to pixel-major.
+template <typename T>
+void rows_to_pixels(const T* src, int64_t ld, int64_t cols, int64_t n, T* dst, int64_t P) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (P == 4) return cpu::planes_to_quads(src, ld, cols, n, dst);
+  }
+  cpu::transpose_rows(src, ld, dst, P, cols, 0, n);
+}
+
+// The inverse: dst[j * ld + i] = src[i * P + j], j < rows.
+template <typename T>
+void pixels_to_rows(const T* src, int64_t P, int64_t rows, int64_t n, T* dst, int64_t ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (P == 4) return cpu::quads_to_planes(src, rows, n, dst, ld);
+  }
+  cpu::transpose_rows(src, P, dst, ld, n, 0, rows);
+}
+
+// dst[i * P + j] = src[j * s_c + i * s_i] for j < C: n pixels of any layout as pixel-major rows.
+// Planar pixels (s_i = 1) go through blocked transposes, kTile channels at a time so that only
+// kTile source rows stream at once (all C at once defeat the prefetcher); float16/bfloat16 are
+// widened first into stage.
+template <typename scalar_t, typename T>
+void to_pixel_major(const scalar_t* src, int64_t n, int64_t C, int64_t s_i, int64_t s_c, T* dst, int64_t P,
+                    std::vector<T>& stage) {
+  if (s_i == 1 && s_c != 1) {
+    for (int64_t j = 0; j < C; j += cpu::kTile) {
+      const int64_t cols = std::min(cpu::kTile, C - j);
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        rows_to_pixels(src + j * s_c, s_c, cols, n, dst + j, P);
+      } else {
+        stage.resize(kStagePixels * cols);
+        for (int64_t i0 = 0; i0 < n; i0 += kStagePixels) {
+          const int64_t m = std::min(kStagePixels, n - i0);
+          for (int64_t k = 0; k < cols; ++k)
+            for (int64_t i = 0; i < m; ++i) stage[k * m + i] = static_cast<T>(src[(j + k) * s_c + i0 + i]);
+          rows_to_pixels(stage.data(), m, cols, m, dst + i0 * P + j, P);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < C; ++j) dst[i * P + j] = static_cast<T>(src[i * s_i + j * s_c]);
+}
+
+// The inverse: dst[j * s_c + i * s_i] = src[i * P + j], narrowed to the output type.
+template <typename T, typename scalar_t>
+void from_pixel_major(const T* src, int64_t P, int64_t n, int64_t C, int64_t s_i, int64_t s_c, scalar_t* dst,
+                      std::vector<T>& stage) {
+  if (s_i == 1 && s_c != 1) {
+    for (int64_t j = 0; j < C; j += cpu::kTile) {
+      const int64_t rows = std::min(cpu::kTile, C - j);
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        pixels_to_rows(src + j, P, rows, n, dst + j * s_c, s_c);
+      } else {
+        stage.resize(kStagePixels * rows);
+        for (int64_t i0 = 0; i0 < n; i0 += kStagePixels) {
+          const int64_t m = std::min(kStagePixels, n - i0);
+          pixels_to_rows(src + i0 * P + j, P, rows, m, stage.data(), m);
+          for (int64_t k = 0; k < rows; ++k)
+            for (int64_t i = 0; i < m; ++i) dst[(j + k) * s_c + i0 + i] = cpu::narrow<scalar_t>(stage[k * m + i]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < C; ++j) dst[i * s_i + j * s_c] = cpu::narrow<scalar_t>(src[i * P + j]);
+}
+
+// A whole [C, H, W] sample (strides sC, sH, sW) to or from pixel-major [H * W, P]: one run of
+// H * W pixels when its rows are back to back (either dense layout), else row by row.
+template <typename scalar_t, typename T>
+void plane_to_pixel_major(const scalar_t* src, int64_t C, int64_t H, int64_t W, int64_t sC, int64_t sH, int64_t sW,
+                          T* dst, int64_t P, std::vector<T>& stage) {
+  if (sH == W * sW) return to_pixel_major(src, H * W, C, sW, sC, dst, P, stage);
+  for (int64_t y = 0; y < H; ++y) to_pixel_major(src + y * sH, W, C, sW, sC, dst + y * W * P, P, stage);
+}
+
+template <typename T, typename scalar_t>
+void plane_from_pixel_major(const T* src, int64_t P, int64_t C, int64_t H, int64_t W, int64_t sC, int64_t sH,
+                            int64_t sW, scalar_t* dst, std::vector<T>& stage) {
+  if (sH == W * sW) return from_pixel_major(src, P, H * W, C, sW, sC, dst, stage);
+  for (int64_t y = 0; y < H; ++y) from_pixel_major(src + y * W * P, P, W, C, sW, sC, dst + y * sH, stage);
+}
+
+// The [H*W + 1, P] copy of one sample (last pixel: the null pixel), made once per sample.
+template <typename scalar_t>
+class PixelMajorCopy {
+ public:
+  using T = coord_t<scalar_t>;
+  PixelMajorCopy(const at::Tensor& x, bool needed)
+      : C_(x.size(1)), H_(x.size(2)), W_(x.size(3)), sC_(x.stride(1)), sH_(x.stride(2)), sW_(x.stride(3)),
+        P_(pixel_stride(C_)), buf_(needed ? (H_ * W_ + 1) * P_ : 0, T(0)) {}
+
+  const T* of(const scalar_t* xs) {
+    if (xs != src_) {
+      plane_to_pixel_major(xs, C_, H_, W_, sC_, sH_, sW_, buf_.data(), P_, stage_);
+      src_ = xs;
+    }
+    return buf_.data();
+  }
+
+ private:
+  int64_t C_, H_, W_, sC_, sH_, sW_, P_;
+  std::vector<T> buf_, stage_;
+  const scalar_t* src_ = nullptr;
+};
+
+// Taps of one row over pixel-major planes: out-of-image taps (offset -1) read the null pixel.
+template <typename T>
+LK_ROW const T* pixel_at(const T* plane, int32_t o, int32_t null) {
+  return plane + (o < 0 ? null : o);
+}
+
+// out[ox * P + c] for one output row: each pixel's taps are P-long vector loads. kP: P fixed at
+// compile time, or 0 (runtime P).
+template <typename T, int kTaps, int kP>
+LK_ROW void pixel_row_gather_impl(const T* xb, int32_t null, const int32_t* const* off, const T* const* w, int64_t Wo,
+                                  int64_t P_rt, T* out) {
+  const int64_t P = kP > 0 ? kP : P_rt;
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    T* dst = out + ox * P;
+    const T* p0 = pixel_at(xb, off[0][ox], null);
+    const T w0 = w[0][ox];
+    if constexpr (kTaps == 1) {
+#pragma omp simd
+      for (int64_t c = 0; c < P; ++c) dst[c] = w0 * p0[c];
+    } else {
+      const T* p1 = pixel_at(xb, off[1][ox], null);
+      const T* p2 = pixel_at(xb, off[2][ox], null);
+      const T* p3 = pixel_at(xb, off[3][ox], null);
+      const T w1 = w[1][ox], w2 = w[2][ox], w3 = w[3][ox];
+#pragma omp simd
+      for (int64_t c = 0; c < P; ++c) {
+        T acc = w0 * p0[c];
+        acc += w1 * p1[c];
+        acc += w2 * p2[c];
+        acc += w3 * p3[c];
+        dst[c] = acc;
+      }
+    }
+  }
+}
+
+// Backward of one output row, gradient go[ox * P + c]: θ's slopes summed over the channels into
+// gpx/gpy (when sl is set; bilinear), and the gradient scattered into the taps' pixels of acc.
+template <typename T, int kP>
+LK_ROW void pixel_row_backward_impl(const T* xb, const T* go, int32_t null, const int32_t* const* off,
+                                    const T* const* w, const T* const* sl, int64_t Wo, int64_t P_rt, int taps, T* acc,
+                                    T* gpx, T* gpy) {
+  const int64_t P = kP > 0 ? kP : P_rt;
+  for (int64_t ox = 0; ox < Wo; ++ox) {
+    const T* g = go + ox * P;
+    int32_t o[4];
+    for (int k = 0; k < taps; ++k) o[k] = off[k][ox] < 0 ? null : off[k][ox];
+    if (sl != nullptr) {
+      const T* v0 = xb + o[0];
+      const T* v1 = xb + o[1];
+      const T* v2 = xb + o[2];
+      const T* v3 = xb + o[3];
+      const T fx = sl[0][ox], fy = sl[1][ox];
+      T sx = 0, sy = 0;
+#pragma omp simd reduction(+ : sx, sy)
+      for (int64_t c = 0; c < P; ++c) {
+        const T dpx = (T(1) - fy) * (v1[c] - v0[c]) + fy * (v3[c] - v2[c]);  // as af::bilinear_slope
+        const T dpy = (T(1) - fx) * (v2[c] - v0[c]) + fx * (v3[c] - v1[c]);
+        sx += g[c] * dpx;
+        sy += g[c] * dpy;
+      }
+      gpx[ox] = sx;
+      gpy[ox] = sy;
+    }
+    for (int k = 0; k < taps; ++k) {
+      T* a = acc + o[k];
+      const T wk = w[k][ox];
+#pragma omp simd
+      for (int64_t c = 0; c < P; ++c) a[c] += wk * g[c];
+    }
+  }
+}
+
+#define LK_PIXEL_ROWS(T)                                                                                           \
+  LK_CPU_CLONES void pixel_row_gather(const T* xb, int32_t null, const int32_t* const* off, const T* const* w,    \
+                                      int64_t Wo, int64_t P, int taps, T* out) {                                   \
+    if (P == 4) {                                                                                                  \
+      taps == 1 ? pixel_row_gather_impl<T, 1, 4>(xb, null, off, w, Wo, P, out)                                     \
+                : pixel_row_gather_impl<T, 4, 4>(xb, null, off, w, Wo, P, out);                                    \
+    } else {                                                                                                       \
+      taps == 1 ? pixel_row_gather_impl<T, 1, 0>(xb, null, off, w, Wo, P, out)                                     \
+                : pixel_row_gather_impl<T, 4, 0>(xb, null, off, w, Wo, P, out);                                    \
+    }                                                                                                              \
+  }                                                                                                                \
+  LK_CPU_CLONES void pixel_row_backward(const T* xb, const T* go, int32_t null, const int32_t* const* off,         \
+                                        const T* const* w, const T* const* sl, int64_t Wo, int64_t P, int taps,    \
+                                        T* acc, T* gpx, T* gpy) {                                                  \
+    P == 4 ? pixel_row_backward_impl<T, 4>(xb, go, null, off, w, sl, Wo, P, taps, acc, gpx, gpy)                  \
+           : pixel_row_backward_impl<T, 0>(xb, go, null, off, w, sl, Wo, P, taps, acc, gpx, gpy);                 \
+  }
+LK_PIXEL_ROWS(float)
+LK_PIXEL_ROWS(double)
+#undef LK_PIXEL_ROWS
+
 template <typename scalar_t>
 void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tensor& out, const Geometry& g) {
   using T = coord_t<scalar_t>;
@@ -315,21 +546,33 @@ void forward_cpu_impl(const at::Tensor& x_in, const at::Tensor& theta, at::Tenso
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool nearest = g.mode == af::kNearest;
+  const bool by_pixel = g.C >= kPixelMajorForward && pixel_major(g);
+  const int64_t P = pixel_stride(g.C);
+  const int32_t null = static_cast<int32_t>(g.H * g.W * P);  // the null pixel of a pixel-major copy
   at::parallel_for(0, g.N * g.Ho, grain_rows(g.Wo * g.C), [&](int64_t begin, int64_t end) {
     RowTaps<T> rt(g.Wo, false);
     SampleCopy<scalar_t> copy(x);
+    PixelMajorCopy<scalar_t> pixels(x, by_pixel);
+    std::vector<T> pixel_row(by_pixel ? g.Wo * P : 0), stage;
     std::vector<scalar_t> row(oW == 1 ? 0 : g.Wo);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = r / g.Ho;
       const int64_t oy = r % g.Ho;
       const af::PixelMap<T>& m = maps[n];
       const int64_t rows_here = std::min(end, (n + 1) * g.Ho) - std::max(begin, n * g.Ho);  // of sample n
-      const bool from_copy = SampleCopy<scalar_t>::worth_it(rows_here * g.Wo, g);
+      const bool many_rows = rows_here * g.Wo >= g.H * g.W;  // worth a copy of the sample
+      const bool from_copy = SampleCopy<scalar_t>::kCopy && many_rows;
       scalar_t* orow = op + n * oN + oy * oH;
       if (!m.valid) {
         for (int64_t c = 0; c < g.C; ++c) {
           for (int64_t ox = 0; ox < g.Wo; ++ox) orow[c * oC + ox * oW] = scalar_t(0);
         }
+        continue;
+      }
+      if (by_pixel && many_rows) {
+        row_taps(m, oy, g, static_cast<int32_t>(g.W * P), static_cast<int32_t>(P), rt);
+        pixel_row_gather(pixels.of(xp + n * sN), null, rt.off, rt.w, g.Wo, P, nearest ? 1 : 4, pixel_row.data());
+        from_pixel_major(pixel_row.data(), P, g.Wo, g.C, oW, oC, orow, stage);
         continue;
       }
       row_taps(m, oy, g, sH, sW, rt);
@@ -522,6 +765,11 @@ void input_grad_cpu_impl(const at::Tensor& grad, const at::Tensor& theta, at::Te
   });
 }
 
+// θ's gradient [N, 2, 3] in θ's dtype from the per-sample sums.
+at::Tensor theta_grad_tensor(const std::vector<double>& sums, const Geometry& g, const at::Tensor& theta) {
+  return at::tensor(sums, at::TensorOptions().dtype(at::kDouble)).view({g.N, 2, 3}).to(theta.scalar_type());
+}
+
 // ---- backward: both, one sample per task ----------------------------------------------------
 
 // Input: scatter one channel's output gradient into its taps (scalar: taps of neighbouring
@@ -540,10 +788,10 @@ void row_scatter(const scalar_t* go, const int32_t* const* off, T* const* w, int
 
 // Both gradients in one pass over the output, one sample per task: each task owns its sample's
 // input gradient, so the scatter is race-free and its order fixed (deterministic). Used when
-// there are at least as many samples as threads; float16/bfloat16 accumulate in a float32 copy.
-// Per output row the taps (and θ's slopes) are formed vectorised, as the forward's, then each
-// channel's gradient row is scattered into the taps. Planes past 32-bit offsets take the
-// gather path instead (see fits_int32).
+// there are at least as many samples as threads, for one channel (else pixel-major, below);
+// float16/bfloat16 accumulate in a float32 copy. Per output row the taps (and θ's slopes) are
+// formed vectorised, as the forward's, then each channel's gradient row is scattered into the
+// taps. Planes past 32-bit offsets take the gather path instead (see fits_int32).
 template <typename scalar_t>
 void scatter_backward_cpu_impl(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& theta, at::Tensor& gi, at::Tensor& gt,
@@ -570,7 +818,7 @@ void scatter_backward_cpu_impl(
     std::vector<scalar_t> grow_buf(g.Wo);
     std::vector<T> gpx(need_theta ? g.Wo : 0), gpy(need_theta ? g.Wo : 0);
     SampleCopy<scalar_t> copy(x);
-    const bool from_copy = need_theta && SampleCopy<scalar_t>::worth_it(g.Ho * g.Wo, g);
+    const bool from_copy = need_theta && SampleCopy<scalar_t>::kCopy && g.Ho * g.Wo >= g.H * g.W;
     for (int64_t n = begin; n < end; ++n) {
       const af::PixelMap<T>& m = maps[n];
       const auto* xf = from_copy && m.valid ? copy.of(xp + n * sN) : nullptr;
@@ -600,11 +848,50 @@ void scatter_backward_cpu_impl(
       }
     }
   });
-  if (need_theta) {
-    gt = at::from_blob(th_grad.data(), {g.N, 2, 3}, at::TensorOptions().dtype(at::kDouble))
-             .to(theta.scalar_type())
-             .clone();
-  }
+  if (need_theta) gt = theta_grad_tensor(th_grad, g, theta);
+}
+
+// Both gradients, one sample per task as above, over pixel-major copies of the sample, of its
+// output gradient and of its input gradient (see pixel_major): a tap is a vector of channels.
+template <typename scalar_t>
+void pixel_major_backward_cpu_impl(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& theta, at::Tensor& gi, at::Tensor& gt,
+    const Geometry& g, bool need_theta) {
+  using T = coord_t<scalar_t>;
+  const auto maps = sample_maps<T>(theta, g);
+  const int64_t gN = grad.stride(0), gC = grad.stride(1), gH = grad.stride(2), gW = grad.stride(3);
+  const int64_t iN = gi.stride(0), iC = gi.stride(1), iH = gi.stride(2), iW = gi.stride(3);
+  const int64_t P = pixel_stride(g.C);
+  const int32_t pH = static_cast<int32_t>(g.W * P), pW = static_cast<int32_t>(P);  // pixel-major strides
+  const int32_t null = static_cast<int32_t>(g.H * g.W * P);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+  scalar_t* ip = gi.mutable_data_ptr<scalar_t>();
+  const int taps = g.mode == af::kNearest ? 1 : 4;
+  std::vector<double> th_grad(g.N * 6, 0.0);
+  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+    RowTaps<T> rt(g.Wo, need_theta);
+    PixelMajorCopy<scalar_t> pixels(x, need_theta);
+    std::vector<T> acc((g.H * g.W + 1) * P);  // + the null pixel, where out-of-image taps go
+    std::vector<T> go(g.Ho * g.Wo * P, T(0)), stage;  // the sample's output gradient (padding lanes 0)
+    std::vector<T> gpx(g.Wo), gpy(g.Wo);
+    for (int64_t n = begin; n < end; ++n) {
+      const af::PixelMap<T>& m = maps[n];
+      const T* xb = need_theta && m.valid ? pixels.of(xp + n * x.stride(0)) : nullptr;
+      std::fill(acc.begin(), acc.end(), T(0));
+      double s[6] = {0, 0, 0, 0, 0, 0};
+      if (m.valid) plane_to_pixel_major(gp + n * gN, g.C, g.Ho, g.Wo, gC, gH, gW, go.data(), P, stage);
+      for (int64_t oy = 0; m.valid && oy < g.Ho; ++oy) {
+        row_taps(m, oy, g, pH, pW, rt);
+        pixel_row_backward(xb, go.data() + oy * g.Wo * P, null, rt.off, rt.w, xb != nullptr ? rt.sl : nullptr, g.Wo, P, taps,
+                           acc.data(), gpx.data(), gpy.data());
+        if (xb != nullptr) add_theta_row(gpx.data(), gpy.data(), rt.sl[2], rt.sl[3], oy, g, s);
+      }
+      for (int k = 0; k < 6; ++k) th_grad[n * 6 + k] = s[k];
+      plane_from_pixel_major(acc.data(), P, g.C, g.H, g.W, iC, iH, iW, ip + n * iN, stage);
+    }
+  });
+  if (need_theta) gt = theta_grad_tensor(th_grad, g, theta);
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(
@@ -628,6 +915,10 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "affine_grid_sample_backward_cpu", [&] {
     const bool need_theta = output_mask[1] && mode == af::kBilinear;
+    if (output_mask[0] && g.N >= at::get_num_threads() && pixel_major(g) && g.C >= kPixelMajorBackward) {
+      pixel_major_backward_cpu_impl<scalar_t>(go, input, theta, gi, gt, g, need_theta);
+      return;
+    }
     if (output_mask[0] && g.N >= at::get_num_threads() && fits_int32(input) && fits_int32(gi)) {
       scatter_backward_cpu_impl<scalar_t>(go, input, theta, gi, gt, g, need_theta);
       return;
