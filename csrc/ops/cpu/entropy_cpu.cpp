@@ -45,21 +45,6 @@ int64_t row_grain(int64_t C) {
 
 // ---- row primitives, generic over the accumulation type -------------------------------------
 
-template <typename T>
-LK_ROW T row_max_impl(const T* x, int64_t C, bool& has_nan) {
-  T m = neg_inf<T>();
-  int32_t any_nan = 0;
-#pragma omp simd reduction(max : m) reduction(| : any_nan)
-  for (int64_t j = 0; j < C; ++j) {
-    const T v = x[j];
-    m = v > m ? v : m;  // drops NaN, tracked separately
-    any_nan |= static_cast<int32_t>(v != v);
-  }
-  has_nan = any_nan != 0;
-  return m;
-}
-
-
 // First index of the maximum; with a NaN in the row, the first NaN (torch.argmax's rule).
 template <typename T>
 LK_ROW int64_t row_argmax(const T* x, int64_t C, T m, bool has_nan) {
@@ -82,7 +67,7 @@ struct RowStats {
 template <typename T>
 LK_ROW RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
   RowStats<T> st;
-  st.m = row_max_impl(x, C, st.has_nan);
+  st.m = cpu::row_max(x, C, st.has_nan);
   if (e_out != nullptr) {
     cpu::row_moments<T, true>(x, C, st.m, e_out, st.s, st.t);
   } else {
@@ -91,14 +76,14 @@ LK_ROW RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
   return st;
 }
 
-// Row i of x in the accumulation type: the row itself, or converted into buf.
+// len logits in the accumulation type: the logits themselves, or converted into buf.
 template <typename scalar_t, typename acc_t>
-LK_ROW const acc_t* acc_row(const scalar_t* x, int64_t C, int64_t i, acc_t* buf) {
+LK_ROW const acc_t* acc_rows(const scalar_t* x, int64_t len, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return x + i * C;
+    return x;
   } else {
-    const scalar_t* src = x + i * C;
-    for (int64_t j = 0; j < C; ++j) buf[j] = static_cast<acc_t>(src[j]);
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<acc_t>(x[k]);
     return buf;
   }
 }
@@ -149,12 +134,26 @@ LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int
   if (out.clusters != nullptr) out.cluster[i] = cluster_bins(e, C, st.s, out.clusters, out.S, out.cluster_probs + i * out.S);
 }
 
+// Rows of more than kShortC classes converted from the half types per call: a block of about
+// kConvertBlock logits (two float scratch blocks stay in L1), so that the conversions are flat
+// vector loops rather than one short loop per row (per-row conversion made C = 100 bfloat16
+// 2.5x slower than float32 in the backward, 1.5x in the forward).
+constexpr int64_t kConvertBlock = 2048;
+int64_t long_rows_per_convert(int64_t C) {
+  return std::max<int64_t>(1, kConvertBlock / C);
+}
+
 template <typename scalar_t, typename acc_t>
 LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {
   const bool routed = out.clusters != nullptr;
-  for (int64_t i = begin; i < end; ++i) {
-    const acc_t* r = acc_row<scalar_t, acc_t>(x, C, i, buf);
-    write_row(out, i, r, C, row_stats(r, C, routed ? e : nullptr), e);
+  const int64_t rows = std::is_same_v<scalar_t, acc_t> ? end - begin : long_rows_per_convert(C);
+  for (int64_t b = begin; b < end; b += rows) {
+    const int64_t n = std::min(rows, end - b);
+    const acc_t* block = acc_rows<scalar_t, acc_t>(x + b * C, n * C, buf);
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t* r = block + i * C;
+      write_row(out, b + i, r, C, row_stats(r, C, routed ? e : nullptr), e);
+    }
   }
 }
 
@@ -250,10 +249,24 @@ struct GradRows {
 };
 
 template <typename T>
+LK_ROW void grad_chunk(const T* x, T m, T log_s, T H, T g_H, T* gx) {
+#pragma omp simd
+  for (int64_t l = 0; l < cpu::kLanes; ++l) gx[l] = entropy::gate_grad(x[l], m, log_s, H, g_H, T(0));
+}
+
+// In whole chunks of kLanes: a partial last chunk is the row's last kLanes elements, recomputing
+// a few to the same values (no scalar tail; gx never aliases x).
+template <typename T>
 LK_ROW void grad_row(const T* x, int64_t C, const T* lse, T H, T g_H, T* gx) {
   const T m = lse[0], log_s = lse[1];
+  if (C < cpu::kLanes) {
 #pragma omp simd
-  for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], m, log_s, H, g_H, T(0));
+    for (int64_t j = 0; j < C; ++j) gx[j] = entropy::gate_grad(x[j], m, log_s, H, g_H, T(0));
+    return;
+  }
+  int64_t j = 0;
+  for (; j + cpu::kLanes <= C; j += cpu::kLanes) grad_chunk(x + j, m, log_s, H, g_H, gx + j);
+  if (j < C) grad_chunk(x + C - cpu::kLanes, m, log_s, H, g_H, gx + C - cpu::kLanes);
 }
 
 template <typename T>
@@ -280,12 +293,8 @@ LK_ROW void backward_row(const acc_t* r, int64_t C, int64_t i, const GradRows<ac
   grad_row_clusters(r, C, in.lse + 2 * i, in.entropy[i], g_H, g_c, dot, in.clusters, g);
 }
 
-// Rows converted to and from the half types per call: a block of about kConvertBlock logits (two
-// float scratch blocks stay in L1), so that the conversions are flat vector loops rather than
-// one short loop per row (per-row conversion made C = 100 bfloat16 2.5x slower than float32).
-constexpr int64_t kConvertBlock = 2048;
 int64_t backward_rows_per_convert(int64_t C) {
-  return C <= kShortC ? kShortBlock : std::max<int64_t>(1, kConvertBlock / C);
+  return C <= kShortC ? kShortBlock : long_rows_per_convert(C);
 }
 
 // Short rows without clusters: each row's statistics are broadcast over its elements, then the
@@ -382,7 +391,8 @@ void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
     // Short rows use buf as their block scratch (forward_short_rows_impl).
-    std::vector<acc_t> buf(C <= kShortC ? short_scratch(C) : (std::is_same_v<scalar_t, acc_t> ? 0 : C));
+    std::vector<acc_t> buf(C <= kShortC ? short_scratch(C)
+                                        : (std::is_same_v<scalar_t, acc_t> ? 0 : long_rows_per_convert(C) * C));
     std::vector<acc_t> e(out.clusters != nullptr ? C : 0);
     forward_rows(xp, C, begin, end, out, buf.data(), e.data());
   });

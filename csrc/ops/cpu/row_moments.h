@@ -13,23 +13,105 @@
 
 namespace labelkit::cpu {
 
+// Row reductions run on lane arrays: the row in chunks of kLanes elements, each lane its own
+// partial result, then a fixed pairwise tree. (GCC turns an `omp simd reduction` into lanes
+// spilled to the stack and added one by one, a chain that at C = 100 cost as much as the
+// row's exps.) A row's last, partial chunk is padded with -inf, which adds nothing to any of
+// these reductions.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+LK_CPU_INLINE T tree_sum(T* a) {
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t l = 0; l < w; ++l) a[l] += a[l + w];
+  }
+  return a[0];
+}
+
+// The row's elements [j, C) (fewer than kLanes) as one chunk padded with -inf: when the row
+// has a whole chunk, its last kLanes elements with those before j masked (one vector load and
+// a blend), else element by element.
+template <typename T>
+LK_CPU_INLINE void tail_chunk(const T* x, int64_t j, int64_t C, T* chunk) {
+  if (C >= kLanes) {
+    const T* last = x + C - kLanes;
+    const int64_t skip = kLanes - (C - j);
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) chunk[l] = l >= skip ? last[l] : entropy::neg_inf<T>();
+    return;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) chunk[l] = j + l < C ? x[j + l] : entropy::neg_inf<T>();
+}
+
+// Max (NaN dropped) and whether the row holds a NaN.
+template <typename T>
+LK_CPU_INLINE void max_chunk(const T* x, T* m, int32_t* nan) {
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const T v = x[l];
+    m[l] = v > m[l] ? v : m[l];
+    nan[l] |= static_cast<int32_t>(v != v);
+  }
+}
+
+template <typename T>
+LK_CPU_INLINE T row_max(const T* x, int64_t C, bool& has_nan) {
+  T m[kLanes];
+  int32_t nan[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    m[l] = entropy::neg_inf<T>();
+    nan[l] = 0;
+  }
+  int64_t j = 0;
+  for (; j + kLanes <= C; j += kLanes) max_chunk(x + j, m, nan);
+  if (j < C) {
+    T chunk[kLanes];
+    tail_chunk(x, j, C, chunk);
+    max_chunk(chunk, m, nan);
+  }
+  for (int64_t w = kLanes / 2; w > 0; w /= 2) {
+    for (int64_t l = 0; l < w; ++l) {
+      m[l] = m[l + w] > m[l] ? m[l + w] : m[l];
+      nan[l] |= nan[l + w];
+    }
+  }
+  has_nan = nan[0] != 0;
+  return m[0];
+}
+
+template <typename T, bool kStore>
+LK_CPU_INLINE void moments_chunk(const T* x, T m, T* e_out, T* s, T* t) {
+#pragma omp simd
+  for (int64_t l = 0; l < kLanes; ++l) {
+    T e, ed;
+    entropy::term(x[l], m, e, ed);
+    s[l] += e;
+    t[l] += ed;
+    if constexpr (kStore) e_out[l] = e;
+  }
+}
+
 // s = sum exp(x - m), t = sum exp(x - m) (x - m) through ops/entropy.h's term (masked classes add
 // nothing); with kStore also writes exp(x - m) to e_out. Always inlined, so that it vectorises
 // in each caller's ISA clone.
 template <typename T, bool kStore>
 LK_CPU_INLINE void row_moments(const T* x, int64_t C, T m, T* e_out, T& s_out, T& t_out) {
-  T s = T(0);
-  T t = T(0);
-#pragma omp simd reduction(+ : s, t)
-  for (int64_t j = 0; j < C; ++j) {
-    T e, ed;
-    entropy::term(x[j], m, e, ed);
-    s += e;
-    t += ed;
-    if constexpr (kStore) e_out[j] = e;
+  T s[kLanes] = {};
+  T t[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= C; j += kLanes) moments_chunk<T, kStore>(x + j, m, kStore ? e_out + j : nullptr, s, t);
+  if (j < C) {
+    T chunk[kLanes];
+    T e[kLanes];
+    tail_chunk(x, j, C, chunk);
+    moments_chunk<T, kStore>(chunk, m, e, s, t);
+    if constexpr (kStore) {
+      const int64_t first = C >= kLanes ? kLanes - (C - j) : 0;  // chunk lane of element j
+      for (int64_t l = first; l < kLanes && j + l - first < C; ++l) e_out[j + l - first] = e[l];
+    }
   }
-  s_out = s;
-  t_out = t;
+  s_out = tree_sum(s);
+  t_out = tree_sum(t);
 }
 
 }  // namespace labelkit::cpu
