@@ -448,9 +448,7 @@ def test_many_channels_low_precision(device, dtype, channels_last):
         affine_grid_sample_ref, x.double(), theta.double(), None, "bilinear", "zeros", False,
         w_dtype=dtype,
     )  # fmt: skip
-    assert gx.dtype == dtype and gx.is_contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format
-    )
+    assert gx.dtype == dtype
     assert_close(gx, rx)
     assert_close(gt, rt, torch.float32)
 

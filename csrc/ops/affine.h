@@ -133,8 +133,10 @@ LK_AFF_HD PixelMap<T> pixel_map(const double* th, int64_t H, int64_t W, int64_t 
   for (int k = 0; k < 6; ++k) ok = ok && is_finite(th[k]);
   ok = ok && is_finite(m.ax) && is_finite(m.bx) && is_finite(m.cx);
   ok = ok && is_finite(m.ay) && is_finite(m.by) && is_finite(m.cy);
-  // The coefficients must also fit T, or the gather's interval math (in T) would overflow.
-  const double big = double(std::numeric_limits<T>::max()) / 16.0;
+  // The coefficients must also fit float (with room), or the gather's interval math in float
+  // would overflow; float64 follows the same rule, so validity never depends on the dtype
+  // (docs/ops/affine.md; found by test_affine_fuzz: float64 once sampled such maps).
+  const double big = double(std::numeric_limits<float>::max()) / 16.0;
   ok = ok && t_abs(m.ax) < big && t_abs(m.bx) < big && t_abs(m.cx) < big;
   ok = ok && t_abs(m.ay) < big && t_abs(m.by) < big && t_abs(m.cy) < big;
   m.valid = ok;
