@@ -47,6 +47,25 @@ def _entropy(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(-1)
 
 
+def _entropy_of_mean(p_mean: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    """H of the mean predictive distribution. From logits, a mean probability is 0 only where
+    every sample's exp underflowed; there the derivative of the whole is 0 (as the kernels
+    give), but xlogy's backward would multiply that 0 by log 0 and give NaN."""
+    if not from_logits:
+        return _entropy(p_mean, False)
+    safe = torch.where(p_mean > 0, p_mean, torch.ones_like(p_mean))
+    return -(p_mean * safe.log()).sum(-1)
+
+
+def _population_std(p: torch.Tensor) -> torch.Tensor:
+    """std over the samples (dim 0). Where the samples agree, or their spread underflows,
+    std's derivative 1 / (2 std) is infinite: the gradient there is 0, as the kernels give
+    (``Tensor.std``'s backward divides by the underflowed std and gives NaN)."""
+    var = (p - p.mean(0)).square().mean(0)
+    root = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+    return torch.where(var == 0, torch.zeros_like(var), root)  # NaN stays NaN
+
+
 def _top2(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest and second-largest probability per row (second is 0 with one class)."""
     if p.shape[-1] == 1:
@@ -83,9 +102,9 @@ def uncertainty_ref(
         return 1.0 - (first - second)
     p = _probabilities(scores, from_logits)  # [S, N, C]
     if method == "bald":
-        return _entropy(p.mean(0), False) - _entropy(scores, from_logits).mean(0)
+        return _entropy_of_mean(p.mean(0), from_logits) - _entropy(scores, from_logits).mean(0)
     if method == "mean_std":
-        return p.std(0, unbiased=False).mean(-1)
+        return _population_std(p).mean(-1)
     raise ValueError(f"uncertainty: unknown method {method!r}")
 
 
@@ -278,6 +297,8 @@ def badge_select_ref(
     The first pick is the largest |g| (lowest index on ties); pick t samples i with probability
     proportional to the squared distance to the nearest pick, using ``uniforms[t]``.
     """
+    if budget == 0:  # (also when there are no classes or features to form g from)
+        return torch.empty(0, dtype=torch.int64, device=probs.device)
     q, h, g2 = badge_factors(probs, embeddings)
     N = q.shape[0]
     picks = torch.empty(budget, dtype=torch.int64, device=q.device)
