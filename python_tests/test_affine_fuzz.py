@@ -87,7 +87,9 @@ def images(data, shape, dtype, device) -> torch.Tensor:
     pixels are the battery's subject (test_extreme_input_values): here a weight that is 0 in
     float64 and 1e-8 in float32 would turn the reference's NaN into our inf."""
     if not dtype.is_floating_point:
-        return arrange(torch.randint(0, 3, shape).to(dtype=dtype, device=device), data.draw(layouts()))
+        return arrange(
+            torch.randint(0, 3, shape).to(dtype=dtype, device=device), data.draw(layouts())
+        )
     x = data.draw(float_tensors(shape, torch.float64, specials=False))
     big = torch.finfo(dtype).max / 4  # float16 would turn 1e5-scale values into inf
     return arrange(x.clamp(-big, big).to(device=device, dtype=dtype), data.draw(layouts()))
@@ -155,7 +157,9 @@ def test_affine_grid_sample_fuzz(data):
     n = x.shape[0] if x.dim() == 4 else 2
     theta_n = data.draw(st.sampled_from([n, n, 1, n + 1]))
     theta_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    theta_dtype = data.draw(st.sampled_from([theta_dtype] * 6 + [torch.float64, torch.float16, torch.int64]))
+    theta_dtype = data.draw(
+        st.sampled_from([theta_dtype] * 6 + [torch.float64, torch.float16, torch.int64])
+    )
     padding = data.draw(st.sampled_from(list(PADDING_MODES) * 4 + ["wrap"]))
     huge = dtype != torch.float64 and padding != "reflection"
     theta = data.draw(thetas(theta_n, theta_dtype, device, huge=huge))
@@ -169,7 +173,9 @@ def test_affine_grid_sample_fuzz(data):
     expect = _argument_errors(x, theta, size, mode, padding, align)
     check_op(
         lambda: affine_grid_sample(x, theta, size, mode, padding, align),
-        lambda: affine_grid_sample_ref(x, theta.expand(x.shape[0], 2, 3), size, mode, padding, align),
+        lambda: affine_grid_sample_ref(
+            x, theta.expand(x.shape[0], 2, 3), size, mode, padding, align
+        ),
         expect,
         compare_warps(x, theta, size, mode, padding, align) if not expect else None,
     )
@@ -199,7 +205,12 @@ def test_affine_grid_sample_grad_fuzz(data):
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
     shape = data.draw(image_shapes())
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    x = arrange((torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).to(device=device, dtype=dtype), data.draw(layouts()))
+    x = arrange(
+        (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).to(
+            device=device, dtype=dtype
+        ),
+        data.draw(layouts()),
+    )
     theta_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     padding = data.draw(st.sampled_from(list(PADDING_MODES)))
     huge = dtype != torch.float64 and padding != "reflection"
@@ -208,10 +219,14 @@ def test_affine_grid_sample_grad_fuzz(data):
     mode = data.draw(st.sampled_from(list(MODES)))
     align = data.draw(st.booleans())
     Ho, Wo = size or shape[2:]
-    w = (torch.rand((shape[0], shape[1], Ho, Wo), generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    w = (torch.rand((shape[0], shape[1], Ho, Wo), generator=g, dtype=torch.float64) * 2 - 1).to(
+        dtype
+    )
     w = arrange(w.to(device), data.draw(layouts()))
     gx, gt = _grads(affine_grid_sample, x, theta, size, mode, padding, align, w)
-    rx, rt = _grads(affine_grid_sample_ref, x.double(), theta.double(), size, mode, padding, align, w.double())
+    rx, rt = _grads(
+        affine_grid_sample_ref, x.double(), theta.double(), size, mode, padding, align, w.double()
+    )
     assert gx.shape == x.shape and gx.dtype == dtype and gt.dtype == theta_dtype
     if mode == "nearest" and not all_decided(theta, *shape[2:], Ho, Wo, padding, align):
         return  # a tie sends a pixel's gradient to either neighbour
@@ -228,7 +243,10 @@ def assert_theta_grad_close(gt, rt, shape, Ho, Wo):
     tol = TOLERANCES[gt.dtype]
     bound = max(1, shape[1] * Ho * Wo) * max(shape[2:])
     torch.testing.assert_close(
-        gt.double().cpu(), rt.double().cpu(), rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * bound
+        gt.double().cpu(),
+        rt.double().cpu(),
+        rtol=tol["rtol"],
+        atol=tol["atol"] + tol["rtol"] * bound,
     )
 
 
@@ -246,7 +264,10 @@ def test_affine_backward_op_fuzz(data):
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
     shape = data.draw(image_shapes())
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
-    x = arrange((torch.rand(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype), data.draw(layouts()))
+    x = arrange(
+        (torch.rand(shape, generator=g, dtype=torch.float64)).to(device=device, dtype=dtype),
+        data.draw(layouts()),
+    )
     theta_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     mode, padding = data.draw(st.sampled_from([0, 1])), data.draw(st.sampled_from([0, 1, 2]))
     huge = dtype != torch.float64 and padding != PADDING_MODES["reflection"]
@@ -258,7 +279,10 @@ def test_affine_backward_op_fuzz(data):
         gshape = gshape[1:]
     elif bad in ("n", "c"):
         gshape[0 if bad == "n" else 1] += 1
-    grad = arrange(torch.rand(gshape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype), data.draw(layouts()))
+    grad = arrange(
+        torch.rand(gshape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype),
+        data.draw(layouts()),
+    )
     if bad == "device":
         grad = grad.to(other_device(device))
     align = data.draw(st.booleans())
@@ -266,20 +290,38 @@ def test_affine_backward_op_fuzz(data):
     if bad == "rank":
         expect = [Raises(RuntimeError, "affine_grid_sample_backward: grad must be 4-D")]
     elif bad in ("n", "c"):
-        expect = [Raises(RuntimeError, r"affine_grid_sample_backward: grad must have shape \[N, C, Ho, Wo\]")]
+        expect = [
+            Raises(
+                RuntimeError, r"affine_grid_sample_backward: grad must have shape \[N, C, Ho, Wo\]"
+            )
+        ]
     elif bad == "device":
-        expect = [Raises(RuntimeError, "affine_grid_sample_backward: grad must be on the input's device")]
+        expect = [
+            Raises(RuntimeError, "affine_grid_sample_backward: grad must be on the input's device")
+        ]
     names = list(MODES)[mode], list(PADDING_MODES)[padding]
 
     def reference():
-        return _grads(affine_grid_sample_ref, x.double(), theta.double(), (Ho, Wo), *names, align, grad.double())
+        return _grads(
+            affine_grid_sample_ref,
+            x.double(),
+            theta.double(),
+            (Ho, Wo),
+            *names,
+            align,
+            grad.double(),
+        )
 
     def compare(actual, expected):
         (gx, gt), (rx, rt) = actual, expected
         assert gx.dtype == dtype and gt.dtype == theta.dtype and gx.shape == x.shape
         if mode == 1 and not all_decided(theta, *shape[2:], Ho, Wo, names[1], align):
             return  # a tie sends a pixel's gradient to either neighbour
-        torch.testing.assert_close(gx.double().cpu(), rx.double().cpu(), equal_nan=True, **TOLERANCES[dtype])
+        torch.testing.assert_close(
+            gx.double().cpu(), rx.double().cpu(), equal_nan=True, **TOLERANCES[dtype]
+        )
         assert_theta_grad_close(gt, rt, shape, Ho, Wo)
 
-    check_op(lambda: op(grad, x, theta, mode, padding, align, [True, True]), reference, expect, compare)
+    check_op(
+        lambda: op(grad, x, theta, mode, padding, align, [True, True]), reference, expect, compare
+    )

@@ -105,7 +105,12 @@ def test_uncertainty_fuzz(data):
     if len(shape) in (2, 3):
         shape = (*shape[:-1], data.draw(st.integers(0, 40)))  # rows end anywhere in a vector
     x = _values(data, shape, dtype, device)
-    if from_logits is False and dtype.is_floating_point and x.dim() and data.draw(st.integers(0, 4)):
+    if (
+        from_logits is False
+        and dtype.is_floating_point
+        and x.dim()
+        and data.draw(st.integers(0, 4))
+    ):
         p = torch.softmax(x.double().nan_to_num(0.0, 0.0, 0.0), -1).to(dtype)
         x = arrange(p, data.draw(layouts()))  # probabilities (mostly): a softmax output
     expect = _uncertainty_errors(x, method, from_logits)
@@ -159,9 +164,13 @@ def _pair_errors(q: torch.Tensor, k: torch.Tensor, op: str) -> list[Raises]:
     errors = _float_errors(q, "queries", op, (2,)) + _float_errors(k, "keys", op, (2,))
     if q.dim() == 2 and k.dim() == 2:
         if q.shape[1] != k.shape[1]:
-            errors.append(Raises(ValueError, f"{op}: queries and keys must have the same feature size"))
+            errors.append(
+                Raises(ValueError, f"{op}: queries and keys must have the same feature size")
+            )
         elif q.shape[1] == 0:
-            errors.append(Raises(ValueError, f"{op}: queries and keys have an empty feature dimension"))
+            errors.append(
+                Raises(ValueError, f"{op}: queries and keys have an empty feature dimension")
+            )
     if q.dtype != k.dtype:
         errors.append(Raises(ValueError, f"{op}: queries and keys must have the same dtype"))
     if q.device != k.device:
@@ -189,7 +198,9 @@ def query_key_pairs(draw, device):
     if q is None:
         q = torch.randint(0, 3, (n, d)).to(dtype=dtype, device=device)
     k_dtype = dtype if draw(st.integers(0, 9)) else draw(st.sampled_from(FLOAT_DTYPES))
-    k_shape = (m, d) if draw(st.integers(0, 9)) else draw(st.sampled_from([(m, d + 1), (m,), (1, m, d)]))
+    k_shape = (
+        (m, d) if draw(st.integers(0, 9)) else draw(st.sampled_from([(m, d + 1), (m,), (1, m, d)]))
+    )
     if k_dtype.is_floating_point:
         k = draw(float_tensors(k_shape, k_dtype, device, specials))
     else:
@@ -309,19 +320,29 @@ def test_kcenter_greedy_fuzz(data):
 @given(data=st.data())
 def test_badge_select_fuzz(data):
     device = data.draw(devices())
-    n, c, d = data.draw(st.integers(0, 12)), data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5))
-    probs = _values(data, (n, c), data.draw(ANY_DTYPE), device, specials=data.draw(st.integers(0, 9)) == 0)
+    n, c, d = (
+        data.draw(st.integers(0, 12)),
+        data.draw(st.integers(0, 5)),
+        data.draw(st.integers(0, 5)),
+    )
+    probs = _values(
+        data, (n, c), data.draw(ANY_DTYPE), device, specials=data.draw(st.integers(0, 9)) == 0
+    )
     if probs.is_floating_point() and probs.numel() and data.draw(st.integers(0, 3)):
         probs = torch.softmax(probs.double().nan_to_num(0.0, 0.0, 0.0), 1).to(probs.dtype)
     n_emb = n if data.draw(st.integers(0, 9)) else n + 1
-    emb = _values(data, (n_emb, d), data.draw(st.sampled_from(FLOAT_DTYPES)), device, specials=False)
+    emb = _values(
+        data, (n_emb, d), data.draw(st.sampled_from(FLOAT_DTYPES)), device, specials=False
+    )
     if data.draw(st.integers(0, 19)) == 0:
         emb = emb.to(other_device(device))
     budget, seed = data.draw(st.integers(-1, n + 1)), data.draw(st.integers(-1, 3))
     op = "badge_select"
     expect = _float_errors(probs, "probs", op, (2,))
     if n_emb != n:
-        expect.append(Raises(ValueError, f"{op}: probs and embeddings must have the same number of samples"))
+        expect.append(
+            Raises(ValueError, f"{op}: probs and embeddings must have the same number of samples")
+        )
     if emb.device != probs.device:
         expect.append(Raises(ValueError, f"{op}: probs and embeddings must be on the same device"))
     if budget < 0:
@@ -329,7 +350,9 @@ def test_badge_select_fuzz(data):
     elif budget > n:
         expect.append(Raises(ValueError, f"{op}: budget=.* is larger than the unlabeled pool"))
     elif budget > 0 and (c == 0 or d == 0):
-        expect.append(Raises(ValueError, f"{op}: probs \\(C\\) and embeddings \\(D\\) must have non-empty"))
+        expect.append(
+            Raises(ValueError, f"{op}: probs \\(C\\) and embeddings \\(D\\) must have non-empty")
+        )
     if seed < 0:
         expect.append(Raises(ValueError, f"{op}: seed must be >= 0"))
     expect += _finite_errors(probs, "probs", op) + _finite_errors(emb, "embeddings", op)

@@ -501,9 +501,77 @@ def _op_defined(name: str) -> bool:
     return HAS_OPS and f"labelkit::{name}" in torch._C._dispatch_get_all_op_names()
 
 
+# ---- the fake kernels' checks: those of csrc/ops/pretext_checks.h that need no data, in its words.
+# A meta tensor beside real ones dispatches to the fake kernel, which must not pass silently.
+
+_IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8)
+
+
+def _fake_check_images(images: torch.Tensor, op: str) -> None:
+    torch._check(
+        images.dtype in _IMAGE_DTYPES,
+        lambda: f"{op}: images must be float16, bfloat16, float32, float64 or uint8, got {images.dtype}",
+    )
+    torch._check(
+        images.dim() == 4,
+        lambda: f"{op}: images must be 4-D [N, C, H, W], got shape {list(images.shape)}",
+    )
+
+
+def _fake_check_same_device(t: torch.Tensor, images: torch.Tensor, op: str, name: str) -> None:
+    torch._check(
+        t.device == images.device,
+        lambda: f"{op}: {name} must be on the images' device ({images.device}), got {t.device}",
+    )
+
+
+def _fake_check_index(t: torch.Tensor, images: torch.Tensor, op: str, name: str) -> None:
+    torch._check(t.dtype == torch.int64, lambda: f"{op}: {name} must be int64, got {t.dtype}")
+    torch._check(
+        t.dim() == 1 and t.shape[0] == images.shape[0],
+        lambda: f"{op}: {name} must have shape [N] = [{images.shape[0]}], got {list(t.shape)}",
+    )
+    _fake_check_same_device(t, images, op, name)
+
+
+def _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by_cell, op) -> None:
+    _fake_check_images(images, op)
+    torch._check(grid >= 2, lambda: f"{op}: grid must be an int >= 2, got {grid}")
+    H, W = images.shape[2], images.shape[3]
+    torch._check(
+        H >= grid and W >= grid,
+        lambda: f"{op}: images of size {H}x{W} are smaller than the grid ({grid}x{grid} cells "
+        f"need at least {grid} pixels per side)",
+    )
+    torch._check(tile >= 1, lambda: f"{op}: tile must be >= 1, got {tile}")
+    torch._check(
+        tile <= min(H // grid, W // grid),
+        lambda: f"{op}: tile={tile} is larger than a cell ({H // grid}x{W // grid} pixels); at most "
+        f"{min(H // grid, W // grid)}",
+    )
+    _fake_check_index(index, images, op, "index")
+    torch._check(table.dtype == torch.int64, lambda: f"{op}: table must be int64, got {table.dtype}")
+    torch._check(
+        table.dim() == 2 and table.shape[0] >= 1 and table.shape[1] >= 1,
+        lambda: f"{op}: table must have shape [P >= 1, K >= 1], got {list(table.shape)}",
+    )
+    _fake_check_same_device(table, images, op, "table")
+    if offsets is None:
+        return
+    slots = grid * grid if offsets_by_cell else table.shape[1]
+    torch._check(offsets.dtype == torch.int64, lambda: f"{op}: offsets must be int64, got {offsets.dtype}")
+    torch._check(
+        offsets.dim() == 3 and tuple(offsets.shape) == (images.shape[0], slots, 2),
+        lambda: f"{op}: offsets must have shape [N, {slots}, 2] = [{images.shape[0]}, {slots}, 2], "
+        f"got {list(offsets.shape)}",
+    )
+    _fake_check_same_device(offsets, images, op, "offsets")
+
+
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::grid_tiles")
     def _grid_tiles_fake(images, index, table, grid, tile, offsets, offsets_by_cell, normalize):
+        _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by_cell, "grid_tiles")
         N, C = images.shape[:2]
         return images.new_empty(
             (N, table.shape[1], C, tile, tile), dtype=tile_dtype(images.dtype, normalize)
@@ -513,10 +581,29 @@ def _register_fake_kernels() -> None:
     def _grid_tiles_backward_fake(
         grad, images, index, table, grid, tile, offsets, offsets_by_cell, normalize
     ):
+        op = "_grid_tiles_backward"
+        _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by_cell, op)
+        torch._check(
+            images.is_floating_point(),
+            lambda: f"{op}: gradients need floating-point images, got {images.dtype}",
+        )
+        want = [images.shape[0], table.shape[1], images.shape[1], tile, tile]
+        torch._check(
+            list(grad.shape) == want and grad.dtype == images.dtype,
+            lambda: f"{op}: grad must be {want} of the images' dtype {images.dtype}, got "
+            f"{list(grad.shape)} {grad.dtype}",
+        )
+        _fake_check_same_device(grad, images, op, "grad")
         return torch.empty_like(images)
 
     @torch.library.register_fake("labelkit::rotate90")
     def _rotate90_fake(images, k):
+        _fake_check_images(images, "rotate90")
+        torch._check(
+            images.shape[2] == images.shape[3],
+            lambda: f"rotate90: images must be square, got {images.shape[2]}x{images.shape[3]}",
+        )
+        _fake_check_index(k, images, "rotate90", "k")
         return torch.empty_like(images)
 
 

@@ -59,6 +59,9 @@ def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     flat = acc.flatten(-2)
     lo, hi = torch.aminmax(flat.detach(), dim=-1, keepdim=True)
     constant = (lo == hi).unsqueeze(-1)
+    # A constant tile's statistics are never used: zeros stand in for its pixels, so that an
+    # all-inf tile's (inf - inf) cannot send NaN back through where()'s unused branch.
+    acc = torch.where(constant, torch.zeros_like(acc), acc)
     var, mean = torch.var_mean(acc, dim=(-2, -1), keepdim=True, correction=0)
     # where() before sqrt: a zero variance must not reach sqrt's backward (0/0); NaN stays NaN.
     std = torch.where(var == 0, torch.ones_like(var), var).sqrt()
@@ -176,12 +179,20 @@ def all_permutations(m: int) -> torch.Tensor:
 
 
 def sampled_permutations(m: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Up to ``count`` distinct random permutations of ``0..m-1`` (``[<=count, m]`` uint8),
-    drawn uniformly with ``generator``, in a deterministic order for a seed."""
-    keys = torch.rand(count, m, generator=generator)
-    perms = keys.argsort(dim=1).to(torch.uint8)
-    # unique sorts rows lexicographically: dedup without depending on the draw order.
-    return torch.unique(perms, dim=0)
+    """``count`` (< m!) distinct random permutations of ``0..m-1`` (``[count, m]`` uint8): the
+    first ``count`` distinct ones drawn with ``generator`` (more are drawn while repeats leave
+    fewer), sorted lexicographically, so deterministic for a seed."""
+    perms = torch.empty(0, m, dtype=torch.uint8)
+    while True:
+        keys = torch.rand(count, m, generator=generator)
+        perms = torch.cat([perms, keys.argsort(dim=1).to(torch.uint8)])
+        rows, inverse = torch.unique(perms, dim=0, return_inverse=True)
+        if rows.shape[0] >= count:
+            break
+    # the draw position of each distinct row's first occurrence; keep the earliest count
+    first = torch.full((rows.shape[0],), perms.shape[0], dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(perms.shape[0]), reduce="amin")
+    return rows[first.argsort()[:count].sort().values]
 
 
 def greedy_hamming_select(
