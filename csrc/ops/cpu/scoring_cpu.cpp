@@ -89,7 +89,7 @@ struct Top2 {
 };
 
 template <typename T>
-Top2<T> row_top2(const T* x, int64_t C) {
+LK_CPU_INLINE Top2<T> row_top2(const T* x, int64_t C) {
   Top2<T> r;
   for (int64_t j = 0; j < C; ++j) {
     const T v = x[j];
@@ -111,7 +111,7 @@ Top2<T> row_top2(const T* x, int64_t C) {
 
 // -sum p log p with 0 log 0 = 0.
 template <typename T>
-T prob_entropy(const T* p, int64_t C) {
+LK_CPU_INLINE T prob_entropy(const T* p, int64_t C) {
   T h = T(0);
   for (int64_t j = 0; j < C; ++j) {
     if (p[j] > T(0)) h -= p[j] * entropy::fast_log(p[j]);
@@ -120,7 +120,7 @@ T prob_entropy(const T* p, int64_t C) {
 }
 
 template <typename T>
-T uncertainty_row(Method method, const T* x, int64_t C, bool from_logits) {
+LK_CPU_INLINE T uncertainty_row(Method method, const T* x, int64_t C, bool from_logits) {
   const Top2<T> top = row_top2(x, C);
   if (from_logits) {
     T s, t;
@@ -138,10 +138,40 @@ T uncertainty_row(Method method, const T* x, int64_t C, bool from_logits) {
   }
 }
 
+// count consecutive [C] rows into out: one ISA-dispatched call per block of rows, the row code
+// inlined into each clone (the row moments vectorise there; a call would run the baseline copy).
+#define LK_UNCERTAINTY_ROWS(T)                                                                         \
+  LK_CPU_CLONES void uncertainty_rows(Method method, const T* x, int64_t C, int64_t count, bool from_logits, \
+                                      T* out) {                                                        \
+    for (int64_t n = 0; n < count; ++n) out[n] = uncertainty_row(method, x + n * C, C, from_logits);    \
+  }
+LK_UNCERTAINTY_ROWS(float)
+LK_UNCERTAINTY_ROWS(double)
+#undef LK_UNCERTAINTY_ROWS
+
+constexpr int64_t kConvertBlock = 2048;  // float16/bfloat16 logits widened per call
+
+// Rows [begin, end) of x [N, C]; float16/bfloat16 rows widened in blocks of ~kConvertBlock.
+template <typename scalar_t, typename acc_t>
+void uncertainty_block(Method method, const scalar_t* x, int64_t C, int64_t begin, int64_t end, bool from_logits,
+                       acc_t* out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    uncertainty_rows(method, x + begin * C, C, end - begin, from_logits, out + begin);
+  } else {
+    const int64_t rows = std::max<int64_t>(1, kConvertBlock / C);
+    std::vector<acc_t> buf(rows * C);
+    for (int64_t b = begin; b < end; b += rows) {
+      const int64_t n = std::min(rows, end - b);
+      for (int64_t k = 0; k < n * C; ++k) buf[k] = static_cast<acc_t>(x[b * C + k]);
+      uncertainty_rows(method, buf.data(), C, n, from_logits, out + b);
+    }
+  }
+}
+
 // Softmax (or a copy of the probabilities) of one MC sample's row into p; returns false when
 // the row holds NaN/+inf or no mass. log_p (optional) gets log p from the logits directly.
 template <typename T>
-bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T* log_p) {
+LK_CPU_INLINE bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T* log_p) {
   if (!from_logits) {
     for (int64_t j = 0; j < C; ++j) {
       if (x[j] != x[j]) return false;
@@ -163,6 +193,15 @@ bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T* log_p) {
   return true;
 }
 
+// -sum p log p from log p already at hand (no log per element), 0 log 0 = 0.
+template <typename T>
+LK_CPU_INLINE T entropy_from_logs(const T* p, const T* log_p, int64_t C) {
+  T h = T(0);
+#pragma omp simd reduction(+ : h)
+  for (int64_t j = 0; j < C; ++j) h += p[j] > T(0) ? p[j] * log_p[j] : T(0);
+  return -h;
+}
+
 // Per-class running statistics of the S sampled distributions of one sample (Welford).
 template <typename T>
 struct McStats {
@@ -174,17 +213,17 @@ struct McStats {
 
 // Folds the S samples of sample n; false when one of them is NaN.
 template <typename scalar_t, typename T>
-bool mc_accumulate(const scalar_t* base, int64_t S, int64_t N, int64_t C, int64_t n, bool from_logits,
-                   RowReader<scalar_t, T>& reader, McStats<T>& st) {
+LK_CPU_INLINE bool mc_accumulate(const scalar_t* base, int64_t S, int64_t N, int64_t C, int64_t n, bool from_logits,
+                                 RowReader<scalar_t, T>& reader, McStats<T>& st) {
   std::fill(st.mean.begin(), st.mean.end(), T(0));
   std::fill(st.m2.begin(), st.m2.end(), T(0));
   std::fill(st.votes.begin(), st.votes.end(), 0);
   st.mean_entropy = T(0);
   for (int64_t s = 0; s < S; ++s) {
     const T* x = reader.read(base + (s * N + n) * C, C);
-    if (!sample_probs<T>(x, C, from_logits, st.p.data(), nullptr)) return false;
+    if (!sample_probs<T>(x, C, from_logits, st.p.data(), st.log_p.data())) return false;
     ++st.votes[row_top2(x, C).a];  // argmax of the scores themselves, as torch.argmax
-    st.mean_entropy += (prob_entropy(st.p.data(), C) - st.mean_entropy) / T(s + 1);
+    st.mean_entropy += (entropy_from_logs(st.p.data(), st.log_p.data(), C) - st.mean_entropy) / T(s + 1);
     for (int64_t j = 0; j < C; ++j) {
       const T delta = st.p[j] - st.mean[j];
       st.mean[j] += delta / T(s + 1);
@@ -195,7 +234,7 @@ bool mc_accumulate(const scalar_t* base, int64_t S, int64_t N, int64_t C, int64_
 }
 
 template <typename T>
-T mc_uncertainty(Method method, const McStats<T>& st, int64_t S, int64_t C) {
+LK_CPU_INLINE T mc_uncertainty(Method method, const McStats<T>& st, int64_t S, int64_t C) {
   switch (method) {
     case Method::kBald:
       return prob_entropy(st.mean.data(), C) - st.mean_entropy;
@@ -211,6 +250,30 @@ T mc_uncertainty(Method method, const McStats<T>& st, int64_t S, int64_t C) {
     }
   }
 }
+
+// Samples [begin, end) of MC scores [S, N, C], per input type with the row code inlined into
+// each ISA clone (as uncertainty_rows).
+template <typename scalar_t, typename T>
+LK_CPU_INLINE void mc_rows_impl(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin,
+                                int64_t end, bool from_logits, T* out) {
+  RowReader<scalar_t, T> reader(C);
+  McStats<T> st(C);
+  for (int64_t n = begin; n < end; ++n) {
+    out[n] = mc_accumulate(x, S, N, C, n, from_logits, reader, st) ? mc_uncertainty(method, st, S, C)
+                                                                    : std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+#define LK_MC_ROWS(scalar_t, T)                                                                               \
+  LK_CPU_CLONES void mc_rows(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin, \
+                             int64_t end, bool from_logits, T* out) {                                        \
+    mc_rows_impl<scalar_t, T>(method, x, S, N, C, begin, end, from_logits, out);                              \
+  }
+LK_MC_ROWS(float, float)
+LK_MC_ROWS(double, double)
+LK_MC_ROWS(c10::Half, float)
+LK_MC_ROWS(c10::BFloat16, float)
+#undef LK_MC_ROWS
 
 at::Tensor uncertainty_cpu(const at::Tensor& scores, c10::string_view method_sv, bool from_logits) {
   const std::string method_s(method_sv);
@@ -229,17 +292,8 @@ at::Tensor uncertainty_cpu(const at::Tensor& scores, c10::string_view method_sv,
     acc_t* op = out.mutable_data_ptr<acc_t>();
     const int64_t grain = std::max<int64_t>(1, (1 << 14) / (C * S));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t, acc_t> reader(C);
-      if (!mc) {
-        for (int64_t n = begin; n < end; ++n) op[n] = uncertainty_row(method, reader.read(xp + n * C, C), C, from_logits);
-        return;
-      }
-      McStats<acc_t> st(C);
-      for (int64_t n = begin; n < end; ++n) {
-        op[n] = mc_accumulate(xp, S, N, C, n, from_logits, reader, st)
-            ? mc_uncertainty(method, st, S, C)
-            : std::numeric_limits<acc_t>::quiet_NaN();
-      }
+      if (!mc) return uncertainty_block<scalar_t, acc_t>(method, xp, C, begin, end, from_logits, op);
+      mc_rows(method, xp, S, N, C, begin, end, from_logits, op);
     });
   });
   return out;
