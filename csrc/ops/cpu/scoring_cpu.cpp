@@ -301,7 +301,7 @@ at::Tensor uncertainty_cpu(const at::Tensor& scores, c10::string_view method_sv,
 
 // Gradient of one [N, C] row.
 template <typename T>
-void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits, T g, T* gx) {
+LK_CPU_INLINE void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits, T g, T* gx) {
   const Top2<T> top = row_top2(x, C);
   if (!from_logits) {
     for (int64_t j = 0; j < C; ++j) {
@@ -333,7 +333,7 @@ void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits
 // d u / d p_sj for BALD ((log p_sj - log pbar_j) / S) and mean_std ((p_sj - pbar_j) / (S C sigma_j)),
 // pushed through the softmax for logits: d/dz_k = p_k (G_k - sum_j p_j G_j).
 template <typename T>
-void mc_sample_grad(Method method, const McStats<T>& st, int64_t S, int64_t C, bool from_logits, T g,
+LK_CPU_INLINE void mc_sample_grad(Method method, const McStats<T>& st, int64_t S, int64_t C, bool from_logits, T g,
                     std::vector<T>& G, T* gx) {
   for (int64_t j = 0; j < C; ++j) {
     if (method == Method::kBald) {
@@ -351,6 +351,44 @@ void mc_sample_grad(Method method, const McStats<T>& st, int64_t S, int64_t C, b
   for (int64_t j = 0; j < C; ++j) dot += st.p[j] > T(0) ? st.p[j] * G[j] : T(0);
   for (int64_t j = 0; j < C; ++j) gx[j] = st.p[j] > T(0) ? st.p[j] * (G[j] - dot) : T(0);
 }
+
+// Gradients of samples [begin, end) (one [C] row each, or S MC rows), per input type with the row
+// code inlined into each ISA clone (as uncertainty_rows).
+template <typename scalar_t, typename T>
+LK_CPU_INLINE void grad_rows_impl(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin,
+                                  int64_t end, bool mc, bool from_logits, const T* g, T* gx) {
+  RowReader<scalar_t, T> reader(C);
+  if (!mc) {
+    for (int64_t n = begin; n < end; ++n) uncertainty_row_grad(method, reader.read(x + n * C, C), C, from_logits, g[n], gx + n * C);
+    return;
+  }
+  McStats<T> st(C);
+  std::vector<T> G(C);
+  for (int64_t n = begin; n < end; ++n) {
+    if (!mc_accumulate(x, S, N, C, n, from_logits, reader, st)) {
+      for (int64_t s = 0; s < S; ++s) {
+        for (int64_t j = 0; j < C; ++j) gx[(s * N + n) * C + j] = std::numeric_limits<T>::quiet_NaN();
+      }
+      continue;
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const T* row = reader.read(x + (s * N + n) * C, C);
+      sample_probs(row, C, from_logits, st.p.data(), st.log_p.data());
+      mc_sample_grad(method, st, S, C, from_logits, g[n], G, gx + (s * N + n) * C);
+    }
+  }
+}
+
+#define LK_GRAD_ROWS(scalar_t, T)                                                                           \
+  LK_CPU_CLONES void grad_rows(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin, \
+                               int64_t end, bool mc, bool from_logits, const T* g, T* gx) {                 \
+    grad_rows_impl<scalar_t, T>(method, x, S, N, C, begin, end, mc, from_logits, g, gx);                     \
+  }
+LK_GRAD_ROWS(float, float)
+LK_GRAD_ROWS(double, double)
+LK_GRAD_ROWS(c10::Half, float)
+LK_GRAD_ROWS(c10::BFloat16, float)
+#undef LK_GRAD_ROWS
 
 at::Tensor uncertainty_backward_cpu(const at::Tensor& grad, const at::Tensor& scores, c10::string_view method_sv,
                                     bool from_logits) {
@@ -373,28 +411,7 @@ at::Tensor uncertainty_backward_cpu(const at::Tensor& grad, const at::Tensor& sc
     acc_t* gxp = gx_acc.mutable_data_ptr<acc_t>();
     const int64_t grain = std::max<int64_t>(1, (1 << 14) / (C * S));
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      RowReader<scalar_t, acc_t> reader(C);
-      if (!mc) {
-        for (int64_t n = begin; n < end; ++n) {
-          uncertainty_row_grad(method, reader.read(xp + n * C, C), C, from_logits, gp[n], gxp + n * C);
-        }
-        return;
-      }
-      McStats<acc_t> st(C);
-      std::vector<acc_t> G(C);
-      for (int64_t n = begin; n < end; ++n) {
-        if (!mc_accumulate(xp, S, N, C, n, from_logits, reader, st)) {
-          for (int64_t s = 0; s < S; ++s) {
-            for (int64_t j = 0; j < C; ++j) gxp[(s * N + n) * C + j] = std::numeric_limits<acc_t>::quiet_NaN();
-          }
-          continue;
-        }
-        for (int64_t s = 0; s < S; ++s) {
-          const acc_t* row = reader.read(xp + (s * N + n) * C, C);
-          sample_probs(row, C, from_logits, st.p.data(), st.log_p.data());
-          mc_sample_grad(method, st, S, C, from_logits, gp[n], G, gxp + (s * N + n) * C);
-        }
-      }
+      grad_rows(method, xp, S, N, C, begin, end, mc, from_logits, gp, gxp);
     });
   });
   return gx_acc.to(x.scalar_type());
