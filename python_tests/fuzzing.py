@@ -233,13 +233,14 @@ class Raises:
         return isinstance(error, self.exc) and re.search(self.match, str(error)) is not None
 
 
-def assert_matches(actual: Any, expected: Any) -> None:
+def assert_matches(actual: Any, expected: Any, exact: bool = False) -> None:
     """Same structure; tensors with equal shape, dtype and device, floating ones within the
-    shared tolerance of their dtype (NaN where the reference has NaN), the rest exactly."""
+    shared tolerance of their dtype (``exact``: bit for bit, for ops that only copy values; NaN
+    where the reference has NaN either way), the rest exactly."""
     if isinstance(expected, tuple):
         assert isinstance(actual, tuple) and len(actual) == len(expected), (actual, expected)
         for a, e in zip(actual, expected, strict=True):
-            assert_matches(a, e)
+            assert_matches(a, e, exact)
         return
     if expected is None or not isinstance(expected, torch.Tensor):
         assert actual == expected, (actual, expected)
@@ -249,8 +250,9 @@ def assert_matches(actual: Any, expected: Any) -> None:
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.device == expected.device, (actual.device, expected.device)
     if expected.is_floating_point():
+        tol = dict(rtol=0, atol=0) if exact else TOLERANCES[expected.dtype]
         torch.testing.assert_close(
-            actual.cpu(), expected.cpu(), equal_nan=True, **TOLERANCES[expected.dtype]
+            actual.detach().cpu(), expected.detach().cpu(), equal_nan=True, **tol
         )
     else:
         assert torch.equal(actual.cpu(), expected.cpu()), (actual, expected)

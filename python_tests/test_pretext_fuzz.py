@@ -355,21 +355,7 @@ def _offset_errors(
 def assert_same(actual, expected) -> None:
     """``assert_matches`` with no tolerance: a gather copies values, so every element must be the
     reference's exactly (NaN where it has NaN)."""
-    if isinstance(expected, tuple):
-        assert isinstance(actual, tuple) and len(actual) == len(expected), (actual, expected)
-        for a, e in zip(actual, expected, strict=True):
-            assert_same(a, e)
-        return
-    if not isinstance(expected, torch.Tensor):
-        assert actual == expected, (actual, expected)
-        return
-    assert isinstance(actual, torch.Tensor), f"expected a tensor, got {type(actual).__name__}"
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.device == expected.device, (actual.device, expected.device)
-    torch.testing.assert_close(
-        actual.detach().cpu(), expected.detach().cpu(), rtol=0, atol=0, equal_nan=True
-    )
+    assert_matches(actual, expected, exact=True)
 
 
 def compare_tiles(normalize: bool):
