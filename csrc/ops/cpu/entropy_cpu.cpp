@@ -76,18 +76,6 @@ LK_ROW RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
   return st;
 }
 
-// len logits in the accumulation type: the logits themselves, or converted into buf.
-template <typename scalar_t, typename acc_t>
-LK_ROW const acc_t* acc_rows(const scalar_t* x, int64_t len, acc_t* buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return x;
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<acc_t>(x[k]);
-    return buf;
-  }
-}
-
 // ---- blocks of rows: one ISA-dispatched call per parallel task, so short rows (C = 10) pay no
 // per-row call; the row loops inline into each clone ------------------------------------------
 
@@ -134,22 +122,13 @@ LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int
   if (out.clusters != nullptr) out.cluster[i] = cluster_bins(e, C, st.s, out.clusters, out.S, out.cluster_probs + i * out.S);
 }
 
-// Rows of more than kShortC classes converted from the half types per call: a block of about
-// kConvertBlock logits (two float scratch blocks stay in L1), so that the conversions are flat
-// vector loops rather than one short loop per row (per-row conversion made C = 100 bfloat16
-// 2.5x slower than float32 in the backward, 1.5x in the forward).
-constexpr int64_t kConvertBlock = 2048;
-int64_t long_rows_per_convert(int64_t C) {
-  return std::max<int64_t>(1, kConvertBlock / C);
-}
-
 template <typename scalar_t, typename acc_t>
 LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {
   const bool routed = out.clusters != nullptr;
-  const int64_t rows = std::is_same_v<scalar_t, acc_t> ? end - begin : long_rows_per_convert(C);
+  const int64_t rows = std::is_same_v<scalar_t, acc_t> ? end - begin : cpu::rows_per_convert(C);
   for (int64_t b = begin; b < end; b += rows) {
     const int64_t n = std::min(rows, end - b);
-    const acc_t* block = acc_rows<scalar_t, acc_t>(x + b * C, n * C, buf);
+    const acc_t* block = cpu::acc_rows<scalar_t, acc_t>(x + b * C, n * C, buf);
     for (int64_t i = 0; i < n; ++i) {
       const acc_t* r = block + i * C;
       write_row(out, b + i, r, C, row_stats(r, C, routed ? e : nullptr), e);
@@ -294,7 +273,7 @@ LK_ROW void backward_row(const acc_t* r, int64_t C, int64_t i, const GradRows<ac
 }
 
 int64_t backward_rows_per_convert(int64_t C) {
-  return C <= kShortC ? kShortBlock : long_rows_per_convert(C);
+  return C <= kShortC ? kShortBlock : cpu::rows_per_convert(C);
 }
 
 // Short rows without clusters: each row's statistics are broadcast over its elements, then the
@@ -351,10 +330,7 @@ LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int6
     for (int64_t b = begin; b < end; b += rows) {
       const int64_t n = std::min(rows, end - b);
       const int64_t len = n * C;
-      const scalar_t* src = x + b * C;
-#pragma omp simd
-      for (int64_t k = 0; k < len; ++k) buf[k] = static_cast<acc_t>(src[k]);
-      backward_block(buf, C, b, n, in, gbuf, stats);
+      backward_block(cpu::acc_rows(x + b * C, len, buf), C, b, n, in, gbuf, stats);
       scalar_t* dst = gx + b * C;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) dst[k] = cpu::narrow<scalar_t>(gbuf[k]);
@@ -392,7 +368,7 @@ void run_forward(const at::Tensor& x, const GateRows<acc_t>& out) {
   at::parallel_for(0, rows_of(x), row_grain(C), [&](int64_t begin, int64_t end) {
     // Short rows use buf as their block scratch (forward_short_rows_impl).
     std::vector<acc_t> buf(C <= kShortC ? short_scratch(C)
-                                        : (std::is_same_v<scalar_t, acc_t> ? 0 : long_rows_per_convert(C) * C));
+                                        : (std::is_same_v<scalar_t, acc_t> ? 0 : cpu::rows_per_convert(C) * C));
     std::vector<acc_t> e(out.clusters != nullptr ? C : 0);
     forward_rows(xp, C, begin, end, out, buf.data(), e.data());
   });

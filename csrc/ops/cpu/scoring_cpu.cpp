@@ -149,21 +149,18 @@ LK_UNCERTAINTY_ROWS(float)
 LK_UNCERTAINTY_ROWS(double)
 #undef LK_UNCERTAINTY_ROWS
 
-constexpr int64_t kConvertBlock = 2048;  // float16/bfloat16 logits widened per call
-
-// Rows [begin, end) of x [N, C]; float16/bfloat16 rows widened in blocks of ~kConvertBlock.
+// Rows [begin, end) of x [N, C]; float16/bfloat16 rows widened in blocks (cpu::rows_per_convert).
 template <typename scalar_t, typename acc_t>
 void uncertainty_block(Method method, const scalar_t* x, int64_t C, int64_t begin, int64_t end, bool from_logits,
                        acc_t* out) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     uncertainty_rows(method, x + begin * C, C, end - begin, from_logits, out + begin);
   } else {
-    const int64_t rows = std::max<int64_t>(1, kConvertBlock / C);
+    const int64_t rows = cpu::rows_per_convert(C);
     std::vector<acc_t> buf(rows * C);
     for (int64_t b = begin; b < end; b += rows) {
       const int64_t n = std::min(rows, end - b);
-      for (int64_t k = 0; k < n * C; ++k) buf[k] = static_cast<acc_t>(x[b * C + k]);
-      uncertainty_rows(method, buf.data(), C, n, from_logits, out + b);
+      uncertainty_rows(method, cpu::acc_rows(x + b * C, n * C, buf.data()), C, n, from_logits, out + b);
     }
   }
 }
