@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from conftest import TOLERANCES
+from conftest import DEVICES, TOLERANCES
 from fuzzing import (
     FLOAT_DTYPES,
     NON_FLOAT_DTYPES,
@@ -96,29 +96,64 @@ def image_shapes(draw, grid: int, square: bool = False, bad: bool = True) -> tup
     return shape
 
 
-def without_overflowing_statistics(x: torch.Tensor) -> torch.Tensor:
-    """Finite pixels beyond sqrt(max) / 16 of the statistics' dtype (float32; float64 for
-    float64) clipped to that bound: their squared deviations overflow it, and a standardised
-    tile becomes 0 or NaN instead of ±1-scale values — a known bug, pinned by
-    test_normalize_overflowing_tile_is_standardised (issue 8), excluded here so the fuzz keeps
-    testing everything else."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    bound = math.sqrt(torch.finfo(acc).max) / 16
-    if bound >= torch.finfo(x.dtype).max:  # float16 cannot hold such values
-        return x
-    big = x.isfinite() & (x.double().abs() > bound)
-    return torch.where(big, torch.full_like(x, bound).copysign(x), x)
+def _extreme_tiles(big: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A 4x4 image cut by a 2-grid into [[big, 0], [0, 0]], [[-big, 0], [0, 0]], zeros and
+    [[big, -big], [0, 0]]."""
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    x[0, 0, 0, 0] = x[0, 0, 2, 2] = big
+    x[0, 0, 0, 2] = x[0, 0, 2, 3] = -big
+    return x.to(dtype=dtype, device=device)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: tile statistics overflow for |x| > sqrt(max)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_normalize_overflowing_tile_is_standardised(dtype):
-    big = 1e30 if dtype == torch.float32 else 1e300
-    x = torch.zeros(1, 1, 4, 4, dtype=dtype)
-    x[0, 0, 0, 0] = big  # cell 0 = [[big, 0], [0, 0]]
-    tiles = jigsaw_tiles(x, torch.tensor([0]), torch.tensor([[0, 1, 2, 3]]), 2, normalize=True)
-    expected = torch.tensor([3.0, -1.0, -1.0, -1.0], dtype=torch.float64) / math.sqrt(3.0)
-    torch.testing.assert_close(tiles[0, 0, 0].flatten().double(), expected)
+def _standardised_jigsaw(x: torch.Tensor) -> torch.Tensor:
+    index = torch.tensor([0], device=x.device)
+    return jigsaw_tiles(x, index, torch.tensor([[0, 1, 2, 3]], device=x.device), 2, normalize=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, big",
+    [
+        (torch.float32, 1e30),
+        (torch.float32, 3e38),
+        (torch.float32, 1e-30),
+        (torch.float32, 1e-41),  # subnormal
+        (torch.float64, 1e300),
+        (torch.float64, 1e-310),  # subnormal
+        (torch.float16, 6e4),
+        (torch.bfloat16, 3e38),
+    ],
+)
+def test_normalize_extreme_tile_is_standardised(device, dtype, big):
+    """Pixels whose squared deviations overflow (or underflow) the statistics' float type still
+    give standardised tiles (issue 8: |x| > sqrt(max) gave 0 or NaN)."""
+    tiles = _standardised_jigsaw(_extreme_tiles(big, dtype, device))
+    spike = torch.tensor([3.0, -1.0, -1.0, -1.0], dtype=torch.float64) / math.sqrt(3.0)
+    pair = torch.tensor([math.sqrt(2.0), -math.sqrt(2.0), 0.0, 0.0], dtype=torch.float64)
+    expected = torch.stack([spike, -spike, torch.zeros(4, dtype=torch.float64), pair])
+    actual = tiles[0, :, 0].flatten(1).double().cpu()
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "dtype, big",
+    [(torch.float32, 1e30), (torch.float32, 3e38), (torch.float32, 1e-30), (torch.float64, 1e300)],
+)
+def test_normalize_extreme_tile_gradient_scales(device, dtype, big):
+    """Standardising is scale invariant, so the gradient at pixels scaled by ``big`` is the one
+    at unit pixels divided by ``big`` — also where the statistics alone would overflow."""
+    w = torch.arange(16, dtype=dtype, device=device).view(1, 4, 1, 2, 2)
+
+    def grad_at(x: torch.Tensor) -> torch.Tensor:
+        x = x.requires_grad_()
+        (g,) = torch.autograd.grad((_standardised_jigsaw(x) * w).sum(), x)
+        return g.double().cpu()
+
+    scaled = grad_at(_extreme_tiles(big, dtype, device)) * big
+    unit = grad_at(_extreme_tiles(1.0, dtype, device))
+    assert unit.abs().max() > 0.1  # the comparison is not between zeros
+    torch.testing.assert_close(scaled, unit, **TOLERANCES[dtype])
 
 
 @st.composite
@@ -128,7 +163,7 @@ def images(draw, shape, dtype, device) -> torch.Tensor:
     their gradients follow the documented policy (a constant tile, all-inf ones too, gives 0
     with gradient 0; NaN propagates). Other dtypes: 0..255 or 0..1 (constant tiles)."""
     if dtype.is_floating_point:
-        x = without_overflowing_statistics(draw(float_tensors(shape, dtype)))
+        x = draw(float_tensors(shape, dtype))
     else:
         g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
         high = draw(st.sampled_from([256, 2])) if dtype == torch.uint8 else 2

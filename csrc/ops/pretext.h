@@ -115,39 +115,62 @@ LK_HD void rotate_source(int64_t k, int64_t S, int64_t i, int64_t j, int64_t& si
   }
 }
 
-// ---- tile standardisation: y = (x - mean) * inv_std ------------------------------------------
+// ---- tile standardisation: y = (x * scale - mean) * inv_std ---------------------------------
 //
 // Each channel of each tile is standardised separately (population std). A constant tile (all
 // pixels equal: min == max) maps to 0 with gradient 0; deciding by min == max rather than by
 // var == 0 keeps float rounding of the mean from blowing a flat tile up to noise. NaN
 // propagates (min == max fails on NaN).
+//
+// The statistics are taken of x * scale, scale a power of two that brings the tile's largest
+// |x| near 1 when it lies outside [2^-32, 2^32]: squared deviations of pixels beyond
+// sqrt(max) of the statistics' type (~1e19 in float) would overflow, and those of tiny ones
+// underflow. Multiplying by a power of two is exact, so y is the same as unscaled arithmetic
+// would give wherever that does not overflow; moderate tiles keep scale 1 (no extra pass).
 
 template <typename T>
 struct TileStats {
-  T mean;
-  T inv_std;
+  T mean;  // of x * scale
+  T inv_std;  // 1 / std of x * scale
   bool constant;
+  T scale;
 };
 
-// From the tile's mean, population variance and whether min == max. A zero variance (a flat
-// tile that float rounding did not catch as constant) divides by 1; a NaN one (NaN or inf
-// pixels) gives NaN.
+// The power of two the statistics of a tile with largest |pixel| `amax` are taken at: 1 for a
+// moderate, zero or non-finite amax; else 2^-e with amax = m * 2^e (0.5 <= m < 1), e clamped
+// so that the factor stays a normal number of T (a float subnormal tile then scales to >= 2^-23).
 template <typename T>
-LK_HD TileStats<T> tile_stats(T mean, T var, bool constant) {
+LK_HD T tile_scale(T amax) {
+  const double a = static_cast<double>(amax);
+  const bool moderate = a >= 0x1p-32 && a <= 0x1p32;
+  const bool finite_positive = a > 0 && a - a == 0;
+  if (moderate || !finite_positive) return T(1);
+  int e = 0;
+  ::frexp(a, &e);
+  const int limit = sizeof(T) == sizeof(float) ? 126 : 1022;
+  const int shift = -e < -limit ? -limit : (-e > limit ? limit : -e);
+  return static_cast<T>(::ldexp(1.0, shift));
+}
+
+// From the tile's mean and population variance at `scale`, and whether min == max. A zero
+// variance (a flat tile that float rounding did not catch as constant) divides by 1; a NaN one
+// (NaN or inf pixels) gives NaN.
+template <typename T>
+LK_HD TileStats<T> tile_stats(T mean, T var, bool constant, T scale) {
   const T inv_std = var == T(0) ? T(1) : T(1) / static_cast<T>(::sqrt(var));
-  return TileStats<T>{mean, inv_std, constant};
+  return TileStats<T>{mean, inv_std, constant, scale};
 }
 
 template <typename T>
 LK_HD T normalized(T x, const TileStats<T>& st) {
-  return st.constant ? T(0) : (x - st.mean) * st.inv_std;
+  return st.constant ? T(0) : (x * st.scale - st.mean) * st.inv_std;
 }
 
-// Backward of y = (x - mean) * inv_std over one tile, given mean(g) and mean(g * y):
-// dx = inv_std * (g - mean(g) - y * mean(g * y)); 0 for a constant tile.
+// Backward of y = (x * scale - mean) * inv_std over one tile, given mean(g) and mean(g * y):
+// dx = inv_std * (g - mean(g) - y * mean(g * y)) * scale; 0 for a constant tile.
 template <typename T>
 LK_HD T normalized_grad(T g, T y, const TileStats<T>& st, T mean_g, T mean_gy) {
-  return st.constant ? T(0) : st.inv_std * (g - mean_g - y * mean_gy);
+  return st.constant ? T(0) : st.inv_std * (g - mean_g - y * mean_gy) * st.scale;
 }
 
 }  // namespace pretext

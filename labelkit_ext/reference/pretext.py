@@ -49,11 +49,25 @@ def context_table(grid: int, device: torch.device | str = "cpu") -> torch.Tensor
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
+def _tile_scale(acc: torch.Tensor) -> torch.Tensor:
+    """The power of two each tile's statistics are taken at (csrc/ops/pretext.h tile_scale): 1
+    when its largest |pixel| is in [2^-32, 2^32], zero or non-finite; else 2^-e with
+    ``amax = m * 2^e`` (0.5 <= m < 1), e clamped so the factor stays a normal number."""
+    amax = acc.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    limit = 1022 if acc.dtype == torch.float64 else 126
+    shift = (-torch.frexp(amax).exponent).clamp(-limit, limit)
+    scale = torch.exp2(shift.to(torch.float64)).to(acc.dtype)  # exact: an integer power of two
+    moderate = (amax >= 2.0**-32) & (amax <= 2.0**32)
+    unusable = ~torch.isfinite(amax) | (amax == 0)
+    return torch.where(moderate | unusable, torch.ones_like(scale), scale)
+
+
 def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """Standardise each channel of each tile ``[..., t, t]`` with the population std.
 
-    A constant tile (min == max) becomes 0 with gradient 0; NaN propagates. Same policy as
-    csrc/ops/pretext.h.
+    A constant tile (min == max) becomes 0 with gradient 0; NaN propagates. Statistics are taken
+    of the tile times a power of two (:func:`_tile_scale`) so that extreme pixels neither
+    overflow nor underflow them. Same policy as csrc/ops/pretext.h.
     """
     acc = tiles.to(torch.float64 if tiles.dtype == torch.float64 else torch.float32)
     flat = acc.flatten(-2)
@@ -62,6 +76,7 @@ def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     # A constant tile's statistics are never used: zeros stand in for its pixels, so that an
     # all-inf tile's (inf - inf) cannot send NaN back through where()'s unused branch.
     acc = torch.where(constant, torch.zeros_like(acc), acc)
+    acc = acc * _tile_scale(acc)
     var, mean = torch.var_mean(acc, dim=(-2, -1), keepdim=True, correction=0)
     # where() before sqrt: a zero variance must not reach sqrt's backward (0/0); NaN stays NaN.
     std = torch.where(var == 0, torch.ones_like(var), var).sqrt()

@@ -68,7 +68,8 @@ void copy_tile(const T* base, const Strides4& s, int64_t C, int64_t t, T* dst) {
   }
 }
 
-// Reads one tile channel into buf and returns its statistics (sums in double: t*t terms).
+// Reads one tile channel into buf and returns its statistics (sums in double: t*t terms). buf
+// keeps the pixels unscaled; a tile of extreme magnitude (scale != 1) is summed again scaled.
 template <typename in_t, typename acc_t>
 TileStats<acc_t> gather_plane(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* buf) {
   double sum = 0;
@@ -84,15 +85,21 @@ TileStats<acc_t> gather_plane(const in_t* base, int64_t sh, int64_t sw, int64_t 
     }
   }
   const int64_t n = t * t;
-  const acc_t mean = static_cast<acc_t>(sum / n);
-  double sq = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = buf[i] - mean;
-    sq += d * d;
-  }
   // lo == hi is false when the tile holds a NaN (compares drop it, the sum keeps it).
   const bool constant = lo == hi && sum == sum;
-  return pretext::tile_stats<acc_t>(mean, static_cast<acc_t>(sq / n), constant);
+  const acc_t scale = pretext::tile_scale<acc_t>(std::max(std::abs(lo), std::abs(hi)));
+  double scaled_sum = sum;
+  if (scale != acc_t(1)) {
+    scaled_sum = 0;
+    for (int64_t i = 0; i < n; ++i) scaled_sum += buf[i] * scale;
+  }
+  const acc_t mean = static_cast<acc_t>(scaled_sum / n);
+  double sq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = buf[i] * scale - mean;
+    sq += d * d;
+  }
+  return pretext::tile_stats<acc_t>(mean, static_cast<acc_t>(sq / n), constant, scale);
 }
 
 template <typename in_t, typename out_t, bool kNormalize>

@@ -75,7 +75,8 @@ __device__ T block_reduce(T v, Op op, T* smem) {
   return r;
 }
 
-// Statistics of one t x t tile channel read at `base` (strides sh, sw) by the whole block.
+// Statistics of one t x t tile channel read at `base` (strides sh, sw) by the whole block. A
+// tile of extreme magnitude (scale != 1, the same for the whole block) is summed again scaled.
 template <typename in_t, typename acc_t>
 __device__ TileStats<acc_t> plane_stats(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* smem) {
   const int64_t n = t * t;
@@ -91,16 +92,24 @@ __device__ TileStats<acc_t> plane_stats(const in_t* base, int64_t sh, int64_t sw
   sum = block_reduce(sum, SumOp{}, smem);
   lo = block_reduce(lo, MinOp{}, smem);
   hi = block_reduce(hi, MaxOp{}, smem);
+  // lo == hi fails on a NaN first pixel; the NaN sum catches one elsewhere.
+  const bool constant = lo == hi && sum == sum;
+  const acc_t scale = pretext::tile_scale<acc_t>(::fmax(::fabs(lo), ::fabs(hi)));
+  if (scale != acc_t(1)) {
+    sum = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      sum += static_cast<acc_t>(base[(i / t) * sh + (i % t) * sw]) * scale;
+    }
+    sum = block_reduce(sum, SumOp{}, smem);
+  }
   const acc_t mean = sum / static_cast<acc_t>(n);
   acc_t sq = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const acc_t d = static_cast<acc_t>(base[(i / t) * sh + (i % t) * sw]) - mean;
+    const acc_t d = static_cast<acc_t>(base[(i / t) * sh + (i % t) * sw]) * scale - mean;
     sq += d * d;
   }
   sq = block_reduce(sq, SumOp{}, smem);
-  // lo == hi fails on a NaN first pixel; the NaN sum catches one elsewhere.
-  const bool constant = lo == hi && sum == sum;
-  return pretext::tile_stats<acc_t>(mean, sq / static_cast<acc_t>(n), constant);
+  return pretext::tile_stats<acc_t>(mean, sq / static_cast<acc_t>(n), constant, scale);
 }
 
 // ---- forward --------------------------------------------------------------------------------------
@@ -192,8 +201,8 @@ at::Tensor grid_tiles_cuda(
 
 // ---- backward ---------------------------------------------------------------------------------
 
-// Per tile channel: mean, inv_std, constant (as 0/1), mean(g), mean(g * y).
-constexpr int kStatFields = 5;
+// Per tile channel: mean, inv_std, constant (as 0/1), mean(g), mean(g * y), scale.
+constexpr int kStatFields = 6;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) tiles_backward_stats_kernel(
@@ -225,6 +234,7 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_stats_kernel(
       out[2] = st.constant ? acc_t(1) : acc_t(0);
       out[3] = sg / static_cast<acc_t>(area);
       out[4] = sgy / static_cast<acc_t>(area);
+      out[5] = st.scale;
     }
   }
 }
@@ -251,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_pixel_kernel(
         const acc_t gv = static_cast<acc_t>(grad[p * area + dy * t + dx]);
         if constexpr (kNormalize) {
           const acc_t* sp = stats + p * kStatFields;
-          const TileStats<acc_t> st{sp[0], sp[1], sp[2] != acc_t(0)};
+          const TileStats<acc_t> st{sp[0], sp[1], sp[2] != acc_t(0), sp[5]};
           const acc_t yv = pretext::normalized(static_cast<acc_t>(x[n * s.n + c * s.c + h * s.h + w * s.w]), st);
           acc += pretext::normalized_grad(gv, yv, st, sp[3], sp[4]);
         } else {
