@@ -1,45 +1,65 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build, CUDA tests, compute-sanitizer, benchmarks.
 #
-#   bash scripts/gpu_check.sh [STEP...] [--copy-to DIR]
+#   bash scripts/gpu_check.sh [STEP...] [--archive FILE] [--copy-to DIR]
 #
-# STEPs (default: all of them, in this order):
-#   build      pip install --no-build-isolation --no-deps . (CUDA kernels forced on), then
-#              `python -m labelkit_ext info --load`
-#   test       the Python suite with the kernels required (the preflight made sure torch sees
-#              the GPU, so the CUDA tests run), then the fuzz tests with a larger budget
-#   sanitize   compute-sanitizer memcheck, racecheck and synccheck over the ops' CUDA tests and
-#              their fuzz tests (-m ops), with torch's caching allocator off so memcheck sees
-#              every buffer's real bounds
-#   bench      every bench/bench_*.py with --device cuda
+# STEPs run in the order given; the default, `all`, runs them most important first, so that a
+# run cut short by a time limit has done what matters (docs/gpu-session.md):
+#   build        pip install --no-build-isolation --no-deps . (CUDA kernels forced on), then
+#                `python -m labelkit_ext info --load`
+#   test-cuda    the op families' CUDA tests (-m "ops and not slow" -k cuda), kernels required
+#   memcheck | racecheck | synccheck
+#                compute-sanitizer with that tool over the ops' CUDA tests and their fuzz tests,
+#                with torch's caching allocator off so memcheck sees every buffer's real bounds
+#   sanitize     memcheck racecheck synccheck
+#   bench:NAME   bench/bench_NAME.py --device cuda
+#   bench        every bench/bench_*.py
+#   test         the whole Python suite (the preflight made sure torch sees the GPU)
+#   fuzz         the fuzz tests with a larger budget
+#   all          build test-cuda memcheck bench:affine bench:entropy bench:pretext test fuzz
+#                racecheck synccheck, then the other benchmarks
 # Everything lands in bench/results/<gpu>/ (the benchmarks' CSV/markdown, as bench/common.py
 # names the folder) and bench/results/<gpu>/gpu_check/ (logs, JUnit XML, summary.md). Steps run
-# one after another even when one fails; the exit status is 1 if any failed. --copy-to also
-# copies that folder to DIR at the end (e.g. a folder a remote runner fetches).
+# one after another even when one fails; the exit status is 1 if any failed. --archive writes
+# that folder as a .tar.gz after every step (fetch it at any time: it holds what has finished);
+# --copy-to copies the folder to DIR at the end.
 #
 # Needs: python with torch (a CUDA build), numpy, pytest, hypothesis (pytest-timeout optional),
 # a CUDA toolkit (CUDA_HOME, default /usr/local/cuda) with nvcc and compute-sanitizer. No network.
 # Knobs: PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's arch plus 8.0;9.0),
 # MAX_JOBS (default: all cores), GPU_CHECK_FUZZ_EXAMPLES (default 300), GPU_CHECK_SANITIZER_FUZZ_EXAMPLES (default 15),
 # GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--no-compile"),
-# GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all).
+# GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all),
+# GPU_CHECK_STEP_TIMEOUT (seconds one step may run, then it is stopped and marked TIMEOUT;
+# default 0 = no limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
+ALL=(build test-cuda memcheck bench:affine bench:entropy bench:pretext test fuzz racecheck synccheck
+  bench:scoring bench:active)
 STEPS=()
 COPY_TO=""
+ARCHIVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    build | test | sanitize | bench) STEPS+=("$1") ;;
-    all) STEPS+=(build test sanitize bench) ;;
+    build | test-cuda | test | fuzz | memcheck | racecheck | synccheck | bench:*) STEPS+=("$1") ;;
+    sanitize) STEPS+=(memcheck racecheck synccheck) ;;
+    bench) for f in bench/bench_*.py; do f=${f#bench/bench_}; STEPS+=("bench:${f%.py}"); done ;;
+    all) STEPS+=("${ALL[@]}") ;;
     --copy-to) COPY_TO=${2:?--copy-to needs a folder}; shift ;;
-    -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument $1 (steps: build test sanitize bench all)" >&2; exit 2 ;;
+    --archive) ARCHIVE=${2:?--archive needs a file name}; shift ;;
+    -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1 (steps: build test-cuda test fuzz memcheck racecheck synccheck sanitize bench bench:NAME all)" >&2; exit 2 ;;
   esac
   shift
 done
-[ ${#STEPS[@]} -gt 0 ] || STEPS=(build test sanitize bench)
+[ ${#STEPS[@]} -gt 0 ] || STEPS=("${ALL[@]}")
+for step in "${STEPS[@]}"; do
+  case "$step" in
+    bench:*) [ -f "bench/bench_${step#bench:}.py" ] || { echo "gpu_check: no bench/bench_${step#bench:}.py" >&2; exit 2; } ;;
+  esac
+done
 
 die() { echo "gpu_check: $*" >&2; exit 1; }
 
@@ -81,16 +101,26 @@ SUMMARY="$LOGS/summary.md"
 } > "$SUMMARY"
 
 FAILED=0
-# run_step NAME LOGFILE COMMAND...: runs, logs, records the outcome in summary.md.
+# run_step NAME LOGFILE COMMAND...: runs (within GPU_CHECK_STEP_TIMEOUT), logs, records the
+# outcome in summary.md.
 run_step() {
   local name=$1 log=$2
   shift 2
   echo "[gpu_check] $name (log: $log)"
-  local start=$SECONDS rc
-  "$@" > "$log" 2>&1
+  local start=$SECONDS rc limit=${GPU_CHECK_STEP_TIMEOUT:-0}
+  if [ "$limit" -gt 0 ]; then
+    timeout --kill-after=30 "$limit" "$@" > "$log" 2>&1
+  else
+    "$@" > "$log" 2>&1
+  fi
   rc=$?
   local result=passed
-  if [ $rc -ne 0 ]; then result="FAILED (exit $rc)"; FAILED=1; tail -n 30 "$log"; fi
+  if [ $rc -ne 0 ]; then
+    result="FAILED (exit $rc)"
+    [ "$limit" -gt 0 ] && { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && result="TIMEOUT (${limit} s)"
+    FAILED=1
+    tail -n 30 "$log"
+  fi
   echo "| $name | $result | $((SECONDS - start)) | $(basename "$log") |" >> "$SUMMARY"
   echo "[gpu_check] $name: $result in $((SECONDS - start)) s"
 }
@@ -113,16 +143,25 @@ step_build() {
   run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info --load
 }
 
+step_test-cuda() {
+  run_step "CUDA tests of the ops (-m 'ops and not slow' -k cuda)" "$LOGS/pytest-cuda.log" \
+    "${PYTEST[@]}" -m "ops and not slow" -k cuda --junitxml="$LOGS/pytest-cuda.xml"
+}
+
 step_test() {
-  run_step "tests (kernels, CUDA)" "$LOGS/pytest.log" \
+  run_step "tests (whole suite, kernels required)" "$LOGS/pytest.log" \
     "${PYTEST[@]}" --junitxml="$LOGS/pytest.xml"
+}
+
+step_fuzz() {
   run_step "fuzz (-m fuzz, ${GPU_CHECK_FUZZ_EXAMPLES:-300} examples each)" "$LOGS/fuzz.log" \
     env LABELKIT_FUZZ_EXAMPLES="${GPU_CHECK_FUZZ_EXAMPLES:-300}" "${PYTEST[@]}" -m fuzz \
     --junitxml="$LOGS/fuzz.xml"
 }
 
-step_sanitize() {
-  local tool filter=()
+# sanitize TOOL: compute-sanitizer --tool TOOL over the ops' CUDA and fuzz tests.
+sanitize() {
+  local tool=$1 filter=()
   # Instrument only our kernels (all live in namespace labelkit) where this compute-sanitizer
   # can filter: torch's own kernels are not what we check, and the run is much faster.
   # GPU_CHECK_KERNEL_FILTER="" checks every kernel.
@@ -130,30 +169,40 @@ step_sanitize() {
   if [ -n "$kf" ] && compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then
     filter=(--kernel-name "$kf")
   fi
-  for tool in memcheck racecheck synccheck; do
-    # No caching allocator: memcheck then knows each tensor's real extent. Fewer fuzz examples:
-    # every kernel runs instrumented.
-    run_step "compute-sanitizer $tool" "$LOGS/sanitizer-$tool.log" \
-      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      LABELKIT_FUZZ_EXAMPLES="${GPU_CHECK_SANITIZER_FUZZ_EXAMPLES:-15}" \
-      compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 "${filter[@]}" \
-      "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
-  done
+  # No caching allocator: memcheck then knows each tensor's real extent. Fewer fuzz examples:
+  # every kernel runs instrumented.
+  run_step "compute-sanitizer $tool" "$LOGS/sanitizer-$tool.log" \
+    env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    LABELKIT_FUZZ_EXAMPLES="${GPU_CHECK_SANITIZER_FUZZ_EXAMPLES:-15}" \
+    compute-sanitizer --tool "$tool" --error-exitcode 1 --print-limit 50 "${filter[@]}" \
+    "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
 }
 
-step_bench() {
-  local script
-  for script in bench/bench_*.py; do
-    # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of arguments
-    run_step "$(basename "$script")" "$LOGS/$(basename "$script" .py).log" \
-      "$PY" "$script" --device cuda --out bench/results ${GPU_CHECK_BENCH_ARGS:-}
-  done
+# bench NAME: bench/bench_NAME.py on the GPU.
+bench() {
+  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of arguments
+  run_step "bench_$1.py" "$LOGS/bench_$1.log" \
+    "$PY" "bench/bench_$1.py" --device cuda --out bench/results ${GPU_CHECK_BENCH_ARGS:-}
 }
 
-for step in "${STEPS[@]}"; do "step_$step"; done
+# The results folder as FILE (.tar.gz), replaced whole so that a reader never sees half of it.
+write_archive() {
+  [ -n "$ARCHIVE" ] || return 0
+  tar -czf "$ARCHIVE.partial" -C bench/results "$GPU_SLUG" && mv "$ARCHIVE.partial" "$ARCHIVE"
+}
+
+for step in "${STEPS[@]}"; do
+  case "$step" in
+    memcheck | racecheck | synccheck) sanitize "$step" ;;
+    bench:*) bench "${step#bench:}" ;;
+    *) "step_$step" ;;
+  esac
+  write_archive
+done
 
 echo >> "$SUMMARY"
 echo "Overall: $([ $FAILED -eq 0 ] && echo passed || echo FAILED)" >> "$SUMMARY"
+write_archive
 cat "$SUMMARY"
 if [ -n "$COPY_TO" ]; then
   mkdir -p "$COPY_TO" && cp -r "$RESULTS" "$COPY_TO"/ && echo "[gpu_check] copied $RESULTS to $COPY_TO/"

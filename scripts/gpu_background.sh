@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh in the background, for GPU machines lent in calls shorter than the whole
+# check (docs/gpu-session.md): one call starts it, later calls wait on it and fetch its results.
+#
+#   bash scripts/gpu_background.sh start [STEP...]      # default steps: gpu_check's `all`
+#   bash scripts/gpu_background.sh wait SECONDS [DIR]   # until done or SECONDS pass
+#
+# start: installs the wheels in .whl/ (if any: the benchmarks' extras, e.g. kornia, which such a
+# machine cannot download) into $STATE/site, then runs gpu_check.sh with --archive in a new
+# process session (it outlives the call) and returns at once.
+# wait: prints the summary as it grows; when the check ends or SECONDS pass, copies the archive
+# (bench/results/<gpu>/ as .tar.gz, everything finished so far) and the console log to DIR.
+# Exit status of wait: 0 finished and passed, 1 finished with a failed step, 3 still running.
+# Knobs: GPU_BACKGROUND_STATE (default /tmp/labelkit_gpu_check), and gpu_check.sh's own;
+# GPU_CHECK_STEP_TIMEOUT defaults to 600 here, so that one stuck step cannot use up the lease.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+STATE=${GPU_BACKGROUND_STATE:-/tmp/labelkit_gpu_check}
+ARCHIVE="$STATE/gpu_check.tar.gz"
+CONSOLE="$STATE/console.log"
+
+running() { [ -f "$STATE/pid" ] && kill -0 "$(cat "$STATE/pid")" 2> /dev/null; }
+
+start() {
+  if running; then
+    echo "gpu_background: already running (pid $(cat "$STATE/pid"))" >&2
+    exit 2
+  fi
+  rm -rf "$STATE" && mkdir -p "$STATE"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$STATE/site" .whl/*.whl || exit 1
+    export PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-600}
+  setsid nohup bash -c 'bash scripts/gpu_check.sh "$@"; echo $? > "'"$STATE"'/rc"' gpu_check \
+    "$@" --archive "$ARCHIVE" > "$CONSOLE" 2>&1 < /dev/null &
+  echo $! > "$STATE/pid"
+  echo "gpu_background: gpu_check.sh ${*:-all} started (pid $!), console $CONSOLE"
+}
+
+wait_for() {
+  local seconds=${1:?wait needs SECONDS} dir=${2:-}
+  local end=$((SECONDS + seconds))
+  [ -f "$STATE/pid" ] || { echo "gpu_background: nothing started (run start first)" >&2; exit 2; }
+  while running && [ $SECONDS -lt $end ]; do sleep 2; done
+  grep '^\[gpu_check\]' "$CONSOLE" | tail -n 40
+  if [ -n "$dir" ]; then
+    mkdir -p "$dir"
+    [ -f "$ARCHIVE" ] && cp "$ARCHIVE" "$dir/"
+    cp "$CONSOLE" "$dir/"
+  fi
+  if running; then
+    echo "gpu_background: still running after ${seconds} s"
+    exit 3
+  fi
+  echo "gpu_background: finished, exit status $(cat "$STATE/rc" 2> /dev/null || echo '?')"
+  [ "$(cat "$STATE/rc" 2> /dev/null)" = 0 ]
+}
+
+case "${1:-}" in
+  start) shift; start "$@" ;;
+  wait) shift; wait_for "$@" ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
+esac
