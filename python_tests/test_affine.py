@@ -357,6 +357,39 @@ def test_far_outside_and_huge_theta(device):
                 assert_close(gt, rt)
 
 
+@pytest.mark.parametrize("mode,padding", list(itertools.product(MODES, PADDINGS)))
+def test_input_grad_when_corners_overflow(device, mode, padding):
+    """A shear so large that opposite output corners map to +inf and -inf (a NaN extent): the
+    input gradient's gather must still find every output pixel that read something (under
+    reflection it found 40 of 1094). The op is linear in x, so <g, out> = <grad_x, x> for the
+    gradient of <g, out>: the gather must be the forward's exact transpose. (Coordinates here
+    are beyond float's precision, so the forward is not compared with grid_sample, whose own
+    bilinear backward crashes on this θ on CPU.)"""
+    x = make_images((1, 2, 40, 40), torch.float64, device).float().requires_grad_()
+    theta = torch.tensor([[[2e37, -2e37, 0.0], [0.0, 1.0, 0.0]]], device=device)
+    out = affine_grid_sample(x, theta, None, mode, padding)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    (gx,) = torch.autograd.grad(out, x, g)
+    assert (out != 0).sum() > 40  # many output pixels read a pixel
+    lhs = (g.double() * out.double()).sum()
+    rhs = (gx.double() * x.double()).sum()
+    assert lhs.item() == pytest.approx(rhs.item(), rel=1e-5, abs=1e-4)
+
+
+def test_input_grad_of_a_row_longer_than_float_integers(device):
+    """Wo - 1 = 2^24 + 3 rounds up in float: the gather's output range must stop at Wo - 1
+    (it read one pixel past the row: here the sentinel beside the gradient)."""
+    Wo = 2**24 + 4
+    x = torch.ones(1, 1, 2, 2, device=device, requires_grad=True)
+    theta = torch.zeros(1, 2, 3, device=device)  # every output pixel samples the centre
+    out = affine_grid_sample(x, theta, (1, Wo))
+    padded = torch.ones(1, 1, 1, Wo + 1, device=device)
+    padded[..., Wo] = 1e6  # a read past the row picks this up
+    (gx,) = torch.autograd.grad(out, x, padded[..., :Wo])
+    # Each output pixel puts weight 1/4 on each of the 4 pixels (exactly representable sums).
+    assert_close(gx, torch.full_like(x, Wo / 4))
+
+
 def test_extreme_input_values(device):
     x = make_images((2, 2, 6, 6), torch.float32, device)
     x[0, 0, 2, 3] = math.inf

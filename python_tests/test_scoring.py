@@ -410,6 +410,49 @@ def test_badge_matches_kmeanspp_oracle_float64(device):
         assert got.tolist() == expected
 
 
+def test_badge_pool_of_several_draw_blocks_matches_reference(device):
+    """N spans three 8192-sample blocks of the CDF sums: the block walk picks what the
+    reference's plain cumulative sum picks, and never a sample twice."""
+    probs = torch.softmax(randn(20000, 4, seed=24, scale=2.0, dtype=torch.float64), 1)
+    emb = randn(20000, 6, seed=25, dtype=torch.float64)
+    for seed in (0, 1):
+        u = badge_uniforms(25, seed)
+        got = badge_select(probs.to(device), emb.to(device), 25, seed=seed)
+        assert len(set(got.tolist())) == 25
+        assert got.tolist() == badge_select_ref(probs, emb, 25, u).tolist()
+
+
+@requires_ops
+def test_badge_op_reads_strided_uniforms(device):
+    """A direct op call with a non-contiguous uniforms tensor reads its values, not its storage."""
+    probs = torch.softmax(randn(50, 3, seed=26, scale=2.0), 1).to(device)
+    emb = randn(50, 4, seed=27, device=device)
+    u = badge_uniforms(16, 3)
+    strided = torch.stack([u, torch.zeros_like(u)], 1)[:, 0]
+    assert not strided.is_contiguous()
+    op = torch.ops.labelkit.badge_select
+    assert torch.equal(op(probs, emb, strided[:8], 8), op(probs, emb, u[:8].clone(), 8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cosine_ignores_tf32_setting():
+    """allow_tf32 / 'high' matmul precision must not leak into the similarities (TF32 keeps ~3
+    decimal digits): values stay within float32 rounding of the float64 oracle."""
+    q = randn(64, 256, seed=28, device="cuda")
+    k = randn(300, 256, seed=29, device="cuda")
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        v, i = cosine_topk(q, k, 5)
+        m = cosine_reduce(q, k, "max")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    ov, _ = topk_oracle(q.cpu(), k.cpu(), 5)
+    torch.testing.assert_close(v.double().cpu(), ov, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m.double().cpu(), ov[:, 0], rtol=0, atol=1e-6)
+
+
 def test_badge_exhausted_mass_takes_lowest_unpicked(device):
     probs = torch.tensor([[0.9, 0.1]], device=device).repeat(5, 1)
     emb = torch.ones(5, 3, device=device)

@@ -391,8 +391,11 @@ LK_AFF_HD void index_range(T lo, T hi, int64_t n, int64_t& first, int64_t& last)
   hi = t_floor(hi + margin);
   lo = lo < T(0) ? T(0) : (lo > T(n) ? T(n) : lo);
   hi = hi < T(-1) ? T(-1) : (hi > T(n - 1) ? T(n - 1) : hi);
+  // Clamp again after the cast: T(n - 1) rounds up once n - 1 exceeds T's integers (2^24 in float).
   first = static_cast<int64_t>(lo);
   last = static_cast<int64_t>(hi);
+  first = first > n ? n : first;
+  last = last > n - 1 ? n - 1 : last;
 }
 
 // Extent of an axis' unpadded coordinate over the whole output (its extremes are at corners).
@@ -441,8 +444,11 @@ LK_AFF_HD void try_candidate(const PixelMap<T>& m, const Fold<T>& fu, const Fold
   if (mode == kNearest) {
     if (dx == 0 && dy == 0 && t.in[0]) visit(ox, oy, T(1));
   } else if ((dx == 0 || dx == 1) && (dy == 0 || dy == 1)) {
-    const int k = static_cast<int>(dx + 2 * dy);
-    if (t.in[k]) visit(ox, oy, t.w[k]);
+    // Tap dx + 2 dy by constant indices: a computed index keeps t in local memory on a GPU.
+    const bool right = dx == 1, down = dy == 1;
+    const bool in = down ? (right ? t.in[3] : t.in[2]) : (right ? t.in[1] : t.in[0]);
+    const T w = down ? (right ? t.w[3] : t.w[2]) : (right ? t.w[1] : t.w[0]);
+    if (in) visit(ox, oy, w);
   }
 }
 
@@ -466,8 +472,10 @@ LK_AFF_HD void gather_taps(const PixelMap<T>& m, int64_t x, int64_t y, int64_t H
     coord_extent(ay, by, cy, Wo, Ho, vlo, vhi);
     if (fu.folded) cell_range(fu, ulo, uhi, ju0, ju1);
     if (fv.folded) cell_range(fv, vlo, vhi, jv0, jv1);
+    // Corners of opposite infinite signs give a NaN extent (inf - inf), which bounds nothing.
+    const bool unbounded = (fu.folded && (ulo != ulo || uhi != uhi)) || (fv.folded && (vlo != vlo || vhi != vhi));
     const double cells = double(ju1 - ju0 + 1) * double(jv1 - jv0 + 1);
-    if (cells > double(Ho) * double(Wo)) {
+    if (unbounded || cells > double(Ho) * double(Wo)) {
       for (int64_t oy = 0; oy < Ho; ++oy) {
         for (int64_t ox = 0; ox < Wo; ++ox) {
           try_candidate(m, fu, fv, false, 0, 0, x, y, ox, oy, H, W, mode, padding, align_corners, visit);

@@ -77,6 +77,57 @@ LK_HD T badge_sq_dist(T g2_i, T g2_c, T qq, T hh) {
   return d > floor ? d : T(0);
 }
 
+// BADGE's inverse-CDF draw: the first i with sum_{j <= i} w_j > u * total, w_j = min_d[j] on
+// untaken samples. Sums are float64 over fixed blocks of kDrawBlock samples, each in index
+// order, then the blocks in order: the same bits on every backend and thread count (given the
+// same min_d), and a pick never lands on a sample without mass (a taken one).
+constexpr int64_t kDrawBlock = 8192;
+
+template <typename T>
+LK_HD double draw_weight(const T* min_d, const uint8_t* taken, int64_t i) {
+  return taken[i] ? 0.0 : static_cast<double>(min_d[i]);
+}
+
+// Sum of the weights of samples [begin, end).
+template <typename T>
+LK_HD double draw_block_sum(const T* min_d, const uint8_t* taken, int64_t begin, int64_t end) {
+  double s = 0.0;
+  for (int64_t i = begin; i < end; ++i) s += draw_weight(min_d, taken, i);
+  return s;
+}
+
+// The pick, from the nb = ceil(N / kDrawBlock) block sums. No mass left: the lowest untaken
+// sample (-1 if none). u * total rounded onto the last step of the CDF: the last sample with mass.
+template <typename T>
+LK_HD int64_t draw_pick(const T* min_d, const uint8_t* taken, int64_t N, const double* block_sum, double u) {
+  const int64_t nb = (N + kDrawBlock - 1) / kDrawBlock;
+  double total = 0.0;
+  for (int64_t b = 0; b < nb; ++b) total += block_sum[b];
+  if (!(total > 0.0)) {
+    for (int64_t i = 0; i < N; ++i) {
+      if (!taken[i]) return i;
+    }
+    return -1;
+  }
+  const double target = u * total;
+  double acc = 0.0;
+  for (int64_t b = 0; b < nb; ++b) {
+    if (acc + block_sum[b] <= target) {
+      acc += block_sum[b];
+      continue;
+    }
+    const int64_t end = (b + 1) * kDrawBlock < N ? (b + 1) * kDrawBlock : N;
+    for (int64_t i = b * kDrawBlock; i < end; ++i) {
+      acc += draw_weight(min_d, taken, i);
+      if (acc > target) return i;
+    }
+  }
+  for (int64_t i = N - 1; i >= 0; --i) {
+    if (draw_weight(min_d, taken, i) > 0.0) return i;
+  }
+  return -1;
+}
+
 // Uncertainty of one [C] row from its softmax statistics: max m, second largest logit z2
 // (-inf with one class), s and t (ops/entropy.h). Rows with NaN or +inf give NaN; an all -inf
 // row (s == 0) gives NaN, like softmax.

@@ -23,6 +23,7 @@
 #include "ops/entropy.h"
 #include "ops/scoring.h"
 #include "ops/scoring_checks.h"
+#include "ops/scoring_host.h"
 #include "ops/cpu/row_moments.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -35,22 +36,13 @@ namespace labelkit {
 namespace {
 
 using entropy::neg_inf;
+using scoring::acc_type;
 using scoring::Method;
+using scoring::normalized_rows;
 
 constexpr int64_t kQueryTile = 256;   // score tile rows: 256 x 1024 float32 = 1 MiB, inside L2
 constexpr int64_t kKeyTile = 1024;
 constexpr int64_t kBlock = 8192;      // samples per block of the greedy passes
-
-at::ScalarType acc_type(at::ScalarType in) {
-  return in == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// x / max(|x|, eps) per row, in the accumulation dtype: the same ATen ops as the reference, so
-// both normalise to identical bits.
-at::Tensor normalized_rows(const at::Tensor& x, double eps) {
-  const at::Tensor y = x.to(acc_type(x.scalar_type()));
-  return (y / at::linalg_vector_norm(y, 2, {-1}, /*keepdim=*/true).clamp_min(eps)).contiguous();
-}
 
 int64_t num_blocks(int64_t n, int64_t block) {
   return (n + block - 1) / block;
@@ -640,17 +632,6 @@ class KCenterState {
 
 // Index of the row nearest the mean, with the reference's own ATen ops per row (identical bits,
 // first index on ties), a block of rows at a time so that no N x D temporary is made.
-int64_t nearest_to_mean(const at::Tensor& x) {
-  const at::Tensor mean = x.mean(0);
-  const int64_t N = x.size(0);
-  at::Tensor d = at::empty({N}, x.options());
-  for (int64_t b = 0; b < N; b += kBlock) {
-    const int64_t len = std::min(kBlock, N - b);
-    d.narrow(0, b, len).copy_((x.narrow(0, b, len) - mean).square().sum(-1));
-  }
-  return d.argmin().item<int64_t>();
-}
-
 at::Tensor kcenter_greedy_cpu(const at::Tensor& embeddings, int64_t budget, const c10::optional<at::Tensor>& labeled,
                               bool cosine, double eps) {
   const at::Tensor lab = labeled.has_value() ? labeled->to(at::kCPU).contiguous()
@@ -671,7 +652,7 @@ at::Tensor kcenter_greedy_cpu(const at::Tensor& embeddings, int64_t budget, cons
       const int64_t* l = lab.const_data_ptr<int64_t>();
       for (int64_t j = 0; j < lab.numel(); ++j) next = state.add_center(l[j]);
     } else {
-      next = nearest_to_mean(x);
+      next = scoring::nearest_to_mean(x, kBlock);
     }
     for (; t < budget; ++t) {
       out[t] = next;
@@ -712,48 +693,18 @@ void badge_block(const double* q, const double* h, const double* g2, int64_t C, 
   badge_block_impl(q, h, g2, C, D, begin, end, c, min_d);
 }
 
-// Inverse-CDF draw: the first i with sum_{j <= i} w_j > u * total, w = min_d on untaken samples
-// (float64, summed per fixed block, so the answer does not depend on the thread count).
+// BADGE's inverse-CDF draw (scoring::draw_pick), the block sums in parallel.
 template <typename T>
 int64_t badge_draw(const std::vector<T>& min_d, const std::vector<uint8_t>& taken, double u) {
   const int64_t N = static_cast<int64_t>(min_d.size());
-  const int64_t nb = num_blocks(N, kBlock);
-  std::vector<double> block_sum(nb);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+  std::vector<double> block_sum(num_blocks(N, scoring::kDrawBlock));
+  at::parallel_for(0, static_cast<int64_t>(block_sum.size()), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      double s = 0.0;
-      for (int64_t i = b * kBlock; i < std::min(N, (b + 1) * kBlock); ++i) s += taken[i] ? 0.0 : double(min_d[i]);
-      block_sum[b] = s;
+      const int64_t end = std::min(N, (b + 1) * scoring::kDrawBlock);
+      block_sum[b] = scoring::draw_block_sum(min_d.data(), taken.data(), b * scoring::kDrawBlock, end);
     }
   });
-  double total = 0.0;
-  for (double s : block_sum) total += s;
-  if (!(total > 0.0)) {  // no mass left: the lowest untaken index
-    for (int64_t i = 0; i < N; ++i) {
-      if (!taken[i]) return i;
-    }
-    return -1;
-  }
-  const double target = u * total;
-  double acc = 0.0;
-  int64_t last_positive = -1;
-  for (int64_t b = 0; b < nb; ++b) {
-    if (acc + block_sum[b] <= target) {
-      acc += block_sum[b];
-      continue;
-    }
-    for (int64_t i = b * kBlock; i < std::min(N, (b + 1) * kBlock); ++i) {
-      const double w = taken[i] ? 0.0 : double(min_d[i]);
-      if (w > 0.0) last_positive = i;
-      acc += w;
-      if (acc > target) return i;
-    }
-  }
-  // u * total rounded onto the last step of the CDF: the last sample with mass.
-  for (int64_t i = N - 1; i >= 0 && last_positive < 0; --i) {
-    if (!taken[i] && min_d[i] > T(0)) last_positive = i;
-  }
-  return last_positive;
+  return scoring::draw_pick(min_d.data(), taken.data(), N, block_sum.data(), u);
 }
 
 at::Tensor badge_select_cpu(const at::Tensor& probs, const at::Tensor& embeddings, const at::Tensor& uniforms,
@@ -773,7 +724,8 @@ at::Tensor badge_select_cpu(const at::Tensor& probs, const at::Tensor& embedding
   const at::Tensor g2 = (q.square().sum(1) * h.square().sum(1)).contiguous();
   const int64_t C = q.size(1);
   const int64_t D = h.size(1);
-  const double* u = uniforms.const_data_ptr<double>();
+  const at::Tensor uni = uniforms.contiguous();
+  const double* u = uni.const_data_ptr<double>();
   int64_t* out = picks.mutable_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "badge_select_cpu", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();

@@ -107,8 +107,10 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     for (int64_t c = 0; c < g.C; ++c) {
       const scalar_t* xc = xn + c * xs.c;
       T acc = T(0);
-      for (int k = 0; k < ntaps; ++k) {
-        if (t.in[k]) acc += t.w[k] * static_cast<T>(xc[t.off[k]]);
+      // A fixed trip count keeps t in registers (a runtime bound indexes it in local memory).
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (k < ntaps && t.in[k]) acc += t.w[k] * static_cast<T>(xc[t.off[k]]);
       }
       o[c * os.c] = static_cast<scalar_t>(acc);
     }
@@ -161,50 +163,55 @@ __device__ void block_sum6(Six<acc_t>& s) {
   __syncthreads();
 }
 
-// grid: (tiles, N). Block (b, n) covers output pixels b*kThreads + j*gridDim.x*kThreads of sample n
-// and writes its six sums to partial[n, b, :].
+// grid: (tiles, min(N, 65535)). Block (b, r) covers output pixels b*kThreads + j*gridDim.x*kThreads
+// of samples n = r, r + gridDim.y, ... and writes each one's six sums to partial[n, b, :].
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) theta_partial_kernel(
     const scalar_t* __restrict__ grad, Strides4 gs, const scalar_t* __restrict__ x, Strides4 xs,
     const af::PixelMap<coord_t<scalar_t>>* __restrict__ maps, Geometry g, at::opmath_type<scalar_t>* __restrict__ partial) {
   using T = coord_t<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n = blockIdx.y;
-  const af::PixelMap<T> m = maps[n];
-  Six<acc_t> s;
-  for (int k = 0; k < 6; ++k) s.v[k] = acc_t(0);
   const int64_t plane = g.Ho * g.Wo;
-  if (m.valid) {
-    for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < plane; i += int64_t(gridDim.x) * kThreads) {
-      const int64_t ox = i % g.Wo;
-      const int64_t oy = i / g.Wo;
-      const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
-      const af::Taps<T> t = af::make_taps(p.px, p.py, g.H, g.W, xs.h, xs.w, g.mode);
-      T gpx = T(0), gpy = T(0);
-      for (int64_t c = 0; c < g.C; ++c) {
-        const scalar_t* xc = x + n * xs.n + c * xs.c;
-        T v[4];
-        for (int k = 0; k < 4; ++k) v[k] = t.in[k] ? static_cast<T>(xc[t.off[k]]) : T(0);
-        T dpx, dpy;
-        af::bilinear_slope(t, v, dpx, dpy);
-        const T go = static_cast<T>(grad[n * gs.n + c * gs.c + oy * gs.h + ox * gs.w]);
-        gpx += go * dpx;
-        gpy += go * dpy;
+  // n is the same for the whole block, so block_sum6's barriers are reached by every thread.
+  for (int64_t n = blockIdx.y; n < g.N; n += gridDim.y) {
+    const af::PixelMap<T> m = maps[n];
+    Six<acc_t> s;
+    for (int k = 0; k < 6; ++k) s.v[k] = acc_t(0);
+    if (m.valid) {
+      for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < plane; i += int64_t(gridDim.x) * kThreads) {
+        const int64_t ox = i % g.Wo;
+        const int64_t oy = i / g.Wo;
+        const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
+        const af::Taps<T> t = af::make_taps(p.px, p.py, g.H, g.W, xs.h, xs.w, g.mode);
+        T gpx = T(0), gpy = T(0);
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* xc = x + n * xs.n + c * xs.c;
+          T v[4];
+          for (int k = 0; k < 4; ++k) v[k] = t.in[k] ? static_cast<T>(xc[t.off[k]]) : T(0);
+          T dpx, dpy;
+          af::bilinear_slope(t, v, dpx, dpy);
+          const T go = static_cast<T>(grad[n * gs.n + c * gs.c + oy * gs.h + ox * gs.w]);
+          gpx += go * dpx;
+          gpy += go * dpy;
+        }
+        const acc_t gu = acc_t(gpx * p.du);
+        const acc_t gv = acc_t(gpy * p.dv);
+        const acc_t xn = af::base_coord<acc_t>(ox, g.Wo, g.align);
+        const acc_t yn = af::base_coord<acc_t>(oy, g.Ho, g.align);
+        s.v[0] += gu * xn;
+        s.v[1] += gu * yn;
+        s.v[2] += gu;
+        s.v[3] += gv * xn;
+        s.v[4] += gv * yn;
+        s.v[5] += gv;
       }
-      const acc_t gu = acc_t(gpx * p.du);
-      const acc_t gv = acc_t(gpy * p.dv);
-      const acc_t xn = af::base_coord<acc_t>(ox, g.Wo, g.align);
-      const acc_t yn = af::base_coord<acc_t>(oy, g.Ho, g.align);
-      s.v[0] += gu * xn;
-      s.v[1] += gu * yn;
-      s.v[2] += gu;
-      s.v[3] += gv * xn;
-      s.v[4] += gv * yn;
-      s.v[5] += gv;
+    }
+    block_sum6(s);
+    if (threadIdx.x == 0) {  // constant indices keep s in registers
+#pragma unroll
+      for (int k = 0; k < 6; ++k) partial[(n * gridDim.x + blockIdx.x) * 6 + k] = s.v[k];
     }
   }
-  block_sum6(s);
-  if (threadIdx.x < 6) partial[(n * gridDim.x + blockIdx.x) * 6 + threadIdx.x] = s.v[threadIdx.x];
 }
 
 // One thread per (sample, entry): the partials in block order, times the un-normalisation scale.
@@ -285,9 +292,8 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(
       // Enough tiles per sample to fill the GPU, at least a few pixels per thread.
       const int64_t plane = Ho * Wo;
       const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((plane + 4 * kThreads - 1) / (4 * kThreads), 1024));
-      TORCH_CHECK(g.N <= 65535, op, ": N must be <= 65535 on CUDA, got ", g.N);
       at::Tensor partial = at::empty({g.N, tiles, 6}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(g.N));
+      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(g.N, 65535)));
       theta_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           go.const_data_ptr<scalar_t>(), strides_of(go), input.const_data_ptr<scalar_t>(), strides_of(input),
           maps_ptr<T>(maps), g, partial.mutable_data_ptr<acc_t>());

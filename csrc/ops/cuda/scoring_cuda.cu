@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,29 +30,24 @@
 #include "ops/entropy.h"
 #include "ops/scoring.h"
 #include "ops/scoring_checks.h"
+#include "ops/scoring_host.h"
 
 namespace labelkit {
 namespace {
 
 using entropy::neg_inf;
+using scoring::acc_type;
 using scoring::Method;
+using scoring::normalized_rows;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 4096;
 constexpr int64_t kTileElements = int64_t(1) << 26;  // score buffer bound: 256 MiB of float32
 constexpr int64_t kKeyTile = 4096;
-
-at::ScalarType acc_type(at::ScalarType in) {
-  return in == at::kDouble ? at::kDouble : at::kFloat;
-}
+constexpr int64_t kGreedyBlock = 65536;  // rows per block of k-center's first pick
 
 int64_t grid_for(int64_t items, int64_t per_block = kThreads) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block));
-}
-
-at::Tensor normalized_rows(const at::Tensor& x, double eps) {
-  const at::Tensor y = x.to(acc_type(x.scalar_type()));
-  return (y / at::linalg_vector_norm(y, 2, {-1}, /*keepdim=*/true).clamp_min(eps)).contiguous();
 }
 
 // ---- uncertainty ----------------------------------------------------------------------------------
@@ -438,6 +434,9 @@ void for_each_score_tile(const at::Tensor& q_hat, const at::Tensor& k_hat, int64
   const int64_t tm = std::min(M, tile_size > 0 ? tile_size : kKeyTile);
   const int64_t tn = std::min(N, tile_size > 0 ? tile_size : std::max<int64_t>(1, kTileElements / tm));
   at::Tensor buf = at::empty({tn * tm}, q_hat.options());
+  // Full float32 products whatever allow_tf32 / set_float32_matmul_precision say: TF32's 10-bit
+  // mantissa would reorder neighbours closer than ~1e-3 and let a cosine exceed 1.
+  const at::NoTF32Guard no_tf32;
   for (int64_t n0 = 0; n0 < N; n0 += tn) {
     const int64_t rows = std::min(tn, N - n0);
     const at::Tensor q = q_hat.narrow(0, n0, rows);
@@ -624,7 +623,7 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
   if (L > 0) {
     centers.narrow(0, 0, L).copy_(lab_cpu, /*non_blocking=*/false);
   } else {
-    centers.narrow(0, 0, 1).copy_((x - x.mean(0)).square().sum(-1).argmin().view({1}));
+    centers.narrow(0, 0, 1).fill_(scoring::nearest_to_mean(x, kGreedyBlock));
   }
   at::Tensor min_d = at::full({N}, INFINITY, opts);
   at::Tensor assign = at::full({N}, -1, opts.dtype(at::kLong));
@@ -674,23 +673,23 @@ __global__ void badge_update_kernel(const T* __restrict__ q, const T* __restrict
   }
 }
 
-// Turns searchsorted's answer into the pick: no mass left -> lowest untaken; past the end
-// (u * total rounded onto the last CDF step) -> last sample with mass. One thread.
-__global__ void badge_fix_kernel(const double* __restrict__ w, const int64_t* __restrict__ found,
-                                 const uint8_t* __restrict__ taken, int64_t N, int64_t* __restrict__ centers,
-                                 int64_t t) {
-  if (blockIdx.x != 0 || threadIdx.x != 0) return;
-  int64_t i = found[0];
-  double total = 0.0;
-  for (int64_t j = 0; j < N && !(total > 0.0); ++j) total += w[j];
-  if (!(total > 0.0)) {
-    i = 0;
-    while (i < N - 1 && taken[i]) ++i;
-  } else if (i >= N) {
-    i = N - 1;
-    while (i > 0 && !(w[i] > 0.0)) --i;
+// BADGE's draw (scoring::draw_pick): one thread per block of kDrawBlock samples sums it in
+// index order, then one thread walks the blocks; the CPU kernel's arithmetic, bit for bit.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) badge_block_sums_kernel(const T* __restrict__ min_d,
+                                                                    const uint8_t* __restrict__ taken, int64_t N,
+                                                                    double* __restrict__ block_sum) {
+  const int64_t nb = (N + scoring::kDrawBlock - 1) / scoring::kDrawBlock;
+  for (int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; b < nb; b += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t end = (b + 1) * scoring::kDrawBlock < N ? (b + 1) * scoring::kDrawBlock : N;
+    block_sum[b] = scoring::draw_block_sum(min_d, taken, b * scoring::kDrawBlock, end);
   }
-  centers[t] = i;
+}
+
+template <typename T>
+__global__ void badge_pick_kernel(const T* __restrict__ min_d, const uint8_t* __restrict__ taken, int64_t N,
+                                  const double* __restrict__ block_sum, double u, int64_t* __restrict__ center) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *center = scoring::draw_pick(min_d, taken, N, block_sum, u);
 }
 
 at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddings, const at::Tensor& uniforms,
@@ -713,7 +712,10 @@ at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddin
   centers.narrow(0, 0, 1).copy_(g2.argmax().view({1}));
   at::Tensor min_d = at::full({N}, INFINITY, q.options());
   at::Tensor taken = at::zeros({N}, q.options().dtype(at::kByte));
-  const double* u = uniforms.const_data_ptr<double>();
+  const int64_t nb = (N + scoring::kDrawBlock - 1) / scoring::kDrawBlock;
+  at::Tensor block_sum = at::empty({nb}, q.options().dtype(at::kDouble));
+  const at::Tensor uni = uniforms.contiguous();
+  const double* u = uni.const_data_ptr<double>();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "badge_select_cuda", [&] {
     for (int64_t t = 0; t < budget; ++t) {
@@ -722,13 +724,12 @@ at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddin
           centers.const_data_ptr<int64_t>(), t, min_d.mutable_data_ptr<scalar_t>(), taken.mutable_data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (t + 1 == budget) break;
-      const at::Tensor w = min_d.to(at::kDouble).masked_fill(taken.to(at::kBool), 0.0);
-      const at::Tensor cdf = w.cumsum(0);
-      const at::Tensor target = cdf.narrow(0, N - 1, 1) * u[t + 1];
-      const at::Tensor found = at::searchsorted(cdf, target, /*out_int32=*/false, /*right=*/true);
-      badge_fix_kernel<<<1, 1, 0, stream>>>(w.const_data_ptr<double>(), found.const_data_ptr<int64_t>(),
-                                            taken.const_data_ptr<uint8_t>(), N, centers.mutable_data_ptr<int64_t>(),
-                                            t + 1);
+      badge_block_sums_kernel<scalar_t><<<grid_for(nb), kThreads, 0, stream>>>(
+          min_d.const_data_ptr<scalar_t>(), taken.const_data_ptr<uint8_t>(), N, block_sum.mutable_data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      badge_pick_kernel<scalar_t><<<1, 1, 0, stream>>>(min_d.const_data_ptr<scalar_t>(), taken.const_data_ptr<uint8_t>(),
+                                                       N, block_sum.const_data_ptr<double>(), u[t + 1],
+                                                       centers.mutable_data_ptr<int64_t>() + t + 1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
