@@ -50,7 +50,9 @@ def gate_oracle(rows: np.ndarray, threshold: float, clusters: np.ndarray, S: int
 
 def make_logits(shape, dtype=torch.float32, device="cpu", scale=3.0, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(
+        device=device, dtype=dtype
+    )
 
 
 def ref64(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -229,7 +231,10 @@ def test_grad_special_value_policy_matches_reference(device):
     clusters = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0], device=device)
     w = torch.rand(5, 3, device=device)
     cases = {
-        "softmax_entropy": (lambda t: softmax_entropy(t).sum(), lambda t: softmax_entropy_ref(t).sum()),
+        "softmax_entropy": (
+            lambda t: softmax_entropy(t).sum(),
+            lambda t: softmax_entropy_ref(t).sum(),
+        ),
         "entropy_gate": (
             lambda t: entropy_gate(t, 1.0, clusters, num_clusters=3).cluster_probs.mul(w).sum(),
             lambda t: entropy_gate_ref(t, 1.0, clusters, 3).cluster_probs.mul(w.double()).sum(),
@@ -281,20 +286,26 @@ def _assert_gate_matches(out: EntropyGate, x: torch.Tensor, thr: float, clusters
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("N,C,S", [(17, 10, 3), (64, 100, 10), (5, 1000, 7), (3, 5000, 40), (4, 1, 1)])
+@pytest.mark.parametrize(
+    "N,C,S", [(17, 10, 3), (64, 100, 10), (5, 1000, 7), (3, 5000, 40), (4, 1, 1)]
+)
 def test_entropy_gate_matches_reference(device, dtype, N, C, S):
     x = make_logits((N, C), dtype, device)
     thr = 0.5 * math.log(max(C, 2))
     _assert_gate_matches(entropy_gate(x, thr), x, thr, None, None)
     clusters = _random_clusters(C, S, device)
     _assert_gate_matches(entropy_gate(x, thr, clusters), x, thr, clusters, S)
-    _assert_gate_matches(entropy_gate(x, thr, clusters, num_clusters=S + 2), x, thr, clusters, S + 2)
+    _assert_gate_matches(
+        entropy_gate(x, thr, clusters, num_clusters=S + 2), x, thr, clusters, S + 2
+    )
 
 
 def test_entropy_gate_hand_computed_example(device):
     # Two rows, classes {0,1} in cluster 0 and {2,3} in cluster 1.
-    x = torch.tensor([[math.log(1.0), math.log(1.0), math.log(6.0), math.log(2.0)],
-                      [5.0, -INF, -INF, -INF]], device=device)
+    x = torch.tensor(
+        [[math.log(1.0), math.log(1.0), math.log(6.0), math.log(2.0)], [5.0, -INF, -INF, -INF]],
+        device=device,
+    )
     out = entropy_gate(x, 0.5, torch.tensor([0, 0, 1, 1], device=device))
     p = [0.1, 0.1, 0.6, 0.2]
     H0 = -sum(q * math.log(q) for q in p)
@@ -306,10 +317,15 @@ def test_entropy_gate_hand_computed_example(device):
 
 
 def test_entropy_gate_ties_and_nan(device):
-    x = torch.tensor([[1.0, 3.0, 3.0, 0.0],  # tie: first index wins
-                      [0.0, 0.0, 0.0, 0.0],  # all equal: index 0; cluster tie: cluster 0
-                      [1.0, math.nan, 2.0, math.nan],  # NaN row: first NaN, NaN entropy
-                      [-INF, -INF, -INF, -INF]], device=device)
+    x = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, 0.0],  # tie: first index wins
+            [0.0, 0.0, 0.0, 0.0],  # all equal: index 0; cluster tie: cluster 0
+            [1.0, math.nan, 2.0, math.nan],  # NaN row: first NaN, NaN entropy
+            [-INF, -INF, -INF, -INF],
+        ],
+        device=device,
+    )
     clusters = torch.tensor([1, 0, 0, 1], device=device)
     out = entropy_gate(x, 1.0, clusters)
     assert out.prediction.tolist() == [1, 0, 1, 0]
@@ -389,7 +405,11 @@ def test_max_entropy_loss_grows_with_entropy(device):
 @pytest.mark.parametrize(
     "call,exc,match",
     [
-        (lambda: softmax_entropy(torch.ones(3, 4, dtype=torch.int64)), ValueError, "floating-point"),
+        (
+            lambda: softmax_entropy(torch.ones(3, 4, dtype=torch.int64)),
+            ValueError,
+            "floating-point",
+        ),
         (lambda: softmax_entropy([1.0, 2.0]), TypeError, "torch.Tensor"),
         (lambda: softmax_entropy(torch.ones(())), ValueError, "at least 1 dimension"),
         (lambda: softmax_entropy(torch.ones(3, 4), dim=2), ValueError, "dim=2 is out of range"),
@@ -401,13 +421,43 @@ def test_max_entropy_loss_grows_with_entropy(device):
         (lambda: entropy_gate(torch.ones(2, 0), 1.0), ValueError, "empty class dimension"),
         (lambda: entropy_gate(torch.ones(2, 3), math.nan), ValueError, "threshold must be finite"),
         (lambda: entropy_gate(torch.ones(2, 3), math.inf), ValueError, "threshold must be finite"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1])), ValueError, r"shape \[C\] = \[3\]"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 1], dtype=torch.int32)), ValueError, "int64"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, -1, 1])), ValueError, "ids >= 0"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=2), ValueError, r"\[0, num_clusters = 2\)"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=0), ValueError, "num_clusters must be an int >= 1"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, None, num_clusters=2), ValueError, "without clusters"),
-        (lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.zeros(3, dtype=torch.int64, device="meta")), ValueError, "device"),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1])),
+            ValueError,
+            r"shape \[C\] = \[3\]",
+        ),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 1], dtype=torch.int32)),
+            ValueError,
+            "int64",
+        ),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, -1, 1])),
+            ValueError,
+            "ids >= 0",
+        ),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=2),
+            ValueError,
+            r"\[0, num_clusters = 2\)",
+        ),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=0),
+            ValueError,
+            "num_clusters must be an int >= 1",
+        ),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, None, num_clusters=2),
+            ValueError,
+            "without clusters",
+        ),
+        (
+            lambda: entropy_gate(
+                torch.ones(2, 3), 1.0, torch.zeros(3, dtype=torch.int64, device="meta")
+            ),
+            ValueError,
+            "device",
+        ),
         (lambda: max_entropy_loss(torch.ones(2, 3), reduction="avg"), ValueError, "reduction"),
         (lambda: max_entropy_loss(torch.ones(2, 3), eps=0.0), ValueError, "eps"),
     ],
@@ -444,9 +494,19 @@ def test_backward_ops_check_shapes_and_devices(device):
         gate_backward(None, torch.ones(4, 3, device=device), x, gate[0], gate[5], clusters, gate[3])
     with pytest.raises(RuntimeError, match="grad_cluster_probs given without clusters"):
         gate_backward(None, torch.ones(4, 2, device=device), x, gate[0], gate[5], None, gate[3])
-    if device == "cuda":
-        with pytest.raises(RuntimeError, match="must be on the logits' device"):
-            backward(torch.ones(4), x, H, lse)
+    # Another device anywhere, an unused tensor included, is an error (meta dispatches to the
+    # fake kernel, CUDA beside CPU to the CUDA kernel: both must refuse).
+    other = "cpu" if device == "cuda" else "meta"
+    with pytest.raises(RuntimeError, match="must be on the logits' device"):
+        backward(torch.ones(4, device=other), x, H, lse)
+    with pytest.raises(RuntimeError, match="every tensor must be on the logits' device"):
+        gate_backward(
+            torch.ones(4, device=device), None, x, gate[0], gate[5], clusters.to(other), gate[3]
+        )
+    with pytest.raises(RuntimeError, match="every tensor must be on the logits' device"):
+        gate_backward(
+            torch.ones(4, device=device), None, x, gate[0], gate[5], None, gate[3].to(other)
+        )
 
 
 def test_grad_accurate_for_large_logits(device):

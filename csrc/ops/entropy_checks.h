@@ -78,16 +78,19 @@ inline void check_gate_backward_clusters(
     const at::Tensor& logits, const c10::optional<at::Tensor>& clusters,
     const at::Tensor& cluster_probs, const c10::optional<at::Tensor>& grad_cluster_probs) {
   const char* op = "entropy_gate_backward";
+  // Unused ones too: the dispatcher picks the kernel from every tensor argument, so a CUDA
+  // cluster_probs beside CPU logits would hand the CUDA kernel host pointers.
+  for (const at::Tensor* t : {clusters.has_value() ? &*clusters : nullptr, &cluster_probs,
+                              grad_cluster_probs.has_value() ? &*grad_cluster_probs : nullptr}) {
+    TORCH_CHECK(t == nullptr || t->device() == logits.device(), op,
+                ": every tensor must be on the logits' device (", logits.device(), "), got ", t->device());
+  }
   if (!grad_cluster_probs.has_value()) return;
   TORCH_CHECK(clusters.has_value(), op, ": grad_cluster_probs given without clusters");
   const at::Tensor& c = *clusters;
   TORCH_CHECK(c.scalar_type() == at::kLong && c.dim() == 1 && c.size(0) == logits.size(1), op,
               ": clusters must be int64 of shape [C] = [", logits.size(1), "], got ", c.scalar_type(),
               " ", c.sizes());
-  for (const at::Tensor* t : {&c, &cluster_probs, &*grad_cluster_probs}) {
-    TORCH_CHECK(t->device() == logits.device(), op, ": every tensor must be on the logits' device (",
-                logits.device(), "), got ", t->device());
-  }
   TORCH_CHECK(cluster_probs.dim() == 2 && cluster_probs.size(0) == logits.size(0), op,
               ": cluster_probs must be [N, S] with N = ", logits.size(0), ", got ", cluster_probs.sizes());
   TORCH_CHECK(grad_cluster_probs->sizes() == cluster_probs.sizes(), op,

@@ -71,7 +71,9 @@ def _check_base(base: float | None) -> None:
     if base is None:
         return
     if not isinstance(base, (int, float)) or isinstance(base, bool):
-        raise TypeError(f"softmax_entropy: base must be a number or None, got {type(base).__name__}")
+        raise TypeError(
+            f"softmax_entropy: base must be a number or None, got {type(base).__name__}"
+        )
     if not (math.isfinite(base) and base > 0 and base != 1):
         raise ValueError(f"softmax_entropy: base must be finite, > 0 and != 1, got {base}")
 
@@ -88,7 +90,9 @@ def _check_threshold(threshold: float) -> float:
 
 def _check_clusters(clusters: object, logits: torch.Tensor) -> None:
     if not isinstance(clusters, torch.Tensor):
-        raise TypeError(f"entropy_gate: clusters must be a torch.Tensor, got {type(clusters).__name__}")
+        raise TypeError(
+            f"entropy_gate: clusters must be a torch.Tensor, got {type(clusters).__name__}"
+        )
     if clusters.dtype != torch.int64:
         raise ValueError(f"entropy_gate: clusters must be int64, got {clusters.dtype}")
     C = logits.shape[1]
@@ -135,9 +139,7 @@ def _resolve_num_clusters(clusters: torch.Tensor, num_clusters: int | None) -> i
 # ---- public functions -----------------------------------------------------------------------------
 
 
-def softmax_entropy(
-    logits: torch.Tensor, dim: int = -1, base: float | None = None
-) -> torch.Tensor:
+def softmax_entropy(logits: torch.Tensor, dim: int = -1, base: float | None = None) -> torch.Tensor:
     """Shannon entropy of ``softmax(logits)`` along ``dim``, in nats (or in ``base``, e.g. 2).
 
     Args:
@@ -189,7 +191,9 @@ def entropy_gate(
     """
     _check_logits(logits, "entropy_gate", 2)
     if logits.dim() != 2:
-        raise ValueError(f"entropy_gate: logits must be 2-D [N, C], got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"entropy_gate: logits must be 2-D [N, C], got shape {tuple(logits.shape)}"
+        )
     _check_classes(logits, 1, "entropy_gate")
     threshold = _check_threshold(threshold)
     if clusters is None:
@@ -230,7 +234,9 @@ def max_entropy_loss(
         dim: the class dimension.
     """
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"max_entropy_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(
+            f"max_entropy_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
     if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"max_entropy_loss: eps must be finite and > 0, got {eps!r}")
     _check_logits(logits, "max_entropy_loss", 1)
@@ -252,6 +258,20 @@ def _entropy_like(logits: torch.Tensor, shape) -> torch.Tensor:
     return logits.new_empty(shape, dtype=accumulation_dtype(logits.dtype))
 
 
+def _check_devices(op: str, logits: torch.Tensor, what: str, **tensors) -> None:
+    """The C++ kernels' device check (csrc/ops/entropy_checks.h), in the fake kernels too: a meta
+    or CUDA tensor beside CPU logits dispatches to that backend's kernel, not the CPU one."""
+    for name, t in tensors.items():
+        if t is not None:
+            label = what or f"{name} must"
+            torch._check(
+                t.device == logits.device,
+                lambda label=label, t=t: (
+                    f"{op}: {label} be on the logits' device ({logits.device}), got {t.device}"
+                ),
+            )
+
+
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::softmax_entropy")
     def _softmax_entropy_fake(logits):
@@ -260,10 +280,12 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("labelkit::_softmax_entropy_backward")
     def _softmax_entropy_backward_fake(grad, logits, entropy, lse):
+        _check_devices("softmax_entropy_backward", logits, "", grad=grad, entropy=entropy, lse=lse)
         return logits.new_empty(logits.shape)
 
     @torch.library.register_fake("labelkit::entropy_gate")
     def _entropy_gate_fake(logits, threshold, clusters, num_clusters):
+        _check_devices("entropy_gate", logits, "", clusters=clusters)
         n = logits.shape[0]
         return (
             _entropy_like(logits, (n,)),
@@ -278,6 +300,16 @@ def _register_fake_kernels() -> None:
     def _entropy_gate_backward_fake(
         grad_entropy, grad_cluster_probs, logits, entropy, lse, clusters, cluster_probs
     ):
+        op = "entropy_gate_backward"
+        _check_devices(op, logits, "", grad_entropy=grad_entropy, entropy=entropy, lse=lse)
+        _check_devices(
+            op,
+            logits,
+            "every tensor must",
+            clusters=clusters,
+            cluster_probs=cluster_probs,
+            grad_cluster_probs=grad_cluster_probs,
+        )
         return logits.new_empty(logits.shape)
 
 

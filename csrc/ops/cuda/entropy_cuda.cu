@@ -469,13 +469,21 @@ struct GradIn {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) entropy_backward_kernel(GradIn<scalar_t> in, int64_t total, int64_t C, scalar_t* __restrict__ gx) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = idx / C;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // (row, col) of idx advance by the stride's quotient and remainder: no 64-bit division per
+  // element (a long software sequence on the GPU).
+  const int64_t row_step = stride / C, col_step = stride % C;
+  int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t row = idx / C, col = idx % C;
+  for (; idx < total; idx += stride, row += row_step, col += col_step) {
+    if (col >= C) {
+      col -= C;
+      ++row;
+    }
     const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[row] : acc_t(0);
     acc_t cluster_term = acc_t(0);
     if (in.grad_cluster != nullptr) {
-      const int64_t c = in.clusters[idx - row * C];
+      const int64_t c = in.clusters[col];
       CUDA_KERNEL_ASSERT(c >= 0 && c < in.S && "entropy_gate_backward: cluster id out of range");
       cluster_term = (c >= 0 && c < in.S ? in.grad_cluster[row * in.S + c] : acc_t(0)) - in.dot[row];
     }
