@@ -559,6 +559,26 @@ def test_kernels_check_arguments_directly():
         ops.uncertainty(_Q, "bald", True)
     with pytest.raises(RuntimeError, match="uniforms must be"):
         ops.badge_select(torch.rand(5, 2), _K, torch.rand(2), 3)
+    with pytest.raises(RuntimeError, match=r"grad must have shape \[N\] = \[4\]"):
+        ops._uncertainty_backward(torch.ones(3), _Q, "entropy", True)
+
+
+@requires_ops
+def test_kernels_refuse_mixed_devices(device):
+    """Direct op calls with a tensor on another device (meta beside CPU dispatches to the fake
+    kernel, CPU beside CUDA to the CUDA one) raise instead of reading another device's memory."""
+    ops = torch.ops.labelkit
+    other = "cpu" if device == "cuda" else "meta"
+    q, k = _Q.to(device), _K.to(device)
+    with pytest.raises(RuntimeError, match="grad must be on the scores' device"):
+        ops._uncertainty_backward(torch.ones(4, device=other), q, "entropy", True)
+    with pytest.raises(RuntimeError, match="queries and keys must be on the same device"):
+        ops.cosine_topk(q, k.to(other), 2, True, 1e-8, 0)
+    with pytest.raises(RuntimeError, match="queries and keys must be on the same device"):
+        ops.cosine_reduce(q, k.to(other), "max", 1e-8, 0)
+    probs = torch.softmax(k, 1)
+    with pytest.raises(RuntimeError, match="probs and embeddings must be on the same device"):
+        ops.badge_select(probs, k.to(other), badge_uniforms(2, 0), 2)
 
 
 # ---- 4. opcheck, 5. torch.compile, 6. autocast -----------------------------------------------------

@@ -56,6 +56,18 @@ inline void check_uncertainty_args(const at::Tensor& scores, const std::string& 
   TORCH_CHECK(scores.dim() == 2 || scores.size(0) > 0, "uncertainty: scores has no Monte-Carlo samples (S == 0)");
 }
 
+// The incoming gradient of the uncertainty backward: one float per sample, on the scores' device
+// (a host pointer must never reach a CUDA kernel, nor a short buffer any kernel).
+inline void check_uncertainty_grad(const at::Tensor& grad, const at::Tensor& scores) {
+  const char* op = "uncertainty_backward";
+  TORCH_CHECK(grad.device() == scores.device(), op, ": grad must be on the scores' device (", scores.device(),
+              "), got ", grad.device());
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == scores.size(-2), op, ": grad must have shape [N] = [",
+              scores.size(-2), "] (one value per sample), got ", grad.sizes());
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating point, got ",
+              grad.scalar_type());
+}
+
 inline void check_cosine_args(const at::Tensor& q, const at::Tensor& k, double eps, int64_t tile, const char* op) {
   check_float_matrix(q, "queries", op);
   check_float_matrix(k, "keys", op);

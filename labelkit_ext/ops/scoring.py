@@ -420,6 +420,12 @@ def badge_select(
 # ---- torch.library registrations (only when the compiled ops exist) ------------------------------
 
 
+def _check_same_device(op: str, a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """The C++ kernels' device checks (csrc/ops/scoring_checks.h), in the fake kernels too: a
+    meta or CUDA tensor beside CPU ones dispatches to that backend's kernel, not the CPU one."""
+    torch._check(a.device == b.device, lambda: f"{op}: {what}")
+
+
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::uncertainty")
     def _uncertainty_fake(scores, method, from_logits):
@@ -427,10 +433,20 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("labelkit::_uncertainty_backward")
     def _uncertainty_backward_fake(grad, scores, method, from_logits):
+        op = "uncertainty_backward"
+        _check_same_device(
+            op, grad, scores, f"grad must be on the scores' device ({scores.device})"
+        )
+        torch._check(
+            grad.dim() == 1 and grad.shape[0] == scores.shape[-2],
+            lambda: f"{op}: grad must have shape [N] = [{scores.shape[-2]}] (one value per sample)",
+        )
         return scores.new_empty(scores.shape)
 
     @torch.library.register_fake("labelkit::cosine_topk")
     def _cosine_topk_fake(queries, keys, k, largest, eps, tile_size):
+        same = "queries and keys must be on the same device"
+        _check_same_device("cosine_topk", queries, keys, same)
         n = queries.shape[0]
         return (
             queries.new_empty((n, k), dtype=accumulation_dtype(queries.dtype)),
@@ -439,6 +455,8 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("labelkit::cosine_reduce")
     def _cosine_reduce_fake(queries, keys, reduce, eps, tile_size):
+        same = "queries and keys must be on the same device"
+        _check_same_device("cosine_reduce", queries, keys, same)
         return queries.new_empty(queries.shape[0], dtype=accumulation_dtype(queries.dtype))
 
     @torch.library.register_fake("labelkit::kcenter_greedy")
@@ -447,6 +465,14 @@ def _register_fake_kernels() -> None:
 
     @torch.library.register_fake("labelkit::badge_select")
     def _badge_select_fake(probs, embeddings, uniforms, budget):
+        same = "probs and embeddings must be on the same device"
+        _check_same_device("badge_select", probs, embeddings, same)
+        torch._check(
+            uniforms.device.type == "cpu",
+            lambda: (
+                f"badge_select: uniforms must be a float64 CPU tensor of shape [budget] = [{budget}]"
+            ),
+        )
         return probs.new_empty(budget, dtype=torch.int64)
 
 

@@ -383,13 +383,13 @@ at::Tensor uncertainty_backward_cpu(const at::Tensor& grad, const at::Tensor& sc
                                     bool from_logits) {
   const std::string method_s(method_sv);
   check_uncertainty_args(scores, method_s);
+  check_uncertainty_grad(grad, scores);
   const Method method = parse_uncertainty_method(method_s, scores.dim());
   const at::Tensor x = scores.contiguous();
   const bool mc = x.dim() == 3;
   const int64_t S = mc ? x.size(0) : 1;
   const int64_t N = x.size(-2);
   const int64_t C = x.size(-1);
-  TORCH_CHECK(grad.numel() == N, "uncertainty_backward: grad must have one value per sample (", N, ")");
   const at::Tensor g = grad.to(acc_type(x.scalar_type())).contiguous();
   at::Tensor gx_acc = at::zeros(x.sizes(), x.options().dtype(acc_type(x.scalar_type())));
   if (N == 0 || (mc && method == Method::kVariationRatio)) return gx_acc.to(x.scalar_type());

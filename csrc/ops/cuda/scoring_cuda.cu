@@ -347,6 +347,7 @@ at::Tensor uncertainty_backward_cuda(const at::Tensor& grad, const at::Tensor& s
                                      bool from_logits) {
   const std::string method_s(method_sv);
   check_uncertainty_args(scores, method_s);
+  check_uncertainty_grad(grad, scores);
   const Method method = parse_uncertainty_method(method_s, scores.dim());
   c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor x = scores.contiguous();
@@ -354,7 +355,6 @@ at::Tensor uncertainty_backward_cuda(const at::Tensor& grad, const at::Tensor& s
   const int64_t S = mc ? x.size(0) : 1;
   const int64_t N = x.size(-2);
   const int64_t C = x.size(-1);
-  TORCH_CHECK(grad.numel() == N, "uncertainty_backward: grad must have one value per sample (", N, ")");
   const auto acc = acc_type(x.scalar_type());
   const at::Tensor g = grad.to(acc).contiguous();
   if (N == 0 || (mc && method == Method::kVariationRatio)) return at::zeros_like(x);
