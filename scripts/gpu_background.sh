@@ -12,7 +12,8 @@
 # (bench/results/<gpu>/ as .tar.gz, everything finished so far) and the console log to DIR.
 # Exit status of wait: 0 finished and passed, 1 finished with a failed step, 3 still running.
 # Knobs: GPU_BACKGROUND_STATE (default /tmp/labelkit_gpu_check), and gpu_check.sh's own;
-# GPU_CHECK_STEP_TIMEOUT defaults to 600 here, so that one stuck step cannot use up the lease.
+# GPU_CHECK_STEP_TIMEOUT defaults to 600 here, so that one stuck step cannot use up the lease,
+# and GPU_CHECK_NO_COMPILE to 1 (the GPU targets compare with eager and kornia, not compile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ start() {
       --upgrade --target "$STATE/site" .whl/*.whl || exit 1
     export PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-600}
+  export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-600} GPU_CHECK_NO_COMPILE=${GPU_CHECK_NO_COMPILE:-1}
   setsid nohup bash -c 'bash scripts/gpu_check.sh "$@"; echo $? > "'"$STATE"'/rc"' gpu_check \
     "$@" --archive "$ARCHIVE" > "$CONSOLE" 2>&1 < /dev/null &
   echo $! > "$STATE/pid"

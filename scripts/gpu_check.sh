@@ -31,7 +31,8 @@
 # GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--no-compile"),
 # GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all),
 # GPU_CHECK_STEP_TIMEOUT (seconds one step may run, then it is stopped and marked TIMEOUT;
-# default 0 = no limit).
+# default 0 = no limit), GPU_CHECK_NO_COMPILE=1 (skip the torch.compile providers: on a GPU each
+# shape compiles Triton kernels, minutes per benchmark).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
     all) STEPS+=("${ALL[@]}") ;;
     --copy-to) COPY_TO=${2:?--copy-to needs a folder}; shift ;;
     --archive) ARCHIVE=${2:?--archive needs a file name}; shift ;;
-    -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (steps: build test-cuda test fuzz memcheck racecheck synccheck sanitize bench bench:NAME all)" >&2; exit 2 ;;
   esac
   shift
@@ -178,11 +179,16 @@ sanitize() {
     "${PYTEST[@]}" "${SANITIZED_TESTS[@]}"
 }
 
-# bench NAME: bench/bench_NAME.py on the GPU.
+# bench NAME: bench/bench_NAME.py on the GPU (with --no-compile under GPU_CHECK_NO_COMPILE=1,
+# where the script has that flag).
 bench() {
+  local extra=()
+  if [ "${GPU_CHECK_NO_COMPILE:-0}" = 1 ] && grep -q -e '"--no-compile"' -e add_common_args "bench/bench_$1.py"; then
+    extra=(--no-compile)
+  fi
   # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of arguments
-  run_step "bench_$1.py" "$LOGS/bench_$1.log" \
-    "$PY" "bench/bench_$1.py" --device cuda --out bench/results ${GPU_CHECK_BENCH_ARGS:-}
+  run_step "bench_$1.py${extra[*]:+ ${extra[*]}}" "$LOGS/bench_$1.log" \
+    "$PY" "bench/bench_$1.py" --device cuda --out bench/results "${extra[@]}" ${GPU_CHECK_BENCH_ARGS:-}
 }
 
 # The results folder as FILE (.tar.gz), replaced whole so that a reader never sees half of it.
