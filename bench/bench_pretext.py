@@ -299,7 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_tiles:
         rows, failures = run_tiles(args, device, env)
         common.add_speedups(rows, KEY, baselines=("loop", "eager", "unfold", "compile", "copy"))
-    if not args.skip_hamming:
+    if not args.skip_hamming and device.type != "cpu":
+        # A CPU op: its figures belong to the CPU results, not to this device's folder.
+        print("hamming_permutations runs on the CPU: skipped here (run this script on the CPU)")
+    elif not args.skip_hamming:
         rows += run_hamming(args, env)
     # Merge into earlier results, so --skip-tiles / --skip-hamming refresh only their part.
     rows = common.merge_rows(common.read_csv(out_dir / "pretext.csv"), rows, (*KEY, "provider"))
