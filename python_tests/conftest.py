@@ -37,7 +37,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """torch.testing.assert_close at the tolerance of ``dtype`` (default: actual's dtype)."""
     tol = dict(TOLERANCES[dtype or actual.dtype])
     tol.update(kw)
-    torch.testing.assert_close(actual, expected.to(actual.dtype), equal_nan=True, **tol)
+    expected = expected.to(device=actual.device, dtype=actual.dtype)
+    torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
 
 
 @pytest.fixture(params=DEVICES)

@@ -70,7 +70,7 @@ def test_bench_entropy_smoke(tmp_path):
     cmd = [
         sys.executable, str(BENCH / "bench_entropy.py"), "--n", "64", "--c", "10,33",
         "--dtypes", "float32,bfloat16", "--modes", "forward,full", "--min-run-time", "0.01",
-        "--no-compile", "--out", str(tmp_path),
+        "--no-compile", "--device", "cpu", "--out", str(tmp_path),
     ]  # fmt: skip
     # One thread: tiny ops stay fast even when other jobs keep the CPU busy.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -333,7 +333,10 @@ def test_entropy_gate_cuda_op_asserts_on_bad_ids():
         "torch.ops.labelkit.entropy_gate(x, 1.0, torch.tensor([0, 1, 5, 1], device='cuda'), 2)\n"
         "torch.cuda.synchronize()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # -P: import the installed package, not the source tree of the working directory (which has
+    # no compiled _C where the package was pip-installed).
+    cmd = [sys.executable, "-P", "-c", code]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "device-side assert" in done.stderr
 
 
