@@ -27,6 +27,17 @@ LOG = collections.Counter()
 STRICT = os.environ.get("FAKECUDA_STRICT", "1") == "1"
 
 
+def _target_device(args, kwargs):
+    """The device a Tensor.to(...) call asks for (None: keep its own)."""
+    dev = kwargs.get("device")
+    for a in args:
+        if isinstance(a, (str, torch.device)):
+            dev = a
+        elif isinstance(a, torch.Tensor):
+            dev = a.device
+    return dev
+
+
 class FC(torch.Tensor):
     elem: torch.Tensor
 
@@ -63,12 +74,7 @@ class FC(torch.Tensor):
         return _ToCPU.apply(self)
 
     def to(self, *args, **kwargs):
-        dev = kwargs.get("device")
-        for a in args:
-            if isinstance(a, (str, torch.device)):
-                dev = a
-            elif isinstance(a, torch.Tensor):
-                dev = a.device
+        dev = _target_device(args, kwargs)
         args = tuple(a for a in args if a is not None and not isinstance(a, bool))
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("non_blocking", "copy")}
         if dev is not None and torch.device(dev).type == "cpu":
@@ -396,14 +402,10 @@ class _ToCUDA(torch.autograd.Function):
 
 
 def _plain_to(self, *args, **kwargs):
-    dev = kwargs.get("device")
+    dev = _target_device(args, kwargs)
     for a in args:
-        if isinstance(a, (str, torch.device)):
-            dev = a
-        elif isinstance(a, torch.Tensor):
-            dev = a.device
-            if isinstance(a, FC):
-                kwargs.setdefault("dtype", a.dtype)
+        if isinstance(a, FC):  # x.to(other): other's dtype too
+            kwargs.setdefault("dtype", a.dtype)
     if dev is not None and torch.device(dev).type == "cuda":
         args = tuple(a for a in args if isinstance(a, torch.dtype))
         kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "non_blocking", "copy") and v is not None}
