@@ -6,6 +6,9 @@ Tensors on "cuda" are wrapper subclasses (device cuda:0) around CPU tensors. A d
   pointwise ops; CPU indices allowed in index/index_put; copies allowed),
 - checks that a random op's generator is on the op's device (torch's check_generator).
 torch.cuda.* queries are patched to describe one H100.
+With FAKECUDA_KERNELS=/path/to/liblabelkit_cuemu.so (CMake -DLABELKIT_CUDA_EMULATION=ON), labelkit
+ops on "cuda" tensors run our CUDA kernels in the CPU emulator (csrc/tests/cuemu) instead of the
+CPU kernels.
 Load with `pytest -p fakecuda` (this folder on PYTHONPATH) or `import fakecuda` first thing;
 docs/testing.md ("No GPU: a fake-CUDA run") has the command and what it cannot emulate.
 """
@@ -25,6 +28,15 @@ from torch.utils._pytree import tree_flatten, tree_map
 CUDA0 = torch.device("cuda", 0)
 LOG = collections.Counter()
 STRICT = os.environ.get("FAKECUDA_STRICT", "1") == "1"
+KERNELS = os.environ.get("FAKECUDA_KERNELS") or None
+
+
+def _on_device(func):
+    """The kernel a labelkit op runs on "cuda": the emulated CUDA one when KERNELS is loaded."""
+    if KERNELS is None or func.namespace != "labelkit":
+        return func
+    LOG[f"cuemu {func.name()}"] += 1
+    return getattr(getattr(torch.ops.labelkit_cuemu, func._opname), func._overloadname)
 
 
 def _target_device(args, kwargs):
@@ -251,7 +263,7 @@ class FakeCudaMode(TorchDispatchMode):
             out = func(*tree_map(lambda t: t.elem.to("meta") if isinstance(t, FC) else t, args),
                        **tree_map(lambda t: t.elem.to("meta") if isinstance(t, FC) else t, kwargs))
             return out
-        out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+        out = _on_device(func)(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         if func is torch.ops.aten._local_scalar_dense.default:
             return out
         # in-place ops return their (wrapped) self
@@ -422,6 +434,8 @@ def install():
     if getattr(torch, "_fakecuda_installed", False):
         return
     torch._fakecuda_installed = True
+    if KERNELS is not None:
+        torch.ops.load_library(KERNELS)
     c = torch.cuda
     c._lazy_init = lambda: None
     c.is_available = lambda: True

@@ -1,0 +1,374 @@
+// cuemu runtime: blocks one at a time, each thread a ucontext fiber (see cuemu.h).
+#include "cuemu.h"
+
+#include <c10/util/Exception.h>
+#include <ucontext.h>
+
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define CUEMU_ASAN 1
+#else
+#define CUEMU_ASAN 0
+#endif
+
+namespace cuemu {
+namespace {
+
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kMaxBlockThreads = 1024;
+constexpr int64_t kMaxBlockZ = 64;
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute opt-in
+constexpr size_t kStackBytes = 256 * 1024;      // per thread; sanitizer builds need the room
+
+enum class Wait { kRunnable, kBlockBarrier, kWarp, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  uint3 tid;
+  Wait wait = Wait::kRunnable;
+  // Pending warp collective, and its result once released.
+  Collective kind = Collective::kSyncWarp;
+  unsigned mask = 0;
+  uint64_t value = 0;
+  int lane_mask = 0;
+  int width = 32;
+  uint64_t result = 0;
+#if CUEMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+// State of the launch in progress (one at a time: the kernels' static __shared__ arrays are
+// shared by every launch of a kernel).
+struct Grid {
+  const char* kernel = "";
+  uint3 grid{}, block{}, block_idx{};
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  std::unique_ptr<unsigned char[]> smem;
+  size_t smem_bytes = 0;
+  std::string trap;   // set by a failed CUDA_KERNEL_ASSERT
+  std::string error;  // what a thread did that the GPU would not allow
+  void (*body)(void*) = nullptr;
+  void* closure = nullptr;
+#if CUEMU_ASAN
+  const void* scheduler_stack = nullptr;
+  size_t scheduler_stack_size = 0;
+#endif
+};
+
+std::mutex g_launch_mutex;
+Grid* g_grid = nullptr;
+
+[[noreturn]] void fail(const std::string& what) {
+  TORCH_CHECK(false, "cuemu: kernel ", g_grid ? g_grid->kernel : "?", ": ", what);
+}
+
+int lane_of(const Fiber& f, const Grid& g) {
+  const int64_t linear = f.tid.x + int64_t(g.block.x) * (f.tid.y + int64_t(g.block.y) * f.tid.z);
+  return static_cast<int>(linear % 32);
+}
+
+std::string where(const Grid& g, const Fiber& f) {
+  std::ostringstream s;
+  s << "block (" << g.block_idx.x << ", " << g.block_idx.y << ", " << g.block_idx.z << ") thread (" << f.tid.x
+    << ", " << f.tid.y << ", " << f.tid.z << ")";
+  return s.str();
+}
+
+// ---- switching between the scheduler and a fiber (with ASan told about the stacks) ------------
+
+void enter(Grid& g, Fiber& f) {
+  g.current = &f;
+#if CUEMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
+  swapcontext(&g.scheduler, &f.ctx);
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#else
+  swapcontext(&g.scheduler, &f.ctx);
+#endif
+  g.current = nullptr;
+}
+
+void arrived_in_fiber(Grid& g, Fiber& f) {
+#if CUEMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &g.scheduler_stack, &g.scheduler_stack_size);
+#else
+  (void)g;
+  (void)f;
+#endif
+}
+
+// From the running fiber back to the scheduler; returns when the scheduler resumes it.
+void leave(Grid& g, Fiber& f, bool for_good) {
+#if CUEMU_ASAN
+  __sanitizer_start_switch_fiber(for_good ? nullptr : &f.fake_stack, g.scheduler_stack, g.scheduler_stack_size);
+#else
+  (void)for_good;
+#endif
+  swapcontext(&f.ctx, &g.scheduler);
+  arrived_in_fiber(g, f);
+}
+
+void fiber_main() {
+  Grid& g = *g_grid;
+  Fiber& f = *g.current;
+  arrived_in_fiber(g, f);
+  try {
+    g.body(g.closure);
+  } catch (const std::exception& e) {
+    g.error = where(g, f) + ": threw " + e.what();
+  }
+  f.wait = Wait::kDone;
+  leave(g, f, /*for_good=*/true);
+}
+
+Fiber& running();
+
+// A failure found while a thread runs: the thread stops and the launch raises (an exception must
+// not unwind through the fiber's stack into the scheduler's).
+[[noreturn]] void fail_in_thread(const std::string& what) {
+  Grid& g = *g_grid;
+  Fiber& f = running();
+  g.error = where(g, f) + ": " + what;
+  f.wait = Wait::kDone;
+  leave(g, f, /*for_good=*/true);
+  std::abort();  // never resumed
+}
+
+Fiber& running() {
+  TORCH_CHECK(g_grid != nullptr && g_grid->current != nullptr, "cuemu: a device function ran outside a kernel");
+  return *g_grid->current;
+}
+
+// ---- releasing barriers ------------------------------------------------------------------------
+
+// Releases every warp collective whose named lanes have all arrived; true if any was.
+bool release_warps(Grid& g) {
+  const int64_t n = static_cast<int64_t>(g.fibers.size());
+  bool released = false;
+  for (int64_t w0 = 0; w0 < n; w0 += 32) {
+    const int64_t lanes = std::min<int64_t>(32, n - w0);
+    for (int64_t l = 0; l < lanes; ++l) {
+      Fiber& f = g.fibers[w0 + l];
+      if (f.wait != Wait::kWarp) continue;
+      bool ready = true;
+      for (int64_t o = 0; o < 32; ++o) {
+        if (!(f.mask >> o & 1u)) continue;
+        if (o >= lanes) fail(where(g, f) + ": warp collective mask names lane " + std::to_string(o) + " of a partial warp");
+        const Fiber& p = g.fibers[w0 + o];
+        if (p.wait == Wait::kDone)
+          fail(where(g, f) + ": warp collective mask names lane " + std::to_string(o) + ", which has exited");
+        if (p.wait != Wait::kWarp) {
+          ready = false;
+          break;
+        }
+        if (p.mask != f.mask || p.kind != f.kind)
+          fail(where(g, f) + ": lanes of one warp collective disagree on its kind or mask");
+      }
+      if (!ready) continue;
+      for (int64_t o = 0; o < 32; ++o) {
+        if (!(f.mask >> o & 1u)) continue;
+        Fiber& p = g.fibers[w0 + o];
+        if (p.kind == Collective::kShflXor) {
+          const int src = static_cast<int>(o) ^ p.lane_mask;
+          if (src / p.width != static_cast<int>(o) / p.width) {
+            p.result = p.value;  // outside the lane's segment: its own value
+          } else if (!(f.mask >> src & 1u)) {
+            fail(where(g, p) + ": __shfl_xor_sync reads lane " + std::to_string(src) + ", outside its mask");
+          } else {
+            p.result = g.fibers[w0 + src].value;
+          }
+        } else if (p.kind == Collective::kMatchAny) {
+          unsigned same = 0;
+          for (int64_t q = 0; q < 32; ++q) {
+            if ((f.mask >> q & 1u) && g.fibers[w0 + q].value == p.value) same |= 1u << q;
+          }
+          p.result = same;
+        }
+      }
+      for (int64_t o = 0; o < 32; ++o) {
+        if (f.mask >> o & 1u) g.fibers[w0 + o].wait = Wait::kRunnable;
+      }
+      released = true;
+    }
+  }
+  return released;
+}
+
+std::string deadlock_report(const Grid& g) {
+  std::ostringstream s;
+  s << "deadlock in block (" << g.block_idx.x << ", " << g.block_idx.y << ", " << g.block_idx.z << "):";
+  int shown = 0;
+  for (const Fiber& f : g.fibers) {
+    if (shown == 8) break;
+    const char* state = f.wait == Wait::kDone ? "exited" : f.wait == Wait::kBlockBarrier ? "at __syncthreads" : "at a warp collective";
+    s << " thread " << f.tid.x << "," << f.tid.y << "," << f.tid.z << " " << state << ";";
+    ++shown;
+  }
+  s << " (a barrier some threads skip, or a collective whose mask names a lane that never comes)";
+  return s.str();
+}
+
+bool reverse_order() {
+  static const bool reverse = [] {
+    const char* v = std::getenv("CUEMU_ORDER");
+    return v != nullptr && std::string(v) == "reverse";
+  }();
+  return reverse;
+}
+
+// Runs one block to completion (or to a trap).
+void run_block(Grid& g) {
+  if (g.smem_bytes > 0) std::memset(g.smem.get(), 0xFF, g.smem_bytes);
+  size_t i = 0;
+  for (unsigned z = 0; z < g.block.z; ++z) {
+    for (unsigned y = 0; y < g.block.y; ++y) {
+      for (unsigned x = 0; x < g.block.x; ++x, ++i) {
+        Fiber& f = g.fibers[i];
+        f.tid = uint3{x, y, z};
+        f.wait = Wait::kRunnable;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(g.fibers.size());
+  const bool rev = reverse_order();
+  for (;;) {
+    for (int64_t k = 0; k < n; ++k) {
+      Fiber& f = g.fibers[rev ? n - 1 - k : k];
+      if (f.wait != Wait::kRunnable) continue;
+      enter(g, f);
+      if (!g.trap.empty() || !g.error.empty()) return;
+    }
+    if (release_warps(g)) continue;
+    int64_t done = 0, at_barrier = 0;
+    for (const Fiber& f : g.fibers) {
+      done += f.wait == Wait::kDone;
+      at_barrier += f.wait == Wait::kBlockBarrier;
+    }
+    if (done == n) return;
+    if (at_barrier > 0 && done > 0) {
+      fail("block (" + std::to_string(g.block_idx.x) + ", " + std::to_string(g.block_idx.y) +
+           "): some threads exited while others wait at __syncthreads");
+    }
+    if (at_barrier != n) fail(deadlock_report(g));
+    for (Fiber& f : g.fibers) f.wait = Wait::kRunnable;
+  }
+}
+
+void check_shape(const Extent& grid, const Extent& block, size_t smem) {
+  auto bad = [](const char* what, const Extent& e) {
+    return std::string(what) + " (" + std::to_string(e.x) + ", " + std::to_string(e.y) + ", " + std::to_string(e.z) + ")";
+  };
+  if (grid.x < 1 || grid.x > kMaxGridX || grid.y < 1 || grid.y > kMaxGridYZ || grid.z < 1 || grid.z > kMaxGridYZ)
+    fail("invalid configuration argument: grid " + bad("", grid));
+  if (block.x < 1 || block.y < 1 || block.z < 1 || block.z > kMaxBlockZ || block.x * block.y * block.z > kMaxBlockThreads)
+    fail("invalid configuration argument: block " + bad("", block));
+  if (smem > kMaxDynamicShared)
+    fail("too much dynamic shared memory: " + std::to_string(smem) + " bytes (48 KiB without opting in)");
+}
+
+}  // namespace
+
+const uint3& thread_index() { return running().tid; }
+const uint3& block_index() { return g_grid->block_idx; }
+const uint3& block_dim() { return g_grid->block; }
+const uint3& grid_dim() { return g_grid->grid; }
+
+unsigned char* dynamic_shared() {
+  running();
+  return g_grid->smem.get();
+}
+
+void run_grid(const char* kernel, const Extent& grid, const Extent& block, size_t smem, void (*body)(void*),
+              void* closure) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  Grid g;
+  g.kernel = kernel;
+  g_grid = &g;
+  struct Reset {
+    ~Reset() { g_grid = nullptr; }
+  } reset;
+  check_shape(grid, block, smem);
+  g.grid = uint3{unsigned(grid.x), unsigned(grid.y), unsigned(grid.z)};
+  g.block = uint3{unsigned(block.x), unsigned(block.y), unsigned(block.z)};
+  g.body = body;
+  g.closure = closure;
+  g.smem_bytes = smem;
+  // Exactly the launch's bytes: a read past them hits ASan's redzone.
+  g.smem.reset(new unsigned char[smem]);
+  g.fibers.resize(static_cast<size_t>(block.x * block.y * block.z));
+  for (Fiber& f : g.fibers) f.stack.reset(new char[kStackBytes]);
+  for (unsigned z = 0; z < g.grid.z; ++z) {
+    for (unsigned y = 0; y < g.grid.y; ++y) {
+      for (unsigned x = 0; x < g.grid.x; ++x) {
+        g.block_idx = uint3{x, y, z};
+        run_block(g);
+        if (!g.error.empty()) fail(g.error);
+        TORCH_CHECK(g.trap.empty(), "CUDA error: device-side assert triggered (cuemu, kernel ", kernel, "): ", g.trap);
+      }
+    }
+  }
+}
+
+uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_mask, int width) {
+  Grid& g = *g_grid;
+  Fiber& f = running();
+  const int lane = lane_of(f, g);
+  if (!(mask >> lane & 1u)) fail_in_thread("calls a warp collective whose mask leaves out its own lane");
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) fail_in_thread("shuffle width must be a power of 2 up to 32");
+  f.kind = kind;
+  f.mask = mask;
+  f.value = value;
+  f.lane_mask = lane_mask;
+  f.width = width;
+  f.wait = Wait::kWarp;
+  leave(g, f, /*for_good=*/false);
+  return f.result;
+}
+
+void block_barrier() {
+  Grid& g = *g_grid;
+  Fiber& f = running();
+  f.wait = Wait::kBlockBarrier;
+  leave(g, f, /*for_good=*/false);
+}
+
+void kernel_assert_failed(const char* condition, const char* file, int line) {
+  Grid& g = *g_grid;
+  Fiber& f = running();
+  g.trap = where(g, f) + ": Assertion `" + condition + "` failed (" + file + ":" + std::to_string(line) + ")";
+  f.wait = Wait::kDone;
+  leave(g, f, /*for_good=*/true);
+  std::abort();  // never resumed
+}
+
+}  // namespace cuemu
+
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  TORCH_CHECK(attr == cudaDevAttrMultiProcessorCount, "cuemu: only the SM count is emulated");
+  static const int sms = [] {
+    const char* v = std::getenv("CUEMU_SMS");
+    return v != nullptr ? std::max(1, std::atoi(v)) : 2;
+  }();
+  *value = sms;
+  return cudaSuccess;
+}
