@@ -4,12 +4,18 @@
 # 1. CMake builds csrc/ (every csrc/ops/cpu/*.cpp) and one test binary per csrc/tests/test_*.cpp
 #    with -DLABELKIT_SANITIZE=ON into its own folder (default cmake-build-sanitize/).
 # 2. ctest runs the C++ tests (the binaries link the sanitizer runtimes themselves).
+#    The same build has -DLABELKIT_CUDA_EMULATION=ON: liblabelkit_cuemu.so, the CUDA kernels
+#    translated for the CPU emulator (csrc/tests/cuemu), sanitized too; ctest runs its own tests.
 # 3. pytest runs the ops' Python tests (marker `ops`: python_tests/test_<family>*.py for every
 #    labelkit_ext/ops/<family>.py; docs/testing.md) with LABELKIT_EXT_LIBRARY pointing at the
 #    sanitized liblabelkit_ops.so, loaded by torch.ops.load_library instead of _C, and libasan
 #    preloaded into Python (the runtime must come first; torch itself is not instrumented, but
 #    every tensor buffer comes from malloc, which ASan intercepts, so a kernel that reads or
 #    writes past a tensor hits a redzone).
+# 4. pytest runs the ops' CUDA tests (`-k cuda`) under scripts/fakecuda with FAKECUDA_KERNELS set:
+#    every labelkit op on a "cuda" tensor runs our CUDA kernel in the sanitized emulator, and the
+#    device-side assert test's child process too (FAKECUDA_SUB). The installed _C (with its CUDA
+#    registrations) is loaded, so the wrappers take their CUDA paths.
 # Every report is fatal (halt_on_error, -fno-sanitize-recover); leak checking is off (CPython
 # and torch keep allocations alive until exit by design).
 #
@@ -24,9 +30,9 @@ JOBS=${MAX_JOBS:-2}
 LIB="$PWD/$BUILD/liblabelkit_ops.so"
 start=$SECONDS
 
-echo "[sanitize] building csrc/ with ASan + UBSan into $BUILD/ (log: $BUILD.log)"
+echo "[sanitize] building csrc/ and the emulated CUDA kernels with ASan + UBSan into $BUILD/ (log: $BUILD.log)"
 prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-if ! { cmake -S . -B "$BUILD" -DLABELKIT_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug \
+if ! { cmake -S . -B "$BUILD" -DLABELKIT_SANITIZE=ON -DLABELKIT_CUDA_EMULATION=ON -DCMAKE_BUILD_TYPE=Debug \
          -DCMAKE_PREFIX_PATH="$prefix" && cmake --build "$BUILD" -j "$JOBS"; } > "$BUILD.log" 2>&1; then
   tail -n 40 "$BUILD.log"
   echo "[sanitize] build failed (full log: $BUILD.log)" >&2
@@ -69,6 +75,16 @@ LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
   TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -P -m pytest python_tests -m "ops and not slow" -q -p no:cacheprovider "$@" \
   || report_and_fail "Python tests of the ops"
+
+echo "[sanitize] CUDA tests of the ops, CUDA kernels emulated ($BUILD/liblabelkit_cuemu.so)"
+# Four kinds of test need a real GPU stack: opcheck and compile (fake tensors / Inductor on the
+# emulated device), autocast (its CUDA dispatch key) and the mixed-device refusal of the dispatcher.
+LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
+  FAKECUDA_KERNELS="$PWD/$BUILD/liblabelkit_cuemu.so" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda" \
+  LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
+  "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
+  -k "cuda and not (opcheck or autocast or compile or refuse_mixed)" "$@" \
+  || report_and_fail "CUDA tests of the ops on the emulated kernels"
 # A report that did not abort (it should always abort) still fails the run.
 [ -z "$(ls -A "$LOGS")" ] || report_and_fail "sanitizer reports were written"
 

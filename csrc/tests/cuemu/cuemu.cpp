@@ -1,8 +1,7 @@
-// cuemu runtime: blocks one at a time, each thread a ucontext fiber (see cuemu.h).
+// cuemu runtime: blocks one at a time, each thread a fiber (see cuemu.h).
 #include "cuemu.h"
 
 #include <c10/util/Exception.h>
-#include <ucontext.h>
 
 #include <cstdlib>
 #include <memory>
@@ -13,11 +12,48 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define CUEMU_ASAN 1
 #else
 #define CUEMU_ASAN 0
 #endif
+
+#if !defined(__x86_64__)
+#error "cuemu switches fibers with x86-64 assembly (ucontext's swapcontext makes a syscall per switch and upsets ASan)"
+#endif
+
+// cuemu_switch(save, to): saves the callee-saved registers, MXCSR and the x87 control word on the
+// current stack, stores the stack pointer in *save, and resumes the stack `to` (System V x86-64).
+extern "C" void cuemu_switch(void** save, void* to);
+asm(R"(
+  .text
+  .globl cuemu_switch
+  .type cuemu_switch, @function
+cuemu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size cuemu_switch, .-cuemu_switch
+)");
 
 namespace cuemu {
 namespace {
@@ -28,12 +64,13 @@ constexpr int64_t kMaxBlockThreads = 1024;
 constexpr int64_t kMaxBlockZ = 64;
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute opt-in
 constexpr size_t kStackBytes = 256 * 1024;      // per thread; sanitizer builds need the room
+constexpr size_t kStackTopBytes = 16 * 1024;    // holds the frames a finished thread leaves
 
 enum class Wait { kRunnable, kBlockBarrier, kWarp, kDone };
 
 struct Fiber {
-  ucontext_t ctx;
-  std::unique_ptr<char[]> stack;
+  void* sp = nullptr;    // saved stack pointer while switched out
+  char* stack = nullptr;  // kStackBytes from the pool
   uint3 tid;
   Wait wait = Wait::kRunnable;
   // Pending warp collective, and its result once released.
@@ -54,12 +91,13 @@ struct Grid {
   const char* kernel = "";
   uint3 grid{}, block{}, block_idx{};
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  void* scheduler_sp = nullptr;
   Fiber* current = nullptr;
   std::unique_ptr<unsigned char[]> smem;
   size_t smem_bytes = 0;
   std::string trap;   // set by a failed CUDA_KERNEL_ASSERT
   std::string error;  // what a thread did that the GPU would not allow
+  bool finished = false;
   void (*body)(void*) = nullptr;
   void* closure = nullptr;
 #if CUEMU_ASAN
@@ -89,15 +127,24 @@ std::string where(const Grid& g, const Fiber& f) {
 
 // ---- switching between the scheduler and a fiber (with ASan told about the stacks) ------------
 
+void unpoison(char* p, size_t n) {
+#if CUEMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(p, n);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
 void enter(Grid& g, Fiber& f) {
   g.current = &f;
 #if CUEMU_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
-  swapcontext(&g.scheduler, &f.ctx);
+  __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
+  cuemu_switch(&g.scheduler_sp, f.sp);
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #else
-  swapcontext(&g.scheduler, &f.ctx);
+  cuemu_switch(&g.scheduler_sp, f.sp);
 #endif
   g.current = nullptr;
 }
@@ -118,11 +165,11 @@ void leave(Grid& g, Fiber& f, bool for_good) {
 #else
   (void)for_good;
 #endif
-  swapcontext(&f.ctx, &g.scheduler);
+  cuemu_switch(&f.sp, g.scheduler_sp);
   arrived_in_fiber(g, f);
 }
 
-void fiber_main() {
+[[noreturn]] void fiber_main() {
   Grid& g = *g_grid;
   Fiber& f = *g.current;
   arrived_in_fiber(g, f);
@@ -133,6 +180,26 @@ void fiber_main() {
   }
   f.wait = Wait::kDone;
   leave(g, f, /*for_good=*/true);
+  std::abort();  // never resumed
+}
+
+// A fresh fiber's stack: what cuemu_switch pops (the caller's MXCSR and x87 control word, six
+// zero registers), then fiber_main as the return address; it starts with rsp = 8 (mod 16), as
+// after a call.
+void* initial_stack(char* stack) {
+  // A finished thread never returns from fiber_main: its frame's ASan redzones stay behind.
+  unpoison(stack + kStackBytes - kStackTopBytes, kStackTopBytes);
+  uint32_t mxcsr = 0;
+  uint16_t fpucw = 0;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  const auto top = reinterpret_cast<uintptr_t>(stack + kStackBytes) & ~uintptr_t(15);
+  auto* words = reinterpret_cast<uint64_t*>(top) - 11;
+  words[0] = mxcsr | (uint64_t(fpucw) << 32);
+  for (int r = 1; r <= 6; ++r) words[r] = 0;
+  words[7] = reinterpret_cast<uint64_t>(&fiber_main);
+  words[8] = words[9] = words[10] = 0;  // fiber_main never returns
+  return words;
 }
 
 Fiber& running();
@@ -240,11 +307,7 @@ void run_block(Grid& g) {
         Fiber& f = g.fibers[i];
         f.tid = uint3{x, y, z};
         f.wait = Wait::kRunnable;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.get();
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
+        f.sp = initial_stack(f.stack);
       }
     }
   }
@@ -303,9 +366,17 @@ void run_grid(const char* kernel, const Extent& grid, const Extent& block, size_
   Grid g;
   g.kernel = kernel;
   g_grid = &g;
+  // A launch that ends early abandons its threads mid-call: clear their stacks' redzones for
+  // the next launch, which reuses them.
   struct Reset {
-    ~Reset() { g_grid = nullptr; }
-  } reset;
+    Grid& g;
+    ~Reset() {
+      if (!g.finished) {
+        for (Fiber& f : g.fibers) unpoison(f.stack, kStackBytes);
+      }
+      g_grid = nullptr;
+    }
+  } reset{g};
   check_shape(grid, block, smem);
   g.grid = uint3{unsigned(grid.x), unsigned(grid.y), unsigned(grid.z)};
   g.block = uint3{unsigned(block.x), unsigned(block.y), unsigned(block.z)};
@@ -315,7 +386,9 @@ void run_grid(const char* kernel, const Extent& grid, const Extent& block, size_
   // Exactly the launch's bytes: a read past them hits ASan's redzone.
   g.smem.reset(new unsigned char[smem]);
   g.fibers.resize(static_cast<size_t>(block.x * block.y * block.z));
-  for (Fiber& f : g.fibers) f.stack.reset(new char[kStackBytes]);
+  static std::vector<std::unique_ptr<char[]>> stacks;  // kept between launches (under the mutex)
+  while (stacks.size() < g.fibers.size()) stacks.emplace_back(new char[kStackBytes]);
+  for (size_t i = 0; i < g.fibers.size(); ++i) g.fibers[i].stack = stacks[i].get();
   for (unsigned z = 0; z < g.grid.z; ++z) {
     for (unsigned y = 0; y < g.grid.y; ++y) {
       for (unsigned x = 0; x < g.grid.x; ++x) {
@@ -326,6 +399,7 @@ void run_grid(const char* kernel, const Extent& grid, const Extent& block, size_
       }
     }
   }
+  g.finished = true;
 }
 
 uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lane_mask, int width) {
