@@ -18,13 +18,15 @@ from __future__ import annotations
 import math
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from conftest import DEVICES, TOLERANCES
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
 from labelkit_ext import _ext
@@ -217,6 +219,23 @@ def registered_op(name: str, device: str) -> Callable | None:
     """``torch.ops.labelkit.<name>`` when this build has a kernel for ``device``, else None:
     for fuzzing the C++ checks with the Python wrapper bypassed."""
     return getattr(torch.ops.labelkit, name) if _ext.has_kernel(name, device) else None
+
+
+def cpu_only_if(bad_values: bool, device: str) -> None:
+    """Skips an example whose bad index values would reach a CUDA kernel: there they are a
+    device-side assert, which ends the process's CUDA context (checked apart, in a child process,
+    by :func:`assert_device_assert_in_child`)."""
+    assume(not bad_values or device == "cpu")
+
+
+def assert_device_assert_in_child(statements: str) -> None:
+    """Runs ``statements`` (torch and labelkit_ext.ops imported) in a child process, which must
+    die of a device-side assert: the CUDA kernel stops on bad values, never skips them silently."""
+    code = "import torch, labelkit_ext.ops\n" + statements + "\ntorch.cuda.synchronize()\n"
+    # -P: import the installed package, not the source tree of the working directory (which has
+    # no compiled _C where the package was pip-installed).
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "device-side assert" in done.stderr, done.stderr[-2000:]
 
 
 # ---- the outcome check ------------------------------------------------------------------------------

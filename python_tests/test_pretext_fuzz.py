@@ -20,8 +20,10 @@ from fuzzing import (
     NON_FLOAT_DTYPES,
     Raises,
     arrange,
+    assert_device_assert_in_child,
     assert_matches,
     check_op,
+    cpu_only_if,
     devices,
     float_tensors,
     index_tensors,
@@ -846,6 +848,7 @@ def test_grid_tiles_op_fuzz(data):
     )
     if well_formed:
         expect = _tile_value_errors("grid_tiles", x, index, table, grid, tile, offsets, by_cell)
+        cpu_only_if(bool(expect), device)
     check_op(
         lambda: op(x, index, table, grid, tile, offsets, by_cell, normalize),
         lambda: reference_tiles(x, index, table, grid, tile, offsets, by_cell, normalize),
@@ -899,6 +902,7 @@ def test_grid_tiles_backward_op_fuzz(data):
         expect.append(Raises(RuntimeError, f"{name}: grad must be on the images' device"))
     if not expect and grad.numel():
         expect = _tile_value_errors(name, x, index, table, grid, tile, offsets, by_cell)
+        cpu_only_if(bool(expect), device)
 
     def forward(t):
         return grid_tiles_ref(t, index, table, grid, tile, offsets, by_cell, normalize)
@@ -964,10 +968,39 @@ def test_rotate90_op_fuzz(data):
         expect.append(
             Raises(RuntimeError, r"rotate90: k must hold values in \[0, 4\) \(quarter turns\)")
         )
+        cpu_only_if(True, device)
     # An empty output reads no k value (so checks none), and the reference could not index
     # with one out of range: it is just the images' shape.
     reference = (lambda: rotate90_ref(x, k)) if x.numel() else (lambda: torch.empty_like(x))
     check_op(lambda: op(x, k), reference, expect, compare_rotations(x))
+
+
+_BAD_INDEX_SETUP = (
+    "x = torch.randn(1, 1, 4, 4, device='cuda')\n"
+    "table = torch.tensor([[0, 1, 2, 3]], device='cuda')\n"
+    "bad = torch.tensor([1], device='cuda')\n"  # the table has one row
+    "g = torch.randn(1, 4, 1, 2, 2, device='cuda')\n"
+)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "call",
+    [
+        "torch.ops.labelkit.grid_tiles(x, bad, table, 2, 2, None, False, False)",
+        "torch.ops.labelkit.grid_tiles(x, bad, table, 2, 2, None, False, True)",
+        "torch.ops.labelkit._grid_tiles_backward(g, x, bad, table, 2, 2, None, False, False)",
+        "torch.ops.labelkit._grid_tiles_backward(g, x, bad, table, 2, 2, None, False, True)",
+        "torch.ops.labelkit.rotate90(x, torch.tensor([4], device='cuda'))",
+    ],
+    ids=["tiles", "tiles_normalize", "backward", "backward_normalize", "rotate90"],
+)
+def test_pretext_cuda_op_asserts_on_bad_ids(call):
+    """The CUDA kernels, Python bypassed, stop on a table row or k out of range with a
+    device-side assert (the CPU kernels raise), never a silent zero tile. Apart: the assert ends
+    the CUDA context."""
+    assert_device_assert_in_child(_BAD_INDEX_SETUP + call)
 
 
 # ---- make_pretext_batch --------------------------------------------------------------------------

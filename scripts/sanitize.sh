@@ -12,7 +12,8 @@
 #    preloaded into Python (the runtime must come first; torch itself is not instrumented, but
 #    every tensor buffer comes from malloc, which ASan intercepts, so a kernel that reads or
 #    writes past a tensor hits a redzone).
-# 4. pytest runs the ops' CUDA tests (`-k cuda`) under scripts/fakecuda with FAKECUDA_KERNELS set:
+# 4. pytest runs the ops' CUDA and fuzz tests (`-k "cuda or fuzz"`; the fuzz tests draw the device)
+#    under scripts/fakecuda with FAKECUDA_KERNELS set:
 #    every labelkit op on a "cuda" tensor runs our CUDA kernel in the sanitized emulator, and the
 #    device-side assert test's child process too (FAKECUDA_SUB). The installed _C (with its CUDA
 #    registrations) is loaded, so the wrappers take their CUDA paths.
@@ -83,7 +84,7 @@ LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
   FAKECUDA_KERNELS="$PWD/$BUILD/liblabelkit_cuemu.so" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda" \
   LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
-  -k "cuda and not (opcheck or autocast or compile or refuse_mixed)" "$@" \
+  -k "(cuda or fuzz) and not (opcheck or autocast or compile or refuse_mixed)" "$@" \
   || report_and_fail "CUDA tests of the ops on the emulated kernels"
 # A report that did not abort (it should always abort) still fails the run.
 [ -z "$(ls -A "$LOGS")" ] || report_and_fail "sanitizer reports were written"

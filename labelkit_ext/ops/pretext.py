@@ -7,7 +7,7 @@ kernel. Each public function validates its arguments (messages shared with the C
 ``TORCH_CHECK``s), then calls the compiled kernel when this build has one for the tensor's
 device and the pure-PyTorch reference otherwise. Checks that read tensor data (index ranges,
 that permutations are permutations) run eagerly and are skipped under ``torch.compile``; the
-kernels then still never read out of bounds (CPU raises, CUDA writes zero tiles).
+kernels then still never read out of bounds (CPU raises, CUDA stops with a device-side assert).
 
 Gradients: the ops are gathers, so their backward is a scatter-add into the image, registered
 as its own op (``_grid_tiles_backward``; ``rotate90``'s backward is ``rotate90`` by ``-k``).

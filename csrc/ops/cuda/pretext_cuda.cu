@@ -7,8 +7,10 @@
 //                is deterministic and every pixel is written once (zeros outside the tiles).
 //                With normalize a first kernel stores each tile channel's statistics.
 //   rotate90:    one thread per output element in the output's memory order.
-// A bad index, cell or offset (possible only when the eager Python checks were skipped, under
-// torch.compile) gives a zero tile and never an out-of-bounds read: a kernel cannot raise.
+// A bad index, cell or offset, or k (possible only when the eager Python checks were skipped:
+// torch.compile, a direct torch.ops call) is a device-side assert, as the CPU kernel raises; the
+// tile or image is still only zeros, never an out-of-bounds read. Each kernel asserts once, at
+// its end (an assert inside the loops keeps values live across it).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -120,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) tiles_copy_kernel(
   const index_t t = static_cast<index_t>(g.tile);
   const index_t Ci = static_cast<index_t>(C);
   const index_t Ki = static_cast<index_t>(a.K);
+  bool ok = true;
   for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<index_t>(blockDim.x) * gridDim.x) {
     const index_t xx = e % t;
@@ -131,9 +134,12 @@ __global__ void __launch_bounds__(kThreads) tiles_copy_kernel(
     T v = static_cast<T>(0);
     if (resolve(g, a, n, k, src)) {
       v = x[n * s.n + c * s.c + (src.top + yy) * s.h + (src.left + xx) * s.w];
+    } else {
+      ok = false;
     }
     y[e] = v;
   }
+  CUDA_KERNEL_ASSERT(ok && "grid_tiles: index out of range, cell out of range or offsets out of the cell");
 }
 
 template <typename in_t, typename out_t>
@@ -142,12 +148,14 @@ __global__ void __launch_bounds__(kThreads) tiles_normalize_kernel(
   using acc_t = acc_type<in_t>;
   __shared__ acc_t smem[32];
   const int64_t t = g.tile, area = t * t;
+  bool ok = true;
   for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
     const int64_t c = p % C, nk = p / C, n = nk / a.K, k = nk % a.K;
     out_t* o = y + p * area;
     TileSource src;
     if (!resolve(g, a, n, k, src)) {  // uniform across the block: no barrier is skipped unevenly
       for (int64_t i = threadIdx.x; i < area; i += blockDim.x) o[i] = static_cast<out_t>(0.0f);
+      ok = false;
       continue;
     }
     const in_t* base = x + n * s.n + c * s.c + src.top * s.h + src.left * s.w;
@@ -157,6 +165,7 @@ __global__ void __launch_bounds__(kThreads) tiles_normalize_kernel(
       o[i] = static_cast<out_t>(pretext::normalized(v, st));
     }
   }
+  CUDA_KERNEL_ASSERT(ok && "grid_tiles: index out of range, cell out of range or offsets out of the cell");
 }
 
 at::Tensor grid_tiles_cuda(
@@ -211,10 +220,14 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_stats_kernel(
   using acc_t = acc_type<T>;
   __shared__ acc_t smem[32];
   const int64_t t = g.tile, area = t * t;
+  bool ok = true;
   for (int64_t p = blockIdx.x; p < planes; p += gridDim.x) {
     const int64_t c = p % C, nk = p / C, n = nk / a.K, k = nk % a.K;
     TileSource src;
-    if (!resolve(g, a, n, k, src)) continue;  // the pixel kernel skips invalid tiles too
+    if (!resolve(g, a, n, k, src)) {  // the pixel kernel skips invalid tiles too
+      ok = false;
+      continue;
+    }
     const T* base = x + n * s.n + c * s.c + src.top * s.h + src.left * s.w;
     const T* gt = grad + p * area;
     const TileStats<acc_t> st = plane_stats<T, acc_t>(base, s.h, s.w, t, smem);
@@ -237,6 +250,7 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_stats_kernel(
       out[5] = st.scale;
     }
   }
+  CUDA_KERNEL_ASSERT(ok && "_grid_tiles_backward: index out of range, cell out of range or offsets out of the cell");
 }
 
 template <typename T, bool kNormalize>
@@ -245,6 +259,7 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_pixel_kernel(
     TileArgs a, int64_t C, int64_t H, int64_t W, int64_t total, T* __restrict__ gx, Strides4 sg) {
   using acc_t = acc_type<T>;
   const int64_t t = g.tile, area = t * t;
+  bool ok = true;  // every tile of image n is resolved by the threads of its pixels in the grid
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t w = e % W, h = (e / W) % H, c = (e / (W * H)) % C, n = e / (W * H * C);
@@ -254,7 +269,11 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_pixel_kernel(
       const int64_t cell = row * g.grid + col;
       for (int64_t k = 0; k < a.K; ++k) {
         TileSource src;
-        if (!resolve(g, a, n, k, src) || src.cell != cell) continue;
+        if (!resolve(g, a, n, k, src)) {
+          ok = false;
+          continue;
+        }
+        if (src.cell != cell) continue;
         const int64_t dy = h - src.top, dx = w - src.left;
         if (dy < 0 || dy >= t || dx < 0 || dx >= t) continue;
         const int64_t p = (n * a.K + k) * C + c;
@@ -271,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) tiles_backward_pixel_kernel(
     }
     gx[n * sg.n + c * sg.c + h * sg.h + w * sg.w] = static_cast<T>(acc);
   }
+  CUDA_KERNEL_ASSERT(ok && "_grid_tiles_backward: index out of range, cell out of range or offsets out of the cell");
 }
 
 at::Tensor grid_tiles_backward_cuda(
@@ -327,6 +347,7 @@ __global__ void __launch_bounds__(kThreads) rotate90_kernel(
     const T* __restrict__ x, Strides4 s, const int64_t* __restrict__ k, int64_t C, int64_t S, index_t total,
     T* __restrict__ y, Strides4 so) {
   const index_t Si = static_cast<index_t>(S), Ci = static_cast<index_t>(C);
+  bool ok = true;
   for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<index_t>(blockDim.x) * gridDim.x) {
     index_t n, c, i, j;
@@ -347,9 +368,12 @@ __global__ void __launch_bounds__(kThreads) rotate90_kernel(
       int64_t si, sj;
       pretext::rotate_source(kn, S, i, j, si, sj);
       v = x[n * s.n + c * s.c + si * s.h + sj * s.w];
+    } else {
+      ok = false;
     }
     y[n * so.n + c * so.c + static_cast<int64_t>(i) * so.h + static_cast<int64_t>(j) * so.w] = v;
   }
+  CUDA_KERNEL_ASSERT(ok && "rotate90: k must hold values in [0, 4) (quarter turns)");
 }
 
 template <typename T, bool kChannelsLast>
