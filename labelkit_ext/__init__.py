@@ -20,6 +20,7 @@ _EXPORTS = {
     "HAS_OPS": "_ext",
     "LOAD_ERROR": "_ext",
     "info": "_info",
+    "register_ops": "ops",
     "affine_grid_sample": "ops.affine",
     "EntropyGate": "ops.entropy",
     "entropy_gate": "ops.entropy",
@@ -44,6 +45,7 @@ _EXPORTS = {
 if TYPE_CHECKING:  # what static analysers and IDEs see
     from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
     from labelkit_ext._info import info
+    from labelkit_ext.ops import register_ops
     from labelkit_ext.ops.affine import affine_grid_sample
     from labelkit_ext.ops.entropy import (
         EntropyGate,
@@ -111,6 +113,7 @@ __all__ = [
     "make_pretext_batch",
     "max_entropy_loss",
     "PretextBatch",
+    "register_ops",
     "rotate90",
     "softmax_entropy",
     "TopK",

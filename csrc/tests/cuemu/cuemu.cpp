@@ -3,10 +3,13 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <numeric>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -289,12 +292,37 @@ std::string deadlock_report(const Grid& g) {
   return s.str();
 }
 
-bool reverse_order() {
-  static const bool reverse = [] {
+// CUEMU_ORDER: forward (default), reverse, or random (a new shuffle for every pass of every
+// block, from CUEMU_SEED, default 0; reproducible run to run).
+enum class Order { kForward, kReverse, kRandom };
+
+Order thread_order() {
+  static const Order order = [] {
     const char* v = std::getenv("CUEMU_ORDER");
-    return v != nullptr && std::string(v) == "reverse";
+    const std::string name = v != nullptr ? v : "forward";
+    if (name == "forward") return Order::kForward;
+    if (name == "reverse") return Order::kReverse;
+    if (name == "random") return Order::kRandom;
+    TORCH_CHECK(false, "cuemu: CUEMU_ORDER must be forward, reverse or random, got '", name, "'");
   }();
-  return reverse;
+  return order;
+}
+
+std::mt19937_64& order_rng() {
+  static std::mt19937_64 rng([] {
+    const char* v = std::getenv("CUEMU_SEED");
+    return v != nullptr ? std::strtoull(v, nullptr, 10) : 0ull;
+  }());
+  return rng;
+}
+
+// The order of this pass over a block's n threads.
+void pass_order(std::vector<int64_t>& order, int64_t n) {
+  order.resize(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), int64_t(0));
+  const Order o = thread_order();
+  if (o == Order::kReverse) std::reverse(order.begin(), order.end());
+  if (o == Order::kRandom) std::shuffle(order.begin(), order.end(), order_rng());
 }
 
 // Runs one block to completion (or to a trap).
@@ -312,10 +340,11 @@ void run_block(Grid& g) {
     }
   }
   const int64_t n = static_cast<int64_t>(g.fibers.size());
-  const bool rev = reverse_order();
+  std::vector<int64_t> order;
   for (;;) {
-    for (int64_t k = 0; k < n; ++k) {
-      Fiber& f = g.fibers[rev ? n - 1 - k : k];
+    pass_order(order, n);
+    for (const int64_t k : order) {
+      Fiber& f = g.fibers[k];
       if (f.wait != Wait::kRunnable) continue;
       enter(g, f);
       if (!g.trap.empty() || !g.error.empty()) return;

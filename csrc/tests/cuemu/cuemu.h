@@ -17,8 +17,9 @@
 // CUDA_KERNEL_ASSERT (raised as "device-side assert triggered"). Dynamic shared memory is filled
 // with 0xFF bytes (NaN) before every block, so reads of unwritten slots show. Built with the
 // sanitizer flags (`make sanitize`), ASan/UBSan watch every global, shared and local access.
-// Threads run in index order, or in reverse with CUEMU_ORDER=reverse (a missing barrier or
-// __syncwarp usually breaks one of the two orders). docs/testing.md has the commands.
+// Threads run in index order, in reverse with CUEMU_ORDER=reverse, or shuffled anew on every pass
+// with CUEMU_ORDER=random (seed CUEMU_SEED): a missing barrier or __syncwarp breaks some order.
+// docs/testing.md has the commands.
 #pragma once
 
 #include <ATen/ATen.h>
