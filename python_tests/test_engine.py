@@ -142,6 +142,17 @@ def test_same_seed_same_run(digits8):
     assert not torch.equal(a["classifier.weight"], c.model.state_dict()["classifier.weight"])
 
 
+def test_a_last_batch_of_one_sample_is_dropped(digits8):
+    """BatchNorm cannot train on one sample: a training set of batch_size + 1 images (a pretext
+    linear evaluation at a 10 % label fraction gave one) trains on the full batch only."""
+    n = TINY["batch_size"] + 1
+    subset = torch.utils.data.Subset(digits8.train, range(n))
+    model = _model()
+    model.classifier = torch.nn.Sequential(torch.nn.BatchNorm1d(model.classifier.in_features), model.classifier)
+    result = fit(model, subset, None, "multiclass", TrainConfig(epochs=1, **TINY))
+    assert len(result.history) == 1
+
+
 # -- checkpoints and resume -------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -235,10 +236,14 @@ def prediction_metrics(
 def _train_loader(
     dataset: Dataset, config: TrainConfig, info: DistInfo, device: torch.device
 ) -> DataLoader:
+    # A last batch of one sample cannot train BatchNorm ("Expected more than 1 value per channel
+    # when training"): drop it, and only it (a label fraction of 10 % of digits gave one).
+    per_rank = math.ceil(len(dataset) / info.world_size) if info.enabled else len(dataset)
     common = {
         "batch_size": config.batch_size,
         "num_workers": config.num_workers,
         "pin_memory": device.type == "cuda",
+        "drop_last": per_rank > config.batch_size and per_rank % config.batch_size == 1,
     }
     if info.enabled:
         sampler = DistributedSampler(
