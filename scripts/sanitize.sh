@@ -82,7 +82,7 @@ echo "[sanitize] CUDA tests of the ops, CUDA kernels emulated ($BUILD/liblabelki
 # Four kinds of test need a real GPU stack: opcheck and compile (fake tensors / Inductor on the
 # emulated device), autocast (its CUDA dispatch key) and the mixed-device refusal of the dispatcher.
 LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
-  FAKECUDA_KERNELS="$PWD/$BUILD/liblabelkit_cuemu.so" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda" \
+  FAKECUDA_KERNELS="$PWD/$BUILD/liblabelkit_cuemu.so" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda${PYTHONPATH:+:$PYTHONPATH}" \
   CUEMU_ORDER=${CUEMU_ORDER:-random} \
   LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
