@@ -33,7 +33,7 @@ sanitize: install
 	PYTHON=$(PYTHON) bash scripts/sanitize.sh
 
 lint:
-	$(PYTHON) -m ruff check labelkit_ext python_tests bench
+	$(PYTHON) -m ruff check labelkit_ext python_tests bench scripts csrc/tests/cuemu
 
 bench:
 	$(PYTHON) bench/bench_entropy.py

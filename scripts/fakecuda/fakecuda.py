@@ -208,11 +208,8 @@ class FakeCudaMode(TorchDispatchMode):
             kwargs["device"] = torch.device("cpu")
             to_cuda = True
         is_cuda = "cuda" in devs or to_cuda
-        # generator device
-        gen = kwargs.get("generator")
-        if gen is not None:
-            gdev = "cuda" if getattr(gen, "_fake_cuda", False) or id(gen) in FAKE_GENS else "cpu"
-            # identity is not preserved through the dispatcher; see patched python functions
+        # Generator devices are checked in the patched Python functions (_check_gen): a
+        # generator's identity does not survive the dispatcher.
         if func is torch.ops.aten._to_copy.default:
             if to_cuda:
                 out = func(_unwrap(args[0]), *args[1:], **kwargs)
@@ -229,7 +226,10 @@ class FakeCudaMode(TorchDispatchMode):
             return func(*args, **kwargs)
         if torch.is_autocast_enabled("cuda") and func.name().split("::")[1] in _AMP_LOWP:
             amp = torch.get_autocast_dtype("cuda")
-            cast = lambda t: FC(t.elem.to(amp)) if isinstance(t, FC) and t.dtype == torch.float32 else t
+
+            def cast(t):
+                return FC(t.elem.to(amp)) if isinstance(t, FC) and t.dtype == torch.float32 else t
+
             args, kwargs = tree_map(cast, args), tree_map(cast, kwargs)
         # mixing check (native_functions.yaml: ExactSame ops refuse any other device; NoCheck
         # ones, TensorIterator, accept CPU 0-dim scalars; index/index_put accept CPU indices)
@@ -254,8 +254,10 @@ class FakeCudaMode(TorchDispatchMode):
                     )
         if func.namespace == "labelkit" and "cpu" in devs and torch._C._current_graph_task_id() != -1:
             LOG[f"MIX-labelkit-in-backward (lenient: cpu args promoted) {func} @ {_where()}"] += 1
-            prom = lambda t: t if isinstance(t, FC) or not isinstance(t, torch.Tensor) else FC(t)
-            args, kwargs = tree_map(prom, args), tree_map(prom, kwargs)
+            def promote(t):
+                return t if isinstance(t, FC) or not isinstance(t, torch.Tensor) else FC(t)
+
+            args, kwargs = tree_map(promote, args), tree_map(promote, kwargs)
             devs = {"cuda"}
         if func.namespace == "labelkit" and "cpu" in devs and func.name() != "labelkit::badge_select":
             LOG[f"MIX-labelkit {func} @ {_where()}"] += 1
@@ -272,7 +274,6 @@ class FakeCudaMode(TorchDispatchMode):
         return tree_map(_wrap, out)
 
 
-FAKE_GENS: set[int] = set()
 _AMP_LOWP = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "convolution", "_convolution", "conv2d", "linear", "addmv", "mv"}
 
 
@@ -464,7 +465,7 @@ def install():
         ml = map_location
         if ml is not None and not callable(ml) and not isinstance(ml, dict) and torch.device(ml).type == "cuda":
             LOG["LOAD map_location=cuda (emulated)"] += 1
-            obj = _orig_load(f, map_location="cpu", *a, **k)
+            obj = _orig_load(f, "cpu", *a, **k)
             return tree_map(lambda t: t.to("cuda") if isinstance(t, torch.Tensor) else t, obj)
         return _orig_load(f, map_location, *a, **k)
 
@@ -491,10 +492,15 @@ def install():
     import atexit
 
     def report():
+        # The 20 most frequent entries (FAKECUDA_LOG_ALL=1: all), so a run's summary line stays
+        # near the end of its output.
         if LOG:
+            shown = None if os.environ.get("FAKECUDA_LOG_ALL") == "1" else 20
             print("\n==== fakecuda log ====", file=sys.stderr)
-            for k, v in LOG.most_common():
+            for k, v in LOG.most_common(shown):
                 print(f"{v:6d}  {k}", file=sys.stderr)
+            if shown is not None and len(LOG) > shown:
+                print(f"  ... {len(LOG) - shown} more (FAKECUDA_LOG_ALL=1 shows all)", file=sys.stderr)
 
     atexit.register(report)
 
