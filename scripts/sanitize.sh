@@ -16,8 +16,9 @@
 #    under scripts/fakecuda with FAKECUDA_KERNELS set:
 #    every labelkit op on a "cuda" tensor runs our CUDA kernel in the sanitized emulator, and the
 #    device-side assert tests' child processes too (FAKECUDA_SUB), a block's threads in a seeded
-#    random order (CUEMU_ORDER; forward and reverse pass too). The installed _C (with its CUDA
-#    registrations) is loaded, so the wrappers take their CUDA paths.
+#    random order (CUEMU_ORDER), and every op call again in reverse order, which must give the
+#    same bits (FAKECUDA_ORDER_CHECK: a race or timing-dependent result fails). The installed _C
+#    (with its CUDA registrations) is loaded, so the wrappers take their CUDA paths.
 # Every report is fatal (halt_on_error, -fno-sanitize-recover); leak checking is off (CPython
 # and torch keep allocations alive until exit by design).
 #
@@ -83,7 +84,7 @@ echo "[sanitize] CUDA tests of the ops, CUDA kernels emulated ($BUILD/liblabelki
 # emulated device), autocast (its CUDA dispatch key) and the mixed-device refusal of the dispatcher.
 LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
   FAKECUDA_KERNELS="$PWD/$BUILD/liblabelkit_cuemu.so" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda${PYTHONPATH:+:$PYTHONPATH}" \
-  CUEMU_ORDER=${CUEMU_ORDER:-random} \
+  CUEMU_ORDER=${CUEMU_ORDER:-random} FAKECUDA_ORDER_CHECK=1 \
   LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
   -k "(cuda or fuzz) and not (opcheck or autocast or compile or refuse_mixed)" "$@" \

@@ -8,7 +8,9 @@ Tensors on "cuda" are wrapper subclasses (device cuda:0) around CPU tensors. A d
 torch.cuda.* queries are patched to describe one H100.
 With FAKECUDA_KERNELS=/path/to/liblabelkit_cuemu.so (CMake -DLABELKIT_CUDA_EMULATION=ON), labelkit
 ops on "cuda" tensors run our CUDA kernels in the CPU emulator (csrc/tests/cuemu) instead of the
-CPU kernels.
+CPU kernels; with FAKECUDA_ORDER_CHECK=1 each such op runs twice, its blocks' threads in the
+current and then in reverse order, and must give bit-identical outputs (our kernels are
+deterministic: a difference is a race, or a result that depends on timing).
 Load with `pytest -p fakecuda` (this folder on PYTHONPATH) or `import fakecuda` first thing;
 docs/testing.md ("No GPU: a fake-CUDA run") has the command and what it cannot emulate.
 """
@@ -29,6 +31,7 @@ CUDA0 = torch.device("cuda", 0)
 LOG = collections.Counter()
 STRICT = os.environ.get("FAKECUDA_STRICT", "1") == "1"
 KERNELS = os.environ.get("FAKECUDA_KERNELS") or None
+ORDER_CHECK = os.environ.get("FAKECUDA_ORDER_CHECK") == "1"
 
 
 def _on_device(func):
@@ -36,7 +39,32 @@ def _on_device(func):
     if KERNELS is None or func.namespace != "labelkit":
         return func
     LOG[f"cuemu {func.name()}"] += 1
-    return getattr(getattr(torch.ops.labelkit_cuemu, func._opname), func._overloadname)
+    emulated = getattr(getattr(torch.ops.labelkit_cuemu, func._opname), func._overloadname)
+    return functools.partial(_in_two_orders, emulated) if ORDER_CHECK else emulated
+
+
+def _in_two_orders(op, *args, **kwargs):
+    """op's outputs, checked to be the same bits when every block runs its threads in reverse."""
+    out = op(*args, **kwargs)
+    previous = torch.ops.cuemu.set_thread_order("reverse")
+    try:
+        again = op(*args, **kwargs)
+    finally:
+        torch.ops.cuemu.set_thread_order(previous)
+    for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0], strict=True):
+        if isinstance(a, torch.Tensor) and not torch.equal(_bits(a), _bits(b)):
+            raise RuntimeError(
+                f"cuemu: {op} gives different results when the threads of a block run in reverse "
+                "order: a race between threads, or a result that depends on their timing"
+            )
+    return out
+
+
+def _bits(t):
+    """t as integers of its width (NaN payloads and -0.0 compared exactly)."""
+    if not t.is_floating_point():
+        return t
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def _target_device(args, kwargs):

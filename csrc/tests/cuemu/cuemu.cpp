@@ -2,6 +2,7 @@
 #include "cuemu.h"
 
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -296,14 +297,18 @@ std::string deadlock_report(const Grid& g) {
 // block, from CUEMU_SEED, default 0; reproducible run to run).
 enum class Order { kForward, kReverse, kRandom };
 
-Order thread_order() {
-  static const Order order = [] {
+Order parse_order(const std::string& name, const char* what) {
+  if (name == "forward") return Order::kForward;
+  if (name == "reverse") return Order::kReverse;
+  if (name == "random") return Order::kRandom;
+  TORCH_CHECK(false, "cuemu: ", what, " must be forward, reverse or random, got '", name, "'");
+}
+
+// CUEMU_ORDER at start-up; cuemu::set_thread_order changes it (under the launch mutex).
+Order& thread_order() {
+  static Order order = [] {
     const char* v = std::getenv("CUEMU_ORDER");
-    const std::string name = v != nullptr ? v : "forward";
-    if (name == "forward") return Order::kForward;
-    if (name == "reverse") return Order::kReverse;
-    if (name == "random") return Order::kRandom;
-    TORCH_CHECK(false, "cuemu: CUEMU_ORDER must be forward, reverse or random, got '", name, "'");
+    return parse_order(v != nullptr ? v : "forward", "CUEMU_ORDER");
   }();
   return order;
 }
@@ -463,8 +468,20 @@ void kernel_assert_failed(const char* condition, const char* file, int line) {
   std::abort();  // never resumed
 }
 
+std::string set_thread_order(const std::string& order) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  const Order previous = thread_order();
+  thread_order() = parse_order(order, "order");
+  return previous == Order::kForward ? "forward" : previous == Order::kReverse ? "reverse" : "random";
+}
+
 }  // namespace cuemu
 
+// Test hook for the order check of scripts/fakecuda (FAKECUDA_ORDER_CHECK): returns the previous
+// order, so a caller can restore it.
+TORCH_LIBRARY(cuemu, m) {
+  m.def("set_thread_order(str order) -> str", &cuemu::set_thread_order);
+}
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
   TORCH_CHECK(attr == cudaDevAttrMultiProcessorCount, "cuemu: only the SM count is emulated");

@@ -96,6 +96,21 @@ void test_a_missing_syncwarp_reads_unwritten_shared_memory() {
   EXPECT(wrong > 0);  // the slot's 0xFF fill, not the neighbour's value
 }
 
+// What FAKECUDA_ORDER_CHECK relies on: a race gives other bits when the threads run in reverse;
+// the synchronised kernel gives the same bits in every order.
+void test_a_race_depends_on_the_thread_order() {
+  auto run_in = [](const char* order, bool with_syncwarp) {
+    const std::string previous = ::cuemu::set_thread_order(order);
+    std::vector<int> out(32);
+    ::cuemu::make_launch(neighbour_read, "neighbour_read", 1, 32, 32 * sizeof(int))(with_syncwarp, out.data());
+    ::cuemu::set_thread_order(previous);
+    return out;
+  };
+  EXPECT(run_in("forward", false) != run_in("reverse", false));
+  EXPECT(run_in("forward", true) == run_in("reverse", true));
+  EXPECT(run_in("random", true) == run_in("reverse", true));
+}
+
 __global__ void bump_param(int v, int* out) {
   v += threadIdx.x;  // each thread owns its copy of the parameters
   out[threadIdx.x] = v;
@@ -170,6 +185,7 @@ int main() {
   run("block_reduction_with_grid_stride", test_block_reduction_with_grid_stride);
   run("shuffles_and_match_any", test_shuffles_and_match_any);
   run("a_missing_syncwarp_reads_unwritten_shared_memory", test_a_missing_syncwarp_reads_unwritten_shared_memory);
+  run("a_race_depends_on_the_thread_order", test_a_race_depends_on_the_thread_order);
   run("parameters_are_per_thread", test_parameters_are_per_thread);
   run("misuse_is_reported", test_misuse_is_reported);
   run("launch_limits", test_launch_limits);
