@@ -151,7 +151,9 @@ COMPILED: dict[str, Callable] = {}
 PROVIDERS = ("ours", "loop", "eager", "unfold", "compile", "copy")
 
 
-def run_tiles(args, device, env) -> tuple[list[dict], list[str]]:
+def run_tiles(args, device, env, save) -> tuple[list[dict], list[str]]:
+    """Every tile case for every provider; ``save(rows)`` after each case, so that a run stopped
+    part-way (a time-capped GPU check) keeps what it measured."""
     rows, failures = [], []
     names = [p for p in PROVIDERS if p in args.providers]
     for dtype_name in args.dtypes:
@@ -191,6 +193,8 @@ def run_tiles(args, device, env) -> tuple[list[dict], list[str]]:
                 print(f"{op:13s} {case:8s} {image:10s} {dtype_name:8s} {name:8s} "
                       f"{timing.median_ms:9.3f} ms  {gbps:6.2f} GB/s", flush=True)  # fmt: skip
             common.release_memory(device)
+            common.add_speedups(rows, KEY, baselines=("loop", "eager", "unfold", "compile", "copy"))
+            save(rows)
     return rows, failures
 
 
@@ -295,18 +299,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch._dynamo.config.recompile_limit = 64
         COMPILED["tiles"] = torch.compile(grid_tiles_ref, dynamic=False)
         COMPILED["rotate"] = torch.compile(rotate90_ref, dynamic=False)
+    csv_path = out_dir / "pretext.csv"
+    # Merged into earlier results, so --skip-tiles / --skip-hamming refresh only their part.
+    previous = common.read_csv(csv_path)
+
+    def save(new_rows: list[dict]) -> list[dict]:
+        merged = common.merge_rows(previous, new_rows, (*KEY, "provider"))
+        common.write_csv(merged, csv_path, COLUMNS)
+        return merged
+
     rows, failures = [], []
     if not args.skip_tiles:
-        rows, failures = run_tiles(args, device, env)
-        common.add_speedups(rows, KEY, baselines=("loop", "eager", "unfold", "compile", "copy"))
+        rows, failures = run_tiles(args, device, env, save)
     if not args.skip_hamming and device.type != "cpu":
         # A CPU op: its figures belong to the CPU results, not to this device's folder.
         print("hamming_permutations runs on the CPU: skipped here (run this script on the CPU)")
     elif not args.skip_hamming:
         rows += run_hamming(args, env)
-    # Merge into earlier results, so --skip-tiles / --skip-hamming refresh only their part.
-    rows = common.merge_rows(common.read_csv(out_dir / "pretext.csv"), rows, (*KEY, "provider"))
-    common.write_csv(rows, out_dir / "pretext.csv", COLUMNS)
+    rows = save(rows)
     table = report(rows)
     ham = [r for r in rows if r["op"] == "hamming_permutations"]
     ham_table = common.markdown_table(
@@ -318,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{env['threads']} threads)\n\nRatios are from one run, side by side; `other_cpu_pct` in the "
         f"CSV says how busy the machine was.\n\n{table}\n\n## hamming_permutations (grid 3)\n\n{ham_table}\n"
     )
-    print(f"\n{table}\n\n{ham_table}\nwrote {out_dir / 'pretext.csv'}")
+    print(f"\n{table}\n\n{ham_table}\nwrote {csv_path}")
     for f in failures:
         print(f"MISMATCH {f}", file=sys.stderr)
     return 1 if failures else 0

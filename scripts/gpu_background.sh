@@ -2,7 +2,7 @@
 # scripts/gpu_check.sh in the background, for GPU machines lent in calls shorter than the whole
 # check (docs/gpu-session.md): one call starts it, later calls wait on it and fetch its results.
 #
-#   bash scripts/gpu_background.sh start [STEP...]      # default steps: gpu_check's `all`
+#   bash scripts/gpu_background.sh start [STEP...]      # default: gpu_check's `lease` (15 min)
 #   bash scripts/gpu_background.sh wait SECONDS [DIR]   # until done or SECONDS pass
 #
 # start: installs the wheels in .whl/ (if any: the benchmarks' extras, e.g. kornia, which such a
@@ -11,9 +11,12 @@
 # wait: prints the summary as it grows; when the check ends or SECONDS pass, copies the archive
 # (bench/results/<gpu>/ as .tar.gz, everything finished so far) and the console log to DIR.
 # Exit status of wait: 0 finished and passed, 1 finished with a failed step, 3 still running.
-# Knobs: GPU_BACKGROUND_STATE (default /tmp/labelkit_gpu_check), and gpu_check.sh's own;
-# GPU_CHECK_STEP_TIMEOUT defaults to 600 here, so that one stuck step cannot use up the lease,
-# and GPU_CHECK_NO_COMPILE to 1 (the GPU targets compare with eager and kornia, not compile).
+# Knobs: GPU_BACKGROUND_STATE (default /tmp/labelkit_gpu_check), and gpu_check.sh's own, with
+# defaults for a short lease here: GPU_CHECK_STEP_TIMEOUT 600 (a step without @SECONDS),
+# GPU_CHECK_NO_COMPILE 1 (the GPU targets compare with eager and kornia, not compile),
+# GPU_CHECK_BENCH_ARGS "--min-run-time 0.1" (GPU calls take milliseconds: 0.1 s of timed calls
+# per figure is plenty) and GPU_CHECK_BENCH_ARGS_ENTROPY "--c 100,1000,32000" (the sizes where
+# the HBM target means something; C = 10 is 2.6 MB of logits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,10 +38,13 @@ start() {
     export PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-600} GPU_CHECK_NO_COMPILE=${GPU_CHECK_NO_COMPILE:-1}
+  export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS---min-run-time 0.1}
+  export GPU_CHECK_BENCH_ARGS_ENTROPY=${GPU_CHECK_BENCH_ARGS_ENTROPY---c 100,1000,32000}
+  [ $# -gt 0 ] || set -- lease
   setsid nohup bash -c 'bash scripts/gpu_check.sh "$@"; echo $? > "'"$STATE"'/rc"' gpu_check \
     "$@" --archive "$ARCHIVE" > "$CONSOLE" 2>&1 < /dev/null &
   echo $! > "$STATE/pid"
-  echo "gpu_background: gpu_check.sh ${*:-all} started (pid $!), console $CONSOLE"
+  echo "gpu_background: gpu_check.sh $* started (pid $!), console $CONSOLE"
 }
 
 wait_for() {
@@ -63,5 +69,5 @@ wait_for() {
 case "${1:-}" in
   start) shift; start "$@" ;;
   wait) shift; wait_for "$@" ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  *) sed -n '2,/^set /{/^#/p}' "$0"; exit 2 ;;
 esac

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # One command for a machine with an NVIDIA GPU: build, CUDA tests, compute-sanitizer, benchmarks.
 #
-#   bash scripts/gpu_check.sh [STEP...] [--archive FILE] [--copy-to DIR]
+#   bash scripts/gpu_check.sh [STEP[@SECONDS]...] [--deadline SECONDS] [--archive FILE] [--copy-to DIR]
 #
 # STEPs run in the order given; the default, `all`, runs them most important first, so that a
-# run cut short by a time limit has done what matters (docs/gpu-session.md):
-#   build        pip install --no-build-isolation --no-deps . (CUDA kernels forced on), then
+# run cut short by a time limit has done what matters (docs/gpu-session.md). STEP@SECONDS caps
+# that step (stopped and marked TIMEOUT after SECONDS; a killed benchmark keeps the cases it
+# wrote). --deadline SECONDS (or GPU_CHECK_DEADLINE) bounds the whole run: each step's cap is cut
+# to the time left, and steps that would get under GPU_CHECK_MIN_STEP seconds (default 20) are
+# marked "skipped (deadline)".
+#   build        pip install --no-build-isolation --no-deps . (CUDA kernels forced on, for this
+#                GPU's arch only: CI compiles sm_80/sm_90 already), then
 #                `python -m labelkit_ext info --load`
 #   test-cuda    the op families' CUDA tests (-m "ops and not slow" -k cuda), kernels required
 #   memcheck | racecheck | synccheck
@@ -18,6 +23,10 @@
 #   fuzz         the fuzz tests with a larger budget
 #   all          build test-cuda memcheck bench:affine bench:entropy bench:pretext test fuzz
 #                racecheck synccheck, then the other benchmarks
+#   lease        the plan for a machine lent for 15 minutes (docs/gpu-session.md): build,
+#                test-cuda@180, the open issues' benchmarks (entropy@110, affine@80,
+#                pretext@60), memcheck@240, then the rest of `all` while time is left; with
+#                --deadline 630 unless one is given
 # Everything lands in bench/results/<gpu>/ (the benchmarks' CSV/markdown, as bench/common.py
 # names the folder) and bench/results/<gpu>/gpu_check/ (logs, JUnit XML, summary.md). Steps run
 # one after another even when one fails; the exit status is 1 if any failed. --archive writes
@@ -26,9 +35,10 @@
 #
 # Needs: python with torch (a CUDA build), numpy, pytest, hypothesis (pytest-timeout optional),
 # a CUDA toolkit (CUDA_HOME, default /usr/local/cuda) with nvcc and compute-sanitizer. No network.
-# Knobs: PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's arch plus 8.0;9.0),
+# Knobs: PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's arch),
 # MAX_JOBS (default: all cores), GPU_CHECK_FUZZ_EXAMPLES (default 300), GPU_CHECK_SANITIZER_FUZZ_EXAMPLES (default 15),
-# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--no-compile"),
+# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--min-run-time 0.1"),
+# GPU_CHECK_BENCH_ARGS_<NAME> (for bench_<name>.py only, e.g. GPU_CHECK_BENCH_ARGS_ENTROPY),
 # GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all),
 # GPU_CHECK_STEP_TIMEOUT (seconds one step may run, then it is stopped and marked TIMEOUT;
 # default 0 = no limit), GPU_CHECK_NO_COMPILE=1 (skip the torch.compile providers: on a GPU each
@@ -39,24 +49,38 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 ALL=(build test-cuda memcheck bench:affine bench:entropy bench:pretext test fuzz racecheck synccheck
   bench:scoring bench:active)
+# 15 minutes of device time, a minute or two of it the machine's start: about 10 minutes of
+# steps. The CUDA tests first (nothing of ours has run on a GPU), then the figures the open
+# issues wait for, then memcheck; the caps keep one slow step from eating the others.
+LEASE=(build test-cuda@180 bench:entropy@110 bench:affine@80 bench:pretext@60 memcheck@240 test
+  racecheck synccheck fuzz bench:scoring bench:active)
 STEPS=()
 COPY_TO=""
 ARCHIVE=""
+DEADLINE=${GPU_CHECK_DEADLINE:-0}
 while [ $# -gt 0 ]; do
-  case "$1" in
+  case "${1%@*}" in
     build | test-cuda | test | fuzz | memcheck | racecheck | synccheck | bench:*) STEPS+=("$1") ;;
     sanitize) STEPS+=(memcheck racecheck synccheck) ;;
     bench) for f in bench/bench_*.py; do f=${f#bench/bench_}; STEPS+=("bench:${f%.py}"); done ;;
     all) STEPS+=("${ALL[@]}") ;;
+    lease) STEPS+=("${LEASE[@]}"); [ "$DEADLINE" -gt 0 ] || DEADLINE=630 ;;
+    --deadline) DEADLINE=${2:?--deadline needs SECONDS}; shift ;;
     --copy-to) COPY_TO=${2:?--copy-to needs a folder}; shift ;;
     --archive) ARCHIVE=${2:?--archive needs a file name}; shift ;;
     -h | --help) sed -n '2,/^set /{/^#/p}' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument $1 (steps: build test-cuda test fuzz memcheck racecheck synccheck sanitize bench bench:NAME all)" >&2; exit 2 ;;
+    *) echo "gpu_check: unknown argument $1 (steps: build test-cuda test fuzz memcheck racecheck synccheck sanitize bench bench:NAME all lease, each with an optional @SECONDS)" >&2; exit 2 ;;
   esac
   shift
 done
 [ ${#STEPS[@]} -gt 0 ] || STEPS=("${ALL[@]}")
+is_seconds() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
+is_seconds "$DEADLINE" || [ "$DEADLINE" = 0 ] || { echo "gpu_check: --deadline needs a whole number of seconds, got '$DEADLINE'" >&2; exit 2; }
 for step in "${STEPS[@]}"; do
+  if [[ "$step" == *@* ]] && ! is_seconds "${step##*@}"; then
+    echo "gpu_check: $step: the cap after @ must be a whole number of seconds" >&2; exit 2
+  fi
+  step=${step%@*}
   case "$step" in
     bench:*) [ -f "bench/bench_${step#bench:}.py" ] || { echo "gpu_check: no bench/bench_${step#bench:}.py" >&2; exit 2; } ;;
   esac
@@ -102,16 +126,39 @@ SUMMARY="$LOGS/summary.md"
 } > "$SUMMARY"
 
 FAILED=0
-# run_step NAME LOGFILE COMMAND...: runs (within GPU_CHECK_STEP_TIMEOUT), logs, records the
-# outcome in summary.md.
+SKIPPED=0
+BUILD_FAILED=0
+# The cap of the step running now: its @SECONDS, else GPU_CHECK_STEP_TIMEOUT (0 = none), cut to
+# what the deadline leaves.
+STEP_CAP=0
+# step_limit: the seconds run_step may give a command now (0 = no limit).
+step_limit() {
+  local limit=$STEP_CAP
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$limit" -eq 0 ] || [ "$left" -lt "$limit" ]; then limit=$left; fi
+  fi
+  echo "$limit"
+}
+
+# run_step NAME LOGFILE COMMAND...: runs (within step_limit), logs, records the outcome in
+# summary.md.
 run_step() {
   local name=$1 log=$2
   shift 2
-  echo "[gpu_check] $name (log: $log)"
-  local start=$SECONDS rc limit=${GPU_CHECK_STEP_TIMEOUT:-0}
+  local start=$SECONDS rc limit
+  limit=$(step_limit)
+  if [ "$DEADLINE" -gt 0 ] && [ $((DEADLINE - SECONDS)) -lt "${GPU_CHECK_MIN_STEP:-20}" ]; then
+    echo "| $name | skipped (deadline) | 0 | |" >> "$SUMMARY"
+    SKIPPED=$((SKIPPED + 1))
+    echo "[gpu_check] $name: skipped, the deadline (${DEADLINE} s) leaves $((DEADLINE - SECONDS)) s"
+    return
+  fi
   if [ "$limit" -gt 0 ]; then
-    timeout --kill-after=30 "$limit" "$@" > "$log" 2>&1
+    echo "[gpu_check] $name (log: $log, limit $limit s)"
+    timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
   else
+    echo "[gpu_check] $name (log: $log)"
     "$@" > "$log" 2>&1
   fi
   rc=$?
@@ -138,12 +185,17 @@ SANITIZED_TESTS=(-m "ops and not slow" -k "(cuda or fuzz) and not asserts_on_bad
 step_build() {
   local cc
   cc=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  case "$cc" in 8.0 | 9.0) cc="" ;; esac  # already in the default list
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;9.0${cc:+;$cc}"}
+  # Only this GPU's arch: each more arch costs ~30 s of nvcc per .cu file, and CI compiles the
+  # sm_80/sm_90 defaults on every change.
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cc}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=1
+  local before=$FAILED
+  FAILED=0
   run_step "build (archs $TORCH_CUDA_ARCH_LIST)" "$LOGS/build.log" \
     "$PY" -m pip install --no-build-isolation --no-deps --force-reinstall --no-index -v .
-  run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info --load
+  [ $FAILED -eq 0 ] && run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info --load
+  BUILD_FAILED=$FAILED
+  FAILED=$((before | FAILED))
 }
 
 step_test-cuda() {
@@ -182,15 +234,17 @@ sanitize() {
 }
 
 # bench NAME: bench/bench_NAME.py on the GPU (with --no-compile under GPU_CHECK_NO_COMPILE=1,
-# where the script has that flag).
+# where the script has that flag), plus GPU_CHECK_BENCH_ARGS and GPU_CHECK_BENCH_ARGS_<NAME>.
 bench() {
-  local extra=()
+  local extra=() own_var
   if [ "${GPU_CHECK_NO_COMPILE:-0}" = 1 ] && grep -q -e '"--no-compile"' -e add_common_args "bench/bench_$1.py"; then
     extra=(--no-compile)
   fi
-  # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS is a list of arguments
+  own_var="GPU_CHECK_BENCH_ARGS_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
+  # shellcheck disable=SC2206  # the two variables are lists of arguments
+  extra+=(${GPU_CHECK_BENCH_ARGS:-} ${!own_var:-})
   run_step "bench_$1.py${extra[*]:+ ${extra[*]}}" "$LOGS/bench_$1.log" \
-    "$PY" "bench/bench_$1.py" --device cuda --out bench/results "${extra[@]}" ${GPU_CHECK_BENCH_ARGS:-}
+    "$PY" "bench/bench_$1.py" --device cuda --out bench/results "${extra[@]}"
 }
 
 # The results folder as FILE (.tar.gz), replaced whole so that a reader never sees half of it.
@@ -200,16 +254,24 @@ write_archive() {
 }
 
 for step in "${STEPS[@]}"; do
+  STEP_CAP=${GPU_CHECK_STEP_TIMEOUT:-0}
+  if [[ "$step" == *@* ]]; then STEP_CAP=${step##*@}; step=${step%@*}; fi
   case "$step" in
     memcheck | racecheck | synccheck) sanitize "$step" ;;
     bench:*) bench "${step#bench:}" ;;
     *) "step_$step" ;;
   esac
   write_archive
+  if [ "$BUILD_FAILED" -ne 0 ]; then
+    # Every later step needs the kernels: stop, so the lease's minutes go to fixing the build.
+    echo "| (later steps) | not run: the build failed | 0 | build.log |" >> "$SUMMARY"
+    echo "[gpu_check] the build failed: later steps not run"
+    break
+  fi
 done
 
 echo >> "$SUMMARY"
-echo "Overall: $([ $FAILED -eq 0 ] && echo passed || echo FAILED)" >> "$SUMMARY"
+echo "Overall: $([ $FAILED -eq 0 ] && echo passed || echo FAILED)$([ $SKIPPED -eq 0 ] || echo ", $SKIPPED step(s) skipped by the deadline")" >> "$SUMMARY"
 write_archive
 cat "$SUMMARY"
 if [ -n "$COPY_TO" ]; then
