@@ -357,6 +357,29 @@ def test_entropy_gate_grad_matches_reference(device):
     assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+@pytest.mark.parametrize(("n", "c"), [(5, 1), (3, 3), (7, 9), (2, 67)])
+def test_gate_grad_at_any_alignment_and_row_length(device, dtype, offset, n, c):
+    """The CUDA backward reads and writes 16-byte packs when the logits start on a 16-byte
+    boundary (packs then span rows when C is not a multiple of the pack, and a tail shorter than
+    a pack is left over) and one element at a time when they do not (a view at an odd offset):
+    both agree with the reference, cluster gradient included."""
+    flat = make_logits((offset + n * c,), dtype, device)
+    x = flat[offset:].view(n, c).requires_grad_()
+    assert x.is_contiguous() and x.storage_offset() == offset
+    S = min(c, 2)
+    clusters = _random_clusters(c, S, device)
+    wH, wC = torch.rand(n, device=device), torch.rand(n, S, device=device)
+    out = entropy_gate(x, 1.0, clusters, num_clusters=S)
+    ((out.entropy * wH).sum() + (out.cluster_probs * wC).sum()).backward()
+    x_ref = x.detach().double().requires_grad_()
+    ref = entropy_gate_ref(x_ref, 1.0, clusters, S)
+    ((ref.entropy * wH.double()).sum() + (ref.cluster_probs * wC.double()).sum()).backward()
+    assert x.grad.dtype == dtype
+    assert_close(x.grad, x_ref.grad)
+
+
 def test_entropy_gate_gradcheck(device):
     x = make_logits((4, 6), torch.float64, device).requires_grad_()
     clusters = _random_clusters(6, 3, device)

@@ -173,6 +173,11 @@ run_step() {
   echo "[gpu_check] $name: $result in $((SECONDS - start)) s"
 }
 
+# The build is for this GPU's arch alone (each more arch costs ~30 s of nvcc per .cu file, and CI
+# compiles the sm_80/sm_90 defaults on every change); exported for every step, as test_install.py
+# checks the build against it.
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
+export TORCH_CUDA_ARCH_LIST
 # The kernels must load and every CUDA kernel must have been compiled.
 export LABELKIT_EXT_REQUIRE_EXT=1 LABELKIT_EXT_REQUIRE_CUDA_BUILD=1
 PYTEST=("$PY" -P -m pytest python_tests -p no:cacheprovider -q -rfEsxX)
@@ -183,11 +188,6 @@ PYTEST=("$PY" -P -m pytest python_tests -p no:cacheprovider -q -rfEsxX)
 SANITIZED_TESTS=(-m "ops and not slow" -k "(cuda or fuzz) and not asserts_on_bad_ids")
 
 step_build() {
-  local cc
-  cc=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  # Only this GPU's arch: each more arch costs ~30 s of nvcc per .cu file, and CI compiles the
-  # sm_80/sm_90 defaults on every change.
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cc}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=1
   local before=$FAILED
   FAILED=0
