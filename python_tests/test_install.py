@@ -58,7 +58,7 @@ def _archs(spec: str) -> set[str]:
 def test_env_switch_disables_the_extension():
     env = dict(os.environ, LABELKIT_EXT_NO_EXT="1")
     code = "import labelkit_ext as L; print(L.HAS_OPS, L.LOAD_ERROR)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("False disabled by LABELKIT_EXT_NO_EXT=1")
 
 
@@ -157,6 +157,8 @@ def test_large_cpu_outputs_ask_for_huge_pages(switch, expected):
     env = {k: v for k, v in os.environ.items() if k != "LABELKIT_HUGE_PAGES"}
     if switch is not None:
         env["LABELKIT_HUGE_PAGES"] = switch
-    out = subprocess.run([sys.executable, "-c", _HUGE_PAGE_PROBE], env=env, capture_output=True, text=True)
+    # -P: the installed package, not a source tree without _C in the working directory (a
+    # non-editable install: scripts/gpu_check.sh's build).
+    out = subprocess.run([sys.executable, "-P", "-c", _HUGE_PAGE_PROBE], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected

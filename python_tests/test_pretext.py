@@ -298,14 +298,51 @@ def test_context_and_rotate_forward(device, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", IMAGE_DTYPES)
-@pytest.mark.parametrize("size", [1, 4, 7, 8, 9, 16, 33])
+@pytest.mark.parametrize("size", [1, 4, 7, 8, 9, 16, 32, 33, 65])
 def test_rotate90_every_turn_at_tile_edges(device, dtype, size):
-    """Sizes around the CPU kernel's 8 x 8 transpose blocks (whole blocks, remainders, none)."""
+    """Sizes around the CPU kernel's 8 x 8 transpose blocks and the CUDA kernel's 32 x 32 tiles
+    (whole tiles, partial edge tiles, none)."""
     x = make_images((4, 2, size, size), dtype, device)
     k = torch.arange(4, device=device)
     r = rotate90(x, k)
     for n in range(4):
         assert torch.equal(r[n], torch.rot90(x[n], n, dims=(-2, -1))), f"k={n}"
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "size", "tile"),
+    [(3, 3, 3, 1), (4, 3, 15, 5), (2, 3, 61, 20), (2, 3, 120, 40), (4000, 1, 3, 1)],
+)
+def test_jigsaw_tile_sizes_and_many_tiles(device, n, c, size, tile):
+    """Tiles of 3 to 4,800 elements (the CUDA copy's thread groups of 32 to 256, whose steps carry
+    across rows and channels) and more tiles than one CUDA grid holds (4,000 x 9: the grid-stride
+    loop wraps on any GPU, and at every size on the emulated one)."""
+    x = make_images((n, c, size, size), torch.float32, device)
+    perms = hamming_permutations(10).to(device)
+    pidx = torch.arange(n, device=device) % 10
+    assert torch.equal(
+        jigsaw_tiles(x, pidx, perms, 3, tile),
+        jigsaw_tiles_ref(x, pidx, perms, 3, tile, None, False),
+    )
+
+
+def test_jigsaw_tiles_of_an_image_spanning_over_2_31_elements(device):
+    """A channel stride of 2^31 elements: the CUDA copy forms 64-bit offsets (int32 ones only when
+    every offset inside an image fits). Only the 2 x 6 x 6 elements viewed are ever touched."""
+    base = torch.empty(2**31 + 64, dtype=torch.uint8, device=device)
+    x = base.as_strided((1, 2, 6, 6), (0, 2**31, 6, 1))
+    x.copy_(torch.randint(0, 256, (1, 2, 6, 6), dtype=torch.uint8))
+    perms = hamming_permutations(4).to(device)
+    pidx = torch.tensor([3], device=device)
+    got = jigsaw_tiles(x, pidx, perms, 3, 2)
+    assert torch.equal(got, jigsaw_tiles_ref(x.contiguous(), pidx, perms, 3, 2, None, False))
+
+
+def test_rotate90_more_tiles_than_one_cuda_grid(device):
+    """5,000 planes: more 32 x 32 tiles than the CUDA grid's blocks, so they loop."""
+    x = make_images((5000, 1, 2, 2), torch.float32, device)
+    k = torch.arange(5000, device=device) % 4
+    assert torch.equal(rotate90(x, k), rotate90_ref(x, k))
 
 
 def test_default_tile_is_largest_fitting(device):

@@ -31,6 +31,7 @@
 #include <vector>
 #include <cstdint>
 
+#include "ops/cuda/grid.h"
 #include "ops/entropy.h"
 #include "ops/entropy_checks.h"
 
@@ -92,7 +93,8 @@ __device__ __forceinline__ void group_argmax(RowStat<T>& st) {
   }
 }
 
-template <int kGroup, typename T>
+// kArgmax = false (softmax_entropy) leaves the argmax out: half the shuffles of short rows.
+template <int kGroup, bool kArgmax = true, typename T>
 __device__ __forceinline__ void group_reduce(RowStat<T>& st) {
 #pragma unroll
   for (int off = kGroup / 2; off > 0; off /= 2) {
@@ -102,7 +104,7 @@ __device__ __forceinline__ void group_reduce(RowStat<T>& st) {
     o.t = __shfl_xor_sync(kFullMask, st.mom.t, off, kGroup);
     st.mom = entropy::merge(st.mom, o);
   }
-  group_argmax<kGroup>(st);
+  if constexpr (kArgmax) group_argmax<kGroup>(st);
 }
 
 // group_reduce for lanes whose moments share one max (a lockstep scan): s and t just add up.
@@ -372,7 +374,7 @@ __global__ void __launch_bounds__(kThreads) entropy_rows_kernel(const scalar_t* 
     if constexpr (kMode != Fwd::kClusters) {
       RowStat<acc_t> st = empty_stat<acc_t>();
       scan_packs<scalar_t, acc_t, kMode == Fwd::kGate>(r, lane, kGroup, np, st);
-      group_reduce<kGroup>(st);
+      group_reduce<kGroup, kMode == Fwd::kGate>(st);
       if (active && lane == 0) write_row(out, row, st);
     } else {
       acc_t* const smem = shared_bins<acc_t>();
@@ -560,27 +562,6 @@ int group_size(int64_t C, int pack) {
 template <typename acc_t>
 int bin_tile(int64_t S, int groups) {
   return static_cast<int>(std::min<int64_t>(S, kBinBytes / (groups * static_cast<int64_t>(sizeof(acc_t)))));
-}
-
-// Streaming multiprocessors of the current device, cached per device. (ATen/cuda/CUDAContext.h
-// would give this too, but drags in cuBLAS/cuSPARSE headers a bare toolkit may lack.)
-int sm_count() {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {};
-  const int dev = c10::cuda::current_device();
-  if (dev >= kMaxDevices) return 1;
-  if (cache[dev] == 0) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    cache[dev] = sms;
-  }
-  return cache[dev];
-}
-
-int64_t grid_for(int64_t work_items, int64_t items_per_block) {
-  const int sms = sm_count();
-  const int64_t needed = (work_items + items_per_block - 1) / items_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(sms) * 32));
 }
 
 template <typename scalar_t, Fwd kMode>

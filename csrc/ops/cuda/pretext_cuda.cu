@@ -1,12 +1,16 @@
 // CUDA kernels of the pretext family.
-//   grid_tiles:  one thread per output element (grid-stride), the tile source resolved through
-//                ops/pretext.h; with normalize one block per tile channel (two block reductions,
-//                then the write).
+//   grid_tiles:  a group of 32-256 threads per (image, slot) tile, which resolves the tile's
+//                source once (ops/pretext.h) and walks its C x t x t output in order, carrying
+//                (channel, row, column) by additions; with normalize one block per tile channel
+//                (two block reductions, then the write).
 //   backward:    gather form, no atomics: one thread per image pixel sums the gradients of the
 //                slots whose tile covers it (a permutation gives at most one), so the result
 //                is deterministic and every pixel is written once (zeros outside the tiles).
 //                With normalize a first kernel stores each tile channel's statistics.
-//   rotate90:    one thread per output element in the output's memory order.
+//   rotate90:    channels-first: a block per 32 x 32 output tile of a plane, staged through
+//                shared memory, so that quarter turns read and write rows (coalesced) instead
+//                of reading columns; channels-last: one thread per output element in the
+//                output's memory order (channels innermost: reads coalesce already).
 // A bad index, cell or offset, or k (possible only when the eager Python checks were skipped:
 // torch.compile, a direct torch.ops call) is a device-side assert, as the CPU kernel raises; the
 // tile or image is still only zeros, never an out-of-bounds read. Each kernel asserts once, at
@@ -24,6 +28,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "ops/cuda/grid.h"
 #include "ops/pretext.h"
 #include "ops/pretext_checks.h"
 
@@ -116,30 +121,98 @@ __device__ TileStats<acc_t> plane_stats(const in_t* base, int64_t sh, int64_t sw
 
 // ---- forward --------------------------------------------------------------------------------------
 
+// Loads each thread keeps in flight per step: one 4-byte load per thread leaves an SM far
+// short of the bytes HBM needs in flight to stream at full speed.
+constexpr int kCopyUnroll = 4;
+
+// A thread's walk through a C x t x t tile in steps of `group` elements: its row and column in
+// the tile and the source offset, advanced by additions and two carries (no division, no
+// multiply per element). index_t is int32_t when every offset inside a tile fits (fewer
+// registers: more threads, so more loads, in flight per SM).
+template <typename index_t>
+struct TileWalk {
+  index_t yy, xx, off;
+};
+
+template <typename index_t>
+struct TileStep {
+  index_t t, dy, dx;       // the step's rows and columns (dy, dx < t)
+  index_t off;             // the step's source offset (its channels, rows and columns)
+  index_t wrap_x, wrap_y;  // offset corrections when a column or row wraps
+};
+
+template <typename index_t>
+__device__ __forceinline__ void advance(TileWalk<index_t>& w, const TileStep<index_t>& st) {
+  w.xx += st.dx;
+  w.off += st.off;
+  if (w.xx >= st.t) {
+    w.xx -= st.t;
+    ++w.yy;
+    w.off += st.wrap_x;
+  }
+  w.yy += st.dy;
+  if (w.yy >= st.t) {
+    w.yy -= st.t;
+    w.off += st.wrap_y;
+  }
+}
+
+// Groups of `group` threads (a power of two dividing the block), one (image, slot) tile each.
+// Resolving the source once per tile, not per element, takes the several 64-bit divisions of
+// ops/pretext.h out of the copy: per element only additions and the load/store remain.
 template <typename T, typename index_t>
 __global__ void __launch_bounds__(kThreads) tiles_copy_kernel(
-    const T* __restrict__ x, Strides4 s, Geometry g, TileArgs a, int64_t C, index_t total, T* __restrict__ y) {
-  const index_t t = static_cast<index_t>(g.tile);
-  const index_t Ci = static_cast<index_t>(C);
-  const index_t Ki = static_cast<index_t>(a.K);
+    const T* __restrict__ x, Strides4 s, Geometry g, TileArgs a, int64_t C, int64_t tiles, int group, T* __restrict__ y) {
+  const index_t t = static_cast<index_t>(g.tile), area = t * t, vol = static_cast<index_t>(C) * area;
+  const index_t sc = static_cast<index_t>(s.c), sh = static_cast<index_t>(s.h), sw = static_cast<index_t>(s.w);
+  const index_t G = group, lane = threadIdx.x % group;
+  const index_t dx = G % t, dy = G / t % t, dc = G / area;
+  const TileStep<index_t> step{t, dy, dx, dc * sc + dy * sh + dx * sw, sh - t * sw, sc - t * sh};
+  const TileWalk<index_t> start{lane / t % t, lane % t, lane / area * sc + lane / t % t * sh + lane % t * sw};
+  const int per_block = blockDim.x / group;
   bool ok = true;
-  for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += static_cast<index_t>(blockDim.x) * gridDim.x) {
-    const index_t xx = e % t;
-    const index_t yy = (e / t) % t;
-    const index_t c = (e / (t * t)) % Ci;
-    const index_t nk = e / (t * t * Ci);
-    const int64_t n = nk / Ki, k = nk % Ki;
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / group; tile < tiles;
+       tile += static_cast<int64_t>(gridDim.x) * per_block) {
+    const int64_t n = tile / a.K, k = tile % a.K;
+    T* out = y + tile * static_cast<int64_t>(vol);
     TileSource src;
-    T v = static_cast<T>(0);
-    if (resolve(g, a, n, k, src)) {
-      v = x[n * s.n + c * s.c + (src.top + yy) * s.h + (src.left + xx) * s.w];
-    } else {
+    if (!resolve(g, a, n, k, src)) {
+      for (index_t i = lane; i < vol; i += G) out[i] = static_cast<T>(0);
       ok = false;
+      continue;
     }
-    y[e] = v;
+    const T* in = x + n * s.n + src.top * s.h + src.left * s.w;
+    TileWalk<index_t> w = start;
+    for (index_t i = lane; i < vol; i += kCopyUnroll * G) {
+      T v[kCopyUnroll];
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        if (i + u * G < vol) v[u] = in[w.off];
+        advance(w, step);
+      }
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        if (i + u * G < vol) out[i + u * G] = v[u];
+      }
+    }
   }
   CUDA_KERNEL_ASSERT(ok && "grid_tiles: index out of range, cell out of range or offsets out of the cell");
+}
+
+// Whether int32 holds every offset a copy thread forms inside a tile: the image's whole extent
+// (one image's, with margin for the walk's steps past the tile's end) and the tile's volume.
+bool tile_offsets_fit_int32(const at::Tensor& images, int64_t vol, int group) {
+  int64_t extent = 1;
+  for (int d = 1; d < images.dim(); ++d) extent += (images.size(d) - 1) * std::abs(images.stride(d));
+  const int64_t step = kCopyUnroll * group * (std::abs(images.stride(1)) + std::abs(images.stride(2)) + std::abs(images.stride(3)));
+  return extent + step < (int64_t{1} << 30) && vol + kCopyUnroll * group < (int64_t{1} << 30);
+}
+
+// Threads per tile: enough for about kCopyUnroll * 4 elements each, 32 to kThreads.
+int copy_group(int64_t vol) {
+  int group = 32;
+  while (group < kThreads && static_cast<int64_t>(group) * kCopyUnroll * 4 < vol) group *= 2;
+  return group;
 }
 
 template <typename in_t, typename out_t>
@@ -187,7 +260,6 @@ at::Tensor grid_tiles_cuda(
   const Geometry g = pretext::make_geometry(images.size(2), images.size(3), grid, tile);
   const Strides4 s = strides_of(images);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t total = out.numel();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "grid_tiles_cuda", [&] {
     if (normalize) {
       using out_t = std::conditional_t<std::is_same_v<scalar_t, uint8_t>, float, scalar_t>;
@@ -195,13 +267,15 @@ at::Tensor grid_tiles_cuda(
       tiles_normalize_kernel<scalar_t, out_t><<<blocks_for(planes, 1), kThreads, 0, stream>>>(
           images.const_data_ptr<scalar_t>(), s, g, a, C, planes, out.data_ptr<out_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (total <= std::numeric_limits<int32_t>::max() / 2) {
-      tiles_copy_kernel<scalar_t, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          images.const_data_ptr<scalar_t>(), s, g, a, C, static_cast<int32_t>(total), out.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      tiles_copy_kernel<scalar_t, int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          images.const_data_ptr<scalar_t>(), s, g, a, C, total, out.data_ptr<scalar_t>());
+      const int group = copy_group(C * tile * tile);
+      const int64_t blocks = grid_for(N * K, kThreads / group);
+      const scalar_t* xp = images.const_data_ptr<scalar_t>();
+      if (tile_offsets_fit_int32(images, C * tile * tile, group)) {
+        tiles_copy_kernel<scalar_t, int32_t><<<blocks, kThreads, 0, stream>>>(xp, s, g, a, C, N * K, group, out.data_ptr<scalar_t>());
+      } else {
+        tiles_copy_kernel<scalar_t, int64_t><<<blocks, kThreads, 0, stream>>>(xp, s, g, a, C, N * K, group, out.data_ptr<scalar_t>());
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -340,9 +414,9 @@ at::Tensor grid_tiles_backward_cuda(
 
 // ---- rotate90 ----------------------------------------------------------------------------------
 
-// Output elements are visited in the output's memory order (NCHW or channels-last) so that
-// writes coalesce; quarter turns read the source transposed.
-template <typename T, typename index_t, bool kChannelsLast>
+// Channels-last: output elements in the output's memory order (channels innermost), so writes
+// coalesce and a quarter turn's reads of neighbouring threads share a pixel's channels.
+template <typename T, typename index_t>
 __global__ void __launch_bounds__(kThreads) rotate90_kernel(
     const T* __restrict__ x, Strides4 s, const int64_t* __restrict__ k, int64_t C, int64_t S, index_t total,
     T* __restrict__ y, Strides4 so) {
@@ -350,18 +424,7 @@ __global__ void __launch_bounds__(kThreads) rotate90_kernel(
   bool ok = true;
   for (index_t e = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<index_t>(blockDim.x) * gridDim.x) {
-    index_t n, c, i, j;
-    if constexpr (kChannelsLast) {
-      c = e % Ci;
-      j = (e / Ci) % Si;
-      i = (e / (Ci * Si)) % Si;
-      n = e / (Ci * Si * Si);
-    } else {
-      j = e % Si;
-      i = (e / Si) % Si;
-      c = (e / (Si * Si)) % Ci;
-      n = e / (Si * Si * Ci);
-    }
+    const index_t c = e % Ci, j = (e / Ci) % Si, i = (e / (Ci * Si)) % Si, n = e / (Ci * Si * Si);
     const int64_t kn = k[n];
     T v = static_cast<T>(0);
     if (kn >= 0 && kn < 4) {
@@ -376,16 +439,80 @@ __global__ void __launch_bounds__(kThreads) rotate90_kernel(
   CUDA_KERNEL_ASSERT(ok && "rotate90: k must hold values in [0, 4) (quarter turns)");
 }
 
-template <typename T, bool kChannelsLast>
-void launch_rotate(const at::Tensor& images, const at::Tensor& k, at::Tensor& out, cudaStream_t stream) {
+constexpr int kRotTile = 32;  // a block's output tile is kRotTile x kRotTile pixels of one plane
+
+// Channels-first rotation: each block iteration stages the kRotTile x kRotTile source square of
+// one output tile in shared memory with row reads, then writes the output tile by rows. A quarter
+// turn maps a square onto a square, so the tile's source is the square whose corner is the
+// smaller of its corners' sources (partly outside the image for a tile at the bottom or right
+// edge: those pixels are not loaded and no output inside the image reads them). The per-element
+// kernel read a column per quarter turn: one 4-byte word per 32-byte sector it fetched.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rotate90_tiled_kernel(
+    const T* __restrict__ x, Strides4 s, const int64_t* __restrict__ k, int64_t C, int64_t S, int64_t per_side,
+    int64_t tiles, T* __restrict__ y, Strides4 so) {
+  // Raw bytes: c10::Half / BFloat16 have constructors, which __shared__ variables may not run.
+  // (double: aligned for every T, 8 bytes at most).
+  __shared__ double raw[(kRotTile * (kRotTile + 1) * sizeof(T) + sizeof(double) - 1) / sizeof(double)];
+  T(&buf)[kRotTile][kRotTile + 1] = *reinterpret_cast<T(*)[kRotTile][kRotTile + 1]>(raw);  // +1: no bank conflicts on columns
+  const int tx = threadIdx.x % kRotTile, ty = threadIdx.x / kRotTile, rows = blockDim.x / kRotTile;
+  bool ok = true;
+  for (int64_t b = blockIdx.x; b < tiles; b += gridDim.x) {
+    const int64_t plane = b / (per_side * per_side), r = b % (per_side * per_side);
+    const int64_t n = plane / C, c = plane % C;
+    const int64_t i0 = r / per_side * kRotTile, j0 = r % per_side * kRotTile;
+    const int64_t kn = k[n];
+    const bool valid = kn >= 0 && kn < 4;  // uniform across the block: the barriers stay even
+    ok = ok && valid;
+    int64_t si0 = 0, sj0 = 0, si1 = 0, sj1 = 0;
+    if (valid) {
+      pretext::rotate_source(kn, S, i0, j0, si0, sj0);
+      pretext::rotate_source(kn, S, i0 + kRotTile - 1, j0 + kRotTile - 1, si1, sj1);
+    }
+    const int64_t r0 = si0 < si1 ? si0 : si1, c0 = sj0 < sj1 ? sj0 : sj1;
+    const T* in = x + n * s.n + c * s.c;
+    __syncthreads();  // the previous tile's reads of buf are done
+    for (int yy = ty; yy < kRotTile; yy += rows) {
+      const int64_t si = r0 + yy, sj = c0 + tx;
+      if (valid && si >= 0 && si < S && sj >= 0 && sj < S) buf[yy][tx] = in[si * s.h + sj * s.w];
+    }
+    __syncthreads();
+    T* out = y + n * so.n + c * so.c;
+    for (int yy = ty; yy < kRotTile; yy += rows) {
+      const int64_t i = i0 + yy, j = j0 + tx;
+      if (i >= S || j >= S) continue;
+      T v = static_cast<T>(0);
+      if (valid) {
+        int64_t si, sj;
+        pretext::rotate_source(kn, S, i, j, si, sj);
+        v = buf[si - r0][sj - c0];
+      }
+      out[i * so.h + j * so.w] = v;
+    }
+  }
+  CUDA_KERNEL_ASSERT(ok && "rotate90: k must hold values in [0, 4) (quarter turns)");
+}
+
+template <typename T>
+void launch_rotate_tiled(const at::Tensor& images, const at::Tensor& k, at::Tensor& out, cudaStream_t stream) {
+  const int64_t N = images.size(0), C = images.size(1), S = images.size(2);
+  const int64_t per_side = (S + kRotTile - 1) / kRotTile, tiles = N * C * per_side * per_side;
+  rotate90_tiled_kernel<T><<<grid_for(tiles, 1), kThreads, 0, stream>>>(
+      images.const_data_ptr<T>(), strides_of(images), k.const_data_ptr<int64_t>(), C, S, per_side, tiles,
+      out.data_ptr<T>(), strides_of(out));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_rotate_channels_last(const at::Tensor& images, const at::Tensor& k, at::Tensor& out, cudaStream_t stream) {
   const int64_t C = images.size(1), S = images.size(2), total = out.numel();
   const Strides4 s = strides_of(images), so = strides_of(out);
   if (total <= std::numeric_limits<int32_t>::max() / 2) {
-    rotate90_kernel<T, int32_t, kChannelsLast><<<blocks_for(total), kThreads, 0, stream>>>(
+    rotate90_kernel<T, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
         images.const_data_ptr<T>(), s, k.const_data_ptr<int64_t>(), C, S, static_cast<int32_t>(total),
         out.data_ptr<T>(), so);
   } else {
-    rotate90_kernel<T, int64_t, kChannelsLast><<<blocks_for(total), kThreads, 0, stream>>>(
+    rotate90_kernel<T, int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
         images.const_data_ptr<T>(), s, k.const_data_ptr<int64_t>(), C, S, total, out.data_ptr<T>(), so);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -401,9 +528,9 @@ at::Tensor rotate90_cuda(const at::Tensor& images, const at::Tensor& k) {
   const bool channels_last = out.stride(1) == 1 && out.size(1) > 1;
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, images.scalar_type(), "rotate90_cuda", [&] {
     if (channels_last) {
-      launch_rotate<scalar_t, true>(images, kc, out, stream);
+      launch_rotate_channels_last<scalar_t>(images, kc, out, stream);
     } else {
-      launch_rotate<scalar_t, false>(images, kc, out, stream);
+      launch_rotate_tiled<scalar_t>(images, kc, out, stream);
     }
   });
   return out;
