@@ -214,6 +214,24 @@ def test_forward_matches_reference(device, dtype, shape, size, mode):
         assert_close(out, exp)
 
 
+@pytest.mark.parametrize("c", [9, 20, 64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_forward_channel_chunks(device, c, channels_last):
+    """Many channels on few pixels: the CUDA forward splits the channels into chunks (one work
+    item each; a last chunk shorter than the others) so that small images still fill the GPU."""
+    x = make_images((3, c, 6, 5), torch.float64, device, seed=c)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    theta = make_theta(3, seed=5).to(device)
+    for mode, padding in itertools.product(MODES, PADDINGS):
+        out = affine_grid_sample(x, theta, (4, 7), mode, padding)
+        exp = ref64(x, theta, (4, 7), mode, padding)
+        if mode == "nearest":
+            keep = decided(theta, 6, 5, 4, 7, padding, False).to(device)
+            out, exp = out * keep, exp * keep
+        assert_close(out, exp)
+
+
 @pytest.mark.parametrize("kind", ["mixed", "near_identity"])
 def test_forward_theta_kinds_float32(device, kind):
     x = make_images((16, 3, 32, 32), torch.float32, device)
