@@ -7,9 +7,10 @@
 //   θ grad   each block reduces its tile of output pixels of one sample to six partial sums
 //            (fixed-shape tree in shared memory); a second kernel adds the partials of each
 //            sample in block order. Deterministic, and no atomics.
-//   input    one thread per input pixel gathers from the output pixels whose taps touch it
-//            (affine::gather_taps, through the inverse map); channels in register chunks.
-//            Deterministic, no atomics, so it runs under torch.use_deterministic_algorithms.
+//   input    one thread per input pixel and chunk of kChannelChunk channels (in registers)
+//            gathers from the output pixels whose taps touch it (affine::gather_taps, through
+//            the inverse map). Deterministic, no atomics, so it runs under
+//            torch.use_deterministic_algorithms.
 //
 // Not yet run on a GPU (developed on a CPU-only machine): the arithmetic is the CPU kernels'
 // (same header), but launch configuration and performance are unverified.
@@ -180,28 +181,34 @@ __device__ void block_sum6(Six<acc_t>& s) {
   __syncthreads();
 }
 
-// grid: (tiles, min(N, 65535)). Block (b, r) covers output pixels b*kThreads + j*gridDim.x*kThreads
-// of samples n = r, r + gridDim.y, ... and writes each one's six sums to partial[n, b, :].
+// grid: (tiles * chunks, min(N, 65535)). Block (b, r) is tile b / chunks, channel chunk b % chunks:
+// it covers output pixels tile*kThreads + j*tiles*kThreads and channels of that chunk, of samples
+// n = r, r + gridDim.y, ..., and writes each one's six sums to partial[n, b, :]. The six terms
+// are linear in each channel's contribution, so chunks add up like tiles.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) theta_partial_kernel(
     const scalar_t* __restrict__ grad, Strides4 gs, const scalar_t* __restrict__ x, Strides4 xs,
-    const af::PixelMap<coord_t<scalar_t>>* __restrict__ maps, Geometry g, at::opmath_type<scalar_t>* __restrict__ partial) {
+    const af::PixelMap<coord_t<scalar_t>>* __restrict__ maps, Geometry g, int64_t chunk,
+    at::opmath_type<scalar_t>* __restrict__ partial) {
   using T = coord_t<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = g.Ho * g.Wo;
+  const int64_t chunks = (g.C + chunk - 1) / chunk, tiles = gridDim.x / chunks;
+  const int64_t tile = blockIdx.x / chunks, c0 = blockIdx.x % chunks * chunk;
+  const int64_t c1 = c0 + chunk < g.C ? c0 + chunk : g.C;
   // n is the same for the whole block, so block_sum6's barriers are reached by every thread.
   for (int64_t n = blockIdx.y; n < g.N; n += gridDim.y) {
     const af::PixelMap<T> m = maps[n];
     Six<acc_t> s;
     for (int k = 0; k < 6; ++k) s.v[k] = acc_t(0);
     if (m.valid) {
-      for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < plane; i += int64_t(gridDim.x) * kThreads) {
+      for (int64_t i = tile * kThreads + threadIdx.x; i < plane; i += tiles * kThreads) {
         const int64_t ox = i % g.Wo;
         const int64_t oy = i / g.Wo;
         const af::Point<T> p = af::source_point(m, ox, oy, g.H, g.W, g.padding, g.align);
         const af::Taps<T> t = af::make_taps(p.px, p.py, g.H, g.W, xs.h, xs.w, g.mode);
         T gpx = T(0), gpy = T(0);
-        for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t c = c0; c < c1; ++c) {
           const scalar_t* xc = x + n * xs.n + c * xs.c;
           T v[4];
           for (int k = 0; k < 4; ++k) v[k] = t.in[k] ? static_cast<T>(xc[t.off[k]]) : T(0);
@@ -231,6 +238,28 @@ __global__ void __launch_bounds__(kThreads) theta_partial_kernel(
   }
 }
 
+// Blocks of the θ partials per sample: pixel tiles, then channel chunks.
+struct ThetaGrid {
+  int64_t tiles, chunks, chunk;
+  int64_t blocks() const { return tiles * chunks; }
+};
+
+// Tiles of ~4 pixels per thread (at most 1,024); when that leaves the device under-filled
+// (fewer than 8 blocks of kThreads per SM over all samples), one pixel per thread, then the
+// channels split into chunks of at least kChannelChunk (16 x 64 x 56 x 56: 4 tiles -> 13 tiles
+// x 8 chunks per sample, 64 -> 1,664 blocks).
+ThetaGrid theta_grid(int64_t plane, int64_t N, int64_t C) {
+  const int64_t want = static_cast<int64_t>(sm_count()) * 8;
+  const int64_t samples = std::min<int64_t>(N, 65535);
+  int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((plane + 4 * kThreads - 1) / (4 * kThreads), 1024));
+  if (tiles * samples >= want) return ThetaGrid{tiles, 1, C};
+  tiles = std::max<int64_t>(1, std::min<int64_t>((plane + kThreads - 1) / kThreads, 1024));
+  const int64_t split = std::max<int64_t>(1, std::min<int64_t>((C + kChannelChunk - 1) / kChannelChunk,
+                                                               (want + tiles * samples - 1) / (tiles * samples)));
+  const int64_t chunk = (C + split - 1) / split;
+  return ThetaGrid{tiles, (C + chunk - 1) / chunk, chunk};
+}
+
 // One thread per (sample, entry): the partials in block order, times the un-normalisation scale.
 template <typename acc_t, typename theta_t>
 __global__ void __launch_bounds__(kThreads) theta_reduce_kernel(const acc_t* __restrict__ partial, int64_t tiles, Geometry g, theta_t* __restrict__ out) {
@@ -251,15 +280,17 @@ __global__ void __launch_bounds__(kThreads) input_gather_kernel(
     const scalar_t* __restrict__ grad, Strides4 gs, const af::PixelMap<coord_t<scalar_t>>* __restrict__ maps, Geometry g,
     scalar_t* __restrict__ gi, Strides4 is) {
   using T = coord_t<scalar_t>;
-  const int64_t total = g.N * g.H * g.W;
+  const int64_t chunks = (g.C + kChannelChunk - 1) / kChannelChunk;
+  const int64_t total = g.N * chunks * g.H * g.W;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t x = i % g.W;
     const int64_t y = (i / g.W) % g.H;
-    const int64_t n = i / (g.W * g.H);
+    const int64_t q = i / (g.W * g.H);
+    const int64_t n = q / chunks, c0 = q % chunks * kChannelChunk;
     const af::PixelMap<T> m = maps[n];
     const scalar_t* gn = grad + n * gs.n;
     scalar_t* dst = gi + n * is.n + y * is.h + x * is.w;
-    for (int64_t c0 = 0; c0 < g.C; c0 += kChannelChunk) {
+    {
       const int64_t cn = g.C - c0 < kChannelChunk ? g.C - c0 : kChannelChunk;
       T acc[kChannelChunk];
 #pragma unroll
@@ -306,23 +337,22 @@ std::tuple<at::Tensor, at::Tensor> affine_grid_sample_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor maps = make_maps<T>(theta, g, stream);
     if (output_mask[1] && mode == af::kBilinear) {
-      // Enough tiles per sample to fill the GPU, at least a few pixels per thread.
-      const int64_t plane = Ho * Wo;
-      const int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((plane + 4 * kThreads - 1) / (4 * kThreads), 1024));
-      at::Tensor partial = at::empty({g.N, tiles, 6}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(std::min<int64_t>(g.N, 65535)));
+      const ThetaGrid tg = theta_grid(Ho * Wo, g.N, g.C);
+      at::Tensor partial = at::empty({g.N, tg.blocks(), 6}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      const dim3 grid(static_cast<unsigned>(tg.blocks()), static_cast<unsigned>(std::min<int64_t>(g.N, 65535)));
       theta_partial_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
           go.const_data_ptr<scalar_t>(), strides_of(go), input.const_data_ptr<scalar_t>(), strides_of(input),
-          maps_ptr<T>(maps), g, partial.mutable_data_ptr<acc_t>());
+          maps_ptr<T>(maps), g, tg.chunk, partial.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor gt_acc = at::empty({g.N, 2, 3}, partial.options());
       theta_reduce_kernel<acc_t, acc_t><<<blocks_for(g.N * 6), kThreads, 0, stream>>>(
-          partial.const_data_ptr<acc_t>(), tiles, g, gt_acc.mutable_data_ptr<acc_t>());
+          partial.const_data_ptr<acc_t>(), tg.blocks(), g, gt_acc.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       gt = gt_acc.to(theta.scalar_type());
     }
     if (output_mask[0]) {
-      input_gather_kernel<scalar_t><<<blocks_for(g.N * g.H * g.W), kThreads, 0, stream>>>(
+      const int64_t chunks = (g.C + kChannelChunk - 1) / kChannelChunk;
+      input_gather_kernel<scalar_t><<<blocks_for(g.N * chunks * g.H * g.W), kThreads, 0, stream>>>(
           go.const_data_ptr<scalar_t>(), strides_of(go), maps_ptr<T>(maps), g, gi.mutable_data_ptr<scalar_t>(),
           strides_of(gi));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
