@@ -29,9 +29,9 @@
 #                --deadline 630 unless one is given
 # Everything lands in bench/results/<gpu>/ (the benchmarks' CSV/markdown, as bench/common.py
 # names the folder) and bench/results/<gpu>/gpu_check/ (logs, JUnit XML, summary.md). Steps run
-# one after another even when one fails; the exit status is 1 if any failed. --archive writes
-# that folder as a .tar.gz after every step (fetch it at any time: it holds what has finished);
-# --copy-to copies the folder to DIR at the end.
+# one after another even when one fails (a failed build stops the run); the exit status is 1 if
+# any failed. --archive writes that folder as a .tar.gz after every step (fetch it at any time:
+# it holds what has finished); --copy-to copies the folder to DIR at the end.
 #
 # Needs: python with torch (a CUDA build), numpy, pytest, hypothesis (pytest-timeout optional),
 # a CUDA toolkit (CUDA_HOME, default /usr/local/cuda) with nvcc and compute-sanitizer. No network.
