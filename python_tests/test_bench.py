@@ -86,3 +86,64 @@ def test_bench_entropy_smoke(tmp_path):
     assert all(float(r["time_ms"]) > 0 and r["correct"] == "True" for r in rows)
     assert all(float(r["speedup_vs_eager"]) > 0 for r in rows)
     assert (files[0].parent / "entropy.md").read_text().count("\n|") >= 24
+
+
+def _load_targets():
+    spec = importlib.util.spec_from_file_location("labelkit_bench_targets", BENCH / "targets.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+targets = _load_targets()
+
+
+def _write(folder: Path, name: str, rows: list[dict]) -> None:
+    columns = sorted({k for r in rows for k in r})
+    common.write_csv(rows, folder / name, columns)
+
+
+def test_targets_cpu_and_gpu_rules(tmp_path, capsys):
+    cpu = tmp_path / "cpu-test"
+    base = dict(op="softmax_entropy", mode="backward", dtype="float32", n=1024, c=10)
+    _write(cpu, "entropy.csv", [
+        dict(base, provider="ours", speedup_vs_compile=1.6, peak_mem_mb=0.05),
+        dict(base, provider="ours", c=100, speedup_vs_compile=1.4, peak_mem_mb=0.39),
+        dict(base, provider="compile", c=100, speedup_vs_compile=1.0, peak_mem_mb=9.0),
+    ])  # fmt: skip
+    found = {o.target.text: o for o in targets.check(cpu)}
+    speed = found["backward >= 1.5x torch.compile"]
+    assert speed.rows == 2 and [r["c"] for r, _ in speed.missed] == [100]
+    memory = found["backward peak memory <= 1.1x the gradient"]  # 0.039 MiB of gradient at C = 10
+    assert memory.rows == 2 and [r["c"] for r, _ in memory.missed] == [10]
+
+    gpu = tmp_path / "nvidia-test"
+    tile = dict(op="jigsaw_tiles", case="centred", dtype="float32", n=256, image="3x255x255")
+    _write(gpu, "pretext.csv", [
+        dict(tile, provider="ours", pct_peak=81.0),
+        dict(tile, provider="ours", image="1x28x28", pct_peak=79.0),
+        dict(tile, provider="ours", image="1x128x128", pct_peak=""),  # unknown peak: not measured
+        dict(tile, provider="loop", pct_peak=3.0),
+    ])  # fmt: skip
+    (bandwidth,) = targets.check(gpu)
+    assert bandwidth.target.issue == 8 and bandwidth.rows == 3
+    assert sorted((r["image"], v) for r, v in bandwidth.missed) == [
+        ("1x128x128", None),
+        ("1x28x28", 79.0),
+    ]
+
+    assert targets.main([str(gpu), "--all"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "| 8 | >= 80 % of memory bandwidth | 1/3 |" in out
+        and "image=1x128x128: not measured" in out
+    )
+    (tmp_path / "empty").mkdir()
+    assert targets.main([str(tmp_path / "empty")]) == 2
+
+
+def test_targets_read_every_committed_results_folder():
+    for folder in sorted(d for d in (BENCH / "results").iterdir() if d.is_dir()):
+        outcomes = targets.check(folder)
+        assert outcomes and all(o.rows for o in outcomes), folder

@@ -357,6 +357,41 @@ def test_entropy_gate_grad_matches_reference(device):
     assert_close(x.grad, x_ref.grad)
 
 
+def _allocating(fn, *args):
+    """(bytes that fn(*args) allocates through torch's CPU allocator, its result)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        result = fn(*args)
+    leaves = ("aten::empty", "aten::empty_strided")  # what every other factory calls
+    return sum(
+        e.cpu_memory_usage for e in prof.events() if e.name in leaves and e.cpu_memory_usage > 0
+    ), result
+
+
+@requires_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_allocates_only_the_gradient(dtype):
+    """Issue 15: the backward's peak memory within 1.1x the gradient it returns, C = 10 included.
+    Its only allocation is the gradient: the expanded gradient of .sum() / .mean() is read in
+    place (not copied), and outputs without a gradient (lse, the gate's prediction, cluster,
+    uncertainty) get none, instead of zero tensors as large as the gradient at C = 10."""
+    x = make_logits((4096, 10), dtype).requires_grad_()
+    clusters = _random_clusters(10, 3, "cpu")
+    losses = {  # name: (ours, the reference's entropy) -> the loss
+        "softmax_entropy sum": (lambda t: softmax_entropy(t), torch.sum),
+        "softmax_entropy mean": (lambda t: softmax_entropy(t), torch.mean),
+        "entropy_gate": (lambda t: entropy_gate(t, 1.0).entropy, torch.sum),
+        "entropy_gate routed": (lambda t: entropy_gate(t, 1.0, clusters, 3).entropy, torch.mean),
+    }
+    for name, (entropy_of, reduce) in losses.items():
+        allocated, (grad,) = _allocating(torch.autograd.grad, reduce(entropy_of(x)), x)
+        # Besides the gradient: the loss's own gradient (a 0-d 1.0, or 1/N for mean) and such.
+        assert 0 <= allocated - x.numel() * x.element_size() <= 64, name
+        x_ref = x.detach().double().requires_grad_()
+        (want,) = torch.autograd.grad(reduce(softmax_entropy_ref(x_ref)), x_ref)
+        assert_close(grad, want)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
 @pytest.mark.parametrize(("n", "c"), [(5, 1), (3, 3), (7, 9), (2, 67)])

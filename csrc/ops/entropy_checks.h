@@ -134,12 +134,26 @@ inline std::vector<int64_t> lse_shape(const at::Tensor& x) {
 }
 
 // What a backward kernel reads: contiguous logits, and the saved row statistics and incoming
-// gradients in the accumulation type, contiguous (a no-op for the forward's own outputs).
+// gradients in the accumulation type, contiguous (a no-op for the forward's own outputs) or,
+// for grad_entropy, a single broadcast value.
 // Absent gradients stay undefined; the cluster tensors are defined only with grad_cluster.
+// grad_entropy is read at grad_entropy_stride: 0 for the gradient of .sum() or .mean() (one value
+// expanded over the rows), which is then not materialised (at C = 10 that copy alone is a tenth
+// of the gradient's bytes).
 struct BackwardInputs {
   at::Tensor x, entropy, lse, grad_entropy, grad_cluster, cluster_probs, clusters;
+  int64_t grad_entropy_stride = 1;
   bool routed() const { return grad_cluster.defined(); }
 };
+
+// One value broadcast to every element (all strides 0), e.g. the gradient of a sum.
+inline bool is_expanded_scalar(const at::Tensor& t) {
+  if (t.numel() < 2) return false;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) != 0) return false;
+  }
+  return true;
+}
 
 inline BackwardInputs backward_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& grad_entropy,
                                       const c10::optional<at::Tensor>& grad_cluster, const at::Tensor& entropy,
@@ -150,7 +164,12 @@ inline BackwardInputs backward_inputs(const at::Tensor& logits, const c10::optio
   const auto acc = [&](const at::Tensor& t) { return t.to(entropy_dtype(b.x.scalar_type())).contiguous(); };
   b.entropy = acc(entropy);
   b.lse = acc(lse);
-  if (grad_entropy.has_value()) b.grad_entropy = acc(*grad_entropy);
+  if (grad_entropy.has_value() && is_expanded_scalar(*grad_entropy)) {
+    b.grad_entropy = acc(grad_entropy->as_strided({1}, {1}));
+    b.grad_entropy_stride = 0;
+  } else if (grad_entropy.has_value()) {
+    b.grad_entropy = acc(*grad_entropy);
+  }
   if (grad_cluster.has_value()) {
     b.grad_cluster = acc(*grad_cluster);
     b.cluster_probs = acc(cluster_probs);

@@ -326,14 +326,20 @@ def _no_double_backward(ctx, *grads):
     )
 
 
+# No materialised gradients: autograd would otherwise pass zero tensors for every output without
+# one (lse, and the gate's prediction, cluster and uncertainty), alive during the backward: more
+# than the gradient itself at C = 10. The backward ops take None for an absent gradient.
 def _softmax_entropy_setup(ctx, inputs, output):
     (logits,) = inputs
     entropy, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, entropy, lse)
 
 
 def _softmax_entropy_backward(ctx, grad, _grad_lse):
+    if grad is None:
+        return None
     logits, entropy, lse = ctx.saved_tensors
     return torch.ops.labelkit._softmax_entropy_backward(grad, logits, entropy, lse)
 
@@ -342,6 +348,7 @@ def _entropy_gate_setup(ctx, inputs, output):
     logits, _threshold, clusters, num_clusters = inputs
     entropy, uncertain, prediction, cluster_probs, cluster, lse = output
     ctx.mark_non_differentiable(uncertain, prediction, cluster, lse)
+    ctx.set_materialize_grads(False)
     ctx.routed = clusters is not None and num_clusters > 0
     ctx.save_for_backward(logits, entropy, lse, clusters if ctx.routed else None, cluster_probs)
 

@@ -221,6 +221,7 @@ struct GradRows {
   const acc_t* lse;
   const acc_t* entropy;
   const acc_t* grad_entropy;   // null: no entropy gradient
+  int64_t grad_entropy_stride;  // 0: one value for every row
   const acc_t* grad_cluster;   // [N, S]; null: no cluster-mass gradient
   const acc_t* cluster_probs;  // [N, S]
   const int64_t* clusters;
@@ -260,7 +261,7 @@ LK_ROW void grad_row_clusters(const T* x, int64_t C, const T* lse, T H, T g_H, c
 
 template <typename acc_t>
 LK_ROW void backward_row(const acc_t* r, int64_t C, int64_t i, const GradRows<acc_t>& in, acc_t* g) {
-  const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i] : acc_t(0);
+  const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i * in.grad_entropy_stride] : acc_t(0);
   if (in.grad_cluster == nullptr) {
     grad_row(r, C, in.lse + 2 * i, in.entropy[i], g_H, g);
     return;
@@ -289,7 +290,7 @@ LK_ROW void backward_short_block(const acc_t* r, int64_t C, int64_t row0, int64_
   for (int64_t i = 0; i < n; ++i) {
     const int64_t row = row0 + i;
     const acc_t m = in.lse[2 * row], log_s = in.lse[2 * row + 1], H = in.entropy[row];
-    const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[row] : acc_t(0);
+    const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[row * in.grad_entropy_stride] : acc_t(0);
 #pragma omp simd
     for (int64_t j = 0; j < C; ++j) {
       M[i * C + j] = m;
@@ -456,6 +457,7 @@ at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor
         b.lse.const_data_ptr<acc_t>(),
         b.entropy.const_data_ptr<acc_t>(),
         b.grad_entropy.defined() ? b.grad_entropy.const_data_ptr<acc_t>() : nullptr,
+        b.grad_entropy_stride,
         routed ? b.grad_cluster.const_data_ptr<acc_t>() : nullptr,
         routed ? b.cluster_probs.const_data_ptr<acc_t>() : nullptr,
         routed ? b.clusters.const_data_ptr<int64_t>() : nullptr,

@@ -462,6 +462,7 @@ struct GradIn {
   const at::opmath_type<scalar_t>* lse;  // [N, 2]: (max, log sum exp(z - max))
   const at::opmath_type<scalar_t>* entropy;
   const at::opmath_type<scalar_t>* grad_entropy;  // null: no entropy gradient
+  int64_t grad_entropy_stride;                    // 0: one value for every row
   const at::opmath_type<scalar_t>* grad_cluster;  // [N, S]; null: no cluster-mass gradient
   const at::opmath_type<scalar_t>* dot;           // [N]: <grad_cluster, cluster_probs> per row
   const int64_t* clusters;
@@ -477,7 +478,7 @@ struct RowSaved {
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __device__ __forceinline__ RowSaved<acc_t> row_saved(const GradIn<scalar_t>& in, int64_t row) {
   return RowSaved<acc_t>{in.lse[2 * row], in.lse[2 * row + 1], in.entropy[row],
-                         in.grad_entropy != nullptr ? in.grad_entropy[row] : acc_t(0),
+                         in.grad_entropy != nullptr ? in.grad_entropy[row * in.grad_entropy_stride] : acc_t(0),
                          in.grad_cluster != nullptr ? in.dot[row] : acc_t(0)};
 }
 
@@ -694,6 +695,7 @@ at::Tensor run_backward(const at::Tensor& logits, const c10::optional<at::Tensor
         b.lse.const_data_ptr<acc_t>(),
         b.entropy.const_data_ptr<acc_t>(),
         b.grad_entropy.defined() ? b.grad_entropy.const_data_ptr<acc_t>() : nullptr,
+        b.grad_entropy_stride,
         routed ? b.grad_cluster.const_data_ptr<acc_t>() : nullptr,
         routed ? dot.const_data_ptr<acc_t>() : nullptr,
         routed ? b.clusters.const_data_ptr<int64_t>() : nullptr,
