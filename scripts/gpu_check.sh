@@ -12,7 +12,8 @@
 #   build        pip install --no-build-isolation --no-deps . (CUDA kernels forced on, for this
 #                GPU's arch only: CI compiles sm_80/sm_90 already), then
 #                `python -m labelkit_ext info --load`
-#   test-cuda    the op families' CUDA tests (-m "ops and not slow" -k cuda), kernels required
+#   test-cuda    the op families' CUDA tests (-m "ops and not slow" -k cuda), kernels required,
+#                120 s per test at most (a hung kernel fails its test, not the whole step)
 #   memcheck | racecheck | synccheck
 #                compute-sanitizer with that tool over the ops' CUDA tests and their fuzz tests,
 #                with torch's caching allocator off so memcheck sees every buffer's real bounds
@@ -180,7 +181,11 @@ TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d
 export TORCH_CUDA_ARCH_LIST
 # The kernels must load and every CUDA kernel must have been compiled.
 export LABELKIT_EXT_REQUIRE_EXT=1 LABELKIT_EXT_REQUIRE_CUDA_BUILD=1
-PYTEST=("$PY" -P -m pytest python_tests -p no:cacheprovider -q -rfEsxX)
+# -v: a line per test as it ends, so the log of a run stopped by its cap still says which tests
+# passed and failed (pytest's summary and JUnit XML come only at the end).
+PYTEST=("$PY" -P -m pytest python_tests -p no:cacheprovider -v -rfEsxX)
+PER_TEST_LIMIT=()  # pytest-timeout is optional
+"$PY" -c "import pytest_timeout" 2> /dev/null && PER_TEST_LIMIT=(--timeout 120)
 # pytest -m ops selects the op families' tests; -k cuda their CUDA parametrisations, plus the
 # fuzz tests, which draw the device themselves.
 # The device-assert test is left out: its child process asserts on purpose, which the sanitizer
@@ -200,7 +205,7 @@ step_build() {
 
 step_test-cuda() {
   run_step "CUDA tests of the ops (-m 'ops and not slow' -k cuda)" "$LOGS/pytest-cuda.log" \
-    "${PYTEST[@]}" -m "ops and not slow" -k cuda --junitxml="$LOGS/pytest-cuda.xml"
+    "${PYTEST[@]}" -m "ops and not slow" -k cuda "${PER_TEST_LIMIT[@]}" --junitxml="$LOGS/pytest-cuda.xml"
 }
 
 step_test() {
