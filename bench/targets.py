@@ -20,8 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from bench import common  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,10 @@ def _num(key: str) -> Callable[[dict], float | None]:
 def _memory_ratio(row: dict) -> float | None:
     """Gradient bytes / the backward's peak MiB (>= 1 / 1.1 when the peak is at most 1.1x)."""
     peak = row.get("peak_mem_mb")
-    size = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}.get(row.get("dtype"))
-    if not isinstance(peak, int | float) or not peak or size is None:
+    dtype = common.DTYPES.get(row.get("dtype"))
+    if not isinstance(peak, int | float) or not peak or dtype is None:
         return None
-    return row["n"] * row["c"] * size / 2**20 / peak
+    return row["n"] * row["c"] * dtype.itemsize / 2**20 / peak
 
 
 def _is(key: str, *values: object) -> Callable[[dict], bool]:

@@ -17,15 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
 
-def _load_common():
-    spec = importlib.util.spec_from_file_location("labelkit_bench_common", BENCH / "common.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"labelkit_bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-common = _load_common()
+common = _load("common")
 
 
 def test_list_parsers():
@@ -88,15 +88,7 @@ def test_bench_entropy_smoke(tmp_path):
     assert (files[0].parent / "entropy.md").read_text().count("\n|") >= 24
 
 
-def _load_targets():
-    spec = importlib.util.spec_from_file_location("labelkit_bench_targets", BENCH / "targets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-targets = _load_targets()
+targets = _load("targets")
 
 
 def _write(folder: Path, name: str, rows: list[dict]) -> None:

@@ -129,31 +129,27 @@ SUMMARY="$LOGS/summary.md"
 FAILED=0
 SKIPPED=0
 BUILD_FAILED=0
-# The cap of the step running now: its @SECONDS, else GPU_CHECK_STEP_TIMEOUT (0 = none), cut to
-# what the deadline leaves.
+# The cap of the step running now: its @SECONDS, else GPU_CHECK_STEP_TIMEOUT (0 = none).
 STEP_CAP=0
-# step_limit: the seconds run_step may give a command now (0 = no limit).
-step_limit() {
-  local limit=$STEP_CAP
-  if [ "$DEADLINE" -gt 0 ]; then
-    local left=$((DEADLINE - SECONDS))
-    if [ "$limit" -eq 0 ] || [ "$left" -lt "$limit" ]; then limit=$left; fi
-  fi
-  echo "$limit"
-}
+# The exit status of the last run_step (0 also when the deadline skipped it).
+STEP_RC=0
 
-# run_step NAME LOGFILE COMMAND...: runs (within step_limit), logs, records the outcome in
-# summary.md.
+# run_step NAME LOGFILE COMMAND...: runs within STEP_CAP cut to what the deadline leaves, logs,
+# records the outcome in summary.md and STEP_RC.
 run_step() {
   local name=$1 log=$2
   shift 2
-  local start=$SECONDS rc limit
-  limit=$(step_limit)
-  if [ "$DEADLINE" -gt 0 ] && [ $((DEADLINE - SECONDS)) -lt "${GPU_CHECK_MIN_STEP:-20}" ]; then
-    echo "| $name | skipped (deadline) | 0 | |" >> "$SUMMARY"
-    SKIPPED=$((SKIPPED + 1))
-    echo "[gpu_check] $name: skipped, the deadline (${DEADLINE} s) leaves $((DEADLINE - SECONDS)) s"
-    return
+  local start=$SECONDS rc limit=$STEP_CAP
+  STEP_RC=0
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt "${GPU_CHECK_MIN_STEP:-20}" ]; then
+      echo "| $name | skipped (deadline) | 0 | |" >> "$SUMMARY"
+      SKIPPED=$((SKIPPED + 1))
+      echo "[gpu_check] $name: skipped, the deadline (${DEADLINE} s) leaves $left s"
+      return
+    fi
+    if [ "$limit" -eq 0 ] || [ "$left" -lt "$limit" ]; then limit=$left; fi
   fi
   if [ "$limit" -gt 0 ]; then
     echo "[gpu_check] $name (log: $log, limit $limit s)"
@@ -163,6 +159,7 @@ run_step() {
     "$@" > "$log" 2>&1
   fi
   rc=$?
+  STEP_RC=$rc
   local result=passed
   if [ $rc -ne 0 ]; then
     result="FAILED (exit $rc)"
@@ -194,13 +191,10 @@ SANITIZED_TESTS=(-m "ops and not slow" -k "(cuda or fuzz) and not asserts_on_bad
 
 step_build() {
   export MAX_JOBS=${MAX_JOBS:-$(nproc)} FORCE_CUDA=1
-  local before=$FAILED
-  FAILED=0
   run_step "build (archs $TORCH_CUDA_ARCH_LIST)" "$LOGS/build.log" \
     "$PY" -m pip install --no-build-isolation --no-deps --force-reinstall --no-index -v .
-  [ $FAILED -eq 0 ] && run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info --load
-  BUILD_FAILED=$FAILED
-  FAILED=$((before | FAILED))
+  [ $STEP_RC -eq 0 ] && run_step "info" "$LOGS/info.txt" "$PY" -P -m labelkit_ext info --load
+  BUILD_FAILED=$STEP_RC
 }
 
 step_test-cuda() {

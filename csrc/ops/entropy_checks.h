@@ -134,8 +134,7 @@ inline std::vector<int64_t> lse_shape(const at::Tensor& x) {
 }
 
 // What a backward kernel reads: contiguous logits, and the saved row statistics and incoming
-// gradients in the accumulation type, contiguous (a no-op for the forward's own outputs) or,
-// for grad_entropy, a single broadcast value.
+// gradients in the accumulation type, contiguous (a no-op for the forward's own outputs).
 // Absent gradients stay undefined; the cluster tensors are defined only with grad_cluster.
 // grad_entropy is read at grad_entropy_stride: 0 for the gradient of .sum() or .mean() (one value
 // expanded over the rows), which is then not materialised (at C = 10 that copy alone is a tenth

@@ -88,15 +88,20 @@ const af::PixelMap<T>* maps_ptr(const at::Tensor& maps) {
 
 // ---- forward ---------------------------------------------------------------------------------
 
-// Channels per forward work item: all of them when the output pixels alone fill the device, else
-// chunks of at least kChannelChunk, so that a small image of many channels still gives every SM
-// its threads (16 x 64 x 56 x 56: 50,176 pixels for ~270,000 resident threads on an H100). Each
-// chunk recomputes the pixel's taps: a few dozen instructions against its channels' loads.
-int64_t forward_channel_chunk(int64_t pixels, int64_t C) {
-  const int64_t resident = static_cast<int64_t>(sm_count()) * 2048;
-  if (pixels >= resident || C <= kChannelChunk) return C;
-  const int64_t split = std::min<int64_t>((C + kChannelChunk - 1) / kChannelChunk, (resident + pixels - 1) / pixels);
+// Channels per chunk when `items` work items (pixels, tiles) would under-fill the device, which
+// wants `want` of them: the channels split into as many chunks as it takes to reach `want`, each
+// of at least kChannelChunk channels; all C (one chunk) when `items` reach `want` already.
+int64_t channel_chunk(int64_t C, int64_t items, int64_t want) {
+  if (items >= want || C <= kChannelChunk) return C;
+  const int64_t split = std::min<int64_t>((C + kChannelChunk - 1) / kChannelChunk, (want + items - 1) / items);
   return (C + split - 1) / split;
+}
+
+// Forward: a small image of many channels still gives every SM its threads (16 x 64 x 56 x 56:
+// 50,176 pixels for ~270,000 resident threads on an H100). Each chunk recomputes the pixel's
+// taps: a few dozen instructions against its channels' loads.
+int64_t forward_channel_chunk(int64_t pixels, int64_t C) {
+  return channel_chunk(C, pixels, static_cast<int64_t>(sm_count()) * 2048);
 }
 
 // Work items (n, chunk, oy, ox), ox fastest: a warp writes a row of one channel.
@@ -254,9 +259,7 @@ ThetaGrid theta_grid(int64_t plane, int64_t N, int64_t C) {
   int64_t tiles = std::max<int64_t>(1, std::min<int64_t>((plane + 4 * kThreads - 1) / (4 * kThreads), 1024));
   if (tiles * samples >= want) return ThetaGrid{tiles, 1, C};
   tiles = std::max<int64_t>(1, std::min<int64_t>((plane + kThreads - 1) / kThreads, 1024));
-  const int64_t split = std::max<int64_t>(1, std::min<int64_t>((C + kChannelChunk - 1) / kChannelChunk,
-                                                               (want + tiles * samples - 1) / (tiles * samples)));
-  const int64_t chunk = (C + split - 1) / split;
+  const int64_t chunk = channel_chunk(C, tiles * samples, want);
   return ThetaGrid{tiles, (C + chunk - 1) / chunk, chunk};
 }
 
@@ -290,24 +293,22 @@ __global__ void __launch_bounds__(kThreads) input_gather_kernel(
     const af::PixelMap<T> m = maps[n];
     const scalar_t* gn = grad + n * gs.n;
     scalar_t* dst = gi + n * is.n + y * is.h + x * is.w;
-    {
-      const int64_t cn = g.C - c0 < kChannelChunk ? g.C - c0 : kChannelChunk;
-      T acc[kChannelChunk];
+    const int64_t cn = g.C - c0 < kChannelChunk ? g.C - c0 : kChannelChunk;
+    T acc[kChannelChunk];
 #pragma unroll
-      for (int j = 0; j < kChannelChunk; ++j) acc[j] = T(0);
-      if (m.valid) {
-        af::gather_taps(m, x, y, g.H, g.W, g.Ho, g.Wo, g.mode, g.padding, g.align, [&](int64_t ox, int64_t oy, T w) {
-          const scalar_t* go = gn + c0 * gs.c + oy * gs.h + ox * gs.w;
+    for (int j = 0; j < kChannelChunk; ++j) acc[j] = T(0);
+    if (m.valid) {
+      af::gather_taps(m, x, y, g.H, g.W, g.Ho, g.Wo, g.mode, g.padding, g.align, [&](int64_t ox, int64_t oy, T w) {
+        const scalar_t* go = gn + c0 * gs.c + oy * gs.h + ox * gs.w;
 #pragma unroll
-          for (int j = 0; j < kChannelChunk; ++j) {
-            if (j < cn) acc[j] += w * static_cast<T>(go[j * gs.c]);
-          }
-        });
-      }
+        for (int j = 0; j < kChannelChunk; ++j) {
+          if (j < cn) acc[j] += w * static_cast<T>(go[j * gs.c]);
+        }
+      });
+    }
 #pragma unroll
-      for (int j = 0; j < kChannelChunk; ++j) {
-        if (j < cn) dst[(c0 + j) * is.c] = static_cast<scalar_t>(acc[j]);
-      }
+    for (int j = 0; j < kChannelChunk; ++j) {
+      if (j < cn) dst[(c0 + j) * is.c] = static_cast<scalar_t>(acc[j]);
     }
   }
 }
