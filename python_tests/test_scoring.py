@@ -98,7 +98,7 @@ def kcenter_oracle(x: np.ndarray, budget: int, labeled: list[int], metric: str) 
         for i in range(len(x)):
             if i in centers:
                 continue
-            d = min(((x[i] - x[c]) ** 2).sum() for c in centers)
+            d = ((x[i] - x[centers]) ** 2).sum(1).min()
             if d > best:
                 best, best_i = d, i
         picks.append(best_i)
@@ -362,6 +362,7 @@ def test_kcenter_matches_reference(device, dtype):
         None,
         torch.tensor([3, 9], device=device),
         torch.arange(300, device=device) < 10,
+        torch.arange(300, device=device) % 7 == 3,  # 43: several groups of seeding centers
     ):
         got = kcenter_greedy(x, 30, labeled)
         lab = (
@@ -372,6 +373,19 @@ def test_kcenter_matches_reference(device, dtype):
         assert torch.equal(got, kcenter_greedy_ref(x, 30, lab))
         assert not set(got.tolist()) & set([] if lab is None else lab.tolist())
         assert len(set(got.tolist())) == 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kcenter_many_labeled_tiles(device, dtype):
+    # The labeled set is seeded in one blocked pass: 100 labeled span several center tiles (CPU:
+    # 6 per register tile; CUDA: 64), D = 19 is not a multiple of CUDA's 16-coordinate stages, and
+    # 4,500 rows make more 64-row tiles than the emulated GPU's grid has blocks.
+    x = randn(4500, 19, seed=31, device=device, dtype=dtype)
+    labeled = torch.arange(7, 4500, 45, device=device)
+    got = kcenter_greedy(x, 12, labeled)
+    assert torch.equal(got, kcenter_greedy_ref(x, 12, labeled))
+    cos = kcenter_greedy(x, 12, labeled, "cosine")
+    assert torch.equal(cos, kcenter_greedy_ref(x, 12, labeled, "cosine"))
 
 
 def test_kcenter_duplicates_exhaust_to_lowest_index(device):
@@ -688,10 +702,11 @@ def test_cosine_topk_property(n, m, d, data):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), d=st.integers(1, 4), data=st.data())
+@given(n=st.integers(1, 150), d=st.integers(1, 4), data=st.data())
 def test_kcenter_property(n, d, data):
-    n_lab = data.draw(st.integers(0, min(3, n - 1)))
-    budget = data.draw(st.integers(0, n - n_lab))
+    # n spans several of the CPU kernel's 64-row seeding tiles, n_lab several 6-center groups
+    n_lab = data.draw(st.integers(0, min(20, n - 1)))
+    budget = data.draw(st.integers(0, min(n - n_lab, 40)))
     seed = data.draw(st.integers(0, 2**16))
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-2, 3, (n, d), generator=g).double()  # many duplicates and exact ties

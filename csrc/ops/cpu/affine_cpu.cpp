@@ -19,6 +19,7 @@
 
 #include "ops/affine.h"
 #include "ops/affine_checks.h"
+#include "ops/cpu/clones.h"
 #include "ops/cpu/fresh_output.h"
 #include "ops/cpu/narrow.h"
 #include "ops/cpu/transpose.h"
@@ -58,16 +59,6 @@ std::vector<af::PixelMap<T>> sample_maps(const at::Tensor& theta, const Geometry
 
 // ---- forward ---------------------------------------------------------------------------------
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// The row loops vectorise (AVX2/AVX-512 gathers) in the x86-64-v3/v4 clones; -fno-trapping-math
-// (setup.py, CMakeLists.txt) lets the selects in ops/affine.h be if-converted.
-#define LK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define LK_ROW inline __attribute__((always_inline))
-#else
-#define LK_CPU_CLONES
-#define LK_ROW inline
-#endif
-
 // Taps of one output row, structure of arrays: tap k of pixel ox has offset off[k][ox] (-1 when
 // outside the image) and weight w[k][ox]. 32-bit offsets keep the gathers vector-wide; the
 // caller checks that a sample's plane fits.
@@ -94,7 +85,7 @@ struct RowTaps {
 };
 
 template <typename T, int64_t kMode, int64_t kPad, bool kSlopes>
-LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,
+LK_CLONE_BODY void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,
                           int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {
   // As af::map_u / map_v: the coordinate is formed in double and rounded once.
   const double ax = m.ax;
@@ -161,13 +152,13 @@ LK_ROW void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int6
 // One tap's contribution: an unconditional (in-bounds) load and a select, so that the loop
 // vectorises and an inf/NaN pixel never leaks through an out-of-bounds tap.
 template <typename T, typename scalar_t>
-LK_ROW T tap(const scalar_t* xc, int32_t o, T w) {
+LK_CLONE_BODY T tap(const scalar_t* xc, int32_t o, T w) {
   const T v = static_cast<T>(xc[o < 0 ? 0 : o]);
   return o < 0 ? T(0) : w * v;
 }
 
 template <typename in_t, typename out_t, typename T, int kTaps>
-LK_ROW void row_gather_impl(const in_t* xc, const int32_t* const* off, const T* const* w, int64_t Wo, out_t* out) {
+LK_CLONE_BODY void row_gather_impl(const in_t* xc, const int32_t* const* off, const T* const* w, int64_t Wo, out_t* out) {
   const int32_t* o0 = off[0];
   const int32_t* o1 = off[1];
   const int32_t* o2 = off[2];
@@ -190,21 +181,21 @@ LK_ROW void row_gather_impl(const in_t* xc, const int32_t* const* off, const T* 
 
 // ISA-cloned instances: taps per (mode, padding, slopes), gathers per dtype. Reflection's fmod
 // does not vectorise; it runs the same code scalar. Slopes are for bilinear only.
-#define LK_ROW_TAPS(T, MODE, PAD, SLOPES, NAME)                                                                \
+#define LK_CLONE_BODY_TAPS(T, MODE, PAD, SLOPES, NAME)                                                                \
   LK_CPU_CLONES void NAME(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,  \
                           int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {          \
     row_taps_impl<T, MODE, PAD, SLOPES>(m, oy, Wo, H, W, align, sH, sW, off, w, sl);                       \
   }
-LK_ROW_TAPS(float, af::kBilinear, af::kZeros, false, row_taps_bz)
-LK_ROW_TAPS(float, af::kBilinear, af::kBorder, false, row_taps_bb)
-LK_ROW_TAPS(float, af::kBilinear, af::kReflection, false, row_taps_br)
-LK_ROW_TAPS(float, af::kNearest, af::kZeros, false, row_taps_nz)
-LK_ROW_TAPS(float, af::kNearest, af::kBorder, false, row_taps_nb)
-LK_ROW_TAPS(float, af::kNearest, af::kReflection, false, row_taps_nr)
-LK_ROW_TAPS(float, af::kBilinear, af::kZeros, true, row_taps_bz_slopes)
-LK_ROW_TAPS(float, af::kBilinear, af::kBorder, true, row_taps_bb_slopes)
-LK_ROW_TAPS(float, af::kBilinear, af::kReflection, true, row_taps_br_slopes)
-#undef LK_ROW_TAPS
+LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kZeros, false, row_taps_bz)
+LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kBorder, false, row_taps_bb)
+LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kReflection, false, row_taps_br)
+LK_CLONE_BODY_TAPS(float, af::kNearest, af::kZeros, false, row_taps_nz)
+LK_CLONE_BODY_TAPS(float, af::kNearest, af::kBorder, false, row_taps_nb)
+LK_CLONE_BODY_TAPS(float, af::kNearest, af::kReflection, false, row_taps_nr)
+LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kZeros, true, row_taps_bz_slopes)
+LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kBorder, true, row_taps_bb_slopes)
+LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kReflection, true, row_taps_br_slopes)
+#undef LK_CLONE_BODY_TAPS
 
 // Taps of output row oy (offsets for strides sH, sW); slopes too when rt.sl is set (bilinear).
 void row_taps(const af::PixelMap<float>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW,
@@ -242,20 +233,20 @@ void row_taps(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int3
 
 // Gathers per (input, output) type; float16/bfloat16 images are read either directly or from a
 // float copy of the sample (see SampleCopy).
-#define LK_ROW_GATHER(IN, OUT, TAPS, NAME)                                                                      \
+#define LK_CLONE_BODY_GATHER(IN, OUT, TAPS, NAME)                                                                      \
   LK_CPU_CLONES void NAME(const IN* xc, const int32_t* const* off, const float* const* w, int64_t Wo, OUT* out) { \
     row_gather_impl<IN, OUT, float, TAPS>(xc, off, w, Wo, out);                                                 \
   }
-#define LK_ROW_GATHERS(IN, OUT)             \
-  LK_ROW_GATHER(IN, OUT, 4, row_gather4) \
-  LK_ROW_GATHER(IN, OUT, 1, row_gather1)
-LK_ROW_GATHERS(float, float)
-LK_ROW_GATHERS(c10::Half, c10::Half)
-LK_ROW_GATHERS(c10::BFloat16, c10::BFloat16)
-LK_ROW_GATHERS(float, c10::Half)
-LK_ROW_GATHERS(float, c10::BFloat16)
-#undef LK_ROW_GATHERS
-#undef LK_ROW_GATHER
+#define LK_CLONE_BODY_GATHERS(IN, OUT)             \
+  LK_CLONE_BODY_GATHER(IN, OUT, 4, row_gather4) \
+  LK_CLONE_BODY_GATHER(IN, OUT, 1, row_gather1)
+LK_CLONE_BODY_GATHERS(float, float)
+LK_CLONE_BODY_GATHERS(c10::Half, c10::Half)
+LK_CLONE_BODY_GATHERS(c10::BFloat16, c10::BFloat16)
+LK_CLONE_BODY_GATHERS(float, c10::Half)
+LK_CLONE_BODY_GATHERS(float, c10::BFloat16)
+#undef LK_CLONE_BODY_GATHERS
+#undef LK_CLONE_BODY_GATHER
 
 void row_gather4(const double* xc, const int32_t* const* off, const double* const* w, int64_t Wo, double* out) {
   row_gather_impl<double, double, double, 4>(xc, off, w, Wo, out);
@@ -441,14 +432,14 @@ class PixelMajorCopy {
 
 // Taps of one row over pixel-major planes: out-of-image taps (offset -1) read the null pixel.
 template <typename T>
-LK_ROW const T* pixel_at(const T* plane, int32_t o, int32_t null) {
+LK_CLONE_BODY const T* pixel_at(const T* plane, int32_t o, int32_t null) {
   return plane + (o < 0 ? null : o);
 }
 
 // out[ox * P + c] for one output row: each pixel's taps are P-long vector loads. kP: P fixed at
 // compile time, or 0 (runtime P).
 template <typename T, int kTaps, int kP>
-LK_ROW void pixel_row_gather_impl(const T* xb, int32_t null, const int32_t* const* off, const T* const* w, int64_t Wo,
+LK_CLONE_BODY void pixel_row_gather_impl(const T* xb, int32_t null, const int32_t* const* off, const T* const* w, int64_t Wo,
                                   int64_t P_rt, T* out) {
   const int64_t P = kP > 0 ? kP : P_rt;
   for (int64_t ox = 0; ox < Wo; ++ox) {
@@ -478,7 +469,7 @@ LK_ROW void pixel_row_gather_impl(const T* xb, int32_t null, const int32_t* cons
 // Backward of one output row, gradient go[ox * P + c]: θ's slopes summed over the channels into
 // gpx/gpy (when sl is set; bilinear), and the gradient scattered into the taps' pixels of acc.
 template <typename T, int kP>
-LK_ROW void pixel_row_backward_impl(const T* xb, const T* go, int32_t null, const int32_t* const* off,
+LK_CLONE_BODY void pixel_row_backward_impl(const T* xb, const T* go, int32_t null, const int32_t* const* off,
                                     const T* const* w, const T* const* sl, int64_t Wo, int64_t P_rt, int taps, T* acc,
                                     T* gpx, T* gpy) {
   const int64_t P = kP > 0 ? kP : P_rt;
@@ -616,7 +607,7 @@ at::Tensor affine_grid_sample_cpu(
 
 // θ: accumulate one channel's d sample / d (px, py), times the output gradient, into gpx / gpy.
 template <typename x_t, typename g_t, typename T>
-LK_ROW void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* off, T* const* sl, int64_t Wo,
+LK_CLONE_BODY void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* off, T* const* sl, int64_t Wo,
                             T* gpx, T* gpy) {
   const int32_t* o0 = off[0];
   const int32_t* o1 = off[1];
@@ -638,17 +629,17 @@ LK_ROW void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* 
   }
 }
 
-#define LK_ROW_SLOPES(X, G)                                                                                       \
+#define LK_CLONE_BODY_SLOPES(X, G)                                                                                       \
   LK_CPU_CLONES void row_slopes(const X* xc, const G* go, const int32_t* const* off, float* const* sl, int64_t Wo, \
                                 float* gpx, float* gpy) {                                                         \
     row_slopes_impl<X, G, float>(xc, go, off, sl, Wo, gpx, gpy);                                                  \
   }
-LK_ROW_SLOPES(float, float)
-LK_ROW_SLOPES(c10::Half, c10::Half)
-LK_ROW_SLOPES(c10::BFloat16, c10::BFloat16)
-LK_ROW_SLOPES(float, c10::Half)
-LK_ROW_SLOPES(float, c10::BFloat16)
-#undef LK_ROW_SLOPES
+LK_CLONE_BODY_SLOPES(float, float)
+LK_CLONE_BODY_SLOPES(c10::Half, c10::Half)
+LK_CLONE_BODY_SLOPES(c10::BFloat16, c10::BFloat16)
+LK_CLONE_BODY_SLOPES(float, c10::Half)
+LK_CLONE_BODY_SLOPES(float, c10::BFloat16)
+#undef LK_CLONE_BODY_SLOPES
 void row_slopes(const double* xc, const double* go, const int32_t* const* off, double* const* sl, int64_t Wo,
                 double* gpx, double* gpy) {
   row_slopes_impl<double, double, double>(xc, go, off, sl, Wo, gpx, gpy);

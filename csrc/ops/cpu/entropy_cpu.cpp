@@ -14,23 +14,10 @@
 
 #include "ops/entropy.h"
 #include "ops/entropy_checks.h"
+#include "ops/cpu/clones.h"
 #include "ops/cpu/fresh_output.h"
 #include "ops/cpu/narrow.h"
 #include "ops/cpu/row_moments.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// The selects in ops/entropy.h vectorise only with -fno-trapping-math (set by setup.py and
-// CMakeLists.txt): otherwise a compare that may trap on NaN cannot be if-converted.
-#define LK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LK_CPU_CLONES
-#endif
-// Row templates are inlined into each ISA clone (a call would run the generic-ISA copy).
-#if defined(__GNUC__)
-#define LK_ROW inline __attribute__((always_inline))
-#else
-#define LK_ROW inline
-#endif
 
 namespace labelkit {
 namespace {
@@ -47,7 +34,7 @@ int64_t row_grain(int64_t C) {
 
 // First index of the maximum; with a NaN in the row, the first NaN (torch.argmax's rule).
 template <typename T>
-LK_ROW int64_t row_argmax(const T* x, int64_t C, T m, bool has_nan) {
+LK_CLONE_BODY int64_t row_argmax(const T* x, int64_t C, T m, bool has_nan) {
   for (int64_t j = 0; j < C; ++j) {
     if (has_nan ? x[j] != x[j] : x[j] == m) return j;
   }
@@ -65,7 +52,7 @@ struct RowStats {
 };
 
 template <typename T>
-LK_ROW RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
+LK_CLONE_BODY RowStats<T> row_stats(const T* x, int64_t C, T* e_out) {
   RowStats<T> st;
   st.m = cpu::row_max(x, C, st.has_nan);
   if (e_out != nullptr) {
@@ -96,7 +83,7 @@ struct GateRows {
 // Softmax mass per cluster (e_j / s summed per id; an empty cluster stays exactly 0, whatever
 // s is, as in the reference) and the first best bin.
 template <typename acc_t>
-LK_ROW int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int64_t* clusters, int64_t S, acc_t* bins) {
+LK_CLONE_BODY int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int64_t* clusters, int64_t S, acc_t* bins) {
   for (int64_t k = 0; k < S; ++k) bins[k] = acc_t(0);
   const acc_t inv_s = acc_t(1) / s;
   for (int64_t j = 0; j < C; ++j) bins[clusters[j]] += e[j] * inv_s;
@@ -109,7 +96,7 @@ LK_ROW int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int64_t* c
 
 // Every forward output of row i from its statistics; e holds the row's exp(z - max) when routed.
 template <typename acc_t>
-LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int64_t C, const RowStats<acc_t>& st,
+LK_CLONE_BODY void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int64_t C, const RowStats<acc_t>& st,
                       const acc_t* e) {
   const acc_t log_s = entropy::fast_log(st.s);  // once: a libm call per row
   const acc_t H = entropy::entropy_from_log(log_s, st.s, st.t);
@@ -123,7 +110,7 @@ LK_ROW void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int
 }
 
 template <typename scalar_t, typename acc_t>
-LK_ROW void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {
+LK_CLONE_BODY void forward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out, acc_t* buf, acc_t* e) {
   const bool routed = out.clusters != nullptr;
   const int64_t rows = std::is_same_v<scalar_t, acc_t> ? end - begin : cpu::rows_per_convert(C);
   for (int64_t b = begin; b < end; b += rows) {
@@ -151,7 +138,7 @@ int64_t short_scratch(int64_t C) {
 }
 
 template <typename scalar_t, typename acc_t>
-LK_ROW void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out,
+LK_CLONE_BODY void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out,
                                     acc_t* scratch) {
   constexpr int64_t B = kShortBlock;
   acc_t* v = scratch;       // the block in acc_t, row-major (half types only)
@@ -229,7 +216,7 @@ struct GradRows {
 };
 
 template <typename T>
-LK_ROW void grad_chunk(const T* x, T m, T log_s, T H, T g_H, T* gx) {
+LK_CLONE_BODY void grad_chunk(const T* x, T m, T log_s, T H, T g_H, T* gx) {
 #pragma omp simd
   for (int64_t l = 0; l < cpu::kLanes; ++l) gx[l] = entropy::gate_grad(x[l], m, log_s, H, g_H, T(0));
 }
@@ -237,7 +224,7 @@ LK_ROW void grad_chunk(const T* x, T m, T log_s, T H, T g_H, T* gx) {
 // In whole chunks of kLanes: a partial last chunk is the row's last kLanes elements, recomputing
 // a few to the same values (no scalar tail; gx never aliases x).
 template <typename T>
-LK_ROW void grad_row(const T* x, int64_t C, const T* lse, T H, T g_H, T* gx) {
+LK_CLONE_BODY void grad_row(const T* x, int64_t C, const T* lse, T H, T g_H, T* gx) {
   const T m = lse[0], log_s = lse[1];
   if (C < cpu::kLanes) {
 #pragma omp simd
@@ -250,7 +237,7 @@ LK_ROW void grad_row(const T* x, int64_t C, const T* lse, T H, T g_H, T* gx) {
 }
 
 template <typename T>
-LK_ROW void grad_row_clusters(const T* x, int64_t C, const T* lse, T H, T g_H, const T* g_c, T dot, const int64_t* clusters, T* gx) {
+LK_CLONE_BODY void grad_row_clusters(const T* x, int64_t C, const T* lse, T H, T g_H, const T* g_c, T dot, const int64_t* clusters, T* gx) {
   const T m = lse[0], log_s = lse[1];
   // The cluster terms go through gx first: a scalar gather, then a vector loop over contiguous
   // data (x86 has no cheap gather; inside the vector loop it halves the speed).
@@ -260,7 +247,7 @@ LK_ROW void grad_row_clusters(const T* x, int64_t C, const T* lse, T H, T g_H, c
 }
 
 template <typename acc_t>
-LK_ROW void backward_row(const acc_t* r, int64_t C, int64_t i, const GradRows<acc_t>& in, acc_t* g) {
+LK_CLONE_BODY void backward_row(const acc_t* r, int64_t C, int64_t i, const GradRows<acc_t>& in, acc_t* g) {
   const acc_t g_H = in.grad_entropy != nullptr ? in.grad_entropy[i * in.grad_entropy_stride] : acc_t(0);
   if (in.grad_cluster == nullptr) {
     grad_row(r, C, in.lse + 2 * i, in.entropy[i], g_H, g);
@@ -281,7 +268,7 @@ int64_t backward_rows_per_convert(int64_t C) {
 // whole block is one flat vector loop (a loop per row of C = 10 leaves most of a vector idle).
 // stats holds 4 kShortBlock x C arrays.
 template <typename acc_t>
-LK_ROW void backward_short_block(const acc_t* r, int64_t C, int64_t row0, int64_t n, const GradRows<acc_t>& in,
+LK_CLONE_BODY void backward_short_block(const acc_t* r, int64_t C, int64_t row0, int64_t n, const GradRows<acc_t>& in,
                                  acc_t* g, acc_t* stats) {
   acc_t* M = stats;
   acc_t* LS = M + kShortBlock * C;
@@ -309,7 +296,7 @@ bool short_backward(int64_t C, bool routed) {
 
 // Rows [b, b + n) of the block r (already in acc_t) into g.
 template <typename acc_t>
-LK_ROW void backward_block(const acc_t* r, int64_t C, int64_t b, int64_t n, const GradRows<acc_t>& in, acc_t* g,
+LK_CLONE_BODY void backward_block(const acc_t* r, int64_t C, int64_t b, int64_t n, const GradRows<acc_t>& in, acc_t* g,
                            acc_t* stats) {
   if (short_backward(C, in.grad_cluster != nullptr)) {
     for (int64_t k = 0; k < n; k += kShortBlock) {
@@ -322,7 +309,7 @@ LK_ROW void backward_block(const acc_t* r, int64_t C, int64_t b, int64_t n, cons
 }
 
 template <typename scalar_t, typename acc_t>
-LK_ROW void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in,
+LK_CLONE_BODY void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in,
                                scalar_t* gx, acc_t* buf, acc_t* gbuf, acc_t* stats) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     backward_block(x + begin * C, C, begin, end - begin, in, gx + begin * C, stats);

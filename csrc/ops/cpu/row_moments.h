@@ -5,13 +5,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "ops/cpu/clones.h"
 #include "ops/entropy.h"
-
-#if defined(__GNUC__)
-#define LK_CPU_INLINE inline __attribute__((always_inline))
-#else
-#define LK_CPU_INLINE inline
-#endif
 
 namespace labelkit::cpu {
 
@@ -23,7 +18,7 @@ namespace labelkit::cpu {
 constexpr int64_t kLanes = 16;
 
 template <typename T>
-LK_CPU_INLINE T tree_sum(T* a) {
+LK_CLONE_BODY T tree_sum(T* a) {
   for (int64_t w = kLanes / 2; w > 0; w /= 2) {
     for (int64_t l = 0; l < w; ++l) a[l] += a[l + w];
   }
@@ -34,7 +29,7 @@ LK_CPU_INLINE T tree_sum(T* a) {
 // has a whole chunk, its last kLanes elements with those before j masked (one vector load and
 // a blend), else element by element.
 template <typename T>
-LK_CPU_INLINE void tail_chunk(const T* x, int64_t j, int64_t C, T* chunk) {
+LK_CLONE_BODY void tail_chunk(const T* x, int64_t j, int64_t C, T* chunk) {
   if (C >= kLanes) {
     const T* last = x + C - kLanes;
     const int64_t skip = kLanes - (C - j);
@@ -47,7 +42,7 @@ LK_CPU_INLINE void tail_chunk(const T* x, int64_t j, int64_t C, T* chunk) {
 
 // Max (NaN dropped) and whether the row holds a NaN.
 template <typename T>
-LK_CPU_INLINE void max_chunk(const T* x, T* m, int32_t* nan) {
+LK_CLONE_BODY void max_chunk(const T* x, T* m, int32_t* nan) {
 #pragma omp simd
   for (int64_t l = 0; l < kLanes; ++l) {
     const T v = x[l];
@@ -57,7 +52,7 @@ LK_CPU_INLINE void max_chunk(const T* x, T* m, int32_t* nan) {
 }
 
 template <typename T>
-LK_CPU_INLINE T row_max(const T* x, int64_t C, bool& has_nan) {
+LK_CLONE_BODY T row_max(const T* x, int64_t C, bool& has_nan) {
   T m[kLanes];
   int32_t nan[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) {
@@ -93,7 +88,7 @@ inline int64_t rows_per_convert(int64_t C) {
 
 // len values in the accumulation type: the values themselves, or converted into buf.
 template <typename scalar_t, typename acc_t>
-LK_CPU_INLINE const acc_t* acc_rows(const scalar_t* x, int64_t len, acc_t* buf) {
+LK_CLONE_BODY const acc_t* acc_rows(const scalar_t* x, int64_t len, acc_t* buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return x;
   } else {
@@ -104,7 +99,7 @@ LK_CPU_INLINE const acc_t* acc_rows(const scalar_t* x, int64_t len, acc_t* buf) 
 }
 
 template <typename T, bool kStore>
-LK_CPU_INLINE void moments_chunk(const T* x, T m, T* e_out, T* s, T* t) {
+LK_CLONE_BODY void moments_chunk(const T* x, T m, T* e_out, T* s, T* t) {
 #pragma omp simd
   for (int64_t l = 0; l < kLanes; ++l) {
     T e, ed;
@@ -119,7 +114,7 @@ LK_CPU_INLINE void moments_chunk(const T* x, T m, T* e_out, T* s, T* t) {
 // nothing); with kStore also writes exp(x - m) to e_out. Always inlined, so that it vectorises
 // in each caller's ISA clone.
 template <typename T, bool kStore>
-LK_CPU_INLINE void row_moments(const T* x, int64_t C, T m, T* e_out, T& s_out, T& t_out) {
+LK_CLONE_BODY void row_moments(const T* x, int64_t C, T m, T* e_out, T& s_out, T& t_out) {
   T s[kLanes] = {};
   T t[kLanes] = {};
   int64_t j = 0;

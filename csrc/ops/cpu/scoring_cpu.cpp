@@ -5,8 +5,10 @@
 //   single-threaded BLAS GEMM (at::mm_out inside at::parallel_for) and folds it at once into
 //   the running per-row top-k (or max/min) while it is still in cache. Nothing larger than a
 //   tile of scores exists. mean/sum need no tiles: sum_j cos(q, k_j) = <q_hat, sum_j k_hat_j>.
-// kcenter_greedy: one fused pass per pick (distance to the new center, running minimum,
-//   argmax) over fixed blocks, skipping samples the triangle inequality proves unaffected.
+// kcenter_greedy: the labeled set is seeded in one blocked pass (row tiles transposed once, every
+//   labeled center swept over each tile in cache); then one fused pass per pick (distance to the
+//   new center, running minimum, argmax) over fixed blocks, skipping samples the triangle
+//   inequality proves unaffected.
 // badge_select: the same running minimum on BADGE's implicit gradient embeddings, then an
 //   inverse-CDF draw from fixed-block float64 prefix sums (deterministic for any thread count).
 #include <ATen/ATen.h>
@@ -15,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -24,13 +27,9 @@
 #include "ops/scoring.h"
 #include "ops/scoring_checks.h"
 #include "ops/scoring_host.h"
+#include "ops/cpu/clones.h"
 #include "ops/cpu/row_moments.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LK_CPU_CLONES
-#endif
 
 namespace labelkit {
 namespace {
@@ -81,7 +80,7 @@ struct Top2 {
 };
 
 template <typename T>
-LK_CPU_INLINE Top2<T> row_top2(const T* x, int64_t C) {
+LK_CLONE_BODY Top2<T> row_top2(const T* x, int64_t C) {
   Top2<T> r;
   for (int64_t j = 0; j < C; ++j) {
     const T v = x[j];
@@ -103,7 +102,7 @@ LK_CPU_INLINE Top2<T> row_top2(const T* x, int64_t C) {
 
 // -sum p log p with 0 log 0 = 0.
 template <typename T>
-LK_CPU_INLINE T prob_entropy(const T* p, int64_t C) {
+LK_CLONE_BODY T prob_entropy(const T* p, int64_t C) {
   T h = T(0);
   for (int64_t j = 0; j < C; ++j) {
     if (p[j] > T(0)) h -= p[j] * entropy::fast_log(p[j]);
@@ -112,7 +111,7 @@ LK_CPU_INLINE T prob_entropy(const T* p, int64_t C) {
 }
 
 template <typename T>
-LK_CPU_INLINE T uncertainty_row(Method method, const T* x, int64_t C, bool from_logits) {
+LK_CLONE_BODY T uncertainty_row(Method method, const T* x, int64_t C, bool from_logits) {
   const Top2<T> top = row_top2(x, C);
   if (from_logits) {
     T s, t;
@@ -160,7 +159,7 @@ void uncertainty_block(Method method, const scalar_t* x, int64_t C, int64_t begi
 // Softmax (or a copy of the probabilities) of one MC sample's row into p; returns false when
 // the row holds NaN/+inf or no mass. log_p (optional) gets log p from the logits directly.
 template <typename T>
-LK_CPU_INLINE bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T* log_p) {
+LK_CLONE_BODY bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T* log_p) {
   if (!from_logits) {
     for (int64_t j = 0; j < C; ++j) {
       if (x[j] != x[j]) return false;
@@ -184,7 +183,7 @@ LK_CPU_INLINE bool sample_probs(const T* x, int64_t C, bool from_logits, T* p, T
 
 // -sum p log p from log p already at hand (no log per element), 0 log 0 = 0.
 template <typename T>
-LK_CPU_INLINE T entropy_from_logs(const T* p, const T* log_p, int64_t C) {
+LK_CLONE_BODY T entropy_from_logs(const T* p, const T* log_p, int64_t C) {
   T h = T(0);
 #pragma omp simd reduction(+ : h)
   for (int64_t j = 0; j < C; ++j) h += p[j] > T(0) ? p[j] * log_p[j] : T(0);
@@ -202,7 +201,7 @@ struct McStats {
 
 // Folds the S samples of sample n; false when one of them is NaN.
 template <typename scalar_t, typename T>
-LK_CPU_INLINE bool mc_accumulate(const scalar_t* base, int64_t S, int64_t N, int64_t C, int64_t n, bool from_logits,
+LK_CLONE_BODY bool mc_accumulate(const scalar_t* base, int64_t S, int64_t N, int64_t C, int64_t n, bool from_logits,
                                  RowReader<scalar_t, T>& reader, McStats<T>& st) {
   std::fill(st.mean.begin(), st.mean.end(), T(0));
   std::fill(st.m2.begin(), st.m2.end(), T(0));
@@ -223,7 +222,7 @@ LK_CPU_INLINE bool mc_accumulate(const scalar_t* base, int64_t S, int64_t N, int
 }
 
 template <typename T>
-LK_CPU_INLINE T mc_uncertainty(Method method, const McStats<T>& st, int64_t S, int64_t C) {
+LK_CLONE_BODY T mc_uncertainty(Method method, const McStats<T>& st, int64_t S, int64_t C) {
   switch (method) {
     case Method::kBald:
       return prob_entropy(st.mean.data(), C) - st.mean_entropy;
@@ -243,7 +242,7 @@ LK_CPU_INLINE T mc_uncertainty(Method method, const McStats<T>& st, int64_t S, i
 // Samples [begin, end) of MC scores [S, N, C], per input type with the row code inlined into
 // each ISA clone (as uncertainty_rows).
 template <typename scalar_t, typename T>
-LK_CPU_INLINE void mc_rows_impl(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin,
+LK_CLONE_BODY void mc_rows_impl(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin,
                                 int64_t end, bool from_logits, T* out) {
   RowReader<scalar_t, T> reader(C);
   McStats<T> st(C);
@@ -290,7 +289,7 @@ at::Tensor uncertainty_cpu(const at::Tensor& scores, c10::string_view method_sv,
 
 // Gradient of one [N, C] row.
 template <typename T>
-LK_CPU_INLINE void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits, T g, T* gx) {
+LK_CLONE_BODY void uncertainty_row_grad(Method method, const T* x, int64_t C, bool from_logits, T g, T* gx) {
   const Top2<T> top = row_top2(x, C);
   if (!from_logits) {
     for (int64_t j = 0; j < C; ++j) {
@@ -322,7 +321,7 @@ LK_CPU_INLINE void uncertainty_row_grad(Method method, const T* x, int64_t C, bo
 // d u / d p_sj for BALD ((log p_sj - log pbar_j) / S) and mean_std ((p_sj - pbar_j) / (S C sigma_j)),
 // pushed through the softmax for logits: d/dz_k = p_k (G_k - sum_j p_j G_j).
 template <typename T>
-LK_CPU_INLINE void mc_sample_grad(Method method, const McStats<T>& st, int64_t S, int64_t C, bool from_logits, T g,
+LK_CLONE_BODY void mc_sample_grad(Method method, const McStats<T>& st, int64_t S, int64_t C, bool from_logits, T g,
                     std::vector<T>& G, T* gx) {
   for (int64_t j = 0; j < C; ++j) {
     if (method == Method::kBald) {
@@ -344,7 +343,7 @@ LK_CPU_INLINE void mc_sample_grad(Method method, const McStats<T>& st, int64_t S
 // Gradients of samples [begin, end) (one [C] row each, or S MC rows), per input type with the row
 // code inlined into each ISA clone (as uncertainty_rows).
 template <typename scalar_t, typename T>
-LK_CPU_INLINE void grad_rows_impl(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin,
+LK_CLONE_BODY void grad_rows_impl(Method method, const scalar_t* x, int64_t S, int64_t N, int64_t C, int64_t begin,
                                   int64_t end, bool mc, bool from_logits, const T* g, T* gx) {
   RowReader<scalar_t, T> reader(C);
   if (!mc) {
@@ -592,12 +591,115 @@ Best<double> kcenter_block(const double* x, int64_t D, int64_t begin, int64_t en
   return kcenter_block_impl(x, D, begin, end, c, p, gap, min_d, assign, taken);
 }
 
+// ---- k-center seeding with the labeled set ----
+// One pass per labeled center would stream the pool L times (memory-bound; in high dimension the
+// triangle inequality rarely prunes). Instead each tile of kSeedRows rows is transposed once to
+// [lane group][D][kSeedLanes] and every center sweeps over it while it sits in L1: kSeedCenters x
+// kSeedLanes distances accumulate lane-parallel (compute-bound), each from the coordinates'
+// differences as in every other pass. Centers fold in order with a strict <, so min_d and assign
+// are those of one pass per center.
+constexpr int64_t kSeedLanes = 16;    // rows per accumulator vector group
+constexpr int64_t kSeedCenters = 6;   // centers per register tile (fits AVX2's and AVX-512's registers)
+constexpr int64_t kSeedRows = 4 * kSeedLanes;
+
+// xt[g][d][r] = x[row0 + g * kSeedLanes + r][d], zero past the last row.
+template <typename T>
+LK_CLONE_BODY void transpose_seed_tile(const T* x, int64_t D, int64_t row0, int64_t rows, T* xt) {
+  for (int64_t g = 0; g < kSeedRows / kSeedLanes; ++g) {
+    T* dst = xt + g * D * kSeedLanes;
+    for (int64_t r = 0; r < kSeedLanes; ++r) {
+      const int64_t row = g * kSeedLanes + r;
+      const T* src = x + (row0 + row) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d * kSeedLanes + r] = row < rows ? src[d] : T(0);
+    }
+  }
+}
+
+// Squared distances of one lane group (kSeedLanes transposed rows) to kSeedCenters centers.
+template <typename T>
+LK_CLONE_BODY void seed_distances(const T* xt, int64_t D, const T* const* c, T (&acc)[kSeedCenters][kSeedLanes]) {
+  for (auto& a : acc) {
+    for (T& v : a) v = T(0);
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const T* col = xt + d * kSeedLanes;
+    for (int64_t k = 0; k < kSeedCenters; ++k) {
+      const T cd = c[k][d];
+#pragma omp simd
+      for (int64_t r = 0; r < kSeedLanes; ++r) {
+        const T diff = col[r] - cd;
+        acc[k][r] += diff * diff;
+      }
+    }
+  }
+}
+
+// Folds all L centers (rows centers[0..L) of x) into min_d/assign of rows [row0, row0 + rows).
+template <typename T>
+LK_CLONE_BODY void kcenter_seed_tile_impl(const T* x, int64_t D, int64_t row0, int64_t rows, const int64_t* centers,
+                                   int64_t L, T* xt, T* min_d, int64_t* assign) {
+  transpose_seed_tile(x, D, row0, rows, xt);
+  T acc[kSeedCenters][kSeedLanes];
+  for (int64_t p0 = 0; p0 < L; p0 += kSeedCenters) {
+    const int64_t count = std::min(kSeedCenters, L - p0);
+    const T* c[kSeedCenters];
+    for (int64_t k = 0; k < kSeedCenters; ++k) c[k] = x + centers[p0 + std::min(k, count - 1)] * D;
+    for (int64_t g = 0; g * kSeedLanes < rows; ++g) {
+      seed_distances(xt + g * D * kSeedLanes, D, c, acc);
+      const int64_t lanes = std::min(kSeedLanes, rows - g * kSeedLanes);
+      for (int64_t k = 0; k < count; ++k) {
+        for (int64_t r = 0; r < lanes; ++r) {
+          const int64_t i = row0 + g * kSeedLanes + r;
+          if (acc[k][r] < min_d[i]) {
+            min_d[i] = acc[k][r];
+            assign[i] = p0 + k;
+          }
+        }
+      }
+    }
+  }
+}
+
+LK_CPU_CLONES void kcenter_seed_tile(const float* x, int64_t D, int64_t row0, int64_t rows, const int64_t* centers,
+                                     int64_t L, float* xt, float* min_d, int64_t* assign) {
+  kcenter_seed_tile_impl(x, D, row0, rows, centers, L, xt, min_d, assign);
+}
+
+void kcenter_seed_tile(const double* x, int64_t D, int64_t row0, int64_t rows, const int64_t* centers, int64_t L,
+                       double* xt, double* min_d, int64_t* assign) {
+  kcenter_seed_tile_impl(x, D, row0, rows, centers, L, xt, min_d, assign);
+}
+
 template <typename T>
 class KCenterState {
  public:
   KCenterState(const T* x, int64_t N, int64_t D)
       : x_(x), N_(N), D_(D), min_d_(N, std::numeric_limits<T>::infinity()), assign_(N, -1), taken_(N, 0),
         partial_(num_blocks(N, kBlock)) {}
+
+  // Makes the L labeled samples centers (before any other) and returns the farthest untaken
+  // sample afterwards (-1 if none).
+  int64_t seed(const int64_t* labeled, int64_t L) {
+    centers_.assign(labeled, labeled + L);
+    for (int64_t j = 0; j < L; ++j) taken_[labeled[j]] = 1;
+    at::parallel_for(0, num_blocks(N_, kSeedRows), 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> xt(kSeedRows * D_);
+      for (int64_t t = t0; t < t1; ++t) {
+        kcenter_seed_tile(x_, D_, t * kSeedRows, std::min(kSeedRows, N_ - t * kSeedRows), labeled, L, xt.data(),
+                          min_d_.data(), assign_.data());
+      }
+    });
+    at::parallel_for(0, static_cast<int64_t>(partial_.size()), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        Best<T> best = no_best<T>();
+        for (int64_t i = b * kBlock; i < std::min(N_, (b + 1) * kBlock); ++i) {
+          if (!taken_[i]) keep_better(best, min_d_[i], i);
+        }
+        partial_[b] = best;
+      }
+    });
+    return farthest();
+  }
 
   // Makes sample c a center and returns the farthest untaken sample afterwards (-1 if none).
   int64_t add_center(int64_t c) {
@@ -613,6 +715,12 @@ class KCenterState {
                                     min_d_.data(), assign_.data(), taken_.data());
       }
     });
+    return farthest();
+  }
+
+ private:
+  // The best of the blocks' partial results.
+  int64_t farthest() const {
     Best<T> best = no_best<T>();
     for (const Best<T>& b : partial_) {
       if (b.index >= 0) keep_better(best, b.value, b.index);
@@ -620,7 +728,6 @@ class KCenterState {
     return best.index;
   }
 
- private:
   const T* x_;
   int64_t N_, D_;
   std::vector<T> min_d_;
@@ -649,8 +756,7 @@ at::Tensor kcenter_greedy_cpu(const at::Tensor& embeddings, int64_t budget, cons
     int64_t next = -1;
     int64_t t = 0;
     if (lab.numel() > 0) {
-      const int64_t* l = lab.const_data_ptr<int64_t>();
-      for (int64_t j = 0; j < lab.numel(); ++j) next = state.add_center(l[j]);
+      next = state.seed(lab.const_data_ptr<int64_t>(), lab.numel());
     } else {
       next = scoring::nearest_to_mean(x, kBlock);
     }

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "ops/cpu/clones.h"
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -17,15 +19,9 @@ namespace cpu {
 
 constexpr int64_t kTile = 8;
 
-#if defined(__GNUC__)
-#define LK_INLINE inline __attribute__((always_inline))
-#else
-#define LK_INLINE inline
-#endif
-
 // A kTile x kTile block: dst[b * ld_dst + a] = src[a * ld_src + b].
 template <typename T>
-LK_INLINE void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
+LK_CLONE_BODY void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst) {
   T tile[kTile][kTile];
   for (int64_t a = 0; a < kTile; ++a)
     for (int64_t b = 0; b < kTile; ++b) tile[a][b] = src[a * ld_src + b];
@@ -36,7 +32,7 @@ LK_INLINE void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_d
 #if defined(__SSE2__)
 // float32 (the common case): 4 x 4 register transposes, SSE being part of every x86-64.
 template <>
-LK_INLINE void transpose_tile<float>(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+LK_CLONE_BODY void transpose_tile<float>(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   for (int64_t a = 0; a < kTile; a += 4)
     for (int64_t b = 0; b < kTile; b += 4) {
       const float* s = src + a * ld_src + b;
@@ -52,7 +48,7 @@ LK_INLINE void transpose_tile<float>(const float* src, int64_t ld_src, float* ds
 }
 
 // 16-bit elements (float16, bfloat16): one 8 x 8 transpose in three rounds of unpacks.
-LK_INLINE void transpose_tile_16bit(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
+LK_CLONE_BODY void transpose_tile_16bit(const uint16_t* src, int64_t ld_src, uint16_t* dst, int64_t ld_dst) {
   __m128i r[8], t[8], u[8];
   for (int a = 0; a < 8; ++a) r[a] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + a * ld_src));
   for (int a = 0; a < 8; a += 2) {
@@ -74,19 +70,19 @@ LK_INLINE void transpose_tile_16bit(const uint16_t* src, int64_t ld_src, uint16_
 }
 
 template <>
-LK_INLINE void transpose_tile<c10::Half>(const c10::Half* src, int64_t ld_src, c10::Half* dst, int64_t ld_dst) {
+LK_CLONE_BODY void transpose_tile<c10::Half>(const c10::Half* src, int64_t ld_src, c10::Half* dst, int64_t ld_dst) {
   transpose_tile_16bit(reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
 }
 
 template <>
-LK_INLINE void transpose_tile<c10::BFloat16>(const c10::BFloat16* src, int64_t ld_src, c10::BFloat16* dst,
+LK_CLONE_BODY void transpose_tile<c10::BFloat16>(const c10::BFloat16* src, int64_t ld_src, c10::BFloat16* dst,
                                              int64_t ld_dst) {
   transpose_tile_16bit(reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
 }
 
 // uint8: rows as 8-byte halves, then unpacks of 8, 16 and 32 bits; each result holds two columns.
 template <>
-LK_INLINE void transpose_tile<uint8_t>(const uint8_t* src, int64_t ld_src, uint8_t* dst, int64_t ld_dst) {
+LK_CLONE_BODY void transpose_tile<uint8_t>(const uint8_t* src, int64_t ld_src, uint8_t* dst, int64_t ld_dst) {
   __m128i r[8], t[4];
   for (int a = 0; a < 8; ++a) r[a] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + a * ld_src));
   for (int a = 0; a < 8; a += 2) t[a / 2] = _mm_unpacklo_epi8(r[a], r[a + 1]);  // rows a, a + 1 interleaved
@@ -149,4 +145,3 @@ inline void quads_to_planes(const float* src, int64_t C, int64_t n, float* dst, 
 }  // namespace cpu
 }  // namespace labelkit
 
-#undef LK_INLINE

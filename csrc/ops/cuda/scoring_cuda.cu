@@ -5,11 +5,14 @@
 //   cuBLAS GEMM written transposed ([keys, queries]) into a bounded buffer, so the merge kernel
 //   (one thread per query row, walking keys in index order) reads coalesced columns and folds
 //   them into the running top-k kept in the outputs. mean/sum: <q_hat, sum_j k_hat_j>.
-// kcenter_greedy: per pick, three launches and no host sync: distances between the new center
-//   and the previous ones, the fused running-min pass (triangle-inequality skip) with a block
-//   argmax, and a one-block argmax that writes the next center's index to device memory.
+// kcenter_greedy: the labeled set in one GEMM-style launch (64-row x 64-center tiles through
+//   shared memory); then per pick, three launches and no host sync: distances between the new
+//   center and the previous ones, the fused running-min pass (triangle-inequality skip) with a
+//   block argmax, and a one-block argmax that writes the next center's index to device memory.
 // badge_select: the running min on BADGE's implicit gradient embeddings, then an inverse-CDF
-//   draw (float64 cumsum + searchsorted) that also stays on the device.
+//   draw from fixed-block float64 sums (scoring::draw_pick, as on the CPU) that stays on the device.
+// Grids come from ops/cuda/grid.h (32 blocks per SM at most): grid-stride loops wrap on the
+// emulator's small device in tests.
 // uncertainty: one thread per [C] row; Monte-Carlo samples use a per-(s, n) statistics pass and
 //   one thread per sample n for the two-pass per-class means and deviations.
 #include <ATen/ATen.h>
@@ -27,6 +30,7 @@
 #include <limits>
 #include <string>
 
+#include "ops/cuda/grid.h"
 #include "ops/entropy.h"
 #include "ops/scoring.h"
 #include "ops/scoring_checks.h"
@@ -41,14 +45,10 @@ using scoring::Method;
 using scoring::normalized_rows;
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 4096;
 constexpr int64_t kTileElements = int64_t(1) << 26;  // score buffer bound: 256 MiB of float32
 constexpr int64_t kKeyTile = 4096;
 constexpr int64_t kGreedyBlock = 65536;  // rows per block of k-center's first pick
 
-int64_t grid_for(int64_t items, int64_t per_block = kThreads) {
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (items + per_block - 1) / per_block));
-}
 
 // ---- uncertainty ----------------------------------------------------------------------------------
 
@@ -322,7 +322,7 @@ at::Tensor uncertainty_cuda(const at::Tensor& scores, c10::string_view method_sv
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!mc) {
-      uncertainty_rows_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+      uncertainty_rows_kernel<scalar_t, acc_t><<<grid_for(N, kThreads), kThreads, 0, stream>>>(
           xp, N, C, method, from_logits, out.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -331,11 +331,11 @@ at::Tensor uncertainty_cuda(const at::Tensor& scores, c10::string_view method_sv
     at::Tensor log_norm = at::empty({S * N}, x.options().dtype(acc));
     at::Tensor argmax = at::empty({S * N}, x.options().dtype(at::kLong));
     at::Tensor bad = at::empty({S * N}, x.options().dtype(at::kByte));
-    mc_row_stats_kernel<scalar_t, acc_t><<<grid_for(S * N), kThreads, 0, stream>>>(
+    mc_row_stats_kernel<scalar_t, acc_t><<<grid_for(S * N, kThreads), kThreads, 0, stream>>>(
         xp, S * N, C, from_logits, shift.mutable_data_ptr<acc_t>(), log_norm.mutable_data_ptr<acc_t>(),
         argmax.mutable_data_ptr<int64_t>(), bad.mutable_data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    mc_uncertainty_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+    mc_uncertainty_kernel<scalar_t, acc_t><<<grid_for(N, kThreads), kThreads, 0, stream>>>(
         xp, S, N, C, method, from_logits, shift.const_data_ptr<acc_t>(), log_norm.const_data_ptr<acc_t>(),
         argmax.const_data_ptr<int64_t>(), bad.const_data_ptr<uint8_t>(), out.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -364,7 +364,7 @@ at::Tensor uncertainty_backward_cuda(const at::Tensor& grad, const at::Tensor& s
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!mc) {
-      uncertainty_rows_backward_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+      uncertainty_rows_backward_kernel<scalar_t, acc_t><<<grid_for(N, kThreads), kThreads, 0, stream>>>(
           xp, g.const_data_ptr<acc_t>(), N, C, method, from_logits, gx.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -375,11 +375,11 @@ at::Tensor uncertainty_backward_cuda(const at::Tensor& grad, const at::Tensor& s
     at::Tensor bad = at::empty({S * N}, x.options().dtype(at::kByte));
     at::Tensor means = at::empty({N, C}, x.options().dtype(acc));
     at::Tensor sds = at::empty({N, C}, x.options().dtype(acc));
-    mc_row_stats_kernel<scalar_t, acc_t><<<grid_for(S * N), kThreads, 0, stream>>>(
+    mc_row_stats_kernel<scalar_t, acc_t><<<grid_for(S * N, kThreads), kThreads, 0, stream>>>(
         xp, S * N, C, from_logits, shift.mutable_data_ptr<acc_t>(), log_norm.mutable_data_ptr<acc_t>(),
         argmax.mutable_data_ptr<int64_t>(), bad.mutable_data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    mc_uncertainty_backward_kernel<scalar_t, acc_t><<<grid_for(N), kThreads, 0, stream>>>(
+    mc_uncertainty_backward_kernel<scalar_t, acc_t><<<grid_for(N, kThreads), kThreads, 0, stream>>>(
         xp, g.const_data_ptr<acc_t>(), S, N, C, method, from_logits, shift.const_data_ptr<acc_t>(),
         log_norm.const_data_ptr<acc_t>(), bad.const_data_ptr<uint8_t>(), means.mutable_data_ptr<acc_t>(),
         sds.mutable_data_ptr<acc_t>(), gx.mutable_data_ptr<scalar_t>());
@@ -470,10 +470,10 @@ std::tuple<at::Tensor, at::Tensor> cosine_topk_cuda(const at::Tensor& queries, c
                                                      int64_t cols) {
       const scalar_t* sp = s.const_data_ptr<scalar_t>();
       if (largest) {
-        merge_topk_kernel<true, scalar_t><<<grid_for(rows), kThreads, 0, stream>>>(sp, rows, cols, m0, k, vp + n0 * k,
+        merge_topk_kernel<true, scalar_t><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(sp, rows, cols, m0, k, vp + n0 * k,
                                                                                    ip + n0 * k, fp + n0);
       } else {
-        merge_topk_kernel<false, scalar_t><<<grid_for(rows), kThreads, 0, stream>>>(sp, rows, cols, m0, k, vp + n0 * k,
+        merge_topk_kernel<false, scalar_t><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(sp, rows, cols, m0, k, vp + n0 * k,
                                                                                     ip + n0 * k, fp + n0);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -503,7 +503,7 @@ at::Tensor cosine_reduce_cuda(const at::Tensor& queries, const at::Tensor& keys,
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for_each_score_tile(q_hat, k_hat, tile_size, [&](const at::Tensor& s, int64_t n0, int64_t rows, int64_t,
                                                      int64_t cols) {
-      merge_extreme_kernel<scalar_t><<<grid_for(rows), kThreads, 0, stream>>>(s.const_data_ptr<scalar_t>(), rows, cols,
+      merge_extreme_kernel<scalar_t><<<grid_for(rows, kThreads), kThreads, 0, stream>>>(s.const_data_ptr<scalar_t>(), rows, cols,
                                                                              largest, op + n0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -541,6 +541,16 @@ __device__ void block_argmax(T& best, int64_t& bi) {
   }
   best = sv[0];
   bi = si[0];
+}
+
+// The block's argmax, written by thread 0 to its slot of the partials.
+template <typename T>
+__device__ void store_block_best(T best, int64_t bi, T* __restrict__ part_v, int64_t* __restrict__ part_i) {
+  block_argmax(best, bi);
+  if (threadIdx.x == 0) {
+    part_v[blockIdx.x] = best;
+    part_i[blockIdx.x] = bi;
+  }
 }
 
 template <typename T>
@@ -586,22 +596,133 @@ __global__ void kcenter_update_kernel(const T* __restrict__ x, int64_t N, int64_
     }
     if (!taken[i]) keep_better(best, bi, m, i);
   }
-  block_argmax(best, bi);
-  if (threadIdx.x == 0) {
-    part_v[blockIdx.x] = best;
-    part_i[blockIdx.x] = bi;
+  store_block_best(best, bi, part_v, part_i);
+}
+
+// Partial argmax of min_d over untaken samples, per block (after seeding: no new center).
+template <typename T>
+__global__ void kcenter_farthest_kernel(const T* __restrict__ min_d, const uint8_t* __restrict__ taken, int64_t N,
+                                        T* __restrict__ part_v, int64_t* __restrict__ part_i) {
+  T best = T(0);
+  int64_t bi = -1;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    if (!taken[i]) keep_better(best, bi, min_d[i], i);
+  }
+  store_block_best(best, bi, part_v, part_i);
+}
+
+// ---- k-center seeding with the labeled set ----
+// One pass per labeled center would read the pool L times, and in high dimension the skip rarely
+// applies. Instead each block takes kSeedTile rows and sweeps all L centers over them in tiles of
+// kSeedTile centers, GEMM style: both tiles pass through shared memory kSeedDepth coordinates at
+// a time, and each thread accumulates kSeedMicro rows x kSeedMicro centers of squared
+// differences in registers (rows ty + 16 i, centers tx + 16 j: conflict-free shared reads). Per
+// row, the minimum and its center fold as (value, then lower center), which is what one strict-<
+// pass per center in labeled order gives, as on the CPU.
+constexpr int kSeedTile = 64;
+constexpr int kSeedDepth = 16;
+constexpr int kSeedSide = 16;  // kSeedSide x kSeedSide = kThreads threads
+constexpr int kSeedMicro = kSeedTile / kSeedSide;
+static_assert(kSeedSide * kSeedSide == kThreads, "one thread per micro tile");
+
+// (dv, dc) replaces (v, c) if nearer, or as near and an earlier center. c < 0 (none) only ever
+// goes with v = inf, which an infinite distance does not replace (as a strict < would not).
+template <typename T>
+__device__ __forceinline__ void keep_nearer(T& v, int64_t& c, T dv, int64_t dc) {
+  if (dv < v || (dv == v && dc < c)) {
+    v = dv;
+    c = dc;
   }
 }
 
-// One block: the argmax over the partials becomes centers[p + 1] when that slot is a pick.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kcenter_seed_kernel(const T* __restrict__ x, int64_t N, int64_t D,
+                                                                const int64_t* __restrict__ centers, int64_t L,
+                                                                T* __restrict__ min_d, int64_t* __restrict__ assign) {
+  __shared__ T xs[kSeedDepth][kSeedTile + 1];  // +1: the staging writes spread over banks
+  __shared__ T cs[kSeedDepth][kSeedTile + 1];
+  const int tx = threadIdx.x % kSeedSide;
+  const int ty = threadIdx.x / kSeedSide;
+  const int64_t tiles = (N + kSeedTile - 1) / kSeedTile;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row0 = tile * kSeedTile;
+    T run_v[kSeedMicro];
+    int64_t run_c[kSeedMicro];
+#pragma unroll
+    for (int i = 0; i < kSeedMicro; ++i) {
+      run_v[i] = std::numeric_limits<T>::infinity();
+      run_c[i] = -1;
+    }
+    for (int64_t c0 = 0; c0 < L; c0 += kSeedTile) {
+      T acc[kSeedMicro][kSeedMicro] = {};
+      for (int64_t d0 = 0; d0 < D; d0 += kSeedDepth) {
+        // Coordinates past D are 0 in both tiles and add exactly 0.
+        for (int e = threadIdx.x; e < kSeedTile * kSeedDepth; e += kThreads) {
+          const int r = e / kSeedDepth;
+          const int dd = e % kSeedDepth;
+          const int64_t d = d0 + dd;
+          xs[dd][r] = row0 + r < N && d < D ? x[(row0 + r) * D + d] : T(0);
+          cs[dd][r] = c0 + r < L && d < D ? x[centers[c0 + r] * D + d] : T(0);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int dd = 0; dd < kSeedDepth; ++dd) {
+          T a[kSeedMicro];
+          T b[kSeedMicro];
+#pragma unroll
+          for (int i = 0; i < kSeedMicro; ++i) {
+            a[i] = xs[dd][ty + kSeedSide * i];
+            b[i] = cs[dd][tx + kSeedSide * i];
+          }
+#pragma unroll
+          for (int i = 0; i < kSeedMicro; ++i) {
+#pragma unroll
+            for (int j = 0; j < kSeedMicro; ++j) {
+              const T diff = a[i] - b[j];
+              acc[i][j] += diff * diff;
+            }
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int i = 0; i < kSeedMicro; ++i) {
+        T v = std::numeric_limits<T>::infinity();
+        int64_t c = -1;
+#pragma unroll
+        for (int j = 0; j < kSeedMicro; ++j) {
+          const int64_t cj = c0 + tx + kSeedSide * j;
+          if (cj < L) keep_nearer(v, c, acc[i][j], cj);
+        }
+        // The kSeedSide threads of a row are one half-warp.
+        for (int off = kSeedSide / 2; off > 0; off /= 2) {
+          keep_nearer(v, c, __shfl_xor_sync(0xffffffffu, v, off), __shfl_xor_sync(0xffffffffu, c, off));
+        }
+        keep_nearer(run_v[i], run_c[i], v, c);
+      }
+    }
+    if (tx == 0) {
+#pragma unroll
+      for (int i = 0; i < kSeedMicro; ++i) {
+        const int64_t row = row0 + ty + kSeedSide * i;
+        if (row < N) {
+          min_d[row] = run_v[i];
+          assign[row] = run_c[i];
+        }
+      }
+    }
+  }
+}
+
+// One block: the argmax over the partials becomes centers[p + 1].
 template <typename T>
 __global__ void kcenter_argmax_kernel(const T* __restrict__ part_v, const int64_t* __restrict__ part_i, int64_t parts,
-                                      int64_t* __restrict__ centers, int64_t p, bool write) {
+                                      int64_t* __restrict__ centers, int64_t p) {
   T best = T(0);
   int64_t bi = -1;
   for (int64_t b = threadIdx.x; b < parts; b += blockDim.x) keep_better(best, bi, part_v[b], part_i[b]);
   block_argmax(best, bi);
-  if (threadIdx.x == 0 && write) centers[p + 1] = bi;
+  if (threadIdx.x == 0) centers[p + 1] = bi;
 }
 
 at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, const c10::optional<at::Tensor>& labeled,
@@ -616,7 +737,6 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
   const int64_t N = x.size(0);
   const int64_t D = x.size(1);
   const int64_t L = lab_cpu.numel();
-  const int64_t first_pick = L > 0 ? L : 1;            // centers before the first greedy pick
   const int64_t total = L > 0 ? L + budget : budget;   // centers in all
   const auto opts = x.options();
   at::Tensor centers = at::empty({total + 1}, opts.dtype(at::kLong));
@@ -629,15 +749,30 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
   at::Tensor assign = at::full({N}, -1, opts.dtype(at::kLong));
   at::Tensor taken = at::zeros({N}, opts.dtype(at::kByte));
   at::Tensor gap = at::empty({std::max<int64_t>(total, 1)}, opts);
-  const int64_t parts = grid_for(N);
+  const int64_t parts = grid_for(N, kThreads);
   at::Tensor part_v = at::empty({parts}, opts);
   at::Tensor part_i = at::empty({parts}, opts.dtype(at::kLong));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "kcenter_greedy_cuda", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     int64_t* cp = centers.mutable_data_ptr<int64_t>();
-    for (int64_t p = 0; p + 1 < total; ++p) {
-      kcenter_gap_kernel<scalar_t><<<grid_for(p), kThreads, 0, stream>>>(xp, D, cp, p, gap.mutable_data_ptr<scalar_t>(),
+    int64_t p = 0;  // the next center to fold in
+    if (L > 0) {    // the labeled set at once, then its farthest sample becomes centers[L]
+      kcenter_seed_kernel<scalar_t><<<grid_for(N, kSeedTile), kThreads, 0, stream>>>(
+          xp, N, D, cp, L, min_d.mutable_data_ptr<scalar_t>(), assign.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      taken.index_fill_(0, centers.narrow(0, 0, L), 1);
+      kcenter_farthest_kernel<scalar_t><<<parts, kThreads, 0, stream>>>(
+          min_d.const_data_ptr<scalar_t>(), taken.const_data_ptr<uint8_t>(), N, part_v.mutable_data_ptr<scalar_t>(),
+          part_i.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      kcenter_argmax_kernel<scalar_t><<<1, kThreads, 0, stream>>>(part_v.const_data_ptr<scalar_t>(),
+                                                                 part_i.const_data_ptr<int64_t>(), parts, cp, L - 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      p = L;
+    }
+    for (; p + 1 < total; ++p) {
+      kcenter_gap_kernel<scalar_t><<<grid_for(p, kThreads), kThreads, 0, stream>>>(xp, D, cp, p, gap.mutable_data_ptr<scalar_t>(),
                                                                        taken.mutable_data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kcenter_update_kernel<scalar_t><<<parts, kThreads, 0, stream>>>(
@@ -646,8 +781,7 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
           part_i.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kcenter_argmax_kernel<scalar_t><<<1, kThreads, 0, stream>>>(part_v.const_data_ptr<scalar_t>(),
-                                                                 part_i.const_data_ptr<int64_t>(), parts, cp, p,
-                                                                 p + 1 >= first_pick);
+                                                                 part_i.const_data_ptr<int64_t>(), parts, cp, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -719,12 +853,12 @@ at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddin
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "badge_select_cuda", [&] {
     for (int64_t t = 0; t < budget; ++t) {
-      badge_update_kernel<scalar_t><<<grid_for(N), kThreads, 0, stream>>>(
+      badge_update_kernel<scalar_t><<<grid_for(N, kThreads), kThreads, 0, stream>>>(
           q.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g2.const_data_ptr<scalar_t>(), N, C, D,
           centers.const_data_ptr<int64_t>(), t, min_d.mutable_data_ptr<scalar_t>(), taken.mutable_data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (t + 1 == budget) break;
-      badge_block_sums_kernel<scalar_t><<<grid_for(nb), kThreads, 0, stream>>>(
+      badge_block_sums_kernel<scalar_t><<<grid_for(nb, kThreads), kThreads, 0, stream>>>(
           min_d.const_data_ptr<scalar_t>(), taken.const_data_ptr<uint8_t>(), N, block_sum.mutable_data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       badge_pick_kernel<scalar_t><<<1, 1, 0, stream>>>(min_d.const_data_ptr<scalar_t>(), taken.const_data_ptr<uint8_t>(),
