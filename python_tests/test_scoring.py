@@ -413,6 +413,20 @@ def test_badge_matches_reference(device, dtype):
         assert torch.equal(got, badge_select_ref(probs, emb, 20, badge_uniforms(20, seed)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [3, 40, 130])
+def test_greedy_rows_of_every_lane_group(device, dtype, d):
+    # CUDA reads a row with 1, 8 or 32 lanes by its length (3, 40, 130: one of each, and none a
+    # multiple of its group); the picks are the reference's.
+    x = randn(600, d, seed=40 + d, device=device, dtype=dtype)
+    labeled = torch.arange(0, 600, 50, device=device)
+    assert torch.equal(kcenter_greedy(x, 15, labeled), kcenter_greedy_ref(x, 15, labeled))
+    assert torch.equal(kcenter_greedy(x, 15), kcenter_greedy_ref(x, 15))
+    probs = torch.softmax(randn(600, 4, seed=41, scale=2.0), 1).to(device=device, dtype=dtype)
+    got = badge_select(probs, x, 15, seed=3)
+    assert torch.equal(got, badge_select_ref(probs, x, 15, badge_uniforms(15, 3)))
+
+
 def test_badge_matches_kmeanspp_oracle_float64(device):
     probs = torch.softmax(randn(120, 3, seed=22, scale=2.0, dtype=torch.float64), 1)
     emb = randn(120, 5, seed=23, dtype=torch.float64)

@@ -181,21 +181,21 @@ LK_CLONE_BODY void row_gather_impl(const in_t* xc, const int32_t* const* off, co
 
 // ISA-cloned instances: taps per (mode, padding, slopes), gathers per dtype. Reflection's fmod
 // does not vectorise; it runs the same code scalar. Slopes are for bilinear only.
-#define LK_CLONE_BODY_TAPS(T, MODE, PAD, SLOPES, NAME)                                                                \
+#define LK_ROW_TAPS(T, MODE, PAD, SLOPES, NAME)                                                                \
   LK_CPU_CLONES void NAME(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,  \
                           int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {          \
     row_taps_impl<T, MODE, PAD, SLOPES>(m, oy, Wo, H, W, align, sH, sW, off, w, sl);                       \
   }
-LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kZeros, false, row_taps_bz)
-LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kBorder, false, row_taps_bb)
-LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kReflection, false, row_taps_br)
-LK_CLONE_BODY_TAPS(float, af::kNearest, af::kZeros, false, row_taps_nz)
-LK_CLONE_BODY_TAPS(float, af::kNearest, af::kBorder, false, row_taps_nb)
-LK_CLONE_BODY_TAPS(float, af::kNearest, af::kReflection, false, row_taps_nr)
-LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kZeros, true, row_taps_bz_slopes)
-LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kBorder, true, row_taps_bb_slopes)
-LK_CLONE_BODY_TAPS(float, af::kBilinear, af::kReflection, true, row_taps_br_slopes)
-#undef LK_CLONE_BODY_TAPS
+LK_ROW_TAPS(float, af::kBilinear, af::kZeros, false, row_taps_bz)
+LK_ROW_TAPS(float, af::kBilinear, af::kBorder, false, row_taps_bb)
+LK_ROW_TAPS(float, af::kBilinear, af::kReflection, false, row_taps_br)
+LK_ROW_TAPS(float, af::kNearest, af::kZeros, false, row_taps_nz)
+LK_ROW_TAPS(float, af::kNearest, af::kBorder, false, row_taps_nb)
+LK_ROW_TAPS(float, af::kNearest, af::kReflection, false, row_taps_nr)
+LK_ROW_TAPS(float, af::kBilinear, af::kZeros, true, row_taps_bz_slopes)
+LK_ROW_TAPS(float, af::kBilinear, af::kBorder, true, row_taps_bb_slopes)
+LK_ROW_TAPS(float, af::kBilinear, af::kReflection, true, row_taps_br_slopes)
+#undef LK_ROW_TAPS
 
 // Taps of output row oy (offsets for strides sH, sW); slopes too when rt.sl is set (bilinear).
 void row_taps(const af::PixelMap<float>& m, int64_t oy, const Geometry& g, int32_t sH, int32_t sW,
@@ -233,20 +233,20 @@ void row_taps(const af::PixelMap<double>& m, int64_t oy, const Geometry& g, int3
 
 // Gathers per (input, output) type; float16/bfloat16 images are read either directly or from a
 // float copy of the sample (see SampleCopy).
-#define LK_CLONE_BODY_GATHER(IN, OUT, TAPS, NAME)                                                                      \
+#define LK_ROW_GATHER(IN, OUT, TAPS, NAME)                                                                      \
   LK_CPU_CLONES void NAME(const IN* xc, const int32_t* const* off, const float* const* w, int64_t Wo, OUT* out) { \
     row_gather_impl<IN, OUT, float, TAPS>(xc, off, w, Wo, out);                                                 \
   }
-#define LK_CLONE_BODY_GATHERS(IN, OUT)             \
-  LK_CLONE_BODY_GATHER(IN, OUT, 4, row_gather4) \
-  LK_CLONE_BODY_GATHER(IN, OUT, 1, row_gather1)
-LK_CLONE_BODY_GATHERS(float, float)
-LK_CLONE_BODY_GATHERS(c10::Half, c10::Half)
-LK_CLONE_BODY_GATHERS(c10::BFloat16, c10::BFloat16)
-LK_CLONE_BODY_GATHERS(float, c10::Half)
-LK_CLONE_BODY_GATHERS(float, c10::BFloat16)
-#undef LK_CLONE_BODY_GATHERS
-#undef LK_CLONE_BODY_GATHER
+#define LK_ROW_GATHERS(IN, OUT)             \
+  LK_ROW_GATHER(IN, OUT, 4, row_gather4) \
+  LK_ROW_GATHER(IN, OUT, 1, row_gather1)
+LK_ROW_GATHERS(float, float)
+LK_ROW_GATHERS(c10::Half, c10::Half)
+LK_ROW_GATHERS(c10::BFloat16, c10::BFloat16)
+LK_ROW_GATHERS(float, c10::Half)
+LK_ROW_GATHERS(float, c10::BFloat16)
+#undef LK_ROW_GATHERS
+#undef LK_ROW_GATHER
 
 void row_gather4(const double* xc, const int32_t* const* off, const double* const* w, int64_t Wo, double* out) {
   row_gather_impl<double, double, double, 4>(xc, off, w, Wo, out);
@@ -629,17 +629,17 @@ LK_CLONE_BODY void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* 
   }
 }
 
-#define LK_CLONE_BODY_SLOPES(X, G)                                                                                       \
+#define LK_ROW_SLOPES(X, G)                                                                                       \
   LK_CPU_CLONES void row_slopes(const X* xc, const G* go, const int32_t* const* off, float* const* sl, int64_t Wo, \
                                 float* gpx, float* gpy) {                                                         \
     row_slopes_impl<X, G, float>(xc, go, off, sl, Wo, gpx, gpy);                                                  \
   }
-LK_CLONE_BODY_SLOPES(float, float)
-LK_CLONE_BODY_SLOPES(c10::Half, c10::Half)
-LK_CLONE_BODY_SLOPES(c10::BFloat16, c10::BFloat16)
-LK_CLONE_BODY_SLOPES(float, c10::Half)
-LK_CLONE_BODY_SLOPES(float, c10::BFloat16)
-#undef LK_CLONE_BODY_SLOPES
+LK_ROW_SLOPES(float, float)
+LK_ROW_SLOPES(c10::Half, c10::Half)
+LK_ROW_SLOPES(c10::BFloat16, c10::BFloat16)
+LK_ROW_SLOPES(float, c10::Half)
+LK_ROW_SLOPES(float, c10::BFloat16)
+#undef LK_ROW_SLOPES
 void row_slopes(const double* xc, const double* go, const int32_t* const* off, double* const* sl, int64_t Wo,
                 double* gpx, double* gpy) {
   row_slopes_impl<double, double, double>(xc, go, off, sl, Wo, gpx, gpy);

@@ -10,8 +10,12 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define LK_CLONE_BODY inline __attribute__((always_inline))
 #else
 #define LK_CPU_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define LK_CLONE_BODY inline __attribute__((always_inline))
+#else
 #define LK_CLONE_BODY inline
 #endif

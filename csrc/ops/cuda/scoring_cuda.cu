@@ -11,10 +11,11 @@
 //   block argmax, and a one-block argmax that writes the next center's index to device memory.
 // badge_select: the running min on BADGE's implicit gradient embeddings, then an inverse-CDF
 //   draw from fixed-block float64 sums (scoring::draw_pick, as on the CPU) that stays on the device.
-// Grids come from ops/cuda/grid.h (32 blocks per SM at most): grid-stride loops wrap on the
-// emulator's small device in tests.
+//   Both greedy passes read each pool row with a group of 1, 8 or 32 lanes (coalesced).
 // uncertainty: one thread per [C] row; Monte-Carlo samples use a per-(s, n) statistics pass and
 //   one thread per sample n for the two-pass per-class means and deviations.
+// Grids come from ops/cuda/grid.h (32 blocks per SM at most): grid-stride loops wrap on the
+// emulator's small device in tests.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -553,14 +554,36 @@ __device__ void store_block_best(T best, int64_t bi, T* __restrict__ part_v, int
   }
 }
 
+// Pool rows are read by groups of `group` lanes (1, 8 or 32: row_group): lane l of a group reads
+// elements l, l + group, ... so the group's loads are coalesced, and the partial sums meet by
+// xor shuffles inside the group (every lane ends with the same bits: each step adds the same two
+// values). All lanes of a group walk the same rows, so the group's collectives converge.
+int row_group(int64_t row_len) {
+  return row_len >= 128 ? 32 : row_len >= 16 ? 8 : 1;
+}
+
 template <typename T>
-__device__ T sq_dist(const T* a, const T* b, int64_t D) {
+__device__ __forceinline__ T group_sum(T v, int group) {
+  const unsigned mask = group == 32 ? 0xffffffffu : ((1u << group) - 1u) << (threadIdx.x % 32 / group * group);
+  for (int off = group / 2; off > 0; off /= 2) v += __shfl_xor_sync(mask, v, off, group);
+  return v;
+}
+
+template <typename T>
+__device__ T group_sq_dist(const T* a, const T* b, int64_t n, int lane, int group) {
   T acc = T(0);
-  for (int64_t d = 0; d < D; ++d) {
+  for (int64_t d = lane; d < n; d += group) {
     const T diff = a[d] - b[d];
     acc += diff * diff;
   }
-  return acc;
+  return group_sum(acc, group);
+}
+
+template <typename T>
+__device__ T group_dot(const T* a, const T* b, int64_t n, int lane, int group) {
+  T acc = T(0);
+  for (int64_t d = lane; d < n; d += group) acc += a[d] * b[d];
+  return group_sum(acc, group);
 }
 
 // gap[a] = |x_{centers[p]} - x_{centers[a]}|^2 for a < p; also marks the new center taken.
@@ -570,31 +593,37 @@ __global__ void kcenter_gap_kernel(const T* __restrict__ x, int64_t D, const int
   const int64_t c = centers[p];
   if (blockIdx.x == 0 && threadIdx.x == 0) taken[c] = 1;
   for (int64_t a = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; a < p; a += int64_t(gridDim.x) * blockDim.x) {
-    gap[a] = sq_dist(x + centers[a] * D, x + c * D, D);
+    gap[a] = group_sq_dist(x + centers[a] * D, x + c * D, D, 0, 1);
   }
 }
 
+// The fused running-min pass for center p, one group of lanes per row; lane 0 of each group owns
+// the row's state and its candidacy for the block's argmax.
 template <typename T>
 __global__ void kcenter_update_kernel(const T* __restrict__ x, int64_t N, int64_t D,
                                       const int64_t* __restrict__ centers, int64_t p, const T* __restrict__ gap,
                                       T* __restrict__ min_d, int64_t* __restrict__ assign,
-                                      const uint8_t* __restrict__ taken, T* __restrict__ part_v,
+                                      const uint8_t* __restrict__ taken, int group, T* __restrict__ part_v,
                                       int64_t* __restrict__ part_i) {
   const T* xc = x + centers[p] * D;
+  const int lane = threadIdx.x % group;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x / group;
   T best = T(0);
   int64_t bi = -1;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / group; i < N; i += stride) {
     const int64_t a = assign[i];
     T m = min_d[i];
     if (a < 0 || !scoring::kcenter_can_skip(gap[a], m)) {
-      const T d = sq_dist(x + i * D, xc, D);
+      const T d = group_sq_dist(x + i * D, xc, D, lane, group);  // the group's reads precede lane 0's writes
       if (d < m) {
         m = d;
-        min_d[i] = d;
-        assign[i] = p;
+        if (lane == 0) {
+          min_d[i] = d;
+          assign[i] = p;
+        }
       }
     }
-    if (!taken[i]) keep_better(best, bi, m, i);
+    if (lane == 0 && !taken[i]) keep_better(best, bi, m, i);
   }
   store_block_best(best, bi, part_v, part_i);
 }
@@ -749,7 +778,8 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
   at::Tensor assign = at::full({N}, -1, opts.dtype(at::kLong));
   at::Tensor taken = at::zeros({N}, opts.dtype(at::kByte));
   at::Tensor gap = at::empty({std::max<int64_t>(total, 1)}, opts);
-  const int64_t parts = grid_for(N, kThreads);
+  const int group = row_group(D);
+  const int64_t parts = grid_for(N * group, kThreads);
   at::Tensor part_v = at::empty({parts}, opts);
   at::Tensor part_i = at::empty({parts}, opts.dtype(at::kLong));
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -777,7 +807,7 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kcenter_update_kernel<scalar_t><<<parts, kThreads, 0, stream>>>(
           xp, N, D, cp, p, gap.const_data_ptr<scalar_t>(), min_d.mutable_data_ptr<scalar_t>(),
-          assign.mutable_data_ptr<int64_t>(), taken.const_data_ptr<uint8_t>(), part_v.mutable_data_ptr<scalar_t>(),
+          assign.mutable_data_ptr<int64_t>(), taken.const_data_ptr<uint8_t>(), group, part_v.mutable_data_ptr<scalar_t>(),
           part_i.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       kcenter_argmax_kernel<scalar_t><<<1, kThreads, 0, stream>>>(part_v.const_data_ptr<scalar_t>(),
@@ -788,22 +818,22 @@ at::Tensor kcenter_greedy_cuda(const at::Tensor& embeddings, int64_t budget, con
   return centers.narrow(0, L, budget).clone();
 }
 
-template <typename T>
-__device__ T dot(const T* a, const T* b, int64_t n) {
-  T acc = T(0);
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
-  return acc;
-}
-
+// One group of lanes per row (see row_group); lane 0 writes the row's minimum.
 template <typename T>
 __global__ void badge_update_kernel(const T* __restrict__ q, const T* __restrict__ h, const T* __restrict__ g2,
                                     int64_t N, int64_t C, int64_t D, const int64_t* __restrict__ centers, int64_t t,
-                                    T* __restrict__ min_d, uint8_t* __restrict__ taken) {
+                                    int group, T* __restrict__ min_d, uint8_t* __restrict__ taken) {
   const int64_t c = centers[t];
   if (blockIdx.x == 0 && threadIdx.x == 0) taken[c] = 1;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
-    const T d = scoring::badge_sq_dist(g2[i], g2[c], dot(q + i * C, q + c * C, C), dot(h + i * D, h + c * D, D));
-    min_d[i] = d < min_d[i] ? d : min_d[i];
+  const int lane = threadIdx.x % group;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x / group;
+  for (int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / group; i < N; i += stride) {
+    const T qq = group_dot(q + i * C, q + c * C, C, lane, group);
+    const T hh = group_dot(h + i * D, h + c * D, D, lane, group);
+    if (lane == 0) {
+      const T d = scoring::badge_sq_dist(g2[i], g2[c], qq, hh);
+      min_d[i] = d < min_d[i] ? d : min_d[i];
+    }
   }
 }
 
@@ -843,6 +873,7 @@ at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddin
   const at::Tensor g2 = (q.square().sum(1) * h.square().sum(1)).contiguous();
   const int64_t C = q.size(1);
   const int64_t D = h.size(1);
+  const int group = row_group(std::max(C, D));
   centers.narrow(0, 0, 1).copy_(g2.argmax().view({1}));
   at::Tensor min_d = at::full({N}, INFINITY, q.options());
   at::Tensor taken = at::zeros({N}, q.options().dtype(at::kByte));
@@ -853,9 +884,10 @@ at::Tensor badge_select_cuda(const at::Tensor& probs, const at::Tensor& embeddin
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "badge_select_cuda", [&] {
     for (int64_t t = 0; t < budget; ++t) {
-      badge_update_kernel<scalar_t><<<grid_for(N, kThreads), kThreads, 0, stream>>>(
+      badge_update_kernel<scalar_t><<<grid_for(N * group, kThreads), kThreads, 0, stream>>>(
           q.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), g2.const_data_ptr<scalar_t>(), N, C, D,
-          centers.const_data_ptr<int64_t>(), t, min_d.mutable_data_ptr<scalar_t>(), taken.mutable_data_ptr<uint8_t>());
+          centers.const_data_ptr<int64_t>(), t, group, min_d.mutable_data_ptr<scalar_t>(),
+          taken.mutable_data_ptr<uint8_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (t + 1 == budget) break;
       badge_block_sums_kernel<scalar_t><<<grid_for(nb, kThreads), kThreads, 0, stream>>>(
