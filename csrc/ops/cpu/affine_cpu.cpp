@@ -86,7 +86,7 @@ struct RowTaps {
 
 template <typename T, int64_t kMode, int64_t kPad, bool kSlopes>
 LK_CLONE_BODY void row_taps_impl(const af::PixelMap<T>& m, int64_t oy, int64_t Wo, int64_t H, int64_t W, bool align,
-                          int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {
+                                 int32_t sH, int32_t sW, int32_t* const* off, T* const* w, T* const* sl) {
   // As af::map_u / map_v: the coordinate is formed in double and rounded once.
   const double ax = m.ax;
   const double ay = m.ay;
@@ -440,7 +440,7 @@ LK_CLONE_BODY const T* pixel_at(const T* plane, int32_t o, int32_t null) {
 // compile time, or 0 (runtime P).
 template <typename T, int kTaps, int kP>
 LK_CLONE_BODY void pixel_row_gather_impl(const T* xb, int32_t null, const int32_t* const* off, const T* const* w, int64_t Wo,
-                                  int64_t P_rt, T* out) {
+                                         int64_t P_rt, T* out) {
   const int64_t P = kP > 0 ? kP : P_rt;
   for (int64_t ox = 0; ox < Wo; ++ox) {
     T* dst = out + ox * P;
@@ -470,8 +470,8 @@ LK_CLONE_BODY void pixel_row_gather_impl(const T* xb, int32_t null, const int32_
 // gpx/gpy (when sl is set; bilinear), and the gradient scattered into the taps' pixels of acc.
 template <typename T, int kP>
 LK_CLONE_BODY void pixel_row_backward_impl(const T* xb, const T* go, int32_t null, const int32_t* const* off,
-                                    const T* const* w, const T* const* sl, int64_t Wo, int64_t P_rt, int taps, T* acc,
-                                    T* gpx, T* gpy) {
+                                           const T* const* w, const T* const* sl, int64_t Wo, int64_t P_rt, int taps, T* acc,
+                                           T* gpx, T* gpy) {
   const int64_t P = kP > 0 ? kP : P_rt;
   for (int64_t ox = 0; ox < Wo; ++ox) {
     const T* g = go + ox * P;
@@ -608,7 +608,7 @@ at::Tensor affine_grid_sample_cpu(
 // θ: accumulate one channel's d sample / d (px, py), times the output gradient, into gpx / gpy.
 template <typename x_t, typename g_t, typename T>
 LK_CLONE_BODY void row_slopes_impl(const x_t* xc, const g_t* go, const int32_t* const* off, T* const* sl, int64_t Wo,
-                            T* gpx, T* gpy) {
+                                   T* gpx, T* gpy) {
   const int32_t* o0 = off[0];
   const int32_t* o1 = off[1];
   const int32_t* o2 = off[2];

@@ -97,7 +97,7 @@ LK_CLONE_BODY int64_t cluster_bins(const acc_t* e, int64_t C, acc_t s, const int
 // Every forward output of row i from its statistics; e holds the row's exp(z - max) when routed.
 template <typename acc_t>
 LK_CLONE_BODY void write_row(const GateRows<acc_t>& out, int64_t i, const acc_t* r, int64_t C, const RowStats<acc_t>& st,
-                      const acc_t* e) {
+                             const acc_t* e) {
   const acc_t log_s = entropy::fast_log(st.s);  // once: a libm call per row
   const acc_t H = entropy::entropy_from_log(log_s, st.s, st.t);
   out.entropy[i] = H;
@@ -139,7 +139,7 @@ int64_t short_scratch(int64_t C) {
 
 template <typename scalar_t, typename acc_t>
 LK_CLONE_BODY void forward_short_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GateRows<acc_t>& out,
-                                    acc_t* scratch) {
+                                           acc_t* scratch) {
   constexpr int64_t B = kShortBlock;
   acc_t* v = scratch;       // the block in acc_t, row-major (half types only)
   acc_t* vt = v + B * C;    // the block transposed: vt[j * B + i] = row i, class j
@@ -269,7 +269,7 @@ int64_t backward_rows_per_convert(int64_t C) {
 // stats holds 4 kShortBlock x C arrays.
 template <typename acc_t>
 LK_CLONE_BODY void backward_short_block(const acc_t* r, int64_t C, int64_t row0, int64_t n, const GradRows<acc_t>& in,
-                                 acc_t* g, acc_t* stats) {
+                                        acc_t* g, acc_t* stats) {
   acc_t* M = stats;
   acc_t* LS = M + kShortBlock * C;
   acc_t* HH = LS + kShortBlock * C;
@@ -297,7 +297,7 @@ bool short_backward(int64_t C, bool routed) {
 // Rows [b, b + n) of the block r (already in acc_t) into g.
 template <typename acc_t>
 LK_CLONE_BODY void backward_block(const acc_t* r, int64_t C, int64_t b, int64_t n, const GradRows<acc_t>& in, acc_t* g,
-                           acc_t* stats) {
+                                  acc_t* stats) {
   if (short_backward(C, in.grad_cluster != nullptr)) {
     for (int64_t k = 0; k < n; k += kShortBlock) {
       const int64_t rows = std::min(kShortBlock, n - k);
@@ -310,7 +310,7 @@ LK_CLONE_BODY void backward_block(const acc_t* r, int64_t C, int64_t b, int64_t 
 
 template <typename scalar_t, typename acc_t>
 LK_CLONE_BODY void backward_rows_impl(const scalar_t* x, int64_t C, int64_t begin, int64_t end, const GradRows<acc_t>& in,
-                               scalar_t* gx, acc_t* buf, acc_t* gbuf, acc_t* stats) {
+                                      scalar_t* gx, acc_t* buf, acc_t* gbuf, acc_t* stats) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     backward_block(x + begin * C, C, begin, end - begin, in, gx + begin * C, stats);
   } else {

@@ -15,7 +15,10 @@
 
 #include "ops/pretext.h"
 #include "ops/pretext_checks.h"
+#include "ops/cpu/clones.h"
 #include "ops/cpu/fresh_output.h"
+#include "ops/cpu/narrow.h"
+#include "ops/cpu/row_moments.h"
 #include "ops/cpu/transpose.h"
 
 namespace labelkit {
@@ -68,38 +71,106 @@ void copy_tile(const T* base, const Strides4& s, int64_t C, int64_t t, T* dst) {
   }
 }
 
-// Reads one tile channel into buf and returns its statistics (sums in double: t*t terms). buf
-// keeps the pixels unscaled; a tile of extreme magnitude (scale != 1) is summed again scaled.
-template <typename in_t, typename acc_t>
-TileStats<acc_t> gather_plane(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* buf) {
-  double sum = 0;
-  acc_t lo = static_cast<acc_t>(base[0]);
-  acc_t hi = lo;
-  for (int64_t y = 0; y < t; ++y) {
-    for (int64_t x = 0; x < t; ++x) {
-      const acc_t v = static_cast<acc_t>(base[y * sh + x * sw]);
-      buf[y * t + x] = v;
-      sum += v;
-      lo = v < lo ? v : lo;
-      hi = v > hi ? v : hi;
+// The terms of plane_stats' second sums: x * scale, and (x * scale - mean)^2 (the deviation in
+// acc_t, squared in double).
+template <typename acc_t>
+struct ScaledTerm {
+  acc_t scale;
+  LK_CLONE_BODY double operator()(acc_t v) const { return static_cast<double>(v * scale); }
+};
+
+template <typename acc_t>
+struct SquaredDeviation {
+  acc_t scale, mean;
+  LK_CLONE_BODY double operator()(acc_t v) const {
+    const double d = v * scale - mean;
+    return d * d;
+  }
+};
+
+// sum_i f(buf[i]) in double on lane arrays (see plane_stats).
+template <typename acc_t, typename F>
+LK_CLONE_BODY double lane_sum(const acc_t* buf, int64_t n, F f) {
+  double acc[cpu::kLanes] = {};
+  const int64_t whole = n - n % cpu::kLanes;
+  for (int64_t i = 0; i < whole; i += cpu::kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < cpu::kLanes; ++l) acc[l] += f(buf[i + l]);
+  }
+  for (int64_t i = whole; i < n; ++i) acc[i - whole] += f(buf[i]);
+  return cpu::tree_sum(acc);
+}
+
+// Statistics of one tile channel held in buf[0, n) (sums in double: t*t terms). The reductions
+// run on lane arrays (cpu::kLanes partial results, then a fixed pairwise tree), so they vectorise
+// and give the same bits on every run; one sequential double chain per sum cost 5-20x the copy.
+// A tile of extreme magnitude (scale != 1) is summed again scaled.
+template <typename acc_t>
+LK_CLONE_BODY TileStats<acc_t> plane_stats(const acc_t* buf, int64_t n) {
+  using cpu::kLanes;
+  double sum[kLanes] = {};
+  acc_t lo[kLanes];
+  acc_t hi[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lo[l] = hi[l] = buf[0];
+  const int64_t whole = n - n % kLanes;
+  for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t v = buf[i + l];
+      sum[l] += v;
+      lo[l] = v < lo[l] ? v : lo[l];
+      hi[l] = v > hi[l] ? v : hi[l];
     }
   }
-  const int64_t n = t * t;
+  for (int64_t i = whole; i < n; ++i) {
+    const acc_t v = buf[i];
+    sum[i - whole] += v;
+    lo[i - whole] = v < lo[i - whole] ? v : lo[i - whole];
+    hi[i - whole] = v > hi[i - whole] ? v : hi[i - whole];
+  }
+  for (int64_t l = 1; l < kLanes; ++l) {
+    lo[0] = lo[l] < lo[0] ? lo[l] : lo[0];
+    hi[0] = hi[l] > hi[0] ? hi[l] : hi[0];
+  }
   // lo == hi is false when the tile holds a NaN (compares drop it, the sum keeps it).
-  const bool constant = lo == hi && sum == sum;
-  const acc_t scale = pretext::tile_scale<acc_t>(std::max(std::abs(lo), std::abs(hi)));
-  double scaled_sum = sum;
-  if (scale != acc_t(1)) {
-    scaled_sum = 0;
-    for (int64_t i = 0; i < n; ++i) scaled_sum += buf[i] * scale;
-  }
+  const bool constant = lo[0] == hi[0] && sum[0] == sum[0];
+  const acc_t scale = pretext::tile_scale<acc_t>(std::max(std::abs(lo[0]), std::abs(hi[0])));
+  double scaled_sum = cpu::tree_sum(sum);
+  if (scale != acc_t(1)) scaled_sum = lane_sum(buf, n, ScaledTerm<acc_t>{scale});
   const acc_t mean = static_cast<acc_t>(scaled_sum / n);
-  double sq = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = buf[i] * scale - mean;
-    sq += d * d;
-  }
+  const double sq = lane_sum(buf, n, SquaredDeviation<acc_t>{scale, mean});
   return pretext::tile_stats<acc_t>(mean, static_cast<acc_t>(sq / n), constant, scale);
+}
+
+// Reads one tile channel into buf (unscaled) and returns its statistics.
+template <typename in_t, typename acc_t>
+LK_CLONE_BODY TileStats<acc_t> gather_plane(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* buf) {
+  for (int64_t y = 0; y < t; ++y) {
+    for (int64_t x = 0; x < t; ++x) buf[y * t + x] = static_cast<acc_t>(base[y * sh + x * sw]);
+  }
+  return plane_stats(buf, t * t);
+}
+
+// One standardised tile channel: o = (x * scale - mean) * inv_std, 0 for a constant tile.
+template <typename in_t, typename acc_t, typename out_t>
+LK_CLONE_BODY void normalize_plane_impl(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* buf, out_t* o) {
+  const TileStats<acc_t> st = gather_plane<in_t, acc_t>(base, sh, sw, t, buf);
+  for (int64_t i = 0; i < t * t; ++i) o[i] = cpu::narrow<out_t>(pretext::normalized(buf[i], st));
+}
+
+// ISA clones for the common inputs (float images, uint8 images to float tiles); the other types
+// run the baseline build of the same code.
+LK_CPU_CLONES void normalize_plane(const float* base, int64_t sh, int64_t sw, int64_t t, float* buf, float* o) {
+  normalize_plane_impl(base, sh, sw, t, buf, o);
+}
+
+LK_CPU_CLONES void normalize_plane(const uint8_t* base, int64_t sh, int64_t sw, int64_t t, float* buf, float* o) {
+  normalize_plane_impl(base, sh, sw, t, buf, o);
+}
+
+template <typename in_t, typename acc_t, typename out_t>
+void normalize_plane(const in_t* base, int64_t sh, int64_t sw, int64_t t, acc_t* buf, out_t* o) {
+  normalize_plane_impl(base, sh, sw, t, buf, o);
 }
 
 template <typename in_t, typename out_t, bool kNormalize>
@@ -120,11 +191,7 @@ void tiles_forward(
       if constexpr (!kNormalize) {
         copy_tile<in_t>(base, s, C, t, dst);
       } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const TileStats<acc_t> st = gather_plane<in_t, acc_t>(base + c * s.c, s.h, s.w, t, buf.data());
-          out_t* o = dst + c * plane;
-          for (int64_t i = 0; i < plane; ++i) o[i] = static_cast<out_t>(pretext::normalized(buf[i], st));
-        }
+        for (int64_t c = 0; c < C; ++c) normalize_plane(base + c * s.c, s.h, s.w, t, buf.data(), dst + c * plane);
       }
     }
   });

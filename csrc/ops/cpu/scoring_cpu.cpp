@@ -30,7 +30,6 @@
 #include "ops/cpu/clones.h"
 #include "ops/cpu/row_moments.h"
 
-
 namespace labelkit {
 namespace {
 
@@ -322,7 +321,7 @@ LK_CLONE_BODY void uncertainty_row_grad(Method method, const T* x, int64_t C, bo
 // pushed through the softmax for logits: d/dz_k = p_k (G_k - sum_j p_j G_j).
 template <typename T>
 LK_CLONE_BODY void mc_sample_grad(Method method, const McStats<T>& st, int64_t S, int64_t C, bool from_logits, T g,
-                    std::vector<T>& G, T* gx) {
+                                  std::vector<T>& G, T* gx) {
   for (int64_t j = 0; j < C; ++j) {
     if (method == Method::kBald) {
       G[j] = g * (st.log_p[j] - entropy::fast_log(st.mean[j])) / T(S);
@@ -637,7 +636,7 @@ LK_CLONE_BODY void seed_distances(const T* xt, int64_t D, const T* const* c, T (
 // Folds all L centers (rows centers[0..L) of x) into min_d/assign of rows [row0, row0 + rows).
 template <typename T>
 LK_CLONE_BODY void kcenter_seed_tile_impl(const T* x, int64_t D, int64_t row0, int64_t rows, const int64_t* centers,
-                                   int64_t L, T* xt, T* min_d, int64_t* assign) {
+                                          int64_t L, T* xt, T* min_d, int64_t* assign) {
   transpose_seed_tile(x, D, row0, rows, xt);
   T acc[kSeedCenters][kSeedLanes];
   for (int64_t p0 = 0; p0 < L; p0 += kSeedCenters) {

@@ -76,7 +76,7 @@ LK_CLONE_BODY void transpose_tile<c10::Half>(const c10::Half* src, int64_t ld_sr
 
 template <>
 LK_CLONE_BODY void transpose_tile<c10::BFloat16>(const c10::BFloat16* src, int64_t ld_src, c10::BFloat16* dst,
-                                             int64_t ld_dst) {
+                                                 int64_t ld_dst) {
   transpose_tile_16bit(reinterpret_cast<const uint16_t*>(src), ld_src, reinterpret_cast<uint16_t*>(dst), ld_dst);
 }
 
