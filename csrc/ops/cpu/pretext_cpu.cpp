@@ -88,9 +88,15 @@ struct SquaredDeviation {
   }
 };
 
+// g as acc_t, in double (the gradient's sum in the backward).
+template <typename scalar_t, typename acc_t>
+struct Widened {
+  LK_CLONE_BODY double operator()(scalar_t v) const { return static_cast<double>(static_cast<acc_t>(v)); }
+};
+
 // sum_i f(buf[i]) in double on lane arrays (see plane_stats).
-template <typename acc_t, typename F>
-LK_CLONE_BODY double lane_sum(const acc_t* buf, int64_t n, F f) {
+template <typename elem_t, typename F>
+LK_CLONE_BODY double lane_sum(const elem_t* buf, int64_t n, F f) {
   double acc[cpu::kLanes] = {};
   const int64_t whole = n - n % cpu::kLanes;
   for (int64_t i = 0; i < whole; i += cpu::kLanes) {
@@ -98,6 +104,19 @@ LK_CLONE_BODY double lane_sum(const acc_t* buf, int64_t n, F f) {
     for (int64_t l = 0; l < cpu::kLanes; ++l) acc[l] += f(buf[i + l]);
   }
   for (int64_t i = whole; i < n; ++i) acc[i - whole] += f(buf[i]);
+  return cpu::tree_sum(acc);
+}
+
+// sum_i g[i] * y[i] in double on lane arrays, g widened to acc_t first (the product in acc_t).
+template <typename scalar_t, typename acc_t>
+LK_CLONE_BODY double lane_dot(const scalar_t* g, const acc_t* y, int64_t n) {
+  double acc[cpu::kLanes] = {};
+  const int64_t whole = n - n % cpu::kLanes;
+  for (int64_t i = 0; i < whole; i += cpu::kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < cpu::kLanes; ++l) acc[l] += static_cast<acc_t>(g[i + l]) * y[i + l];
+  }
+  for (int64_t i = whole; i < n; ++i) acc[i - whole] += static_cast<acc_t>(g[i]) * y[i];
   return cpu::tree_sum(acc);
 }
 
@@ -256,15 +275,9 @@ void tiles_backward(
           }
           const scalar_t* base = x + n * s.n + c * s.c + src.top * s.h + src.left * s.w;
           const TileStats<acc_t> st = gather_plane<scalar_t, acc_t>(base, s.h, s.w, t, buf.data());
-          double sum_g = 0, sum_gy = 0;
-          for (int64_t i = 0; i < plane; ++i) {
-            const acc_t gv = static_cast<acc_t>(gt[i]);
-            buf[i] = pretext::normalized(buf[i], st);  // buf now holds y
-            sum_g += gv;
-            sum_gy += gv * buf[i];
-          }
-          const acc_t mean_g = static_cast<acc_t>(sum_g / plane);
-          const acc_t mean_gy = static_cast<acc_t>(sum_gy / plane);
+          for (int64_t i = 0; i < plane; ++i) buf[i] = pretext::normalized(buf[i], st);  // buf now holds y
+          const acc_t mean_g = static_cast<acc_t>(lane_sum(gt, plane, Widened<scalar_t, acc_t>{}) / plane);
+          const acc_t mean_gy = static_cast<acc_t>(lane_dot(gt, buf.data(), plane) / plane);
           for (int64_t y = 0; y < t; ++y)
             for (int64_t xx = 0; xx < t; ++xx) {
               const int64_t i = y * t + xx;
