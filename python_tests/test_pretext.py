@@ -406,6 +406,19 @@ def test_special_values_and_constant_tiles(device):
     assert torch.isnan(raw[0, 0, 0, 0, 0]) and torch.isinf(raw[0, 1, 0, 0, 0])
 
 
+def test_nan_past_the_first_pixel_of_a_flat_tile_propagates(device):
+    # min == max over the other pixels, but the tile is not constant: the NaN wins wherever it
+    # sits (the CPU sums in lanes of 16: pixel 29 of the tile is lane 13 of its second chunk).
+    x = torch.full((1, 1, 12, 12), 3.0, device=device)
+    x[0, 0, 4, 11] = math.nan  # cell 1 of a 2x2 grid (6x6 tiles), tile pixel 4 * 6 + 5
+    perms = torch.arange(4, device=device)[None]
+    zero = torch.zeros(1, dtype=torch.int64, device=device)
+    t = jigsaw_tiles(x, zero, perms, 2, normalize=True)
+    assert torch.isnan(t[0, 1]).all()  # slot 1 holds cell 1: columns 6..11 of rows 0..5
+    assert torch.equal(t[0, 0], torch.zeros_like(t[0, 0]))
+    compare(t, jigsaw_tiles_ref(x, zero, perms, 2, 6, None, True), True)
+
+
 # ---- 3. gradients --------------------------------------------------------------------------------
 
 

@@ -151,10 +151,10 @@ LK_CLONE_BODY TileStats<acc_t> plane_stats(const acc_t* buf, int64_t n) {
     lo[0] = lo[l] < lo[0] ? lo[l] : lo[0];
     hi[0] = hi[l] > hi[0] ? hi[l] : hi[0];
   }
-  // lo == hi is false when the tile holds a NaN (compares drop it, the sum keeps it).
-  const bool constant = lo[0] == hi[0] && sum[0] == sum[0];
-  const acc_t scale = pretext::tile_scale<acc_t>(std::max(std::abs(lo[0]), std::abs(hi[0])));
   double scaled_sum = cpu::tree_sum(sum);
+  // A NaN anywhere makes the tile non-constant: the compares drop it, the total keeps it.
+  const bool constant = lo[0] == hi[0] && scaled_sum == scaled_sum;
+  const acc_t scale = pretext::tile_scale<acc_t>(std::max(std::abs(lo[0]), std::abs(hi[0])));
   if (scale != acc_t(1)) scaled_sum = lane_sum(buf, n, ScaledTerm<acc_t>{scale});
   const acc_t mean = static_cast<acc_t>(scaled_sum / n);
   const double sq = lane_sum(buf, n, SquaredDeviation<acc_t>{scale, mean});
