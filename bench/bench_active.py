@@ -1,5 +1,6 @@
 """Benchmark one active-learning selection round: entropy, core-set and BADGE on the same pool,
-ours (the ``labelkit_ext.methods.active`` strategies on our scoring ops) vs the peers that have
+ours (the ``labelkit_ext.methods.active`` strategies on our scoring ops: ``uncertainty``,
+``kcenter_greedy`` and ``badge_select``, the benchmark of the last two) vs the peers that have
 the strategy: baal (entropy), modAL (entropy), scikit-activeml (entropy, core-set, BADGE).
 
     python bench/bench_active.py                          # pools of 50,000 and 200,000 x 128

@@ -116,7 +116,8 @@ def test_a_failed_build_stops_the_run(tree: Path) -> None:
     rows = _summary_rows(tree)
     assert rows == {"build": "FAILED (exit 1)", "(later": "not run: the build failed"}
     calls = (tree / "calls.log").read_text()
-    assert "-m pytest" not in calls and "bench/" not in calls
+    # No test or benchmark ran ("pytest" alone also names the preflight's import probes).
+    assert "-m pytest" not in calls and "python_tests" not in calls and "bench/" not in calls
 
 
 @pytest.mark.parametrize(

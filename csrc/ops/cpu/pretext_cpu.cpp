@@ -71,63 +71,27 @@ void copy_tile(const T* base, const Strides4& s, int64_t C, int64_t t, T* dst) {
   }
 }
 
-// The terms of plane_stats' second sums: x * scale, and (x * scale - mean)^2 (the deviation in
-// acc_t, squared in double).
-template <typename acc_t>
-struct ScaledTerm {
-  acc_t scale;
-  LK_CLONE_BODY double operator()(acc_t v) const { return static_cast<double>(v * scale); }
-};
-
-template <typename acc_t>
-struct SquaredDeviation {
-  acc_t scale, mean;
-  LK_CLONE_BODY double operator()(acc_t v) const {
-    const double d = v * scale - mean;
-    return d * d;
-  }
-};
-
-// g as acc_t, in double (the gradient's sum in the backward).
-template <typename scalar_t, typename acc_t>
-struct Widened {
-  LK_CLONE_BODY double operator()(scalar_t v) const { return static_cast<double>(static_cast<acc_t>(v)); }
-};
-
-// sum_i f(buf[i]) in double on lane arrays (see plane_stats).
-template <typename elem_t, typename F>
-LK_CLONE_BODY double lane_sum(const elem_t* buf, int64_t n, F f) {
+// sum_{i < n} term(i) in double on lane arrays (cpu::kLanes partial results, then a fixed
+// pairwise tree): the loop vectorises and gives the same bits on every run.
+template <typename Term>
+LK_CLONE_BODY double lane_sum(int64_t n, Term term) {
   double acc[cpu::kLanes] = {};
   const int64_t whole = n - n % cpu::kLanes;
   for (int64_t i = 0; i < whole; i += cpu::kLanes) {
 #pragma omp simd
-    for (int64_t l = 0; l < cpu::kLanes; ++l) acc[l] += f(buf[i + l]);
+    for (int64_t l = 0; l < cpu::kLanes; ++l) acc[l] += term(i + l);
   }
-  for (int64_t i = whole; i < n; ++i) acc[i - whole] += f(buf[i]);
+  for (int64_t i = whole; i < n; ++i) acc[i - whole] += term(i);
   return cpu::tree_sum(acc);
 }
 
-// sum_i g[i] * y[i] in double on lane arrays, g widened to acc_t first (the product in acc_t).
-template <typename scalar_t, typename acc_t>
-LK_CLONE_BODY double lane_dot(const scalar_t* g, const acc_t* y, int64_t n) {
-  double acc[cpu::kLanes] = {};
-  const int64_t whole = n - n % cpu::kLanes;
-  for (int64_t i = 0; i < whole; i += cpu::kLanes) {
-#pragma omp simd
-    for (int64_t l = 0; l < cpu::kLanes; ++l) acc[l] += static_cast<acc_t>(g[i + l]) * y[i + l];
-  }
-  for (int64_t i = whole; i < n; ++i) acc[i - whole] += static_cast<acc_t>(g[i]) * y[i];
-  return cpu::tree_sum(acc);
-}
-
-// Statistics of one tile channel held in buf[0, n) (sums in double: t*t terms). The reductions
-// run on lane arrays (cpu::kLanes partial results, then a fixed pairwise tree), so they vectorise
-// and give the same bits on every run; one sequential double chain per sum cost 5-20x the copy.
-// A tile of extreme magnitude (scale != 1) is summed again scaled.
+// Statistics of one tile channel held in buf[0, n) (sums in double: t*t terms), every reduction
+// on lane arrays (one sequential double chain per sum cost 5-20x the copy). A tile of extreme
+// magnitude (scale != 1) is summed again scaled; the deviations are taken in acc_t.
 template <typename acc_t>
 LK_CLONE_BODY TileStats<acc_t> plane_stats(const acc_t* buf, int64_t n) {
   using cpu::kLanes;
-  double sum[kLanes] = {};
+  double sums[kLanes] = {};
   acc_t lo[kLanes];
   acc_t hi[kLanes];
   for (int64_t l = 0; l < kLanes; ++l) lo[l] = hi[l] = buf[0];
@@ -135,29 +99,30 @@ LK_CLONE_BODY TileStats<acc_t> plane_stats(const acc_t* buf, int64_t n) {
   for (int64_t i = 0; i < whole; i += kLanes) {
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
-      const acc_t v = buf[i + l];
-      sum[l] += v;
-      lo[l] = v < lo[l] ? v : lo[l];
-      hi[l] = v > hi[l] ? v : hi[l];
+      sums[l] += buf[i + l];
+      lo[l] = buf[i + l] < lo[l] ? buf[i + l] : lo[l];
+      hi[l] = buf[i + l] > hi[l] ? buf[i + l] : hi[l];
     }
   }
   for (int64_t i = whole; i < n; ++i) {
-    const acc_t v = buf[i];
-    sum[i - whole] += v;
-    lo[i - whole] = v < lo[i - whole] ? v : lo[i - whole];
-    hi[i - whole] = v > hi[i - whole] ? v : hi[i - whole];
+    sums[i - whole] += buf[i];
+    lo[0] = buf[i] < lo[0] ? buf[i] : lo[0];
+    hi[0] = buf[i] > hi[0] ? buf[i] : hi[0];
   }
   for (int64_t l = 1; l < kLanes; ++l) {
     lo[0] = lo[l] < lo[0] ? lo[l] : lo[0];
     hi[0] = hi[l] > hi[0] ? hi[l] : hi[0];
   }
-  double scaled_sum = cpu::tree_sum(sum);
-  // A NaN anywhere makes the tile non-constant: the compares drop it, the total keeps it.
-  const bool constant = lo[0] == hi[0] && scaled_sum == scaled_sum;
+  double sum = cpu::tree_sum(sums);
+  // A NaN anywhere makes the tile non-constant: the compares drop it, the sum keeps it.
+  const bool constant = lo[0] == hi[0] && sum == sum;
   const acc_t scale = pretext::tile_scale<acc_t>(std::max(std::abs(lo[0]), std::abs(hi[0])));
-  if (scale != acc_t(1)) scaled_sum = lane_sum(buf, n, ScaledTerm<acc_t>{scale});
-  const acc_t mean = static_cast<acc_t>(scaled_sum / n);
-  const double sq = lane_sum(buf, n, SquaredDeviation<acc_t>{scale, mean});
+  if (scale != acc_t(1)) sum = lane_sum(n, [buf, scale](int64_t i) { return static_cast<double>(buf[i] * scale); });
+  const acc_t mean = static_cast<acc_t>(sum / n);
+  const double sq = lane_sum(n, [buf, scale, mean](int64_t i) {
+    const double d = buf[i] * scale - mean;
+    return d * d;
+  });
   return pretext::tile_stats<acc_t>(mean, static_cast<acc_t>(sq / n), constant, scale);
 }
 
@@ -276,8 +241,12 @@ void tiles_backward(
           const scalar_t* base = x + n * s.n + c * s.c + src.top * s.h + src.left * s.w;
           const TileStats<acc_t> st = gather_plane<scalar_t, acc_t>(base, s.h, s.w, t, buf.data());
           for (int64_t i = 0; i < plane; ++i) buf[i] = pretext::normalized(buf[i], st);  // buf now holds y
-          const acc_t mean_g = static_cast<acc_t>(lane_sum(gt, plane, Widened<scalar_t, acc_t>{}) / plane);
-          const acc_t mean_gy = static_cast<acc_t>(lane_dot(gt, buf.data(), plane) / plane);
+          const acc_t* y = buf.data();
+          const double sum_g = lane_sum(plane, [gt](int64_t i) { return double(static_cast<acc_t>(gt[i])); });
+          const double sum_gy =
+              lane_sum(plane, [gt, y](int64_t i) { return double(static_cast<acc_t>(gt[i]) * y[i]); });
+          const acc_t mean_g = static_cast<acc_t>(sum_g / plane);
+          const acc_t mean_gy = static_cast<acc_t>(sum_gy / plane);
           for (int64_t y = 0; y < t; ++y)
             for (int64_t xx = 0; xx < t; ++xx) {
               const int64_t i = y * t + xx;
