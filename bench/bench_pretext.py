@@ -163,10 +163,11 @@ def tile_cases(args, device, dtype):
         )
 
 
-# Large outputs get fresh transparent huge pages (ours advises them): on a VM the first calls
-# can pay a host fault per 2 MiB page (here ~6 calls at ~125 ms instead of ~9 ms) until the guest
-# reuses freed ones. Every provider of such a case is warmed up alike, so the timings are the
-# steady state a training loop sees.
+# Large outputs: the other providers get fresh pages from torch's allocator on every call; ours
+# reuse a cached block after the first call (docs/installation.md, "Run-time knobs"). On a VM the
+# first calls that touch fresh memory can pay a host fault per 2 MiB page (here ~6 calls at
+# ~125 ms instead of ~9 ms) until the guest reuses freed pages. Every provider of such a case is
+# warmed up alike, so the timings are the steady state a training loop sees.
 WARM_UP_BYTES = 64 << 20
 WARM_UP_CALLS = 10
 COMPILED: dict[str, Callable] = {}
@@ -182,8 +183,8 @@ def run_tiles(args, device, env, save) -> tuple[list[dict], list[str]]:
         dtype = common.DTYPES.get(dtype_name, torch.uint8)
         for op, case, image, tile, providers in tile_cases(args, device, dtype):
             reference = providers["eager"]()
-            # The floor of any op returning a fresh tensor: allocate it and write its bytes.
-            # For large outputs it is first-touch page faults, not our arithmetic, that bind.
+            # The floor of an op returning a tensor from torch's allocator: allocate it and write
+            # its bytes. For large outputs first-touch page faults bind, not the arithmetic.
             providers = {**providers, "copy": lambda r=reference: r.clone()}
             out_bytes = reference.numel() * reference.element_size()
             for name in names:

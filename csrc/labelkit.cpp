@@ -80,4 +80,12 @@ TORCH_LIBRARY(labelkit, m) {
   m.def(
       "badge_select(Tensor probs, Tensor embeddings, Tensor uniforms, SymInt budget) -> Tensor",
       {at::Tag::pt2_compliant_tag});
+
+  // The CPU output cache (ops/cpu/output_cache.h): process state, not tensor ops.
+  // [cached bytes, cached blocks, bytes in use, limit, hits, misses]
+  m.def("cpu_cache_stats() -> int[]");
+  // Sets the limit on cached bytes; returns the previous one.
+  m.def("set_cpu_cache_limit(int limit_bytes) -> int");
+  // Frees every cached block; returns the bytes freed.
+  m.def("empty_cpu_cache() -> int");
 }

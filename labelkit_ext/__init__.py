@@ -20,6 +20,10 @@ _EXPORTS = {
     "HAS_OPS": "_ext",
     "LOAD_ERROR": "_ext",
     "info": "_info",
+    "CpuCacheStats": "memory",
+    "cpu_cache_stats": "memory",
+    "empty_cpu_cache": "memory",
+    "set_cpu_cache_limit": "memory",
     "register_ops": "ops",
     "affine_grid_sample": "ops.affine",
     "EntropyGate": "ops.entropy",
@@ -45,6 +49,12 @@ _EXPORTS = {
 if TYPE_CHECKING:  # what static analysers and IDEs see
     from labelkit_ext._ext import BUILD_INFO, HAS_OPS, LOAD_ERROR
     from labelkit_ext._info import info
+    from labelkit_ext.memory import (
+        CpuCacheStats,
+        cpu_cache_stats,
+        empty_cpu_cache,
+        set_cpu_cache_limit,
+    )
     from labelkit_ext.ops import register_ops
     from labelkit_ext.ops.affine import affine_grid_sample
     from labelkit_ext.ops.entropy import (
@@ -102,6 +112,9 @@ __all__ = [
     "context_pair",
     "cosine_reduce",
     "cosine_topk",
+    "cpu_cache_stats",
+    "CpuCacheStats",
+    "empty_cpu_cache",
     "entropy_gate",
     "EntropyGate",
     "hamming_distance_stats",
@@ -115,6 +128,7 @@ __all__ = [
     "PretextBatch",
     "register_ops",
     "rotate90",
+    "set_cpu_cache_limit",
     "softmax_entropy",
     "TopK",
     "uncertainty",

@@ -59,8 +59,21 @@ def info(as_dict: bool = False) -> dict | str:
         else [],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
+        "cpu_cache": _cpu_cache(),
     }
     return report if as_dict else _format(report)
+
+
+def _cpu_cache() -> dict | str:
+    """The CPU output cache's stats, or why they are unavailable (a bad LABELKIT_CPU_CACHE_MB)."""
+    from dataclasses import asdict
+
+    from labelkit_ext.memory import cpu_cache_stats
+
+    try:
+        return asdict(cpu_cache_stats())
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
 
 
 def _version() -> str:
@@ -104,6 +117,18 @@ def _install_lines(r: dict) -> list[str]:
     ]
 
 
+def _cache_line(cache: dict | str, loaded: bool) -> str:
+    if not loaded:
+        return "not used (no compiled kernels)"
+    if isinstance(cache, str):
+        return cache
+    mib = 2**20
+    return (
+        f"{cache['cached_bytes'] // mib} MiB cached of a {cache['limit_bytes'] // mib} MiB limit "
+        "(LABELKIT_CPU_CACHE_MB)"
+    )
+
+
 def _loaded_lines(r: dict) -> list[str]:
     loaded = "yes" if r["extension_loaded"] else f"no ({r['extension_error']})"
     gpus = ", ".join(r["gpus"]) if r["gpus"] else "none visible"
@@ -114,5 +139,6 @@ def _loaded_lines(r: dict) -> list[str]:
         f"  CPU kernels      : {', '.join(r['cpu_kernels']) or 'none (pure-PyTorch reference)'}",
         f"  CUDA kernels     : {', '.join(r['cuda_kernels']) or 'none'}",
         f"  GPU              : {gpus}",
+        f"  CPU output cache : {_cache_line(r['cpu_cache'], r['extension_loaded'])}",
         f"  torch            : {r['torch']} (CUDA {r['torch_cuda']})",
     ]
