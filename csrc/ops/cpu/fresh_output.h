@@ -46,15 +46,24 @@ inline void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+// Outputs of at least kMinCachedBytes come from the output cache; smaller ones from at::empty
+// (through the dispatcher, as any torch op's, so the profiler names them aten::empty).
+inline bool cached_output(at::IntArrayRef sizes, c10::ScalarType dtype) {
+  return static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype) >= kMinCachedBytes;
+}
+
 // at::empty for an output the caller fills completely before anything else reads it.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::detail::empty_generic(sizes, output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), options.memory_format_opt());
+  const c10::ScalarType dtype = options.dtype().toScalarType();
+  if (!cached_output(sizes, dtype)) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, output_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                   options.memory_format_opt());
 }
 
 // at::empty_like (same strides as `like` where it is dense) for an output filled completely
 // before it is read.
 inline at::Tensor empty_output_like(const at::Tensor& like) {
+  if (!cached_output(like.sizes(), like.scalar_type())) return at::empty_like(like);
   const c10::DispatchKeySet cpu(c10::DispatchKey::CPU);
   if (like.is_non_overlapping_and_dense()) {
     return at::detail::empty_strided_generic(like.sizes(), like.strides(), output_allocator(), cpu,
