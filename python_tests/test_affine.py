@@ -620,6 +620,11 @@ _T = torch.rand(2, 2, 3)
         ),
         (lambda: affine_grid_sample(_X, _T, (0, 4)), ValueError, "size entries must be positive"),
         (lambda: affine_grid_sample(_X, _T, (4, -1)), ValueError, "size entries must be positive"),
+        (
+            lambda: affine_grid_sample(_X, _T, (2**31, 2**31)),
+            ValueError,
+            r"size \(2147483648, 2147483648\) is too large",
+        ),
         (lambda: affine_grid_sample(_X, _T, (4,)), ValueError, r"size must be None or \(Ho, Wo\)"),
         (lambda: affine_grid_sample(_X, _T, (4.0, 4)), ValueError, "size must hold two ints"),
         (lambda: affine_grid_sample(_X, _T, mode="bicubic"), ValueError, "mode must be one of"),

@@ -295,9 +295,13 @@ def test_entropy_gate_matches_reference(device, dtype, N, C, S):
     _assert_gate_matches(entropy_gate(x, thr), x, thr, None, None)
     clusters = _random_clusters(C, S, device)
     _assert_gate_matches(entropy_gate(x, thr, clusters), x, thr, clusters, S)
-    _assert_gate_matches(
-        entropy_gate(x, thr, clusters, num_clusters=S + 2), x, thr, clusters, S + 2
-    )
+    if S + 2 <= C:  # two empty clusters
+        _assert_gate_matches(
+            entropy_gate(x, thr, clusters, num_clusters=S + 2), x, thr, clusters, S + 2
+        )
+    else:  # more clusters than classes
+        with pytest.raises(ValueError, match=rf"num_clusters must be <= C = {C}"):
+            entropy_gate(x, thr, clusters, num_clusters=S + 2)
 
 
 def test_entropy_gate_hand_computed_example(device):
@@ -512,6 +516,16 @@ def test_max_entropy_loss_grows_with_entropy(device):
             lambda: entropy_gate(torch.ones(2, 3), 1.0, None, num_clusters=2),
             ValueError,
             "without clusters",
+        ),
+        (  # an [N, 2**40] cluster mass is never allocated
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=2**40),
+            ValueError,
+            r"num_clusters must be <= C = 3 \(one cluster id per class\)",
+        ),
+        (
+            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2**40])),
+            ValueError,
+            r"clusters must hold ids in \[0, C = 3\)",
         ),
         (
             lambda: entropy_gate(

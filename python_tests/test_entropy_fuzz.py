@@ -190,12 +190,16 @@ def _clusters(draw, C: int, device: str):
         errors.append(Raises(ValueError, "entropy_gate: clusters must be on the logits' device"))
     if num is not None and num < 1:
         errors.append(Raises(ValueError, "entropy_gate: num_clusters must be an int >= 1"))
+    elif num is not None and num > n:
+        errors.append(Raises(ValueError, "entropy_gate: num_clusters must be <= C"))
     if n and int(ids.min()) < 0:
         errors.append(Raises(ValueError, "entropy_gate: clusters must hold ids >= 0"))
     elif n and num is not None and int(ids.max()) >= num:
         errors.append(
             Raises(ValueError, r"entropy_gate: clusters must hold ids in \[0, num_clusters")
         )
+    elif n and num is None and int(ids.max()) >= n:
+        errors.append(Raises(ValueError, r"entropy_gate: clusters must hold ids in \[0, C = "))
     return clusters, num, errors
 
 

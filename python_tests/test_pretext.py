@@ -250,6 +250,14 @@ def test_hamming_errors():
         hamming_permutations(5, grid=1)
     with pytest.raises(ValueError, match="num_candidates"):
         hamming_permutations(5, grid=4, num_candidates=0)
+    # Huge grids: refused at once, before any table (or 10^6 factorial) is built.
+    for grid in (37, 1000):
+        with pytest.raises(ValueError, match=rf"grid={grid} with num_candidates=100000 needs a"):
+            hamming_permutations(2, grid=grid)
+    with pytest.raises(ValueError, match="candidate table, more than 134,217,728 entries"):
+        hamming_permutations(2, grid=4, num_candidates=2**24)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\)"):
+        hamming_permutations(2, seed=2**70)
     with pytest.raises(ValueError, match="at least 2 permutations"):
         hamming_distance_stats(torch.arange(9)[None])
 

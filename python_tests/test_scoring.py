@@ -272,7 +272,7 @@ def test_uncertainty_gradcheck(device):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("largest", [True, False])
-@pytest.mark.parametrize("tile", [None, 1, 7, 100])
+@pytest.mark.parametrize("tile", [None, 1, 7, 100, 2**40])  # 2**40: one tile, no N x 2**40 buffer
 def test_cosine_topk_matches_reference_and_full_matrix(device, dtype, largest, tile):
     q = randn(45, 12, seed=11, device=device, dtype=dtype)
     k = randn(38, 12, seed=12, device=device, dtype=dtype)
@@ -326,7 +326,7 @@ def test_cosine_topk_empty_and_noncontiguous(device):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("reduce", ["max", "min", "mean", "sum"])
-@pytest.mark.parametrize("tile", [None, 4])
+@pytest.mark.parametrize("tile", [None, 4, 2**40])
 def test_cosine_reduce_matches_reference_and_full_matrix(device, dtype, reduce, tile):
     q = randn(33, 10, seed=15, device=device, dtype=dtype)
     k = randn(27, 10, seed=16, device=device, dtype=dtype)
@@ -565,8 +565,19 @@ _K = torch.randn(5, 3)
         (
             lambda: badge_select(torch.full((5, 2), math.nan), _K, 1),
             ValueError,
-            "probs must be finite",
+            r"probs must be probabilities in \[0, 1\]",
         ),
+        (  # logits passed for probabilities
+            lambda: badge_select(torch.tensor([[2.0, -1.0]] * 5), _K, 1),
+            ValueError,
+            r"probs must be probabilities in \[0, 1\]",
+        ),
+        (
+            lambda: badge_select(torch.rand(5, 2, dtype=torch.float64), _K, 1),
+            ValueError,
+            "probs and embeddings must have the same dtype",
+        ),
+        (lambda: badge_select(torch.rand(5, 2), _K, 1, seed=2**70), ValueError, "seed must be < 2"),
     ],
 )
 def test_bad_input(call, exc, match):

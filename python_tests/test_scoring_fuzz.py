@@ -89,10 +89,16 @@ def _uncertainty_errors(x: torch.Tensor, method, from_logits) -> list[Raises]:
         errors.append(Raises(ValueError, f"{op}: scores has an empty class dimension"))
     if x.dim() == 3 and x.shape[0] == 0:
         errors.append(Raises(ValueError, f"{op}: scores has no Monte-Carlo samples"))
-    if from_logits is False and x.is_floating_point() and x.numel():
-        if not bool(((x >= 0) & (x <= 1)).all()):
-            errors.append(Raises(ValueError, f"{op}: scores must be probabilities in"))
+    if from_logits is False:
+        errors += _probability_errors(x, "scores", op)
     return errors
+
+
+def _probability_errors(x: torch.Tensor, name: str, op: str) -> list[Raises]:
+    """Entries outside [0, 1] (NaN and inf included) are refused where probabilities are due."""
+    if x.is_floating_point() and x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
+        return [Raises(ValueError, f"{op}: {name} must be probabilities in")]
+    return []
 
 
 @given(data=st.data())
@@ -353,9 +359,11 @@ def test_badge_select_fuzz(data):
         expect.append(
             Raises(ValueError, f"{op}: probs \\(C\\) and embeddings \\(D\\) must have non-empty")
         )
+    if probs.is_floating_point() and probs.dtype != emb.dtype:
+        expect.append(Raises(ValueError, f"{op}: probs and embeddings must have the same dtype"))
     if seed < 0:
         expect.append(Raises(ValueError, f"{op}: seed must be >= 0"))
-    expect += _finite_errors(probs, "probs", op) + _finite_errors(emb, "embeddings", op)
+    expect += _probability_errors(probs, "probs", op) + _finite_errors(emb, "embeddings", op)
     picks = check_op(lambda: badge_select(probs, emb, budget, seed), None, expect)
     if picks is not None:
         _selection_is_valid(picks.cpu(), budget, n, [])

@@ -35,12 +35,15 @@ fi
 export MAX_JOBS=${MAX_JOBS:-2}
 # Rebuild only when needed: the editable build recompiles everything (about 2 minutes here).
 # LABELKIT_FORCE_REBUILD=1 (or `make clean`) forces it, e.g. after changing a build knob.
+# Sources are compared with the start of the last successful build, not the .so's time: a file
+# saved while a build ran is newer than that start, though possibly older than the .so.
+BUILD_STAMP=build/.labelkit_ext_build_started
 needs_build() {
   [ "${LABELKIT_FORCE_REBUILD:-0}" = 1 ] && return 0
   local so
   so=$(ls labelkit_ext/_C*.so 2>/dev/null | head -n 1)
-  [ -n "$so" ] || return 0
-  [ -z "$(find csrc setup.py pyproject.toml -newer "$so" -print -quit)" ] || return 0
+  [ -n "$so" ] && [ -f "$BUILD_STAMP" ] || return 0
+  [ -z "$(find csrc setup.py pyproject.toml -newer "$BUILD_STAMP" -print -quit)" ] || return 0
   # Installed from this tree, and the extension loads.
   LABELKIT_EXT_NO_EXT=0 "$PY" -P -c "
 import os, sys, labelkit_ext
@@ -52,7 +55,9 @@ sys.exit(0 if os.path.realpath(os.path.dirname(labelkit_ext.__file__)) == here a
 
 if [ "${LABELKIT_EXT_NO_EXT:-0}" = 1 ] || needs_build; then
   echo "[install] building labelkit_ext (MAX_JOBS=$MAX_JOBS, CUDA_HOME=${CUDA_HOME:-unset})"
+  mkdir -p build && touch "$BUILD_STAMP.next"
   "$PY" -m pip install --root-user-action=ignore --no-build-isolation --no-deps --quiet -e .
+  [ "${LABELKIT_EXT_NO_EXT:-0}" = 1 ] || mv "$BUILD_STAMP.next" "$BUILD_STAMP"
 else
   echo "[install] labelkit_ext is installed from this tree and up to date (LABELKIT_FORCE_REBUILD=1 to rebuild)"
 fi

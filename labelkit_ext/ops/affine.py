@@ -92,6 +92,12 @@ def _check_size(size: object, input: torch.Tensor) -> tuple[int, int]:
             raise ValueError(f"{_OP}: size must hold two ints, got {size!r}")
     if not all(s > 0 for s in size):
         raise ValueError(f"{_OP}: size entries must be positive, got {tuple(size)}")
+    N, C = input.shape[:2]
+    if all(isinstance(v, int) for v in (*size, N, C)) and N * C * size[0] * size[1] >= 2**62:
+        raise ValueError(
+            f"{_OP}: size {tuple(size)} is too large: the output [N, C, Ho, Wo] = "
+            f"[{N}, {C}, {size[0]}, {size[1]}] would have more than 2**62 elements"
+        )
     return size[0], size[1]
 
 

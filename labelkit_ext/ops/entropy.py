@@ -117,6 +117,13 @@ def _resolve_num_clusters(clusters: torch.Tensor, num_clusters: int | None) -> i
         not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
     ):
         raise ValueError(f"entropy_gate: num_clusters must be an int >= 1, got {num_clusters!r}")
+    C = clusters.shape[0]
+    if num_clusters is not None and num_clusters > C:
+        # The [N, S] cluster mass is then at least as large as the logits and partly empty.
+        raise ValueError(
+            f"entropy_gate: num_clusters must be <= C = {C} (one cluster id per class), got "
+            f"{num_clusters}"
+        )
     if torch.compiler.is_compiling():
         if num_clusters is None:
             raise ValueError(
@@ -128,6 +135,11 @@ def _resolve_num_clusters(clusters: torch.Tensor, num_clusters: int | None) -> i
     if lo < 0:
         raise ValueError(f"entropy_gate: clusters must hold ids >= 0, got {lo}")
     if num_clusters is None:
+        if hi >= C:
+            raise ValueError(
+                f"entropy_gate: clusters must hold ids in [0, C = {C}) (one cluster id per class), "
+                f"got {hi}"
+            )
         return hi + 1
     if hi >= num_clusters:
         raise ValueError(
@@ -179,7 +191,7 @@ def entropy_gate(
         threshold: finite float; a sample is uncertain when its entropy (nats) is ``>=`` it.
         clusters: optional ``[C]`` int64 tensor of cluster ids ``0..S-1``, one per class, on the
             logits' device.
-        num_clusters: S. Optional in eager mode (then ``clusters.max() + 1``); required under
+        num_clusters: S <= C. Optional in eager mode (then ``clusters.max() + 1``); required under
             ``torch.compile``. Giving it avoids nothing else: eager calls always check the ids,
             which reads ``clusters`` (a device sync on CUDA).
 

@@ -50,6 +50,8 @@ PRETEXT_TASKS = ("jigsaw", "context", "rotation")
 #: Candidates drawn for grids whose (grid^2)! permutations are too many to enumerate (grid >= 4).
 DEFAULT_NUM_CANDIDATES = 100_000
 _MAX_ENUMERATED = math.factorial(9)
+#: The most candidate-table entries (candidates x grid^2) hamming_permutations builds (1 GiB int64).
+MAX_TABLE_ENTRIES = 2**27
 
 
 class HammingStats(NamedTuple):
@@ -255,7 +257,9 @@ def hamming_permutations(
 
     Candidates: all ``(grid^2)!`` permutations for grid 2 (24) and 3 (362,880). For grid >= 4
     that is too many (16! ~ 2e13), so ``num_candidates`` (default 100,000) distinct random
-    permutations are drawn with the seed and the greedy choice runs over them.
+    permutations are drawn with the seed and the greedy choice runs over them. The candidate table
+    (``num_candidates x grid^2``) is limited to ``MAX_TABLE_ENTRIES`` (2^27) entries: grid <= 36
+    at the default 100,000 candidates.
 
     Deterministic for given arguments. :func:`hamming_distance_stats` reports the set's minimum
     and mean pairwise distance.
@@ -266,24 +270,45 @@ def hamming_permutations(
         raise ValueError(
             f"hamming_permutations: criterion must be one of {_CRITERIA}, got {criterion!r}"
         )
-    if not _is_int(seed):
-        raise ValueError(f"hamming_permutations: seed must be an int, got {seed!r}")
+    if not _is_int(seed) or not -(2**63) <= seed < 2**64:
+        raise ValueError(
+            f"hamming_permutations: seed must be an int in [-2**63, 2**64) (torch.Generator's "
+            f"range), got {seed!r}"
+        )
     m = grid * grid
-    enumerated = math.factorial(m) <= _MAX_ENUMERATED
+    # m! capped, never computed in full: a grid of 1,000 has 10^6 cells.
+    count = _factorial_capped(m, _MAX_ENUMERATED)
     if num_candidates is None:
-        num_candidates = math.factorial(m) if enumerated else DEFAULT_NUM_CANDIDATES
+        num_candidates = count if count <= _MAX_ENUMERATED else DEFAULT_NUM_CANDIDATES
     elif not _is_int(num_candidates) or num_candidates < 1:
         raise ValueError(
             f"hamming_permutations: num_candidates must be an int >= 1 or None, got {num_candidates!r}"
         )
-    available = min(math.factorial(m), num_candidates)
+    if num_candidates * m > MAX_TABLE_ENTRIES:
+        raise ValueError(
+            f"hamming_permutations: grid={grid} with num_candidates={num_candidates} needs a "
+            f"{num_candidates:,} x {m} candidate table, more than {MAX_TABLE_ENTRIES:,} entries; "
+            "lower grid or num_candidates"
+        )
+    total = _factorial_capped(m, num_candidates)
+    available = min(total, num_candidates)
     if not _is_int(n) or not 1 <= n <= available:
         raise ValueError(
             f"hamming_permutations: n must be an int in [1, {available}] for grid={grid} "
-            f"({'all' if available == math.factorial(m) else 'sampled'} candidate permutations), "
+            f"({'all' if available == total else 'sampled'} candidate permutations), "
             f"got {n!r}"
         )
     return hamming_permutations_ref(n, grid, seed, criterion, num_candidates)
+
+
+def _factorial_capped(m: int, cap: int) -> int:
+    """``min(m!, cap + 1)``: enough to compare m! with ``cap``."""
+    value = 1
+    for i in range(2, m + 1):
+        value *= i
+        if value > cap:
+            return cap + 1
+    return value
 
 
 def hamming_distance_stats(permutations: torch.Tensor) -> HammingStats:

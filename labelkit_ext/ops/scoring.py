@@ -172,11 +172,17 @@ def _check_uncertainty_scores(scores: object, method: str, from_logits: bool) ->
         raise ValueError(
             f"uncertainty: scores has no Monte-Carlo samples (S == 0), got shape {tuple(scores.shape)}"
         )
-    if not from_logits and not torch.compiler.is_compiling() and scores.numel() > 0:
-        if not bool(((scores >= 0) & (scores <= 1)).all()):
-            raise ValueError(
-                "uncertainty: scores must be probabilities in [0, 1] (finite) when from_logits=False"
-            )
+    if not from_logits:
+        _check_probabilities(scores, "scores", "uncertainty", " when from_logits=False")
+
+
+def _check_probabilities(p: torch.Tensor, name: str, op: str, when: str = "") -> None:
+    """Every entry in [0, 1] (so finite): logits passed as probabilities fail here. Reads the
+    data (a device sync), so it is skipped under torch.compile."""
+    if torch.compiler.is_compiling() or p.numel() == 0:
+        return
+    if not bool(((p >= 0) & (p <= 1)).all()):
+        raise ValueError(f"{op}: {name} must be probabilities in [0, 1] (finite){when}")
 
 
 def _check_labeled(labeled: object, N: int, device: torch.device, op: str) -> torch.Tensor | None:
@@ -377,8 +383,8 @@ def badge_select(
     ``|g_i|^2 = |q_i|^2 |h_i|^2`` and ``<g_i, g_j> = <q_i, q_j> <h_i, h_j>`` with ``q = p - onehot``.
 
     Args:
-        probs: ``[N, C]`` predicted probabilities (softmax outputs), finite.
-        embeddings: ``[N, D]`` penultimate-layer features, finite, same N.
+        probs: ``[N, C]`` predicted probabilities (softmax outputs) in [0, 1].
+        embeddings: ``[N, D]`` penultimate-layer features, finite, same N and dtype.
         budget: ``0 <= budget <= N``.
         seed: the draws are ``torch.rand(budget, float64)`` from a CPU generator seeded with it, so
             every device (and :mod:`labelkit_ext.distributed`) picks the same samples.
@@ -408,9 +414,16 @@ def badge_select(
         raise ValueError(
             "badge_select: probs (C) and embeddings (D) must have non-empty feature dimensions"
         )
+    if probs.dtype != embeddings.dtype:
+        raise ValueError(
+            f"badge_select: probs and embeddings must have the same dtype, got {probs.dtype} and "
+            f"{embeddings.dtype}"
+        )
     seed = _check_int(seed, "seed", op, 0)
-    _check_finite(probs, "probs", op)
+    if seed >= 2**64:
+        raise ValueError(f"badge_select: seed must be < 2**64 (torch.Generator's range), got {seed}")
     _check_finite(embeddings, "embeddings", op)
+    _check_probabilities(probs, "probs", op)
     uniforms = badge_uniforms(budget, seed)
     if has_kernel(op, probs.device.type):
         return torch.ops.labelkit.badge_select(probs, embeddings, uniforms, budget)

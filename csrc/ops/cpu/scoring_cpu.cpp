@@ -460,7 +460,8 @@ void for_each_score_tile(const at::Tensor& q_hat, const at::Tensor& k_hat, Tiles
   const int64_t M = k_hat.size(0);
   at::parallel_for(0, num_blocks(N, tiles.n), 1, [&](int64_t tb, int64_t te) {
     // Through the ATen allocator (not std::vector) so that memory profilers see the tile.
-    const at::Tensor tile = at::empty({tiles.n * std::min(tiles.m, M)}, q_hat.options());
+    // A tile_size beyond the matrix means one tile: never a buffer larger than N x M.
+    const at::Tensor tile = at::empty({std::min(tiles.n, N) * std::min(tiles.m, M)}, q_hat.options());
     T* buf = tile.mutable_data_ptr<T>();
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * tiles.n;
