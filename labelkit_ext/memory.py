@@ -2,7 +2,7 @@
 
 A fresh block of more than 32 MiB comes from the operating system on every call (glibc maps it
 and unmaps it on free), so the kernel faults in and zeroes every page before our op writes it:
-for a 108 MiB batch of jigsaw tiles that took longer than building the tiles. Outputs of 4 MiB or
+for a 108 MiB batch of jigsaw tiles, a third of the op's time. Outputs of 4 MiB or
 more therefore come from a cache of freed blocks, as CUDA tensors do with torch's caching
 allocator: a block freed by one call serves the next call's output of a similar size (at most
 twice the request). The cache holds at most ``limit_bytes`` of free blocks (oldest dropped

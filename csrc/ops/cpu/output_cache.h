@@ -2,9 +2,10 @@
 //
 // A fresh block over 32 MiB comes from the OS (glibc maps it and unmaps it on free), so every
 // call pays page faults and the kernel's zeroing of every page before our kernel writes it: on
-// this project's benchmark VM a 108 MiB tile batch took 8-11 ms, 4 ms when its block was reused
-// (the copy itself is ~2.5 ms). Like torch's CUDA caching allocator, freed blocks of 4 MiB or more
-// are kept (most recent first served, best fit within 2x the request) up to a byte limit — 1 GiB
+// this project's benchmark VM a 108 MiB tile batch took 9.0 ms, 5.6-6.3 ms when its block was
+// reused (bench/README.md). Like torch's CUDA caching allocator, freed blocks of 4 MiB or more
+// are kept (a request takes the smallest that fits within 2x it, the most recent on ties) up to
+// a byte limit — 1 GiB
 // by default, LABELKIT_CPU_CACHE_MB to change, 0 to turn caching off — and every block is
 // advised for transparent huge pages (fresh_output.h) when it is first mapped. The profiler sees
 // each output as an allocation of its requested size, as with c10's CPU allocator.
