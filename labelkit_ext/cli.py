@@ -24,6 +24,7 @@ def _add_info(commands: argparse._SubParsersAction) -> None:
         "also import torch and the extension and report whether it loaded (and why not), the "
         "kernels each device has and the visible GPUs.",
     )
+    parser.set_defaults(_parser=parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--load",
@@ -39,6 +40,7 @@ def _add_run(commands: argparse._SubParsersAction, with_methods: bool) -> None:
         description="Run a method; each writes OUT/results.json and PNG plots and prints a table. "
         "Under `torchrun --nproc_per_node=N -m labelkit_ext run ...` training is data parallel.",
     )
+    parser.set_defaults(_parser=parser)
     if not with_methods:  # importing every method costs seconds; only `run` needs them
         return
     from labelkit_ext.engine.options import add_config_arguments
@@ -47,6 +49,7 @@ def _add_run(commands: argparse._SubParsersAction, with_methods: bool) -> None:
     methods = parser.add_subparsers(dest="method", metavar="<method>", required=True)
     for name, method in sorted(load_methods().items()):
         sub = methods.add_parser(name, help=method.help, description=method.help)
+        sub.set_defaults(_parser=sub)  # unknown options are reported against this usage
         add_config_arguments(sub, method.config)
         group = sub.add_argument_group("run")
         group.add_argument(
@@ -76,7 +79,11 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help="the bench/ folder (default: ./bench, else the one beside the package)",
     )
     parser.add_argument("op", help="the op to benchmark, e.g. entropy")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    rest = parser.add_argument(
+        "args", nargs=argparse.REMAINDER, help="arguments for the benchmark script (optional)"
+    )
+    rest.required = False  # argparse marks REMAINDER required, and lists it when op is missing
+    parser.set_defaults(_parser=parser)
 
 
 def build_parser(with_methods: bool = True) -> argparse.ArgumentParser:
@@ -147,6 +154,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, but an unknown option is reported with the usage of the (sub)command
+    it was given to (``labelkit run supervised: error: ...``), not the top-level one."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        target = getattr(args, "_parser", None) or parser
+        target.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``labelkit`` / ``python -m labelkit_ext``; returns the exit status.
 
@@ -157,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from labelkit_ext.errors import UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(with_methods=argv[:1] == ["run"]).parse_args(argv)
+    args = _parse(build_parser(with_methods=argv[:1] == ["run"]), argv)
     try:
         if args.command == "info":
             return _info(args.json, args.load)

@@ -8,7 +8,32 @@ catch ``ValueError`` keep working.
 
 from __future__ import annotations
 
-__all__ = ["MissingFileError", "UsageError"]
+import contextlib
+import csv
+import os
+import pickle
+import zipfile
+import zlib
+from collections.abc import Iterator
+
+__all__ = ["MissingFileError", "UsageError", "reading"]
+
+# What reading and parsing a bad file raises: truncated or empty (EOFError), not an archive
+# (BadZipFile, zlib.error), numpy's "pickled data" ValueError for a file that is no .npy/.npz,
+# torch.load's UnpicklingError / RuntimeError ("failed finding central directory") and, on
+# random bytes, KeyError / IndexError from its legacy unpickler; csv.Error.
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    IndexError,
+    zipfile.BadZipFile,
+    zlib.error,
+    pickle.UnpicklingError,
+    csv.Error,
+)
 
 
 class UsageError(ValueError):
@@ -17,3 +42,32 @@ class UsageError(ValueError):
 
 class MissingFileError(UsageError, FileNotFoundError):
     """A file or folder the user pointed at (or the default data folder) does not exist."""
+
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    refused = [line for line in lines if "WeightsUnpickler error" in line]
+    if refused:  # torch.load's long advice on weights_only; the reason is one of its lines
+        return f"refused by torch.load(weights_only=True): {refused[0].strip()}"
+    if isinstance(exc, EOFError) or not text:
+        return "the file is empty or truncated" if isinstance(exc, EOFError) else type(exc).__name__
+    if "allow_pickle" in text:  # numpy's guess for bytes that are no .npy/.npz
+        return "not a NumPy .npy/.npz file"
+    if isinstance(exc, (KeyError, IndexError)):  # a parser lost in bytes of another format
+        return f"unrecognised file format ({type(exc).__name__}: {text})"
+    return text
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Around the reading and parsing of a user's file ``path``: a failure becomes
+    ``UsageError("could not read <path> (<what>): <reason>")`` instead of a library's
+    traceback. Keep only the reading inside: any RuntimeError or ValueError there is blamed on
+    the file."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except _READ_ERRORS as exc:
+        raise UsageError(f"could not read {path} ({what}): {_reason(exc)}") from exc

@@ -365,3 +365,166 @@ def test_help_and_info_import_no_torch(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# ---- the user audit: every mistake is one `labelkit: error:` line (exit 2), before training ----
+
+
+def _one_line_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("labelkit: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        # A1: NaN / inf pass every `<`/`<=` check, then crash in the loss or scikit-learn
+        (["supervised", "--lr", "nan"], "lr must be a finite number, got nan"),
+        (["supervised", "--momentum", "inf"], "momentum must be a finite number"),
+        (["supervised", "--weight-decay", "nan"], "weight_decay must be a finite number"),
+        (["supervised", "--gamma", "inf"], "gamma must be a finite number"),
+        (["supervised", "--val-fraction", "nan"], "val_fraction must be a finite number"),
+        (["pretext", "--temperature", "nan"], "temperature must be a finite number"),
+        (["stn-augment", "--mix", "inf"], "mix must be a finite number"),
+        (["active", "--beta", "nan"], "beta must be a finite number"),
+        # A2: numpy seeds are in [0, 2**32)
+        (["supervised", "--seed", "-1", "--epochs", "1"], "seed must be in [0, 2**32), got -1"),
+        (["supervised", "--seed", str(2**32)], "seed must be in [0, 2**32)"),
+        (["supervised", "--split-seed", "-3"], "split_seed must be in [0, 2**32)"),
+        (["active", "--seed", str(2**32 - 1)], "seed + num_seeds - 1"),
+        # A5: a model's documented minimum input size
+        (["supervised", "--model", "vgg16", "--image-size", "16"], "at least 32 px"),
+        (["supervised", "--model", "small-cnn", "--image-size", "2"], "at least 4 px"),
+        (["active", "--model", "vgg16"], "at least 32 px"),  # active's digits default: 16 px
+        # A6: jigsaw / context against the grid and the image size
+        (["pretext", "--tile-size", "0"], "tile_size must be >= 1"),
+        (["pretext", "--task", "jigsaw", "--permutations", "10000000"],
+         "permutations (num_permutations) must be in [2, 362880]"),
+        (["pretext", "--task", "jigsaw", "--grid", "2", "--permutations", "25"], "[2, 24]"),
+        (["pretext", "--task", "jigsaw", "--image-size", "28", "--tile-size", "100"],
+         "tile_size 100 is larger than a cell"),
+        (["pretext", "--task", "context", "--grid", "4"], "odd --grid"),
+        (["pretext", "--task", "jigsaw", "--model", "vgg16", "--image-size", "64"],
+         "needs inputs of at least 32 px"),
+        # A7, B: the option the user typed, not the strategy's / nested config's field
+        (["active", "--strategies", "batchbald", "--batchbald-configs", "0"],
+         "batchbald_configs must be >= 1, got 0"),
+        (["active", "--clusters", "0"], "clusters must be >= 1, got 0"),
+        (["active", "--density-references", "0"], "density_references must be >= 1, got 0"),
+        (["ensemble", "--clusters", "0"], "clusters must be >= 2, got 0"),
+        (["stn-augment", "--epochs", "1", "--aug-epochs", "0"], "aug_epochs must be >= 1, got 0"),
+        (["stn-augment", "--aug-lr", "0"], "aug_lr must be > 0"),
+        (["stn-augment", "--max-rotation", "200"], "max_rotation must be <= 180"),
+        # B, C: curriculum options first, the budget in the options' terms; 0 super-classes
+        (["curriculum", "--epochs", "1", "--num-seeds", "1", "--schedules", "3-stage",
+          "--superclasses", "0"], "superclasses must be >= 2"),
+        (["curriculum", "--epochs", "1", "--num-seeds", "1", "--schedules", "3-stage"],
+         "--epochs 1 x --evals-per-epoch 2 give 2 validation chunk(s)"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_line_errors_naming_the_option(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    err = _one_line_error(["run", *argv, "--out", str(out)], capsys)
+    assert message in err
+    assert "total_steps" not in err and "num_clusters" not in err.split("(")[0]
+    assert not (out / "results.json").exists()
+
+
+def test_an_unusable_out_folder_fails_before_training(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    err = _one_line_error(["run", "supervised", *TINY, "--out", str(afile / "x")], capsys)
+    assert "--out" in err and "cannot create the output folder" in err
+    err = _one_line_error(["run", "supervised", *TINY, "--out", str(afile)], capsys)
+    assert "--out" in err and "is a file, not a folder" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz at all" * 8], ids=["empty", "garbage"])
+def test_a_malformed_data_file_is_a_usage_error(tmp_path, capsys, content):
+    (tmp_path / "pneumoniamnist.npz").write_bytes(content)
+    err = _one_line_error(["run", "supervised", "--dataset", "pneumoniamnist", "--data-dir",
+                           str(tmp_path), "--out", str(tmp_path / "run")], capsys)  # fmt: skip
+    assert f"could not read {tmp_path / 'pneumoniamnist.npz'} (a MedMNIST file" in err
+    assert "allow_pickle" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["active", "--embeddings"], ["ensemble", "--baseline"], ["supervised", "--pretrained"]],
+)
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage" * 8], ids=["empty", "garbage"])
+def test_a_malformed_torch_file_is_a_usage_error(tmp_path, capsys, argv, content):
+    file = tmp_path / "file.pt"
+    file.write_bytes(content)
+    argv = ["run", *argv, str(file), *TINY, "--out", str(tmp_path / "run")]
+    err = _one_line_error(argv, capsys)
+    assert f"could not read {file} (" in err
+
+
+def test_a_query_larger_than_the_pool_is_refused(tmp_path, capsys):
+    argv = ["run", "active", "--strategies", "random", "--num-seeds", "1", "--query-size",
+            "2000", "--epochs", "1", "--quiet", "--out", str(tmp_path)]  # fmt: skip
+    err = _one_line_error(argv, capsys)
+    assert "query_size (2,000) is larger than the unlabeled pool: 1,293 images" in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_too_many_superclasses_names_the_option(tmp_path, capsys):
+    argv = ["run", "curriculum", "--num-seeds", "1", "--schedules", "binary,superclass,multilabel",
+            "--superclasses", "100", "--quiet", "--out", str(tmp_path)]  # fmt: skip
+    err = _one_line_error(argv, capsys)
+    assert "superclasses (--superclasses; num_superclasses) must be in [2, 9]" in err
+
+
+def test_unknown_options_show_the_method_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "supervised", "--bogus", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: labelkit run supervised" in err
+    assert "labelkit run supervised: error: unrecognized arguments: --bogus 1" in err
+
+
+def test_bench_without_op_requires_only_op(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench"])
+    err = capsys.readouterr().err
+    assert "required: op\n" in err and "args" not in err.splitlines()[-1]
+
+
+def test_help_shows_sequence_defaults_as_typed_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "curriculum", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help lines
+    assert "(default: default 1-stage 2-stage)" in out and "('" not in out
+    assert "mosaic 16 here" in out
+
+
+def test_active_help_gives_its_own_image_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "active", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "digits 16 here" in out and "digits 32" not in out
+
+
+def test_the_adding_a_method_template_of_the_docs_runs(tmp_path, monkeypatch, capsys):
+    """docs/cli.md's template, pasted into a module: it registers, runs from `labelkit run`
+    with --out as a str, and its check is a one-line error."""
+    import re
+    import types
+
+    from labelkit_ext.methods import load_methods, registry
+
+    load_methods()
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    code = re.search(r"### Adding a method.*?```python\n(.*?)```", doc, re.S).group(1)
+    module = types.ModuleType("labelkit_mine_template")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # unregistered afterwards
+    exec(compile(code, "docs/cli.md", "exec"), module.__dict__)
+    out = tmp_path / "mine"
+    assert main(["run", "mine", *TINY[:4], "--rounds", "2", "--out", str(out)]) == 0
+    assert _results(out)["config"]["rounds"] == 2
+    assert main(["run", "mine", "--rounds", "0", "--out", str(out)]) == 2
+    assert "rounds must be >= 1, got 0" in capsys.readouterr().err

@@ -495,6 +495,8 @@ def test_run_curriculum_cli_on_nih_layout(tmp_path, capsys):
     assert results["dataset"]["sizes"]["test"] == 8  # patients 9 and 10, 4 images each
     assert main([*argv[:-2], "--schedules", "default", "bogus", "--out", str(out)]) == 2
     assert "must be one of" in capsys.readouterr().err
+    # (one stage: a budget of 1 epoch x 2 validations is checked, and refused, before the data)
     assert main([*argv[:2], "--dataset", "digits", "--image-size", "8", "--epochs", "1",
-                 "--num-seeds", "1", "--out", str(tmp_path / "d")]) == 2  # fmt: skip
+                 "--num-seeds", "1", "--schedules", "1-stage",
+                 "--out", str(tmp_path / "d")]) == 2  # fmt: skip
     assert "multi-label data set" in capsys.readouterr().err

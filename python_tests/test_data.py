@@ -32,6 +32,7 @@ from labelkit_ext.data import (
 from labelkit_ext.data.cifar import read_cifar_pickle
 from labelkit_ext.data.digits import digit_arrays
 from labelkit_ext.data.nih import parse_findings
+from labelkit_ext.errors import UsageError
 
 # -- digits -----------------------------------------------------------------------------------
 
@@ -139,6 +140,39 @@ def test_medmnist_file_without_the_arrays_is_an_error(tmp_path):
         load_dataset("pneumoniamnist", tmp_path)
 
 
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage, not an npz" * 4, b"PK\x03\x04truncated zip"],
+    ids=["empty", "garbage", "truncated-zip"],
+)
+def test_a_malformed_medmnist_file_is_a_usage_error(tmp_path, content):
+    file = tmp_path / "pneumoniamnist.npz"
+    file.write_bytes(content)
+    with pytest.raises(UsageError, match=r"could not read .*pneumoniamnist\.npz \(a MedMNIST file"):
+        load_dataset("pneumoniamnist", tmp_path)
+
+
+def test_a_npy_array_instead_of_the_npz_is_a_usage_error(tmp_path):
+    file = tmp_path / "x.npy"
+    np.save(file, np.zeros(3))
+    with pytest.raises(UsageError, match="a .npy array, not an .npz archive"):
+        load_dataset("pneumoniamnist", file)
+
+
+def test_a_truncated_cifar_pickle_is_a_usage_error(tmp_path):
+    folder = write_cifar10(tmp_path)
+    batch = folder / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(UsageError, match=r"could not read .*data_batch_1 \(an official CIFAR"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_load_dataset_checks_argument_types():
+    with pytest.raises(TypeError, match=r"image_size must be an int, got '16' \(str\)"):
+        load_dataset("digits", image_size="16")
+    with pytest.raises(ValueError, match=r"split_seed must be in \[0, 2\*\*32\)"):
+        load_dataset("digits", split_seed=-1)
+
+
 def test_data_dir_env_var(tmp_path, monkeypatch):
     write_medmnist(tmp_path / "pneumoniamnist.npz")
     monkeypatch.setenv(DATA_ENV, str(tmp_path))
@@ -211,7 +245,8 @@ def test_cifar_pickles_cannot_run_code(tmp_path):
 
     bad = tmp_path / "data_batch_1"
     bad.write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load .*print"):
+    # The refusal is a malformed file for the user: a UsageError naming the file.
+    with pytest.raises(UsageError, match=r"could not read .*data_batch_1 .*refusing to load .*print"):
         read_cifar_pickle(bad)
 
 

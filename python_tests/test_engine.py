@@ -30,6 +30,7 @@ from labelkit_ext.engine import (
     to_jsonable,
     topk_accuracy,
 )
+from labelkit_ext.errors import UsageError
 from labelkit_ext.models import build_model
 
 TINY = {"batch_size": 64, "device": "cpu", "quiet": True}
@@ -121,6 +122,31 @@ def test_config_is_validated():
         optimizer.step()
         step.step()
     assert lrs == [1.0, 1.0, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("name", ["lr", "momentum", "weight_decay", "gamma"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_config_refuses_non_finite_floats(name, value):
+    with pytest.raises(UsageError, match=rf"{name} must be a finite number"):
+        TrainConfig(**{name: value})
+
+
+def test_config_keeps_seeds_in_numpys_range():
+    assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
+    for seed in (-1, 2**32):
+        with pytest.raises(UsageError, match=r"seed must be in \[0, 2\*\*32\)"):
+            TrainConfig(seed=seed)
+
+
+def test_config_fields_of_the_wrong_type_name_the_field():
+    """Not "'<' not supported between 'str' and 'int'": the field and what it got."""
+    with pytest.raises(TypeError, match=r"epochs must be an int, got '5' \(str\)"):
+        TrainConfig(epochs="5")
+    with pytest.raises(TypeError, match="lr must be a number"):
+        TrainConfig(lr="0.1")
+    with pytest.raises(TypeError, match="batch_size must be an int"):
+        TrainConfig(batch_size=32.0)
+    assert TrainConfig(lr=1).lr == 1  # an int is a fine float
 
 
 def test_device_selection():

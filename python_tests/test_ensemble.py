@@ -139,8 +139,8 @@ def test_cluster_grids():
     assert cluster_grid_for(10) == [2, 3, 4]
     with pytest.raises(ValueError, match="at least one S"):
         cluster_grid_for(10, [])
-    with pytest.raises(ValueError, match="num_clusters must be < the number of classes"):
-        cluster_grid_for(10, [3, 10])
+    with pytest.raises(ValueError, match=r"clusters \(--clusters\) must be < the number of"):
+        cluster_grid_for(10, [3, 10])  # the S values come from --clusters
 
 
 def test_cluster_subset_with_and_without_a_targets_attribute():
@@ -556,8 +556,9 @@ def test_run_ensemble_cli_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--clusters", "1"], "num_clusters must be >= 2"),
-     (["--clusters", "3", "10"], "num_clusters must be < the number of classes"),
+    [(["--clusters", "1"], "error: clusters must be >= 2"),  # the option, not num_clusters
+     (["--clusters", "3", "10"], r"clusters \(--clusters\) must be < the number of classes"),
+     (["--baseline", "missing.pt"], "baseline checkpoint missing.pt not found"),
      (["--quantiles", "1.5"], r"quantiles must lie in \(0, 1\)"),
      (["--sub-epochs", "0"], "sub_epochs must be >= 1"),
      (["--sub-lr", "0"], "sub_lr must be > 0")],

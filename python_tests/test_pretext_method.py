@@ -432,8 +432,11 @@ def test_run_pretext_cli_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [(["--task", "context", "--grid", "4"], "odd grid"),
-     (["--fractions", "0"], r"label fractions must be in \(0, 1\]"),
+    [(["--task", "context", "--grid", "4"], "odd --grid"),
+     (["--fractions", "0"], r"fractions must be in \(0, 1\]"),
+     (["--task", "jigsaw", "--tile-size", "100"], "tile_size 100 is larger than a cell"),
+     (["--task", "jigsaw", "--permutations", "10000000"], r"permutations \(num_permutations\)"),
+     (["--tile-size", "0"], "tile_size must be >= 1"),
      (["--pretext-epochs", "0"], "pretext_epochs must be >= 1"),
      (["--eval-lr", "0"], "eval_lr must be > 0"),
      (["--task", "jigsaw", "--grid", "10"], "too small for a 10x10 grid")],

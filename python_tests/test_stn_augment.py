@@ -423,8 +423,9 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
     [(["--num-seeds", "0"], "num_seeds must be >= 1"),
      (["--finetune-epochs", "0"], "finetune_epochs must be >= 1"),
      (["--mix", "0"], r"mix must be in \(0, 1\]"),
-     (["--max-scale", "1.5"], "scale bound must be < 1"),
-     (["--aug-epochs", "0"], "epochs must be >= 1")],
+     (["--max-scale", "1.5"], "max_scale must be < 1"),  # the option, not AffineBounds.scale
+     (["--aug-epochs", "0"], "aug_epochs must be >= 1"),  # not the nested "epochs"
+     (["--aug-lr", "0"], "aug_lr must be > 0")],
 )  # fmt: skip
 def test_run_stn_augment_bad_options_are_clear_errors(tmp_path, capsys, option, message):
     code = main(["run", "stn-augment", "--dataset", "digits", "--device", "cpu", "--quiet",

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from labelkit_ext.data.core import ArraySplit, RawDataset
+from labelkit_ext.data.core import ArraySplit, RawDataset, open_npz
 from labelkit_ext.data.paths import missing
-from labelkit_ext.errors import UsageError
+from labelkit_ext.errors import UsageError, reading
 
 __all__ = ["load_cifar10", "load_cifar100", "read_cifar_pickle"]
 
@@ -53,8 +53,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def read_cifar_pickle(file: Path) -> dict[str, Any]:
     """One official CIFAR pickle (Python 2 era, bytes keys) as a dict with str keys."""
-    with open(file, "rb") as f:
+    with reading(file, "an official CIFAR python pickle"), open(file, "rb") as f:
         raw = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    if not isinstance(raw, dict):
+        raise UsageError(f"could not read {file} (an official CIFAR python pickle): not a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
@@ -97,7 +99,7 @@ def _cifar10_official(folder: Path) -> RawDataset:
 
 
 def _cifar10_npz(file: Path) -> RawDataset:
-    with np.load(file, allow_pickle=False) as npz:
+    with open_npz(file, CIFAR10_LAYOUT) as npz, reading(file, CIFAR10_LAYOUT):
         absent = [
             k for k in ("x_train", "y_train", "x_test", "y_test", "label_names") if k not in npz
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from labelkit_ext.errors import UsageError
+from labelkit_ext.errors import UsageError, reading
 
 __all__ = [
     "DatasetInfo",
@@ -22,6 +23,7 @@ __all__ = [
     "RawDataset",
     "TensorImageDataset",
     "ImageFileDataset",
+    "open_npz",
     "resize_images",
     "holdout_indices",
 ]
@@ -122,7 +124,8 @@ class ImageFileDataset(Dataset):
 
     def load(self, i: int) -> torch.Tensor:
         """Image ``i`` as uint8 (1, image_size, image_size)."""
-        with Image.open(self.paths[i]) as im:
+        # PIL raises OSError (UnidentifiedImageError) for a truncated or non-image file.
+        with reading(self.paths[i], "an image file"), Image.open(self.paths[i]) as im:
             # Some official NIH PNGs are RGBA; "L" makes every one single-channel.
             im = im.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
             return TF.pil_to_tensor(im)
@@ -130,6 +133,16 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.load(i)
         return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def open_npz(file: Path, layout: str) -> Any:
+    """``np.load(file)`` of a user's ``.npz`` (no pickles); a file that is none (empty,
+    garbage, a single ``.npy`` array) is a UsageError describing ``layout``."""
+    with reading(file, layout):
+        npz = np.load(file, allow_pickle=False)
+    if isinstance(npz, np.ndarray):
+        raise UsageError(f"{file} is a .npy array, not an .npz archive; expected {layout}")
+    return npz
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from labelkit_ext.data.core import ArraySplit, RawDataset
+from labelkit_ext.data.core import ArraySplit, RawDataset, open_npz
 from labelkit_ext.data.nih import NIH_FINDINGS
 from labelkit_ext.data.paths import missing
-from labelkit_ext.errors import UsageError
+from labelkit_ext.errors import UsageError, reading
 
 __all__ = ["MEDMNIST_CLASSES", "load_medmnist_npz"]
 
@@ -41,11 +41,13 @@ def load_medmnist_npz(path: Path, flag: str) -> RawDataset:
     file = path if path.is_file() else path / f"{flag}.npz"
     if not file.is_file():
         raise missing(file, _layout(flag), "medmnist")
-    with np.load(file, allow_pickle=False) as npz:
+    # The members are read (decompressed) inside `reading` too: a truncated archive fails there.
+    with open_npz(file, _layout(flag)) as npz, reading(file, _layout(flag)):
         absent = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz]
         if absent:
             raise UsageError(f"{file} lacks arrays {absent}; expected {_layout(flag)}")
-        splits = {s: _split(npz[f"{s}_images"], npz[f"{s}_labels"], task) for s in SPLITS}
+        arrays = {k: npz[k] for k in npz.files}  # reading the members decompresses them
+    splits = {s: _split(arrays[f"{s}_images"], arrays[f"{s}_labels"], task) for s in SPLITS}
     channels = splits["train"].images.shape[1]
     return RawDataset(task=task, class_names=names, splits=splits, in_channels=channels)
 

@@ -12,7 +12,7 @@ import torch
 
 from labelkit_ext.data.core import FileSplit, RawDataset
 from labelkit_ext.data.paths import missing
-from labelkit_ext.errors import UsageError
+from labelkit_ext.errors import UsageError, reading
 
 __all__ = ["NIH_FINDINGS", "NO_FINDING", "load_nih_chestxray14", "parse_findings"]
 
@@ -64,7 +64,7 @@ def _root(path: Path) -> Path:
 
 def _entries(csv_file: Path) -> dict[str, tuple[str, str]]:
     """Image Index -> (Finding Labels, Patient ID)."""
-    with open(csv_file, newline="") as f:
+    with reading(csv_file, f"the {ENTRY_CSV} table"), open(csv_file, newline="") as f:
         reader = csv.DictReader(f)
         needed = {"Image Index", "Finding Labels", "Patient ID"}
         absent = needed - set(reader.fieldnames or ())
@@ -82,7 +82,9 @@ def _split(root: Path, list_name: str, entries: dict, images: dict[str, Path]) -
     list_file = root / list_name
     if not list_file.is_file():
         raise missing(list_file, NIH_LAYOUT, "nih")
-    names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+    with reading(list_file, "a list of image file names, one a line"):
+        text = list_file.read_text()
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     unlisted = [n for n in names if n not in entries]
     if unlisted:
         raise UsageError(

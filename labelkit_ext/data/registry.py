@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from labelkit_ext.checks import check_int, check_seed
 from labelkit_ext.data.cifar import load_cifar10, load_cifar100
 from labelkit_ext.data.core import (
     ArraySplit,
@@ -208,8 +209,9 @@ def load_dataset(
     """
     spec = _spec(name)
     _check_options(spec, options)
-    if image_size is not None and image_size < 1:
-        raise UsageError(f"image_size must be >= 1, got {image_size}")
+    if image_size is not None:
+        check_int("image_size", image_size, minimum=1)
+    check_seed("split_seed", split_seed)
     size = image_size or spec.default_image_size
     raw = spec.load(
         resolve_data_dir(data_dir),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from labelkit_ext.errors import MissingFileError, UsageError
+from labelkit_ext.errors import MissingFileError, UsageError, reading
 
 __all__ = ["CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "temp_path"]
 
@@ -49,7 +49,8 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"checkpoint {path} not found")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    with reading(path, "a labelkit checkpoint"):
+        state = torch.load(path, map_location=map_location, weights_only=True)
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != CHECKPOINT_VERSION:
         raise UsageError(f"{path} is not a labelkit checkpoint (format_version {version!r})")

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.errors import UsageError
 
 __all__ = [
@@ -56,13 +57,16 @@ class TrainConfig:
     amp: bool = option(
         True, "autocast on CUDA (bfloat16, else float16 with loss scaling); CPU runs float32"
     )
-    seed: int = option(0, "training seed (initial weights, batch order, augmentation)")
+    seed: int = option(
+        0, "training seed (initial weights, batch order, augmentation), in [0, 2**32)"
+    )
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     num_workers: int = option(0, "DataLoader worker processes")
     eval_batch_size: int = option(256, "batch size for evaluation")
     quiet: bool = option(False, "no progress bars or per-epoch lines")
 
     def __post_init__(self) -> None:
+        check_fields(self)  # types, NaN / inf, the seed's range: before the range checks below
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -6,7 +6,8 @@ is the default of the Python API, so ``labelkit run m`` with no options and
 ``DataConfig``) become argument groups with flat option names (``--epochs``, ``--dataset``).
 
 Field metadata: ``help``; ``choices`` (a sequence, or a callable returning one, called when the
-parser is built); ``metavar``; ``cli=False`` keeps a field out of the command line.
+parser is built); ``metavar``; ``cli=False`` keeps a field out of the command line; on a nested
+config field, ``helps`` ({sub-field: help}) replaces the help of some of its options.
 """
 
 from __future__ import annotations
@@ -44,9 +45,20 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_field(group: Any, field: dataclasses.Field, kind: Any, default: Any) -> None:
+def _shown_default(default: Any) -> str:
+    """`` (default: ...)`` for the help; a sequence as the values one would type."""
+    if default is None:
+        return ""
+    if isinstance(default, (list, tuple)):
+        default = " ".join(map(str, default))
+    return f" (default: {str(default).replace('%', '%%')})"
+
+
+def _add_field(
+    group: Any, field: dataclasses.Field, kind: Any, default: Any, help_text: str | None = None
+) -> None:
     meta = field.metadata
-    help_text = meta.get("help", "")
+    help_text = meta.get("help", "") if help_text is None else help_text
     base = _strip_optional(kind)
     if base is bool:
         if default:
@@ -71,8 +83,7 @@ def _add_field(group: Any, field: dataclasses.Field, kind: Any, default: Any) ->
         kwargs["choices"] = list(choices() if callable(choices) else choices)
     if "metavar" in meta:
         kwargs["metavar"] = meta["metavar"]
-    shown = "" if default is None else " (default: %(default)s)"
-    group.add_argument(_flag(field.name), help=help_text + shown, **kwargs)
+    group.add_argument(_flag(field.name), help=help_text + _shown_default(default), **kwargs)
 
 
 def add_config_arguments(
@@ -94,14 +105,16 @@ def add_config_arguments(
 def _add_nested(
     parser: argparse.ArgumentParser, field: dataclasses.Field, kind: type, value: Any
 ) -> None:
-    # The nested defaults are the parent's (e.g. a method's TrainConfig(epochs=20)).
+    # The nested defaults are the parent's (e.g. a method's TrainConfig(epochs=20)), and so
+    # may be help texts: option(factory=..., helps={"image_size": "..."}) on the parent field.
     group = parser.add_argument_group(field.metadata.get("help") or field.name)
+    helps = field.metadata.get("helps", {})
     for sub, sub_kind in _fields(kind):
         if not sub.metadata.get("cli", True):
             continue
         if _is_config(sub_kind):
             raise TypeError(f"{kind.__name__}.{sub.name}: configs nest one level deep")
-        _add_field(group, sub, sub_kind, getattr(value, sub.name))
+        _add_field(group, sub, sub_kind, getattr(value, sub.name), helps.get(sub.name))
 
 
 def option_names(cls: type) -> list[str]:

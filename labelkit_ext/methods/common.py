@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labelkit_ext.checks import SEED_LIMIT, check_fields
 from labelkit_ext.data import DataSplits, available_datasets, load_dataset
 from labelkit_ext.engine import current_dist, format_table, option, versions, write_json
+from labelkit_ext.errors import UsageError
+from labelkit_ext.models import check_model_input
 
 __all__ = [
     "RESULTS_FILE",
     "DataConfig",
     "load_data",
+    "check_run_config",
     "default_run_dir",
+    "prepare_run_dir",
     "dataset_summary",
     "metrics_table",
     "write_results",
@@ -46,6 +52,13 @@ class DataConfig:
     split_seed: int = option(0, "seed of the data splits (not of training)")
     augment: bool = option(True, "random crop / flip on the training images")
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.image_size is not None and self.image_size < 1:
+            raise UsageError(f"image_size must be >= 1, got {self.image_size}")
+        if not 0 < self.val_fraction < 1:
+            raise UsageError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
 
 def load_data(config: DataConfig) -> DataSplits:
     """``load_dataset`` as ``config`` describes it."""
@@ -62,6 +75,37 @@ def load_data(config: DataConfig) -> DataSplits:
 def default_run_dir(method: str, data: DataConfig) -> Path:
     """``runs/<method>-<dataset>``: where a run writes when no output folder is given."""
     return Path("runs") / f"{method}-{data.dataset}"
+
+
+def prepare_run_dir(
+    method: str, data: DataConfig, out_dir: str | os.PathLike | None = None
+) -> Path:
+    """The run's output folder (``out_dir``, else ``default_run_dir``), created now: a path
+    that cannot be a writable folder fails here, before any data is loaded or any training."""
+    out = Path(out_dir).expanduser() if out_dir is not None else default_run_dir(method, data)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: pass a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a parent that is a file, no permission, a read-only disk
+        raise UsageError(f"--out {out}: cannot create the output folder: {exc.strerror or exc}") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the output folder is not writable")
+    return out
+
+
+def check_run_config(config: Any, image_size: int | None = None) -> None:
+    """Checks every method's run config shares, before any data is loaded: the model (a
+    ``model`` field, when there is one) takes the input size (``image_size``, else ``config.data.image_size``, when known), and the
+    seeds ``seed .. seed + num_seeds - 1`` stay in numpy's range."""
+    size = image_size if image_size is not None else config.data.image_size
+    if getattr(config, "model", None) is not None:
+        check_model_input(config.model, size)
+    last = config.train.seed + getattr(config, "num_seeds", 1) - 1
+    if last >= SEED_LIMIT:
+        raise UsageError(
+            f"seed + num_seeds - 1 = {last} is beyond the seed range [0, 2**32): lower --seed"
+        )
 
 
 def dataset_summary(splits: DataSplits) -> dict[str, Any]:
@@ -90,12 +134,15 @@ def metrics_table(metrics_by_split: dict[str, dict], title: str = "") -> str:
     return f"{title}\n{table}" if title else table
 
 
-def write_results(out_dir: Path, results: dict[str, Any], started: float) -> Path:
-    """Add versions, world size and total time to ``results``; rank 0 writes results.json."""
+def write_results(
+    out_dir: str | os.PathLike, results: dict[str, Any], started: float
+) -> Path:
+    """Add versions, world size and total time (since ``started``, a ``time.perf_counter()``)
+    to ``results``; rank 0 writes ``out_dir``/results.json."""
     results.setdefault("timings", {})["total_seconds"] = time.perf_counter() - started
     results["versions"] = versions()
     results["world_size"] = current_dist().world_size
-    path = out_dir / RESULTS_FILE
+    path = Path(out_dir) / RESULTS_FILE
     if current_dist().is_main:
         write_json(path, results)
     return path

@@ -27,10 +27,11 @@ from labelkit_ext.engine import (
 )
 from labelkit_ext.methods.common import (
     DataConfig,
+    check_run_config,
     dataset_summary,
-    default_run_dir,
     load_data,
     metrics_table,
+    prepare_run_dir,
     write_results,
 )
 from labelkit_ext.methods.registry import register_method
@@ -168,6 +169,9 @@ class SupervisedRunConfig:
     pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
     train: TrainConfig = option(factory=TrainConfig, help="training")
 
+    def __post_init__(self) -> None:
+        check_run_config(self)
+
 
 def run_supervised(
     config: SupervisedRunConfig | None = None,
@@ -179,7 +183,7 @@ def run_supervised(
     ``runs/supervised-<dataset>``) and print the results table."""
     started = time.perf_counter()
     config = config or SupervisedRunConfig()
-    out = Path(out_dir) if out_dir is not None else default_run_dir("supervised", config.data)
+    out = prepare_run_dir("supervised", config.data, out_dir)
     splits = load_data(config.data)
     data_seconds = time.perf_counter() - started
     results = train_supervised(

@@ -7,6 +7,7 @@ from labelkit_ext.models.registry import (
     ModelSpec,
     available_models,
     build_model,
+    check_model_input,
     load_pretrained,
 )
 from labelkit_ext.models.resnet import resnet18
@@ -20,6 +21,7 @@ __all__ = [
     "ModelSpec",
     "available_models",
     "build_model",
+    "check_model_input",
     "load_pretrained",
     "resnet18",
     "small_cnn",

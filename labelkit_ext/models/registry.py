@@ -10,14 +10,21 @@ from pathlib import Path
 
 import torch
 
-from labelkit_ext.errors import MissingFileError, UsageError
+from labelkit_ext.errors import MissingFileError, UsageError, reading
 from labelkit_ext.models.base import Classifier
 from labelkit_ext.models.resnet import resnet18
 from labelkit_ext.models.small_cnn import small_cnn
 from labelkit_ext.models.vgg import vgg16
 from labelkit_ext.models.wide_resnet import wide_resnet
 
-__all__ = ["MODELS", "ModelSpec", "available_models", "build_model", "load_pretrained"]
+__all__ = [
+    "MODELS",
+    "ModelSpec",
+    "available_models",
+    "build_model",
+    "check_model_input",
+    "load_pretrained",
+]
 
 # Inputs up to this size get the small-image variants (CIFAR stem, pooled VGG head).
 SMALL_INPUT = 64
@@ -32,6 +39,7 @@ class ModelSpec:
     description: str
     build: Callable[..., Classifier]
     torchvision_head: str | None = None
+    min_image_size: int = 1  # smaller inputs pool down to nothing (docs/models.md)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -41,6 +49,7 @@ MODELS: dict[str, ModelSpec] = {
             "small-cnn",
             "3-block CNN, 128-d features; seconds per epoch on CPU",
             lambda c, ch, small, **kw: small_cnn(c, ch, **kw),
+            min_image_size=4,  # two 2x2 max-pools
         ),
         ModelSpec(
             "resnet18",
@@ -58,12 +67,14 @@ MODELS: dict[str, ModelSpec] = {
             "torchvision VGG16 (pooled 512-d head for inputs <= 64px)",
             lambda c, ch, small, **kw: vgg16(c, ch, small_input=small, **kw),
             "classifier.6",
+            min_image_size=32,  # five 2x2 max-pools
         ),
         ModelSpec(
             "vgg16-bn",
             "torchvision VGG16 with batch norm",
             lambda c, ch, small, **kw: vgg16(c, ch, batch_norm=True, small_input=small, **kw),
             "classifier.6",
+            min_image_size=32,
         ),
     )
 }
@@ -72,6 +83,19 @@ MODELS: dict[str, ModelSpec] = {
 def available_models() -> list[str]:
     """Names accepted by ``build_model`` and ``--model``."""
     return sorted(MODELS)
+
+
+def check_model_input(name: str, image_size: int | None = None) -> None:
+    """Refuse an unknown model ``name``, or an input size it cannot take (it would fail
+    mid-training)."""
+    if name not in MODELS:
+        raise UsageError(f"model must be one of {available_models()}, got {name!r}")
+    least = MODELS[name].min_image_size
+    if image_size is not None and image_size < least:
+        raise UsageError(
+            f"model {name!r} needs images of at least {least} px, got image_size {image_size}: "
+            "raise --image-size or choose another --model"
+        )
 
 
 def build_model(
@@ -89,6 +113,7 @@ def build_model(
         raise UsageError(f"model must be one of {available_models()}, got {name!r}")
     if in_channels < 1:
         raise UsageError(f"in_channels must be >= 1, got {in_channels}")
+    check_model_input(name, image_size)
     spec = MODELS[name]
     model = spec.build(num_classes, in_channels, image_size <= SMALL_INPUT, **kwargs)
     if pretrained is not None:
@@ -97,7 +122,8 @@ def build_model(
 
 
 def _state_dict(file: Path) -> dict[str, torch.Tensor]:
-    obj = torch.load(file, map_location="cpu", weights_only=True)
+    with reading(file, "pretrained weights: a state dict or checkpoint saved by torch.save"):
+        obj = torch.load(file, map_location="cpu", weights_only=True)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # a labelkit checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

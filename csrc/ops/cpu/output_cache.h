@@ -5,10 +5,10 @@
 // this project's benchmark VM a 108 MiB tile batch took 9.0 ms, 5.6-6.3 ms when its block was
 // reused (bench/README.md). Like torch's CUDA caching allocator, freed blocks of 4 MiB or more
 // are kept (a request takes the smallest that fits within 2x it, the most recent on ties) up to
-// a byte limit — 1 GiB
-// by default, LABELKIT_CPU_CACHE_MB to change, 0 to turn caching off — and every block is
-// advised for transparent huge pages (fresh_output.h) when it is first mapped. The profiler sees
-// each output as an allocation of its requested size, as with c10's CPU allocator.
+// a byte limit — 1 GiB by default, LABELKIT_CPU_CACHE_MB to change, 0 to turn caching off — and
+// every block is advised for transparent huge pages (fresh_output.h) when it is first mapped.
+// The profiler sees each output as an allocation of its requested size, as with c10's CPU
+// allocator.
 #pragma once
 
 #include <c10/core/Allocator.h>

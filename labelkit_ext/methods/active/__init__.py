@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import TrainConfig, option
-from labelkit_ext.errors import MissingFileError, UsageError
+from labelkit_ext.errors import MissingFileError, UsageError, reading
 from labelkit_ext.methods.active.experiment import run_experiment, run_folder
 from labelkit_ext.methods.active.learners import (
     DROPOUT_MODELS,
@@ -30,7 +31,13 @@ from labelkit_ext.methods.active.learners import (
     NetLearner,
     mc_dropout_modules,
 )
-from labelkit_ext.methods.active.loop import STEPS, ActiveConfig, ActiveLoop, initial_indices
+from labelkit_ext.methods.active.loop import (
+    STEPS,
+    ActiveConfig,
+    ActiveLoop,
+    check_pool,
+    initial_indices,
+)
 from labelkit_ext.methods.active.oracles import (
     AwaitingAnswers,
     FileOracle,
@@ -55,7 +62,13 @@ from labelkit_ext.methods.active.strategies import (
     register_strategy,
     select,
 )
-from labelkit_ext.methods.common import DataConfig, dataset_summary, default_run_dir, load_data
+from labelkit_ext.methods.common import (
+    DataConfig,
+    check_run_config,
+    dataset_summary,
+    load_data,
+    prepare_run_dir,
+)
 from labelkit_ext.methods.registry import register_method
 from labelkit_ext.models import available_models
 
@@ -111,7 +124,14 @@ DIGITS_IMAGE_SIZE = 16
 class ActiveRunConfig:
     """``labelkit run active``: its options are these fields."""
 
-    data: DataConfig = option(factory=DataConfig, help="data")
+    data: DataConfig = option(
+        factory=DataConfig,
+        help="data",
+        helps={
+            "image_size": f"model input size (default: the data set's own; digits "
+            f"{DIGITS_IMAGE_SIZE} here, its 8x8 scans upsampled)"
+        },
+    )
     model: str = option("small-cnn", "network", choices=available_models)
     pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
     train: TrainConfig = option(
@@ -155,8 +175,24 @@ class ActiveRunConfig:
     batchbald_configs: int = option(512, "batchbald: sampled label configurations")
 
     def __post_init__(self) -> None:
-        if self.num_seeds < 1:
-            raise UsageError(f"num_seeds must be >= 1, got {self.num_seeds}")
+        check_fields(self)
+        check_run_config(self, self.data_config().image_size)
+        # The strategies check their parameters too, under their own names (num_clusters,
+        # max_references...): check the options first, by the names the user typed.
+        for name in ("num_seeds", "query_size", "initial_size", "mc_samples", "head_steps",
+                     "density_references", "batchbald_candidates", "batchbald_configs"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.clusters is not None and self.clusters < 1:
+            raise UsageError(f"clusters must be >= 1, got {self.clusters}")
+        if self.rounds < 0:
+            raise UsageError(f"rounds must be >= 0, got {self.rounds}")
+        if self.beta < 0:
+            raise UsageError(f"beta must be >= 0, got {self.beta}")
+        if self.margin_multiple < 1:
+            raise UsageError(f"margin_multiple must be >= 1, got {self.margin_multiple}")
+        if not 0 < self.target_accuracy <= 1:
+            raise UsageError(f"target_accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.oracle_wait < 0:
@@ -166,6 +202,12 @@ class ActiveRunConfig:
                 "oracle 'file' needs images for its thumbnails; it does not work with embeddings"
             )
         self.strategy_names()
+
+    def data_config(self) -> DataConfig:
+        """``data`` with this method's own default input size (digits: 16 px)."""
+        if self.data.dataset == "digits" and self.data.image_size is None:
+            return replace(self.data, image_size=DIGITS_IMAGE_SIZE)
+        return self.data
 
     def strategy_names(self) -> list[str]:
         names = [s.strip() for s in self.strategies.split(",") if s.strip()]
@@ -197,7 +239,8 @@ def load_embedding_pool(path: str) -> dict[str, torch.Tensor]:
     file = Path(path)
     if not file.is_file():
         raise MissingFileError(f"embeddings file {file} not found")
-    data = torch.load(file, map_location="cpu", weights_only=True)
+    with reading(file, "embeddings: a torch file with 'pool', 'pool_targets', 'test', 'test_targets'"):
+        data = torch.load(file, map_location="cpu", weights_only=True)
     needed = ("pool", "pool_targets", "test", "test_targets")
     if not isinstance(data, dict) or any(k not in data for k in needed):
         raise UsageError(f"{file} must hold a dict with the tensors {needed}")
@@ -238,10 +281,8 @@ def run_active(
     seeds = list(range(config.train.seed, config.train.seed + config.num_seeds))
     active = ActiveConfig(config.rounds, config.query_size, config.initial_size,
                           config.train.seed, config.mc_samples)  # fmt: skip
-    data_config = config.data
-    if data_config.dataset == "digits" and data_config.image_size is None:
-        data_config = replace(data_config, image_size=DIGITS_IMAGE_SIZE)
-    out = Path(out_dir) if out_dir is not None else default_run_dir("active", data_config)
+    data_config = config.data_config()
+    out = prepare_run_dir("active", data_config, out_dir)
     extra: dict[str, Any]
     if config.embeddings:
         data = load_embedding_pool(config.embeddings)
@@ -272,6 +313,8 @@ def run_active(
         targets, class_names = splits.train_eval.targets, splits.info.class_names
         images = splits.train_eval
         extra = {"dataset": dataset_summary(splits)}
+
+    check_pool(active, len(targets))  # now that the pool is known, before any training
 
     def make_oracle(seed: int, folder: Path) -> Oracle:
         if config.oracle == "simulated":

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import derive_seed, load_checkpoint, save_checkpoint
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.learners import Learner
@@ -33,7 +34,14 @@ from labelkit_ext.methods.active.state import (
 )
 from labelkit_ext.methods.active.strategies import SelectionContext, Strategy, select
 
-__all__ = ["STEPS", "STRATEGY_STATE_FILE", "ActiveConfig", "ActiveLoop", "initial_indices"]
+__all__ = [
+    "STEPS",
+    "STRATEGY_STATE_FILE",
+    "ActiveConfig",
+    "ActiveLoop",
+    "check_pool",
+    "initial_indices",
+]
 
 STRATEGY_STATE_FILE = "strategy_state.pt"
 # The steps after which ``on_step`` is called (tests kill the process there).
@@ -53,11 +61,29 @@ class ActiveConfig:
     mc_samples: int = 20
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("query_size", "initial_size", "mc_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rounds < 0:
             raise UsageError(f"rounds must be >= 0, got {self.rounds}")
+
+
+def check_pool(config: ActiveConfig, pool_size: int) -> None:
+    """The initial set and a query fit the pool of ``pool_size`` (checked once it is loaded,
+    before any training): a larger query would label the whole pool in one round."""
+    if config.initial_size > pool_size:
+        raise UsageError(
+            f"initial_size ({config.initial_size:,}) is larger than the pool "
+            f"({pool_size:,} images); lower --initial-size"
+        )
+    unlabeled = pool_size - config.initial_size
+    if config.rounds > 0 and config.query_size > unlabeled:
+        raise UsageError(
+            f"query_size ({config.query_size:,}) is larger than the unlabeled pool: "
+            f"{pool_size:,} images minus {config.initial_size} initial labels leave "
+            f"{unlabeled:,}; lower --query-size"
+        )
 
 
 def initial_indices(pool_size: int, size: int, seed: int) -> list[int]:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from labelkit_ext.engine.checkpoint import temp_path
-from labelkit_ext.errors import UsageError
+from labelkit_ext.errors import UsageError, reading
 
 __all__ = [
     "ANSWERS_FILE",
@@ -191,7 +191,9 @@ class FileOracle(Oracle):
         if not self.answers_path.is_file():
             return {}
         answers: dict[int, int] = {}
-        with open(self.answers_path, newline="") as f:
+        with reading(self.answers_path, "answers: a CSV with columns index, label"), open(
+            self.answers_path, newline=""
+        ) as f:
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"index", "label"} <= set(reader.fieldnames):
                 raise UsageError(f"{self.answers_path} needs the columns 'index' and 'label'")

@@ -14,12 +14,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import TrainConfig, current_dist, option
 from labelkit_ext.errors import UsageError
-from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
+from labelkit_ext.methods.common import (
+    DataConfig,
+    check_run_config,
+    load_data,
+    prepare_run_dir,
+    write_results,
+)
 from labelkit_ext.methods.curriculum.pipeline import (
     DEFAULT_SCHEDULES,
     CurriculumConfig,
@@ -118,7 +124,14 @@ class CurriculumRunConfig:
     epochs of the training set; ``curriculum_config`` turns it into the equal step budget of
     ``CurriculumConfig``."""
 
-    data: DataConfig = option(factory=lambda: DataConfig(dataset="digit-mosaic"), help="data")
+    data: DataConfig = option(
+        factory=lambda: DataConfig(dataset="digit-mosaic"),
+        help="data",
+        helps={
+            "image_size": "model input size (default: the data set's own; digit-mosaic "
+            f"{QUICK_IMAGE_SIZE['digit-mosaic']} here, its 8x8 digits upsampled)"
+        },
+    )
     model: str = option("small-cnn", "network", choices=available_models)
     pretrained: str | None = option(None, "initial weights from a local file", metavar="FILE")
     train: TrainConfig = option(
@@ -142,15 +155,44 @@ class CurriculumRunConfig:
     )
     superclasses: int | None = option(
         None,
-        "super-classes of co-occurring findings for a superclass stage (default: about sqrt(K))",
+        "super-classes of co-occurring findings for a superclass stage, in [2, K - 1] for K "
+        "findings (default: about sqrt(K))",
         metavar="G",
     )
 
     def __post_init__(self) -> None:
-        if self.num_seeds < 1:
-            raise UsageError(f"num_seeds must be >= 1, got {self.num_seeds}")
+        check_fields(self)
+        check_run_config(self, self.data_config().image_size)
+        for name in ("num_seeds", "evals_per_epoch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.aux_share < 1:
+            raise UsageError(f"aux_share must be in (0, 1), got {self.aux_share}")
+        if self.superclasses is not None and self.superclasses < 2:
+            raise UsageError(
+                f"superclasses must be >= 2 (or left out: about sqrt(findings)), "
+                f"got {self.superclasses}"
+            )
+        if not self.schedules:
+            raise UsageError("schedules must name at least one schedule")
+        # The budget is epochs x evals_per_epoch validation chunks (budget_from_epochs), and
+        # every stage needs one: say so in the options' terms, not in steps.
+        chunks = self.train.epochs * self.evals_per_epoch
         for schedule in self.schedules:
-            parse_schedule(schedule)  # a bad schedule fails before the data is loaded
+            stages = len(parse_schedule(schedule))  # a bad schedule fails before the data loads
+            if stages > chunks:
+                raise UsageError(
+                    f"schedule {schedule!r} has {stages} stages, but --epochs "
+                    f"{self.train.epochs} x --evals-per-epoch {self.evals_per_epoch} give "
+                    f"{chunks} validation chunk(s) and every stage needs one: raise --epochs "
+                    "or --evals-per-epoch"
+                )
+
+    def data_config(self) -> DataConfig:
+        """``data`` with this method's own default input size (digit-mosaic: 16 px)."""
+        if self.data.image_size is None and self.data.dataset in QUICK_IMAGE_SIZE:
+            return replace(self.data, image_size=QUICK_IMAGE_SIZE[self.data.dataset])
+        return self.data
 
     def curriculum_config(self, train_size: int) -> CurriculumConfig:
         """The step-level config for a training set of ``train_size`` images."""
@@ -197,10 +239,8 @@ def run_curriculum(
     (``out_dir`` default ``runs/curriculum-<dataset>``)."""
     started = time.perf_counter()
     config = config or CurriculumRunConfig()
-    data = config.data
-    if data.image_size is None and data.dataset in QUICK_IMAGE_SIZE:
-        data = replace(data, image_size=QUICK_IMAGE_SIZE[data.dataset])
-    out = Path(out_dir) if out_dir is not None else default_run_dir("curriculum", data)
+    data = config.data_config()
+    out = prepare_run_dir("curriculum", data, out_dir)
     splits = load_data(data)
     check_multilabel(splits.info)
     data_seconds = time.perf_counter() - started

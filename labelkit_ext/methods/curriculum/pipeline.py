@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import Predictions, TrainConfig, current_dist, predict, prediction_metrics
 from labelkit_ext.errors import UsageError
@@ -65,7 +66,11 @@ class CurriculumConfig:
     no_finding: int | str | None = None
 
     def __post_init__(self) -> None:
-        self.schedules, self.seeds = tuple(self.schedules), tuple(int(s) for s in self.seeds)
+        self.schedules, self.seeds = tuple(self.schedules), tuple(self.seeds)
+        check_fields(self)
+        self.seeds = tuple(int(s) for s in self.seeds)  # numpy ints -> JSON-ready ints
+        if self.num_superclasses is not None and self.num_superclasses < 2:
+            raise UsageError(f"num_superclasses must be >= 2, got {self.num_superclasses}")
         if not self.schedules or len(set(self.schedules)) != len(self.schedules):
             raise UsageError(f"schedules must be distinct and at least one, got {self.schedules}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -96,7 +101,14 @@ def _superclass_groups(data: FindingData, config: CurriculumConfig) -> torch.Ten
     uses = any("superclass" in p["stages"] for p in config.stage_plan().values())
     if not uses:
         return None
-    g = config.num_superclasses or default_num_superclasses(data.num_findings)
+    k, g = data.num_findings, config.num_superclasses
+    if g is None:
+        g = default_num_superclasses(k)
+    elif not 2 <= g <= k - 1:  # the upper bound needs the data: say which option it is
+        raise UsageError(
+            f"superclasses (--superclasses; num_superclasses) must be in [2, {k - 1}] for "
+            f"{k} findings, got {g}"
+        )
     return cooccurrence_groups(data.findings["train"], g)
 
 

@@ -31,7 +31,7 @@ from labelkit_ext.engine import (
     select_device,
     write_json,
 )
-from labelkit_ext.errors import UsageError
+from labelkit_ext.errors import UsageError, reading
 from labelkit_ext.methods.curriculum.schedule import StageStream
 from labelkit_ext.methods.curriculum.tasks import LabelTask, build_task, findings_matrix
 from labelkit_ext.models import Classifier, build_model
@@ -145,7 +145,8 @@ class _StageMonitor:
         self.config, self.device, self.folder = config, device, folder
         self.records: list[dict] = []
         if resume and folder is not None and (folder / CURVE_FILE).is_file():
-            self.records = json.loads((folder / CURVE_FILE).read_text())
+            with reading(folder / CURVE_FILE, "a resumed stage's validation curve, JSON"):
+                self.records = json.loads((folder / CURVE_FILE).read_text())
 
     def __call__(self, end: EpochEnd) -> None:
         pred = predict(

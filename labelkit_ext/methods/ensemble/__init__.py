@@ -13,14 +13,21 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import TrainConfig, current_dist, option
 from labelkit_ext.errors import UsageError
-from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
+from labelkit_ext.methods.common import (
+    DataConfig,
+    check_run_config,
+    load_data,
+    prepare_run_dir,
+    write_results,
+)
 from labelkit_ext.methods.ensemble.clustering import (
     AFFINITY,
+    check_num_clusters,
     cluster_members,
     cosine_similarity,
     default_cluster_grid,
@@ -138,6 +145,13 @@ class EnsembleRunConfig:
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        check_run_config(self)
+        if self.clusters is not None:
+            if not self.clusters:
+                raise UsageError("clusters must hold at least one number of clusters")
+            for s in self.clusters:  # the upper bound (< classes) needs the data
+                check_num_clusters(s, name="clusters")
         if self.sub_epochs < 1:
             raise UsageError(f"sub_epochs must be >= 1, got {self.sub_epochs}")
         if self.sub_lr <= 0:
@@ -190,7 +204,7 @@ def run_ensemble(
     the tables."""
     started = time.perf_counter()
     config = config or EnsembleRunConfig()
-    out = Path(out_dir) if out_dir is not None else default_run_dir("ensemble", config.data)
+    out = prepare_run_dir("ensemble", config.data, out_dir)
     splits = load_data(config.data)
     data_seconds = time.perf_counter() - started
     fitted = fit_ensemble(

@@ -52,16 +52,19 @@ def similarity_to_affinity(similarity: torch.Tensor) -> np.ndarray:
     return (affinity + affinity.T) / 2.0  # symmetric even for a similarity from elsewhere
 
 
-def check_num_clusters(num_clusters: int, num_classes: int) -> None:
+def check_num_clusters(
+    num_clusters: int, num_classes: int | None = None, name: str = "num_clusters"
+) -> None:
     """``num_clusters`` must be an int in [2, C - 1] (S = C makes every class its own cluster,
-    and the ensemble the baseline)."""
+    and the ensemble the baseline); ``name`` is what the messages call it (an option name);
+    without ``num_classes`` only the lower bound is checked."""
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, (int, np.integer)):
-        raise UsageError(f"num_clusters must be an int, got {num_clusters!r}")
+        raise UsageError(f"{name} must be an int, got {num_clusters!r}")
     if num_clusters < 2:
-        raise UsageError(f"num_clusters must be >= 2, got {num_clusters}")
-    if num_clusters >= num_classes:
+        raise UsageError(f"{name} must be >= 2, got {num_clusters}")
+    if num_classes is not None and num_clusters >= num_classes:
         raise UsageError(
-            f"num_clusters must be < the number of classes ({num_classes}), got {num_clusters}"
+            f"{name} must be < the number of classes ({num_classes}), got {num_clusters}"
         )
 
 

@@ -118,7 +118,7 @@ def cluster_grid_for(num_classes: int, sizes: Sequence[int] | None = None) -> li
     if len(sizes) == 0:
         raise UsageError("cluster_grid must hold at least one S")
     for s in sizes:
-        check_num_clusters(s, num_classes)
+        check_num_clusters(s, num_classes, name="clusters (--clusters)")
     return sorted({int(s) for s in sizes})
 
 

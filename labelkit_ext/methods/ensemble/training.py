@@ -22,7 +22,7 @@ from labelkit_ext.engine import (
     predict,
     write_json,
 )
-from labelkit_ext.errors import MissingFileError, UsageError
+from labelkit_ext.errors import MissingFileError, UsageError, reading
 from labelkit_ext.methods.ensemble.clustering import cluster_members
 from labelkit_ext.models import Classifier
 
@@ -96,7 +96,8 @@ def load_baseline(model: Classifier, file: str | os.PathLike) -> Classifier:
     path = Path(file).expanduser()
     if not path.is_file():
         raise MissingFileError(f"baseline checkpoint {path} not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, "a baseline: a labelkit checkpoint or a state dict of the model"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -115,7 +116,8 @@ def _record_cluster(folder: Path, classes: list[int], resume: bool) -> None:
     """Refuse to resume a sub-classifier's checkpoint that was fine-tuned on other classes."""
     record = folder / CLUSTER_RECORD
     if resume and record.is_file():
-        saved = json.loads(record.read_text())["classes"]
+        with reading(record, "the record of a sub-classifier's classes, JSON"):
+            saved = json.loads(record.read_text())["classes"]
         if saved != classes:
             raise UsageError(
                 f"cannot resume {folder}: it was fine-tuned on classes {saved}, the clustering "

@@ -14,12 +14,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import TrainConfig, current_dist, option
 from labelkit_ext.errors import UsageError
-from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
+from labelkit_ext.methods.common import (
+    DataConfig,
+    check_run_config,
+    load_data,
+    prepare_run_dir,
+    write_results,
+)
 from labelkit_ext.methods.pretext.evaluation import (
     EvalResult,
     balanced_loss,
@@ -67,7 +73,7 @@ from labelkit_ext.methods.pretext.tasks import (
 )
 from labelkit_ext.methods.pretext.training import PretextFit, evaluate_pretext, train_pretext
 from labelkit_ext.methods.registry import register_method
-from labelkit_ext.models import available_models
+from labelkit_ext.models import MODELS, available_models
 
 __all__ = [
     "BACKBONE_FILE",
@@ -135,11 +141,15 @@ class PretextRunConfig:
     grid: int = option(3, "jigsaw/context cells per side (odd for context)")
     tile_size: int | None = option(
         None,
-        "jigsaw tile / context patch side (default: cell minus a quarter-cell gap, >= 2 px; "
-        "7 px at 28 px, 64 px at 255 px)",
+        "jigsaw tile / context patch side, >= 1 and at most a cell (image size // grid) "
+        "(default: cell minus a quarter-cell gap, >= 2 px; 7 px at 28 px, 64 px at 255 px)",
         metavar="PX",
     )
-    permutations: int = option(100, "jigsaw classes: maximal-Hamming permutations")
+    permutations: int = option(
+        100,
+        "jigsaw classes: maximal-Hamming permutations, at most (grid^2)! (362,880 for grid 3; "
+        "100,000 from grid 4)",
+    )
     jitter: bool = option(True, "tiles placed randomly in their cells (else centred)")
     tile_normalize: bool = option(
         True, "per-tile standardisation of jigsaw tiles / context patches"
@@ -161,6 +171,8 @@ class PretextRunConfig:
     scratch_baseline: bool = option(True, "train the supervised-from-scratch baseline")
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        check_run_config(self)
         for name in ("pretext_epochs", "eval_epochs", "num_seeds", "hidden"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -169,7 +181,28 @@ class PretextRunConfig:
         for name in ("pretext_lr", "eval_lr"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
-        self.settings()  # its own checks, before any data is loaded
+        for f in self.fractions:
+            if not 0 < f <= 1:
+                raise UsageError(f"fractions must be in (0, 1], got {f}")
+        settings = self.settings()  # its own checks, before any data is loaded
+        if "context" in self.tasks() and self.grid % 2 == 0:
+            raise UsageError(f"the context task needs an odd --grid, got {self.grid}")
+        if self.data.image_size is not None:
+            self.check_tiles(settings, self.data.image_size)
+
+    def check_tiles(self, settings: PretextSettings, image_size: int) -> None:
+        """The jigsaw / context tiles fit the grid on ``image_size`` px images, and the
+        backbone takes tiles that small; nothing to check for the other tasks."""
+        if not {"jigsaw", "context"} & set(self.tasks()):
+            return
+        tile = settings.tile_for(image_size)
+        least = MODELS[self.model].min_image_size
+        if tile < least:
+            raise UsageError(
+                f"the jigsaw/context tiles are {tile} px, but model {self.model!r} needs inputs "
+                f"of at least {least} px: raise --tile-size / --image-size, lower --grid, or "
+                "choose another --model or --task"
+            )
 
     def settings(self) -> PretextSettings:
         return PretextSettings(
@@ -203,10 +236,9 @@ def run_pretext(
     started = time.perf_counter()
     config = config or PretextRunConfig()
     settings, tasks, train = config.settings(), config.tasks(), config.train
-    out = Path(out_dir) if out_dir is not None else default_run_dir("pretext", config.data)
+    out = prepare_run_dir("pretext", config.data, out_dir)
     splits = load_data(config.data)
-    if {"jigsaw", "context"} & set(tasks):
-        settings.tile_for(splits.info.image_size)  # a clear error before any training
+    config.check_tiles(settings, splits.info.image_size)  # a clear error before any training
     data_seconds = time.perf_counter() - started
     fitted = run_study(
         splits,

@@ -17,10 +17,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.ops.affine import affine_grid_sample
-from labelkit_ext.ops.pretext import PretextBatch, hamming_permutations, make_pretext_batch
+from labelkit_ext.ops.pretext import (
+    DEFAULT_NUM_CANDIDATES,
+    MAX_TABLE_ENTRIES,
+    PretextBatch,
+    hamming_permutations,
+    make_pretext_batch,
+)
 
 __all__ = [
     "PRETEXT_TASKS",
@@ -32,6 +39,7 @@ __all__ = [
     "default_tile_size",
     "jigsaw_permutations",
     "make_batch",
+    "max_permutations",
     "nt_xent",
     "pretext_step",
     "sample_view_params",
@@ -40,6 +48,16 @@ __all__ = [
 ]
 
 PRETEXT_TASKS = ("rotation", "jigsaw", "context", "contrastive")
+#: The largest grid whose jigsaw candidate table hamming_permutations builds (MAX_TABLE_ENTRIES).
+MAX_GRID = math.isqrt(MAX_TABLE_ENTRIES // DEFAULT_NUM_CANDIDATES)
+
+
+def max_permutations(grid: int) -> int:
+    """The most jigsaw classes ``hamming_permutations`` can pick for a ``grid x grid`` cut:
+    all (grid^2)! tile orders up to grid 3, else the candidates it samples (16! > 100,000;
+    larger factorials are never computed)."""
+    cells = grid * grid
+    return math.factorial(cells) if cells <= 9 else DEFAULT_NUM_CANDIDATES
 
 
 def default_tile_size(image_size: int, grid: int) -> int:
@@ -75,17 +93,38 @@ class PretextSettings:
     jitter_strength: float = 0.4  # ... brightness/contrast jitter
 
     def __post_init__(self) -> None:
-        if self.grid < 2:
-            raise UsageError(f"grid must be >= 2, got {self.grid}")
-        if self.num_permutations < 2:
-            raise UsageError(f"num_permutations must be >= 2, got {self.num_permutations}")
+        check_fields(self)
+        if not 2 <= self.grid <= MAX_GRID:
+            raise UsageError(f"grid must be in [2, {MAX_GRID}], got {self.grid}")
+        if self.tile_size is not None and self.tile_size < 1:
+            raise UsageError(
+                f"tile_size must be >= 1 (leave it out for the automatic size), got {self.tile_size}"
+            )
+        most = max_permutations(self.grid)
+        if not 2 <= self.num_permutations <= most:
+            raise UsageError(
+                f"permutations (num_permutations) must be in [2, {most}] for a "
+                f"{self.grid}x{self.grid} grid, got {self.num_permutations}"
+            )
+        if self.hidden < 1:
+            raise UsageError(f"hidden must be >= 1, got {self.hidden}")
         if self.temperature <= 0:
             raise UsageError(f"temperature must be > 0, got {self.temperature}")
         if self.max_zoom < 1:
             raise UsageError(f"max_zoom must be >= 1, got {self.max_zoom}")
 
     def tile_for(self, image_size: int) -> int:
-        return self.tile_size or default_tile_size(image_size, self.grid)
+        """The tile / patch side for ``image_size`` images; a given tile must fit its cell."""
+        if self.tile_size is None:
+            return default_tile_size(image_size, self.grid)
+        cell = image_size // self.grid
+        if self.tile_size > cell:
+            raise UsageError(
+                f"tile_size {self.tile_size} is larger than a cell of the {self.grid}x{self.grid} "
+                f"grid on {image_size} px images ({cell} px): use a --tile-size of at most "
+                f"{cell}, a smaller --grid or a larger --image-size"
+            )
+        return self.tile_size
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,12 +19,18 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import TrainConfig, current_dist, option
 from labelkit_ext.errors import UsageError
-from labelkit_ext.methods.common import DataConfig, default_run_dir, load_data, write_results
+from labelkit_ext.methods.common import (
+    DataConfig,
+    check_run_config,
+    load_data,
+    prepare_run_dir,
+    write_results,
+)
 from labelkit_ext.methods.registry import register_method
 from labelkit_ext.methods.stn_augment.pipeline import (
     DEFAULT_FINETUNE_EPOCHS,
@@ -87,6 +93,7 @@ DEFAULT_NUM_SEEDS = 3
 
 _AUGMENT = AugmentConfig()
 _BOUNDS = AffineBounds()
+_BOUND_OPTIONS = ("max_rotation", "max_scale", "max_shear", "max_translation")
 
 
 @dataclass
@@ -129,12 +136,25 @@ class StnAugmentRunConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.num_seeds < 1:
-            raise UsageError(f"num_seeds must be >= 1, got {self.num_seeds}")
-        if self.finetune_epochs < 1:
-            raise UsageError(f"finetune_epochs must be >= 1, got {self.finetune_epochs}")
-        if self.finetune_lr <= 0:
-            raise UsageError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        check_fields(self)
+        check_run_config(self)
+        # AugmentConfig and AffineBounds check these too, but under their own field names
+        # (epochs, lr, rotation...): check the options here first, by the names the user typed.
+        for name in ("num_seeds", "aug_epochs", "finetune_epochs", "probe_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("aug_lr", "disc_lr", "finetune_lr"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_me", "penalty_weight", "penalty_radius", *_BOUND_OPTIONS):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_rotation > 180:
+            raise UsageError(f"max_rotation must be <= 180 degrees, got {self.max_rotation}")
+        if self.max_scale >= 1:
+            raise UsageError(f"max_scale must be < 1 (scale factors stay > 0), got {self.max_scale}")
+        if not 0 < self.mix <= 1:
+            raise UsageError(f"mix must be in (0, 1], got {self.mix}")
         check_variants(self.variants)
         self.augment_config()  # its own checks, before any data is loaded
         self.bounds()
@@ -181,7 +201,7 @@ def run_stn_augment(
     (``out_dir`` default ``runs/stn-augment-<dataset>``)."""
     started = time.perf_counter()
     config = config or StnAugmentRunConfig()
-    out = Path(out_dir) if out_dir is not None else default_run_dir("stn-augment", config.data)
+    out = prepare_run_dir("stn-augment", config.data, out_dir)
     splits = load_data(config.data)
     data_seconds = time.perf_counter() - started
     seed = config.train.seed

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import autocast_for, seed_everything, select_device
 from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.stn import theta_deviation, theta_penalty
@@ -54,6 +55,7 @@ class AugmentConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("epochs", "batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
