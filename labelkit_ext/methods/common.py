@@ -88,7 +88,8 @@ def prepare_run_dir(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, no permission, a read-only disk
-        raise UsageError(f"--out {out}: cannot create the output folder: {exc.strerror or exc}") from exc
+        reason = exc.strerror or exc
+        raise UsageError(f"--out {out}: cannot create the output folder: {reason}") from exc
     if not os.access(out, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: the output folder is not writable")
     return out
@@ -96,8 +97,9 @@ def prepare_run_dir(
 
 def check_run_config(config: Any, image_size: int | None = None) -> None:
     """Checks every method's run config shares, before any data is loaded: the model (a
-    ``model`` field, when there is one) takes the input size (``image_size``, else ``config.data.image_size``, when known), and the
-    seeds ``seed .. seed + num_seeds - 1`` stay in numpy's range."""
+    ``model`` field, when there is one) takes the input size (``image_size``, else
+    ``config.data.image_size``, when known), and the seeds ``seed .. seed + num_seeds - 1``
+    stay in numpy's range."""
     size = image_size if image_size is not None else config.data.image_size
     if getattr(config, "model", None) is not None:
         check_model_input(config.model, size)
