@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,13 @@ class DataConfig:
             raise UsageError(f"image_size must be >= 1, got {self.image_size}")
         if not 0 < self.val_fraction < 1:
             raise UsageError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def sized(self, defaults: Mapping[str, int]) -> DataConfig:
+        """This config with a method's own input size for the data sets in ``defaults`` (name ->
+        px), where ``image_size`` was not given."""
+        if self.image_size is None and self.dataset in defaults:
+            return replace(self, image_size=defaults[self.dataset])
+        return self
 
 
 def load_data(config: DataConfig) -> DataSplits:

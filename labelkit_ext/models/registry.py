@@ -109,11 +109,9 @@ def build_model(
     """Build model ``name`` for ``num_classes`` outputs on ``in_channels`` x ``image_size``
     inputs; ``pretrained`` is a local weights file (see ``load_pretrained``); ``kwargs`` go to
     the builder (e.g. ``dropout``, ``width`` for small-cnn)."""
-    if name not in MODELS:
-        raise UsageError(f"model must be one of {available_models()}, got {name!r}")
+    check_model_input(name, image_size)
     if in_channels < 1:
         raise UsageError(f"in_channels must be >= 1, got {in_channels}")
-    check_model_input(name, image_size)
     spec = MODELS[name]
     model = spec.build(num_classes, in_channels, image_size <= SMALL_INPUT, **kwargs)
     if pretrained is not None:

@@ -35,6 +35,7 @@ __all__ = [
     "HammingStats",
     "PretextBatch",
     "PRETEXT_TASKS",
+    "candidate_count",
     "context_pair",
     "hamming_distance_stats",
     "hamming_permutations",
@@ -49,7 +50,9 @@ _CRITERIA = ("max", "mean")
 PRETEXT_TASKS = ("jigsaw", "context", "rotation")
 #: Candidates drawn for grids whose (grid^2)! permutations are too many to enumerate (grid >= 4).
 DEFAULT_NUM_CANDIDATES = 100_000
-_MAX_ENUMERATED = math.factorial(9)
+# Grids 2 and 3 ((grid^2)! <= 9!) can use every permutation as a candidate; from grid 4 on,
+# 16! > 2e13 exceeds any candidate table, so (grid^2)! is never computed there.
+_MAX_ENUMERATED_CELLS = 9
 #: The most candidate-table entries (candidates x grid^2) hamming_permutations builds (1 GiB int64).
 MAX_TABLE_ENTRIES = 2**27
 
@@ -276,10 +279,9 @@ def hamming_permutations(
             f"range), got {seed!r}"
         )
     m = grid * grid
-    # m! capped, never computed in full: a grid of 1,000 has 10^6 cells.
-    count = _factorial_capped(m, _MAX_ENUMERATED)
+    enumerable = m <= _MAX_ENUMERATED_CELLS
     if num_candidates is None:
-        num_candidates = count if count <= _MAX_ENUMERATED else DEFAULT_NUM_CANDIDATES
+        num_candidates = math.factorial(m) if enumerable else DEFAULT_NUM_CANDIDATES
     elif not _is_int(num_candidates) or num_candidates < 1:
         raise ValueError(
             f"hamming_permutations: num_candidates must be an int >= 1 or None, got {num_candidates!r}"
@@ -290,25 +292,26 @@ def hamming_permutations(
             f"{num_candidates:,} x {m} candidate table, more than {MAX_TABLE_ENTRIES:,} entries; "
             "lower grid or num_candidates"
         )
-    total = _factorial_capped(m, num_candidates)
-    available = min(total, num_candidates)
+    available = candidate_count(grid, num_candidates)
     if not _is_int(n) or not 1 <= n <= available:
+        everything = enumerable and available == math.factorial(m)
         raise ValueError(
             f"hamming_permutations: n must be an int in [1, {available}] for grid={grid} "
-            f"({'all' if available == total else 'sampled'} candidate permutations), "
+            f"({'all' if everything else 'sampled'} candidate permutations), "
             f"got {n!r}"
         )
     return hamming_permutations_ref(n, grid, seed, criterion, num_candidates)
 
 
-def _factorial_capped(m: int, cap: int) -> int:
-    """``min(m!, cap + 1)``: enough to compare m! with ``cap``."""
-    value = 1
-    for i in range(2, m + 1):
-        value *= i
-        if value > cap:
-            return cap + 1
-    return value
+def candidate_count(grid: int, num_candidates: int | None = None) -> int:
+    """How many permutations :func:`hamming_permutations` picks from for a ``grid x grid`` cut:
+    every one of the (grid^2)! when there are at most ``num_candidates`` (grids 2 and 3 by
+    default), else ``num_candidates`` distinct random ones (default 100,000)."""
+    m = grid * grid
+    if m > _MAX_ENUMERATED_CELLS:
+        return DEFAULT_NUM_CANDIDATES if num_candidates is None else num_candidates
+    total = math.factorial(m)
+    return total if num_candidates is None else min(total, num_candidates)
 
 
 def hamming_distance_stats(permutations: torch.Tensor) -> HammingStats:

@@ -1,50 +1,16 @@
-// Allocation of CPU outputs that a kernel writes once, in full, right after allocating.
-//
-// Outputs of 4 MiB or more come from the output cache (output_cache.h), which reuses freed blocks
-// instead of faulting fresh pages in on every call. When the cache maps a new block it asks the
-// kernel for transparent huge pages on it before the first touch (the same hint as torch's
-// THP_MEM_ALLOC_ENABLE=1, applied to our outputs only): a 250 MB gradient faulted in 4 KiB at a
-// time cost more than writing it (65,536 x 1,000 float32: copy into a fresh tensor 64 ms, 16 ms
-// with huge pages). Where THP is off or unsupported the hint is a no-op; LABELKIT_HUGE_PAGES=0
-// turns it off.
+// Allocation of CPU outputs that a kernel writes once, in full, right after allocating: outputs
+// of 4 MiB or more come from the output cache (output_cache.h), which reuses freed blocks
+// instead of faulting fresh pages in on every call.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 
 #include <cstddef>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "ops/cpu/output_cache.h"
 
 namespace labelkit::cpu {
-
-constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-
-inline bool huge_pages_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("LABELKIT_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
-}
-
-// Best effort: a failed madvise leaves the block as it was, so its result is ignored. `p` and
-// `bytes` are multiples of kHugePage.
-inline void advise_huge_pages(void* p, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (huge_pages_enabled()) (void)madvise(p, bytes, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 // Outputs of at least kMinCachedBytes come from the output cache; smaller ones from at::empty
 // (through the dispatcher, as any torch op's, so the profiler names them aten::empty).

@@ -6,7 +6,7 @@
 // reused (bench/README.md). Like torch's CUDA caching allocator, freed blocks of 4 MiB or more
 // are kept (a request takes the smallest that fits within 2x it, the most recent on ties) up to
 // a byte limit — 1 GiB by default, LABELKIT_CPU_CACHE_MB to change, 0 to turn caching off — and
-// every block is advised for transparent huge pages (fresh_output.h) when it is first mapped.
+// every block is advised for transparent huge pages when it is first mapped.
 // The profiler sees each output as an allocation of its requested size, as with c10's CPU
 // allocator.
 #pragma once
@@ -19,6 +19,9 @@ namespace labelkit::cpu {
 
 // Requests below this go to c10's CPU allocator (glibc reuses such blocks itself).
 constexpr size_t kMinCachedBytes = size_t{4} << 20;
+
+// Blocks are aligned to, and sized in, transparent huge pages.
+constexpr size_t kHugePage = size_t{2} << 20;
 
 struct OutputCacheStats {
   int64_t cached_bytes = 0;   // held for reuse, in no tensor

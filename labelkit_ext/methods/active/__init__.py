@@ -205,9 +205,7 @@ class ActiveRunConfig:
 
     def data_config(self) -> DataConfig:
         """``data`` with this method's own default input size (digits: 16 px)."""
-        if self.data.dataset == "digits" and self.data.image_size is None:
-            return replace(self.data, image_size=DIGITS_IMAGE_SIZE)
-        return self.data
+        return self.data.sized({"digits": DIGITS_IMAGE_SIZE})
 
     def strategy_names(self) -> list[str]:
         names = [s.strip() for s in self.strategies.split(",") if s.strip()]

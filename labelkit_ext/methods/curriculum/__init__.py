@@ -190,9 +190,7 @@ class CurriculumRunConfig:
 
     def data_config(self) -> DataConfig:
         """``data`` with this method's own default input size (digit-mosaic: 16 px)."""
-        if self.data.image_size is None and self.data.dataset in QUICK_IMAGE_SIZE:
-            return replace(self.data, image_size=QUICK_IMAGE_SIZE[self.data.dataset])
-        return self.data
+        return self.data.sized(QUICK_IMAGE_SIZE)
 
     def curriculum_config(self, train_size: int) -> CurriculumConfig:
         """The step-level config for a training set of ``train_size`` images."""

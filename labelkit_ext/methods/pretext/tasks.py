@@ -25,6 +25,7 @@ from labelkit_ext.ops.pretext import (
     DEFAULT_NUM_CANDIDATES,
     MAX_TABLE_ENTRIES,
     PretextBatch,
+    candidate_count,
     hamming_permutations,
     make_pretext_batch,
 )
@@ -39,7 +40,6 @@ __all__ = [
     "default_tile_size",
     "jigsaw_permutations",
     "make_batch",
-    "max_permutations",
     "nt_xent",
     "pretext_step",
     "sample_view_params",
@@ -50,14 +50,6 @@ __all__ = [
 PRETEXT_TASKS = ("rotation", "jigsaw", "context", "contrastive")
 #: The largest grid whose jigsaw candidate table hamming_permutations builds (MAX_TABLE_ENTRIES).
 MAX_GRID = math.isqrt(MAX_TABLE_ENTRIES // DEFAULT_NUM_CANDIDATES)
-
-
-def max_permutations(grid: int) -> int:
-    """The most jigsaw classes ``hamming_permutations`` can pick for a ``grid x grid`` cut:
-    all (grid^2)! tile orders up to grid 3, else the candidates it samples (16! > 100,000;
-    larger factorials are never computed)."""
-    cells = grid * grid
-    return math.factorial(cells) if cells <= 9 else DEFAULT_NUM_CANDIDATES
 
 
 def default_tile_size(image_size: int, grid: int) -> int:
@@ -100,7 +92,7 @@ class PretextSettings:
             raise UsageError(
                 f"tile_size must be >= 1 (leave it out for the automatic size), got {self.tile_size}"
             )
-        most = max_permutations(self.grid)
+        most = candidate_count(self.grid)
         if not 2 <= self.num_permutations <= most:
             raise UsageError(
                 f"permutations (num_permutations) must be in [2, {most}] for a "
