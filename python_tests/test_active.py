@@ -615,3 +615,55 @@ def test_run_active_with_the_file_oracle_stops_and_resumes(tmp_path, capsys):
     assert results["summary"]["margin"]["labels"] == [10, 20]
     state = json.loads((out / "runs" / "margin" / "seed_0" / "state.json").read_text())["state"]
     assert state["labeled"] == answered
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_active(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+               "-m", "labelkit_ext", "run", "active", *args]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_gloo_processes_with_a_simulated_and_a_file_oracle(tmp_path):
+    """Under torchrun rank 0 alone keeps the state, selects and asks the oracle; every rank
+    trains (DDP) on the same labeled set; a run stops, resumes and refuses like one process."""
+    out = tmp_path / "sim"
+    done = _torchrun_active([*TINY, "--strategies", "margin,coreset", "--num-seeds", "1",
+                             "--out", str(out)])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["summary"]["coreset"]["labels"] == [10, 20, 30]
+    assert done.stdout.count("active | digits") == 1  # rank 0 alone prints
+    again = _torchrun_active([*TINY, "--strategies", "margin,coreset", "--num-seeds", "1",
+                              "--out", str(out)])  # fmt: skip
+    assert again.returncode != 0 and "exists: pass --resume" in again.stderr
+
+    out = tmp_path / "file"
+    args = [*TINY, "--strategies", "margin", "--num-seeds", "1", "--rounds", "1",
+            "--oracle", "file", "--out", str(out), "--resume"]  # fmt: skip
+    targets = load_dataset("digits", image_size=8).train_eval.targets
+    folder = out / "runs" / "margin" / "seed_0" / "oracle"
+    answered: list[int] = []
+    for _ in range(2):  # the initial query, then the round-0 query
+        done = _torchrun_active(args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("stopped cleanly: waiting for 10 answer(s)") == 1
+        with open(folder / "queries.csv", newline="") as f:
+            asked = [int(r["index"]) for r in csv.DictReader(f)]
+        assert len(asked) == 10 and not set(asked) & set(answered)
+        answered += asked
+        _answer(folder, [(i, str(int(targets[i]))) for i in answered])
+    done = _torchrun_active(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "runs" / "margin" / "seed_0" / "state.json").read_text())["state"]
+    assert state["labeled"] == answered and len(state["records"]) == 2

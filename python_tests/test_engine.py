@@ -22,6 +22,7 @@ from labelkit_ext.engine import (
     format_table,
     init_distributed,
     load_checkpoint,
+    on_main,
     predict,
     save_checkpoint,
     seed_everything,
@@ -157,6 +158,21 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU"):
             select_device("cuda")
+
+
+def test_a_bare_cuda_is_this_ranks_gpu_under_torchrun(monkeypatch):
+    """Every caller (methods' own loops too) gets cuda:<LOCAL_RANK> without passing it."""
+    import labelkit_ext.engine.device as device_module
+    from labelkit_ext.engine import DistInfo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert select_device("cuda") == torch.device("cuda:0")
+    monkeypatch.setattr(device_module, "current_dist", lambda: DistInfo(1, 2, 1))
+    assert select_device("cuda") == torch.device("cuda:1")
+    assert select_device("auto") == torch.device("cuda:1")
+    assert select_device("cuda", local_rank=0) == torch.device("cuda:0")
+    assert select_device("cuda:0") == torch.device("cuda:0")
 
 
 def test_same_seed_same_run(digits8):
@@ -315,6 +331,53 @@ def test_ddp_two_gloo_processes(tmp_path, digits8):
     assert ranks[0]["logits"].shape == (360, 10)
     torch.testing.assert_close(ranks[0]["logits"], single.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ranks[1]["logits"], single.logits, rtol=1e-5, atol=1e-5)
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not picklable")
+
+
+def _on_main_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    info = init_distributed("cpu")
+    calls: list[int] = []
+    seen: dict = {}
+    try:
+
+        def value() -> dict:
+            calls.append(info.rank)
+            return {"rank": info.rank, "rows": [3, 1, 2]}
+
+        seen["value"] = on_main(value)
+        for name, error in (("usage", UsageError("bad --rounds")), ("odd", _Unpicklable("odd"))):
+
+            def fail(error=error):
+                raise error
+
+            try:
+                on_main(fail)
+            except Exception as raised:  # what every rank sees
+                seen[name] = (type(raised).__name__, str(raised))
+        seen["after"] = on_main(lambda: info.rank)  # the group still works after the errors
+        seen["calls"] = calls
+    finally:
+        shutdown_distributed()
+    torch.save(seen, os.path.join(out_dir, f"on_main{rank}.pt"))
+
+
+def test_on_main_runs_once_and_hands_result_and_errors_to_every_rank(tmp_path):
+    assert on_main(lambda: 7) == 7  # one process: just the call
+    mp.spawn(_on_main_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"on_main{r}.pt", weights_only=False) for r in range(2)]
+    for r, seen in enumerate(ranks):
+        assert seen["value"] == {"rank": 0, "rows": [3, 1, 2]}
+        assert seen["calls"] == ([0] if r == 0 else [])
+        assert seen["usage"] == ("UsageError", "bad --rounds")
+        assert seen["after"] == 0
+    assert ranks[0]["odd"] == ("_Unpicklable", "odd")  # rank 0 raises the original
+    assert ranks[1]["odd"] == ("RuntimeError", "_Unpicklable on rank 0: odd")
 
 
 def test_topk_accuracy_agrees_with_scikit_learn_from_three_classes():

@@ -18,6 +18,7 @@ from labelkit_ext.engine.distributed import (
     current_dist,
     gather_shards,
     init_distributed,
+    on_main,
     shutdown_distributed,
 )
 from labelkit_ext.engine.loops import (
@@ -73,6 +74,7 @@ __all__ = [
     "format_table",
     "gather_shards",
     "init_distributed",
+    "on_main",
     "load_checkpoint",
     "loss_for_task",
     "plot_confusion_matrix",

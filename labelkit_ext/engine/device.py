@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.engine.distributed import current_dist
 from labelkit_ext.errors import UsageError
 
 __all__ = ["select_device"]
 
 
-def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+def select_device(spec: str = "auto", local_rank: int | None = None) -> torch.device:
     """The device for ``spec``; ``auto`` is CUDA when visible, else CPU. Under DDP a bare
-    ``cuda`` (or ``auto`` with GPUs) means this process's GPU, ``cuda:<local_rank>``."""
+    ``cuda`` (or ``auto`` with GPUs) means this process's GPU, ``cuda:<local_rank>``
+    (``local_rank`` defaults to this process's under torchrun, 0 otherwise)."""
+    if local_rank is None:
+        local_rank = current_dist().local_rank
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cpu":

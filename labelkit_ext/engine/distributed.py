@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,8 +20,11 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "gather_shards",
+    "on_main",
     "sum_across_ranks",
 ]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,38 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op for one process)."""
     if info.enabled:
         dist.barrier()
+
+
+def on_main(fn: Callable[[], T], info: DistInfo | None = None) -> T:
+    """``fn()`` run by rank 0 alone, its result handed to every rank (``fn()`` itself for one
+    process): for steps with side effects (files, a person's answers) or whose outcome every
+    rank must share exactly. An exception ``fn`` raises is raised on every rank (as a
+    RuntimeError with its message where it cannot be pickled), so no rank waits forever."""
+    info = info or current_dist()
+    if not info.enabled:
+        return fn()
+    box: list = [None]
+    if info.is_main:
+        try:
+            box[0] = (True, fn())
+        except Exception as error:
+            box[0] = (False, _portable(error))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _portable(error: Exception) -> Exception:
+    """``error`` if it survives pickling, else a RuntimeError with its message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__} on rank 0: {error}")
 
 
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from labelkit_ext.checks import check_fields
-from labelkit_ext.engine import TrainConfig, option
+from labelkit_ext.engine import TrainConfig, current_dist, option
 from labelkit_ext.errors import MissingFileError, UsageError, reading
 from labelkit_ext.methods.active.experiment import run_experiment, run_folder
 from labelkit_ext.methods.active.learners import (
@@ -332,12 +332,14 @@ def run_active(
             extra_results=extra, title=f"active learning: {name}",
         )  # fmt: skip
     except AwaitingAnswers as waiting:
-        print(f"labelkit: stopped cleanly: {waiting}")
+        if current_dist().is_main:
+            print(f"labelkit: stopped cleanly: {waiting}")
         return {"status": "awaiting_answers", "missing": waiting.missing}
-    print(f"active | {name} | {len(seeds)} seed(s) | "
-          f"{config.initial_size} + {config.rounds} x {config.query_size} labels")  # fmt: skip
-    print(results["table"])
-    print(f"results: {out / 'results.json'}  plots: {', '.join(results['plots'])}")
+    if current_dist().is_main:
+        print(f"active | {name} | {len(seeds)} seed(s) | "
+              f"{config.initial_size} + {config.rounds} x {config.query_size} labels")  # fmt: skip
+        print(results["table"])
+        print(f"results: {out / 'results.json'}  plots: {', '.join(results['plots'])}")
     return results
 
 

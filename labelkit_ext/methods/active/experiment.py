@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from labelkit_ext.engine import current_dist
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.learners import Learner
 from labelkit_ext.methods.active.loop import ActiveConfig, ActiveLoop
@@ -35,7 +36,7 @@ def run_folder(out_dir: str | os.PathLike, strategy: str, seed: int) -> Path:
 
 def _progress_line(strategy: str, seed: int, quiet: bool) -> Callable[[str, ActiveState], None]:
     def report(step: str, state: ActiveState) -> None:
-        if quiet or step != "evaluated":
+        if quiet or step != "evaluated" or not current_dist().is_main:
             return
         r = state.records[-1]
         print(
@@ -111,8 +112,8 @@ def run_experiment(
         "records": {n: {str(s): r for s, r in by_seed.items()} for n, by_seed in records.items()},
         "table": summary_table(summaries),
     }
-    results["plots"] = [
-        plot_learning_curves(summaries, out / CURVES_PLOT, title, target_accuracy).name
-    ]
+    if current_dist().is_main:
+        plot_learning_curves(summaries, out / CURVES_PLOT, title, target_accuracy)
+    results["plots"] = [CURVES_PLOT]
     write_results(out, results, started)
     return results

@@ -26,6 +26,7 @@ from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import (
     TrainConfig,
     autocast_for,
+    current_dist,
     derive_seed,
     fit,
     predict,
@@ -179,7 +180,7 @@ class NetLearner(Learner):
             **kwargs,
         )
         out = self._round_dir(round)
-        if out is not None and round > 0:
+        if out is not None and round > 0 and current_dist().is_main:
             shutil.rmtree(self._round_dir(round - 1), ignore_errors=True)
         result = fit(
             net,

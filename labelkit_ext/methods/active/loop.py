@@ -21,7 +21,13 @@ from typing import Any
 import torch
 
 from labelkit_ext.checks import check_fields
-from labelkit_ext.engine import derive_seed, load_checkpoint, save_checkpoint
+from labelkit_ext.engine import (
+    current_dist,
+    derive_seed,
+    load_checkpoint,
+    on_main,
+    save_checkpoint,
+)
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.learners import Learner
 from labelkit_ext.methods.active.oracles import AwaitingAnswers, Oracle
@@ -141,9 +147,18 @@ class ActiveLoop:
             self.on_step(name, state)
 
     def _save(self, state: ActiveState) -> None:
-        save_state(self.state_path, state)
+        if current_dist().is_main:
+            save_state(self.state_path, state)
 
     def _open(self, resume: bool) -> ActiveState:
+        """The run's state, resumed or started (and saved); under torchrun rank 0 reads or
+        starts it and every rank gets that state."""
+        fresh, state = on_main(lambda: self._open_on_main(resume))
+        if fresh:
+            self._step("initial", state)
+        return state
+
+    def _open_on_main(self, resume: bool) -> tuple[bool, ActiveState]:
         if self.state_path.exists():
             if not resume:
                 raise StateError(
@@ -156,7 +171,7 @@ class ActiveLoop:
             if self.strategy_state_path.exists():
                 saved = load_checkpoint(self.strategy_state_path)
                 self.strategy.load_state_dict(saved["strategy"])
-            return state
+            return False, state
         # Files left by a run whose state was removed must not leak into this one.
         self.strategy_state_path.unlink(missing_ok=True)
         self.learner.reset()
@@ -164,14 +179,14 @@ class ActiveLoop:
             self.learner.pool_size, self.config.initial_size, self.config.seed
         )
         state = ActiveState(fingerprint=self.fingerprint, pending=pending)
-        self._save(state)
-        self._step("initial", state)
-        return state
+        save_state(self.state_path, state)
+        return True, state
 
     def _ask(self, state: ActiveState) -> None:
         """Ask the oracle for the pending query; save what it answered; finish the round when
         the query is complete, else stop (``AwaitingAnswers``)."""
-        answers = self.oracle.answer(list(state.pending), state.round)
+        # Rank 0 alone asks (a file oracle writes the query), every rank gets its answers.
+        answers = on_main(lambda: self.oracle.answer(list(state.pending), state.round))
         unknown = [i for i, y in answers.items() if not 0 <= int(y) < self.learner.num_classes]
         if unknown:
             raise UsageError(
@@ -201,7 +216,16 @@ class ActiveLoop:
             self.learner.fit(state.labeled, state.labels, state.round)
 
     def _query(self, state: ActiveState) -> None:
-        self._ensure_trained(state)
+        self._ensure_trained(state)  # on every rank: training is data-parallel under torchrun
+        chosen, timings = on_main(lambda: self._select(state))
+        state.records[-1].update(timings)
+        state.pending = chosen
+        self._save(state)
+        self._step("selected", state)
+
+    def _select(self, state: ActiveState) -> tuple[list[int], dict[str, float]]:
+        """Score the pool and select the next query (rank 0 alone under torchrun, so every rank
+        asks for exactly the same samples)."""
         tic = time.perf_counter()
         scores = self.learner.score(self.strategy.needs, self.config.mc_samples)
         _sync(scores)
@@ -222,12 +246,8 @@ class ActiveLoop:
         kept = self.strategy.state_dict()
         if kept and not self.strategy_state_path.exists():
             save_checkpoint(self.strategy_state_path, {"strategy": kept})
-        state.records[-1].update(
-            {"scoring_seconds": scored - tic, "selection_seconds": selected - scored}
-        )
-        state.pending = chosen.tolist()
-        self._save(state)
-        self._step("selected", state)
+        timings = {"scoring_seconds": scored - tic, "selection_seconds": selected - scored}
+        return chosen.tolist(), timings
 
     def done(self, state: ActiveState) -> bool:
         return state.round >= self.config.rounds or len(state.labeled) >= self.learner.pool_size
