@@ -20,6 +20,7 @@ from labelkit_ext.engine.distributed import (
     init_distributed,
     on_main,
     shutdown_distributed,
+    sum_across_ranks,
 )
 from labelkit_ext.engine.loops import (
     LAST_CHECKPOINT,
@@ -88,6 +89,7 @@ __all__ = [
     "seed_everything",
     "select_device",
     "shutdown_distributed",
+    "sum_across_ranks",
     "to_jsonable",
     "topk_accuracy",
     "train_one_epoch",

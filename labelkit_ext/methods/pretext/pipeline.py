@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from labelkit_ext.data import DataSplits
-from labelkit_ext.engine import TrainConfig, save_checkpoint, seed_everything
+from labelkit_ext.engine import TrainConfig, current_dist, save_checkpoint, seed_everything
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.common import dataset_summary, write_results
 from labelkit_ext.methods.pretext.evaluation import (
@@ -63,7 +63,7 @@ class _Stages:
         self.seconds: dict[str, float] = {}
 
     def log(self, message: str) -> None:
-        if not self.quiet:
+        if not self.quiet and current_dist().is_main:
             print(f"[pretext] {message}", flush=True)
 
     @contextlib.contextmanager
@@ -217,7 +217,7 @@ def run_study(
                     resume=resume,
                 )
             fit.pretext[(task, seed)] = fitted
-            if task_dir is not None:
+            if task_dir is not None and current_dist().is_main:
                 save_checkpoint(
                     task_dir / BACKBONE_FILE,
                     {"model": backbone.state_dict(), "task": task, "backbone": model},
@@ -251,6 +251,7 @@ def run_study(
         # Written after every seed: an interrupted study keeps the seeds it finished.
         fit.results = _results(fit, header, list(seeds[: seeds.index(seed) + 1]), stages.seconds)
         if out is not None:
-            fit.results["plots"] = write_plots(fit.results, splits, settings, out)
+            main = current_dist().is_main  # rank 0 alone writes under torchrun
+            fit.results["plots"] = write_plots(fit.results, splits, settings, out) if main else []
             write_results(out, fit.results, started)
     return fit

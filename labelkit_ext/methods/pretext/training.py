@@ -1,6 +1,7 @@
 """Pretext training: epochs over the unlabeled training images, each batch turned into a
 labelled pretext batch on the device; pretext accuracy on the validation images (their labels
-are never read) after every epoch; checkpoints and resume as in ``engine.fit``."""
+are never read) after every epoch; checkpoints, resume and DDP under torchrun as in
+``engine.fit``."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
+    DistInfo,
     TrainConfig,
     autocast_for,
+    barrier,
+    broadcast_buffers,
     build_optimizer,
     build_scheduler,
+    current_dist,
     derive_seed,
     load_checkpoint,
     save_checkpoint,
     seed_everything,
     select_device,
+    sum_across_ranks,
 )
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.methods.pretext.tasks import (
@@ -59,19 +67,33 @@ class PretextFit:
 
 
 def _loader(
-    dataset: Dataset, config: TrainConfig, shuffle: bool, device: torch.device
+    dataset: Dataset,
+    config: TrainConfig,
+    shuffle: bool,
+    device: torch.device,
+    info: DistInfo | None = None,
 ) -> DataLoader:
-    generator = torch.Generator() if shuffle else None
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size if shuffle else config.eval_batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        # A last batch of one image would break BatchNorm and the contrastive pairs.
-        drop_last=shuffle and len(dataset) > config.batch_size,
-        num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    """Evaluation batches in order; training batches shuffled (each rank its
+    ``DistributedSampler`` share under torchrun), an incomplete last one dropped: a batch of
+    one image would break BatchNorm and the contrastive pairs."""
+    sharded = shuffle and info is not None and info.enabled
+    per_rank = -(-len(dataset) // info.world_size) if sharded else len(dataset)
+    common = {
+        "batch_size": config.batch_size if shuffle else config.eval_batch_size,
+        "drop_last": shuffle and per_rank > config.batch_size,
+        "num_workers": config.num_workers,
+        "pin_memory": device.type == "cuda",
+    }
+    if sharded:
+        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=config.seed)
+        return DataLoader(dataset, sampler=sampler, **common)
+    return DataLoader(dataset, shuffle=shuffle, generator=torch.Generator() if shuffle else None, **common)
+
+
+def _stream(info: DistInfo, *parts: int) -> int:
+    """The seed of a random stream: rank 0 (and a single process) draws (parts), rank r > 0
+    (parts, r), so every rank's pretext labels and views differ and one process is unchanged."""
+    return derive_seed(*parts, info.rank) if info.rank else derive_seed(*parts)
 
 
 @torch.no_grad()
@@ -102,7 +124,7 @@ def evaluate_pretext(
 
 def _train_epoch(
     task: str,
-    net: PretextNet,
+    net: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     settings: PretextSettings,
@@ -110,11 +132,14 @@ def _train_epoch(
     generator: torch.Generator,
     permutations: torch.Tensor | None,
     desc: str,
+    info: DistInfo,
 ) -> dict[str, float]:
+    """One epoch of ``net`` (a PretextNet, DDP-wrapped under torchrun); loss and accuracy over
+    every rank's samples."""
     device = next(net.parameters()).device
     net.train()
     total, correct, count, seen = 0.0, 0, 0, 0
-    progress = not config.quiet and sys.stderr.isatty()
+    progress = not config.quiet and info.is_main and sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, _ in bar:
         with autocast_for(device, config.amp):
@@ -125,6 +150,7 @@ def _train_epoch(
         total += out.loss.item() * len(images)
         correct, count, seen = correct + out.correct, count + out.count, seen + len(images)
         bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / max(count, 1):.3f}")
+    total, correct, count, seen = sum_across_ranks([total, correct, count, seen], info, device)
     return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
 
 
@@ -165,9 +191,12 @@ def train_pretext(
     The data order, pretext labels, tile jitter and views of epoch ``e`` are drawn from
     ``(config.seed, e)`` alone, so a resumed run retraces an uninterrupted one. With
     ``out_dir`` the state is saved after every epoch (``checkpoint_last.pt``, loaded with
-    ``weights_only=True``) and ``resume`` continues from it. Single process (no DDP).
+    ``weights_only=True``) and ``resume`` continues from it. Under torchrun the net is wrapped
+    in DDP and each rank trains on its share of the images (``batch_size`` per process; the
+    contrastive task's negatives are the rank's own batch); rank 0 logs and writes checkpoints.
     """
     settings = settings or PretextSettings()
+    info = current_dist()
     device = select_device(config.device)
     seed_everything(config.seed)  # the head's initialisation
     net = build_pretext_net(task, backbone, settings).to(device)
@@ -182,19 +211,28 @@ def train_pretext(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         fitted.history, fitted.resumed_from = list(state["history"]), int(state["epoch"])
-    loader = _loader(train_set, config, True, device)
+    model = (
+        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if info.enabled
+        else net
+    )
+    loader = _loader(train_set, config, True, device, info)
     start = time.perf_counter()
     for epoch in range(fitted.resumed_from, config.epochs):
         tic = time.perf_counter()
-        seed_everything(derive_seed(config.seed, epoch))
-        loader.generator.manual_seed(derive_seed(config.seed, epoch))
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, epoch, 1))
+        seed_everything(_stream(info, config.seed, epoch))
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        else:
+            loader.generator.manual_seed(derive_seed(config.seed, epoch))
+        generator = torch.Generator().manual_seed(_stream(info, config.seed, epoch, 1))
         lr = optimizer.param_groups[0]["lr"]
         train = _train_epoch(
-            task, net, loader, optimizer, settings, config, generator, permutations,
-            f"{task} {epoch + 1}/{config.epochs}",
+            task, model, loader, optimizer, settings, config, generator, permutations,
+            f"{task} {epoch + 1}/{config.epochs}", info,
         )  # fmt: skip
         scheduler.step()
+        broadcast_buffers(net, info)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": train["loss"],
                   "train_accuracy": train["accuracy"]}  # fmt: skip
         if val_set is not None:
@@ -205,7 +243,7 @@ def train_pretext(
             record.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"]})
         record["seconds"] = time.perf_counter() - tic
         fitted.history.append(record)
-        if not config.quiet:
+        if not config.quiet and info.is_main:
             val_text = (
                 f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.3f}"
                 if val_set is not None
@@ -216,7 +254,7 @@ def train_pretext(
                 f"acc {train['accuracy']:.3f}{val_text} | {record['seconds']:.1f}s",
                 flush=True,
             )
-        if checkpoint is not None:
+        if checkpoint is not None and info.is_main:
             save_checkpoint(
                 checkpoint,
                 {
@@ -230,5 +268,6 @@ def train_pretext(
                     "history": fitted.history,
                 },
             )
+        barrier(info)
     fitted.train_seconds = time.perf_counter() - start
     return fitted
