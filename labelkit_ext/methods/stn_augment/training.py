@@ -1,6 +1,7 @@
 """Stage 2: train the augmenter against a frozen classifier (and, optionally, a discriminator),
 and measure its warps. Stages 1 and 3 are ``engine.fit``; this alternating two-optimiser loop
-is the one thing the engine does not express."""
+is the one thing the engine does not express (it follows ``fit`` under torchrun: DDP, a
+``DistributedSampler`` share per rank, BatchNorm buffers broadcast, rank 0 logs)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from labelkit_ext.checks import check_fields
-from labelkit_ext.engine import autocast_for, seed_everything, select_device
+from labelkit_ext.engine import (
+    DistInfo,
+    autocast_for,
+    broadcast_buffers,
+    current_dist,
+    derive_seed,
+    seed_everything,
+    select_device,
+)
 from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.stn import theta_deviation, theta_penalty
 from labelkit_ext.ops.entropy import max_entropy_loss, softmax_entropy
@@ -158,6 +168,21 @@ def _discriminator_step(
     return {"d_loss": loss.item(), "d_accuracy": hits.item() / (2 * len(real))}
 
 
+def _parallel(module: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+    """``module`` in DDP under torchrun, itself otherwise."""
+    if not info.enabled:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _stage2_loader(train_set: Dataset, config: AugmentConfig, info: DistInfo, device) -> DataLoader:
+    common = {"batch_size": config.batch_size, "pin_memory": device.type == "cuda"}
+    if info.enabled:
+        sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=config.seed)
+        return DataLoader(train_set, sampler=sampler, **common)
+    return DataLoader(train_set, shuffle=True, generator=torch.Generator().manual_seed(config.seed), **common)
+
+
 def train_augmenter(
     classifier: nn.Module,
     augmenter: nn.Module,
@@ -175,8 +200,10 @@ def train_augmenter(
     and one augmenter step per batch); with ``penalty``, plus ``theta_penalty``.
 
     The images in ``probe`` are measured (``warp_statistics``) before training and after
-    every epoch. Seeded by ``config.seed``; runs on one device (not data-parallel).
+    every epoch. Seeded by ``config.seed``. Under torchrun the augmenter and discriminator are
+    data-parallel (DDP, ``batch_size`` per process) and rank 0 logs; the records are rank 0's.
     """
+    info = current_dist()
     device = select_device(config.device)
     augmenter.to(device).train()
     seed_everything(config.seed)
@@ -185,31 +212,29 @@ def train_augmenter(
     if discriminator is not None:
         discriminator.to(device).train()
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(config.seed),
-        pin_memory=device.type == "cuda",
-    )
+    generator = _parallel(augmenter, device, info)
+    critic = _parallel(discriminator, device, info) if discriminator is not None else None
+    if info.rank:  # other ranks draw other random warps (rank 0 draws those of one process)
+        seed_everything(derive_seed(config.seed, info.rank))
+    loader = _stage2_loader(train_set, config, info, device)
     fitted = AugmenterFit()
     tic = time.perf_counter()
     with frozen(classifier):
         classifier.to(device)
         fitted.epochs.append({"epoch": 0, **warp_statistics(classifier, augmenter, probe)})
         augmenter.train()
-        progress = not config.quiet and sys.stderr.isatty()
+        progress = not config.quiet and info.is_main and sys.stderr.isatty()
         for epoch in range(1, config.epochs + 1):
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
             bar = tqdm(loader, desc=f"stage 2 epoch {epoch}/{config.epochs}", leave=False,
                        disable=not progress, dynamic_ncols=True)  # fmt: skip
             for images, _ in bar:
                 x = images.to(device, non_blocking=True)
-                out = augmenter(x)
+                out = generator(x)
                 record = {"step": len(fitted.steps) + 1, "epoch": epoch}
-                if discriminator is not None:
-                    record.update(
-                        _discriminator_step(discriminator, opt_d, x, out.image, config.amp)
-                    )
+                if critic is not None:
+                    record.update(_discriminator_step(critic, opt_d, x, out.image, config.amp))
                 with autocast_for(device, config.amp):
                     logits = classifier(out.image).float()
                 me = max_entropy_loss(logits)
@@ -236,10 +261,13 @@ def train_augmenter(
                 fitted.steps.append(record)
                 bar.set_postfix(me=f"{record['max_entropy']:.3f}",
                                 dev=f"{record['theta_deviation']:.3f}")  # fmt: skip
+            broadcast_buffers(augmenter, info)
+            if discriminator is not None:
+                broadcast_buffers(discriminator, info)
             stats = warp_statistics(classifier, augmenter, probe)
             augmenter.train()
             fitted.epochs.append({"epoch": epoch, **stats})
-            if not config.quiet:
+            if not config.quiet and info.is_main:
                 log(
                     f"stage 2 epoch {epoch}: ||theta - I|| median "
                     f"{stats['theta_deviation']['q50']:.3f}, warped entropy median "
