@@ -215,6 +215,26 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert (out / "checkpoint_last.pt").is_file()
 
 
+@pytest.mark.parametrize(
+    "method,args",
+    [
+        ("ensemble", ["--sub-epochs", "1", "--clusters", "2", "--quantiles", "0.5"]),
+        ("curriculum", ["--dataset", "digit-mosaic", "--epochs", "2", "--num-seeds", "1"]),
+    ],
+)
+def test_methods_under_torchrun_two_gloo_processes(tmp_path, method, args):
+    """(active, pretext and stn-augment have their own torchrun tests.)"""
+    out = tmp_path / method
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "labelkit_ext",
+               "run", method, *TINY, *args, "--device", "cpu", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _results(out)["world_size"] == 2
+    assert done.stdout.count("results: ") == 1  # rank 0 alone prints the table
+
+
 @pytest.mark.slow
 def test_main_job_command(tmp_path, monkeypatch):
     """The README's main job: the defaults on the embedded digits."""
