@@ -633,6 +633,49 @@ def _torchrun_active(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _score_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from labelkit_ext.engine import init_distributed, shutdown_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        learner = _scoring_learner()
+        scores = learner.score(("logits", "embeddings", "mc_logits"), mc_samples=3)
+        torch.save(scores.__dict__, os.path.join(out_dir, f"scores{rank}.pt"))
+    finally:
+        shutdown_distributed()
+
+
+def _scoring_learner() -> NetLearner:
+    """A NetLearner holding a fixed (untrained, seeded) small-cnn with dropout."""
+    from labelkit_ext.models import build_model
+
+    splits = load_dataset("digits", image_size=8)
+    learner = NetLearner(splits, "small-cnn", TrainConfig(device="cpu", quiet=True,
+                                                          eval_batch_size=64), dropout=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    learner.model = build_model("small-cnn", 10, 1, 8, dropout=0.5).eval()
+    return learner
+
+
+def test_net_learner_scores_the_pool_in_shards_under_torchrun(tmp_path):
+    """Two gloo ranks score strided shards; gathered, they are one process's pool scores."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_score_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = _scoring_learner().score(("logits", "embeddings"), mc_samples=1)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"scores{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["logits"], single.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["embeddings"], single.embeddings, rtol=1e-5, atol=1e-5)
+        assert got["mc_logits"].shape == (3, *single.logits.shape)
+    # Every rank holds the same gathered MC samples (each row drawn by the rank that owns it).
+    ranks = [torch.load(tmp_path / f"scores{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["mc_logits"], ranks[1]["mc_logits"])
+
+
 def test_torchrun_two_gloo_processes_with_a_simulated_and_a_file_oracle(tmp_path):
     """Under torchrun rank 0 alone keeps the state, selects and asks the oracle; every rank
     trains (DDP) on the same labeled set; a run stops, resumes and refuses like one process."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import (
@@ -29,6 +29,7 @@ from labelkit_ext.engine import (
     current_dist,
     derive_seed,
     fit,
+    gather_shards,
     predict,
     prediction_metrics,
     seed_everything,
@@ -64,7 +65,8 @@ class Learner(ABC):
 
     @abstractmethod
     def score(self, needs: Sequence[str], mc_samples: int) -> PoolScores:
-        """The pool's logits / embeddings / MC-dropout logits, as ``needs`` asks."""
+        """The pool's logits / embeddings / MC-dropout logits, as ``needs`` asks; called on
+        every rank under torchrun, each gets the whole pool's scores."""
 
     @abstractmethod
     def evaluate(self) -> dict:
@@ -201,9 +203,15 @@ class NetLearner(Learner):
 
     @torch.no_grad()
     def score(self, needs: Sequence[str], mc_samples: int) -> PoolScores:
+        """One pass over the pool; under torchrun each rank scores the strided shard
+        ``range(rank, N, world_size)`` and the shards are gathered back in pool order."""
         model = self._model()
+        info = current_dist()
+        pool = self.splits.train_eval
+        if info.enabled:
+            pool = Subset(pool, range(info.rank, len(pool), info.world_size))
         loader = DataLoader(
-            self.splits.train_eval,
+            pool,
             batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -229,11 +237,24 @@ class NetLearner(Learner):
                 embeddings.append(features.float())
                 if want_mc:
                     mc.append(self._mc_pass(model, images, dropouts, trunk, mc_samples))
-        return PoolScores(
+        scores = PoolScores(
             logits=torch.cat(logits) if "logits" in needs else None,
             embeddings=torch.cat(embeddings) if "embeddings" in needs else None,
             mc_logits=torch.cat(mc, dim=1) if want_mc else None,
         )
+        return self._gathered(scores) if info.enabled else scores
+
+    def _gathered(self, shard: PoolScores) -> PoolScores:
+        """Every rank's shard of the scores, back in pool order on this rank's device."""
+        info, N = current_dist(), self.pool_size
+
+        def rows(t: torch.Tensor | None, dim: int = 0) -> torch.Tensor | None:
+            if t is None:
+                return None
+            whole = gather_shards(t.movedim(dim, 0), N, info).movedim(0, dim)
+            return whole.to(self.device)
+
+        return PoolScores(rows(shard.logits), rows(shard.embeddings), rows(shard.mc_logits, 1))
 
     @staticmethod
     def _mc_pass(

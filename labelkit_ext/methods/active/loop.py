@@ -38,7 +38,12 @@ from labelkit_ext.methods.active.state import (
     load_state,
     save_state,
 )
-from labelkit_ext.methods.active.strategies import SelectionContext, Strategy, select
+from labelkit_ext.methods.active.strategies import (
+    PoolScores,
+    SelectionContext,
+    Strategy,
+    select,
+)
 
 __all__ = [
     "STEPS",
@@ -216,21 +221,25 @@ class ActiveLoop:
             self.learner.fit(state.labeled, state.labels, state.round)
 
     def _query(self, state: ActiveState) -> None:
-        self._ensure_trained(state)  # on every rank: training is data-parallel under torchrun
-        chosen, timings = on_main(lambda: self._select(state))
-        state.records[-1].update(timings)
-        state.pending = chosen
-        self._save(state)
-        self._step("selected", state)
-
-    def _select(self, state: ActiveState) -> tuple[list[int], dict[str, float]]:
-        """Score the pool and select the next query (rank 0 alone under torchrun, so every rank
-        asks for exactly the same samples)."""
+        # Training and scoring run on every rank (data-parallel under torchrun); the selection
+        # on rank 0 alone, so every rank asks for exactly the same samples.
+        self._ensure_trained(state)
         tic = time.perf_counter()
         scores = self.learner.score(self.strategy.needs, self.config.mc_samples)
         _sync(scores)
         scored = time.perf_counter()
         self._step("scored", state)
+        chosen, selection_seconds = on_main(lambda: self._select(state, scores))
+        state.records[-1].update(
+            {"scoring_seconds": scored - tic, "selection_seconds": selection_seconds}
+        )
+        state.pending = chosen
+        self._save(state)
+        self._step("selected", state)
+
+    def _select(self, state: ActiveState, scores: PoolScores) -> tuple[list[int], float]:
+        """The next query and the seconds the strategy took; keeps the strategy's state."""
+        tic = time.perf_counter()
         ctx = SelectionContext(
             scores,
             labeled=torch.as_tensor(state.labeled, dtype=torch.long),
@@ -242,12 +251,11 @@ class ActiveLoop:
             seed=self.config.seed,
         )
         chosen = select(self.strategy, ctx)
-        selected = time.perf_counter()
+        seconds = time.perf_counter() - tic
         kept = self.strategy.state_dict()
         if kept and not self.strategy_state_path.exists():
             save_checkpoint(self.strategy_state_path, {"strategy": kept})
-        timings = {"scoring_seconds": scored - tic, "selection_seconds": selected - scored}
-        return chosen.tolist(), timings
+        return chosen.tolist(), seconds
 
     def done(self, state: ActiveState) -> bool:
         return state.round >= self.config.rounds or len(state.labeled) >= self.learner.pool_size
