@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     "DistInfo",
@@ -19,6 +20,7 @@ __all__ = [
     "shutdown_distributed",
     "barrier",
     "broadcast_buffers",
+    "data_parallel",
     "gather_shards",
     "on_main",
     "sum_across_ranks",
@@ -76,6 +78,13 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op for one process)."""
     if info.enabled:
         dist.barrier()
+
+
+def data_parallel(module: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
+    """``module`` (already on ``device``) wrapped in DDP under torchrun, itself otherwise."""
+    if not info.enabled:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def on_main(fn: Callable[[], T], info: DistInfo | None = None) -> T:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
@@ -25,6 +24,7 @@ from labelkit_ext.engine.distributed import (
     barrier,
     broadcast_buffers,
     current_dist,
+    data_parallel,
     gather_shards,
     sum_across_ranks,
 )
@@ -359,11 +359,7 @@ def fit(
         _log(f"resumed from {checkpoint} after epoch {result.resumed_from}", config, info)
     elif resume:
         _log(f"no checkpoint at {checkpoint}; starting from scratch", config, info)
-    net = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if info.enabled
-        else model
-    )
+    net = data_parallel(model, device, info)
     loader = _train_loader(train_set, config, info, device)
     progress = _show_progress(config.quiet, info)
     start = time.perf_counter()

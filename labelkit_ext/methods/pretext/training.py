@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
@@ -27,6 +26,7 @@ from labelkit_ext.engine import (
     build_optimizer,
     build_scheduler,
     current_dist,
+    data_parallel,
     derive_seed,
     load_checkpoint,
     save_checkpoint,
@@ -211,11 +211,7 @@ def train_pretext(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         fitted.history, fitted.resumed_from = list(state["history"]), int(state["epoch"])
-    model = (
-        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        if info.enabled
-        else net
-    )
+    model = data_parallel(net, device, info)
     loader = _loader(train_set, config, True, device, info)
     start = time.perf_counter()
     for epoch in range(fitted.resumed_from, config.epochs):

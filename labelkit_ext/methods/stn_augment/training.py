@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
@@ -25,6 +24,7 @@ from labelkit_ext.engine import (
     autocast_for,
     broadcast_buffers,
     current_dist,
+    data_parallel,
     derive_seed,
     seed_everything,
     select_device,
@@ -168,13 +168,6 @@ def _discriminator_step(
     return {"d_loss": loss.item(), "d_accuracy": hits.item() / (2 * len(real))}
 
 
-def _parallel(module: nn.Module, device: torch.device, info: DistInfo) -> nn.Module:
-    """``module`` in DDP under torchrun, itself otherwise."""
-    if not info.enabled:
-        return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def _stage2_loader(train_set: Dataset, config: AugmentConfig, info: DistInfo, device) -> DataLoader:
     common = {"batch_size": config.batch_size, "pin_memory": device.type == "cuda"}
     if info.enabled:
@@ -212,8 +205,8 @@ def train_augmenter(
     if discriminator is not None:
         discriminator.to(device).train()
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
-    generator = _parallel(augmenter, device, info)
-    critic = _parallel(discriminator, device, info) if discriminator is not None else None
+    generator = data_parallel(augmenter, device, info)
+    critic = data_parallel(discriminator, device, info) if discriminator is not None else None
     if info.rank:  # other ranks draw other random warps (rank 0 draws those of one process)
         seed_everything(derive_seed(config.seed, info.rank))
     loader = _stage2_loader(train_set, config, info, device)
