@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ddp_helpers import spawn, torchrun_labelkit
 
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
@@ -617,35 +618,14 @@ def test_run_active_with_the_file_oracle_stops_and_resumes(tmp_path, capsys):
     assert state["labeled"] == answered
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _torchrun_active(args: list[str]):
+    return torchrun_labelkit("run", "active", *args)
 
 
-def _torchrun_active(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-               "-m", "labelkit_ext", "run", "active", *args]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _score_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    from labelkit_ext.engine import init_distributed, shutdown_distributed
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
-    init_distributed("cpu")
-    try:
-        learner = _scoring_learner()
-        scores = learner.score(("logits", "embeddings", "mc_logits"), mc_samples=3)
-        torch.save(scores.__dict__, os.path.join(out_dir, f"scores{rank}.pt"))
-    finally:
-        shutdown_distributed()
+def _score_worker(rank: int, out_dir: str) -> None:
+    learner = _scoring_learner()
+    scores = learner.score(("logits", "embeddings", "mc_logits"), mc_samples=3)
+    torch.save(scores.__dict__, os.path.join(out_dir, f"scores{rank}.pt"))
 
 
 def _scoring_learner() -> NetLearner:
@@ -662,9 +642,7 @@ def _scoring_learner() -> NetLearner:
 
 def test_net_learner_scores_the_pool_in_shards_under_torchrun(tmp_path):
     """Two gloo ranks score strided shards; gathered, they are one process's pool scores."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_score_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_score_worker, str(tmp_path))
     single = _scoring_learner().score(("logits", "embeddings"), mc_samples=1)
     for rank in range(2):
         got = torch.load(tmp_path / f"scores{rank}.pt", weights_only=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_helpers import torchrun_labelkit
 from fixtures_data import SHARED_DATA, write_medmnist
 
 import labelkit_ext
@@ -180,34 +180,9 @@ def test_bench_without_a_bench_folder(tmp_path, monkeypatch, capsys):
     assert "no bench/ folder found" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m",
-        "labelkit_ext",
-        "run",
-        "supervised",
-        *TINY,
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = torchrun_labelkit("run", "supervised", *TINY, "--device", "cpu", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     results = _results(out)
     assert results["world_size"] == 2 and results["metrics"]["test"]["n"] == 360
@@ -220,16 +195,14 @@ def test_torchrun_two_gloo_processes(tmp_path):
     [
         ("ensemble", ["--sub-epochs", "1", "--clusters", "2", "--quantiles", "0.5"]),
         ("curriculum", ["--dataset", "digit-mosaic", "--epochs", "2", "--num-seeds", "1"]),
+        ("stn-augment", ["--image-size", "16", "--aug-epochs", "1", "--finetune-epochs", "1",
+                         "--num-seeds", "1", "--variants", "stn", "stn-nodisc"]),
     ],
-)
+)  # fmt: skip
 def test_methods_under_torchrun_two_gloo_processes(tmp_path, method, args):
-    """(active, pretext and stn-augment have their own torchrun tests.)"""
+    """(active and pretext have their own torchrun tests.)"""
     out = tmp_path / method
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "labelkit_ext",
-               "run", method, *TINY, *args, "--device", "cpu", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_labelkit("run", method, *TINY, *args, "--device", "cpu", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert _results(out)["world_size"] == 2
     assert done.stdout.count("results: ") == 1  # rank 0 alone prints the table

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_helpers import spawn
 from sklearn.metrics import roc_auc_score
 
 from labelkit_ext.data import load_dataset
@@ -20,14 +19,12 @@ from labelkit_ext.engine import (
     classification_metrics,
     fit,
     format_table,
-    init_distributed,
     load_checkpoint,
     on_main,
     predict,
     save_checkpoint,
     seed_everything,
     select_device,
-    shutdown_distributed,
     to_jsonable,
     topk_accuracy,
 )
@@ -279,43 +276,25 @@ def test_resume_refuses_other_settings_and_starts_fresh_without_checkpoint(tmp_p
 # -- DDP on 2 gloo processes ------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
+def _ddp_worker(rank: int, out_dir: str) -> None:
+    splits = load_dataset("digits", image_size=8)
+    result = fit(
+        _model(),
+        splits.train,
+        splits.val,
+        "multiclass",
+        TrainConfig(epochs=2, **TINY),
+        out_dir=out_dir,
     )
-    torch.set_num_threads(1)
-    info = init_distributed("cpu")
-    try:
-        splits = load_dataset("digits", image_size=8)
-        result = fit(
-            _model(),
-            splits.train,
-            splits.val,
-            "multiclass",
-            TrainConfig(epochs=2, **TINY),
-            out_dir=out_dir,
-        )
-        pred = predict(result.model, splits.test, result.device)
-        torch.save(
-            {"state": result.model.state_dict(), "logits": pred.logits, "history": result.history},
-            os.path.join(out_dir, f"rank{info.rank}.pt"),
-        )
-    finally:
-        shutdown_distributed()
+    pred = predict(result.model, splits.test, result.device)
+    torch.save(
+        {"state": result.model.state_dict(), "logits": pred.logits, "history": result.history},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def test_ddp_two_gloo_processes(tmp_path, digits8):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     _assert_same_state(ranks[0]["state"], ranks[1]["state"])  # parameters and BN buffers in sync
     for a, b in zip(ranks[0]["history"], ranks[1]["history"], strict=True):  # reduced over ranks
@@ -338,38 +317,32 @@ class _Unpicklable(Exception):
         raise TypeError("not picklable")
 
 
-def _on_main_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    info = init_distributed("cpu")
+def _on_main_worker(rank: int, out_dir: str) -> None:
     calls: list[int] = []
     seen: dict = {}
-    try:
 
-        def value() -> dict:
-            calls.append(info.rank)
-            return {"rank": info.rank, "rows": [3, 1, 2]}
+    def value() -> dict:
+        calls.append(rank)
+        return {"rank": rank, "rows": [3, 1, 2]}
 
-        seen["value"] = on_main(value)
-        for name, error in (("usage", UsageError("bad --rounds")), ("odd", _Unpicklable("odd"))):
+    seen["value"] = on_main(value)
+    for name, error in (("usage", UsageError("bad --rounds")), ("odd", _Unpicklable("odd"))):
 
-            def fail(error=error):
-                raise error
+        def fail(error=error):
+            raise error
 
-            try:
-                on_main(fail)
-            except Exception as raised:  # what every rank sees
-                seen[name] = (type(raised).__name__, str(raised))
-        seen["after"] = on_main(lambda: info.rank)  # the group still works after the errors
-        seen["calls"] = calls
-    finally:
-        shutdown_distributed()
+        try:
+            on_main(fail)
+        except Exception as raised:  # what every rank sees
+            seen[name] = (type(raised).__name__, str(raised))
+    seen["after"] = on_main(lambda: rank)  # the group still works after the errors
+    seen["calls"] = calls
     torch.save(seen, os.path.join(out_dir, f"on_main{rank}.pt"))
 
 
 def test_on_main_runs_once_and_hands_result_and_errors_to_every_rank(tmp_path):
     assert on_main(lambda: 7) == 7  # one process: just the call
-    mp.spawn(_on_main_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_on_main_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"on_main{r}.pt", weights_only=False) for r in range(2)]
     for r, seen in enumerate(ranks):
         assert seen["value"] == {"rank": 0, "rows": [3, 1, 2]}

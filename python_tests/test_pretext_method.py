@@ -7,29 +7,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_helpers import spawn, torchrun_labelkit
 from fixtures_data import write_medmnist
 from torchvision.transforms.v2 import functional as TF
 
 from labelkit_ext import hamming_permutations
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import (
-    TrainConfig,
-    fit,
-    init_distributed,
-    load_checkpoint,
-    seed_everything,
-    shutdown_distributed,
-)
+from labelkit_ext.engine import TrainConfig, fit, load_checkpoint, seed_everything
 from labelkit_ext.methods.pretext import (
     PretextSettings,
     build_backbone,
@@ -383,33 +372,20 @@ def test_each_pretext_task_trains_and_changes_the_backbone(tiny_splits, task):
     assert any(not torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pretext_ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
-    init_distributed("cpu")
-    try:
-        splits = load_dataset("digits", image_size=28, augment=False)
-        seed_everything(0)
-        backbone = build_backbone("small-cnn", 1, 28)
-        config = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=1e-3, **CPU)
-        fitted = train_pretext("rotation", backbone, splits.train_eval, splits.val, config,
-                               out_dir=out_dir)  # fmt: skip
-        history = [{k: v for k, v in r.items() if k != "seconds"} for r in fitted.history]
-        torch.save({"state": fitted.net.state_dict(), "history": history},
-                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
-    finally:
-        shutdown_distributed()
+def _pretext_ddp_worker(rank: int, out_dir: str) -> None:
+    splits = load_dataset("digits", image_size=28, augment=False)
+    seed_everything(0)
+    backbone = build_backbone("small-cnn", 1, 28)
+    config = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=1e-3, **CPU)
+    fitted = train_pretext("rotation", backbone, splits.train_eval, splits.val, config,
+                           out_dir=out_dir)  # fmt: skip
+    history = [{k: v for k, v in r.items() if k != "seconds"} for r in fitted.history]
+    torch.save({"state": fitted.net.state_dict(), "history": history},
+               os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
 
 
 def test_train_pretext_is_data_parallel_on_two_gloo_processes(tmp_path):
-    mp.spawn(_pretext_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_pretext_ddp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     checkpoint = load_checkpoint(tmp_path / "checkpoint_last.pt")
     assert checkpoint["epoch"] == 2
@@ -421,15 +397,12 @@ def test_train_pretext_is_data_parallel_on_two_gloo_processes(tmp_path):
 
 def test_run_pretext_under_torchrun_prints_and_writes_once(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "labelkit_ext",
-               "run", "pretext", "--dataset", "digits", "--image-size", "28", "--task", "rotation",
-               "--pretext-epochs", "1", "--eval-epochs", "1", "--epochs", "1", "--fractions", "1.0",
-               "--num-seeds", "1", "--no-random-baseline", "--no-scratch-baseline",
-               "--device", "cpu", "--out", str(out)]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun_labelkit(
+        "run", "pretext", "--dataset", "digits", "--image-size", "28", "--task", "rotation",
+        "--pretext-epochs", "1", "--eval-epochs", "1", "--epochs", "1", "--fractions", "1.0",
+        "--num-seeds", "1", "--no-random-baseline", "--no-scratch-baseline", "--device", "cpu",
+        "--out", str(out),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["world_size"] == 2
     assert done.stdout.count("[pretext rotation] epoch 1") == 1  # rank 0 alone logs

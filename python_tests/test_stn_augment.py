@@ -7,23 +7,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ddp_helpers import spawn
 
 import labelkit_ext.nn.affine as affine_module
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import (
-    TrainConfig,
-    init_distributed,
-    seed_everything,
-    shutdown_distributed,
-)
+from labelkit_ext.engine import TrainConfig, seed_everything
 from labelkit_ext.methods.stn_augment import (
     VARIANTS,
     AugmentConfig,
@@ -245,40 +239,27 @@ def test_stage2_freezes_the_classifier_and_trains_augmenter_and_discriminator(di
     assert fitted.epochs[0]["theta_deviation"]["q95"] == 0.0  # identity before training
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stage2_ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
-    init_distributed("cpu")
-    try:
-        data = load_dataset("digits", image_size=8)
-        classifier = _classifier()
-        seed_everything(0)
-        augmenter = STNAugmenter(1, parameterisation="free")
-        discriminator = WarpDiscriminator(1, width=8)
-        probe = torch.stack([data.val[i][0] for i in range(32)])
-        fitted = train_augmenter(
-            classifier, augmenter, data.train, probe,
-            AugmentConfig(epochs=2, batch_size=64, device="cpu", quiet=True),
-            discriminator=discriminator, penalty=True,
-        )  # fmt: skip
-        torch.save({"augmenter": augmenter.state_dict(), "discriminator": discriminator.state_dict(),
-                    "epochs": fitted.epochs, "steps": len(fitted.steps)},
-                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
-    finally:
-        shutdown_distributed()
+def _stage2_ddp_worker(rank: int, out_dir: str) -> None:
+    data = load_dataset("digits", image_size=8)
+    classifier = _classifier()
+    seed_everything(0)
+    augmenter = STNAugmenter(1, parameterisation="free")
+    discriminator = WarpDiscriminator(1, width=8)
+    probe = torch.stack([data.val[i][0] for i in range(32)])
+    fitted = train_augmenter(
+        classifier, augmenter, data.train, probe,
+        AugmentConfig(epochs=2, batch_size=64, device="cpu", quiet=True),
+        discriminator=discriminator, penalty=True,
+    )  # fmt: skip
+    torch.save({"augmenter": augmenter.state_dict(), "discriminator": discriminator.state_dict(),
+                "epochs": fitted.epochs, "steps": len(fitted.steps)},
+               os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
 
 
 def test_stage2_is_data_parallel_on_two_gloo_processes(tmp_path, digits8):
     """Augmenter and discriminator stay identical on both ranks (DDP, buffers broadcast), each
     rank takes half the batches, and the probe's warp statistics agree."""
-    mp.spawn(_stage2_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_stage2_ddp_worker, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name in ("augmenter", "discriminator"):
         for key, value in ranks[0][name].items():
