@@ -208,21 +208,29 @@ def test_augmenter_and_discriminator_reject_bad_arguments():
 # -- stage 2 -----------------------------------------------------------------------------------
 
 
+def _adversaries() -> tuple[STNAugmenter, WarpDiscriminator]:
+    seed_everything(0)
+    return STNAugmenter(1, parameterisation="free"), WarpDiscriminator(1, width=8)
+
+
+def _train_adversarially(classifier, augmenter, discriminator, data, epochs, batch_size):
+    """Stage 2 with the discriminator and the theta penalty, 32 val images as the probe."""
+    probe = torch.stack([data.val[i][0] for i in range(32)])
+    return train_augmenter(
+        classifier, augmenter, data.train, probe,
+        AugmentConfig(epochs=epochs, batch_size=batch_size, device="cpu", quiet=True),
+        discriminator=discriminator, penalty=True,
+    )  # fmt: skip
+
+
 def test_stage2_freezes_the_classifier_and_trains_augmenter_and_discriminator(digits8):
     classifier = _classifier()
     classifier.train()  # stage 2 must put it in eval mode (BN statistics frozen) ...
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
-    seed_everything(0)
-    augmenter = STNAugmenter(1, parameterisation="free")
-    discriminator = WarpDiscriminator(1, width=8)
+    augmenter, discriminator = _adversaries()
     aug_before = [p.clone() for p in augmenter.parameters()]
     disc_before = [p.clone() for p in discriminator.parameters()]
-    probe = torch.stack([digits8.val[i][0] for i in range(32)])
-    fitted = train_augmenter(
-        classifier, augmenter, digits8.train, probe,
-        AugmentConfig(epochs=1, batch_size=128, device="cpu", quiet=True),
-        discriminator=discriminator, penalty=True,
-    )  # fmt: skip
+    fitted = _train_adversarially(classifier, augmenter, discriminator, digits8, 1, 128)
     after = classifier.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN buffers
     assert classifier.training and all(p.requires_grad for p in classifier.parameters())  # restored
@@ -242,15 +250,8 @@ def test_stage2_freezes_the_classifier_and_trains_augmenter_and_discriminator(di
 def _stage2_ddp_worker(rank: int, out_dir: str) -> None:
     data = load_dataset("digits", image_size=8)
     classifier = _classifier()
-    seed_everything(0)
-    augmenter = STNAugmenter(1, parameterisation="free")
-    discriminator = WarpDiscriminator(1, width=8)
-    probe = torch.stack([data.val[i][0] for i in range(32)])
-    fitted = train_augmenter(
-        classifier, augmenter, data.train, probe,
-        AugmentConfig(epochs=2, batch_size=64, device="cpu", quiet=True),
-        discriminator=discriminator, penalty=True,
-    )  # fmt: skip
+    augmenter, discriminator = _adversaries()
+    fitted = _train_adversarially(classifier, augmenter, discriminator, data, 2, 64)
     torch.save({"augmenter": augmenter.state_dict(), "discriminator": discriminator.state_dict(),
                 "epochs": fitted.epochs, "steps": len(fitted.steps)},
                os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
