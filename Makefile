@@ -4,7 +4,7 @@ PYTHON ?= python3
 PYTEST = $(PYTHON) -P -m pytest
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-ext test-noext ctest sanitize lint bench clean
+.PHONY: install demo test test-ext test-noext ctest sanitize racecheck lint bench clean
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -32,6 +32,12 @@ ctest:
 sanitize: install
 	PYTHON=$(PYTHON) bash scripts/sanitize.sh
 
+# The emulated CUDA kernels under ThreadSanitizer (cmake-build-racecheck/): a self-check, then
+# the ops' CUDA and fuzz tests; any data race between the threads of a block fails the run
+# (scripts/racecheck.sh, docs/testing.md).
+racecheck: install
+	PYTHON=$(PYTHON) bash scripts/racecheck.sh
+
 lint:
 	$(PYTHON) -m ruff check labelkit_ext python_tests bench scripts csrc/tests/cuemu
 
@@ -40,4 +46,4 @@ bench:
 
 clean:
 	rm -rf build cmake-build cmake-build.log labelkit_ext/_C*.so labelkit_ext/_build_info.json
-	rm -rf cmake-build-sanitize cmake-build-sanitize.log
+	rm -rf cmake-build-sanitize cmake-build-sanitize.log cmake-build-racecheck cmake-build-racecheck.log

@@ -562,9 +562,14 @@ int row_group(int64_t row_len) {
   return row_len >= 128 ? 32 : row_len >= 16 ? 8 : 1;
 }
 
+// The lanes of this thread's group within its warp.
+__device__ __forceinline__ unsigned group_mask(int group) {
+  return group == 32 ? 0xffffffffu : ((1u << group) - 1u) << (threadIdx.x % 32 / group * group);
+}
+
 template <typename T>
 __device__ __forceinline__ T group_sum(T v, int group) {
-  const unsigned mask = group == 32 ? 0xffffffffu : ((1u << group) - 1u) << (threadIdx.x % 32 / group * group);
+  const unsigned mask = group_mask(group);
   for (int off = group / 2; off > 0; off /= 2) v += __shfl_xor_sync(mask, v, off, group);
   return v;
 }
@@ -614,9 +619,12 @@ __global__ void kcenter_update_kernel(const T* __restrict__ x, int64_t N, int64_
     const int64_t a = assign[i];
     T m = min_d[i];
     if (a < 0 || !scoring::kcenter_can_skip(gap[a], m)) {
-      const T d = group_sq_dist(x + i * D, xc, D, lane, group);  // the group's reads precede lane 0's writes
+      const T d = group_sq_dist(x + i * D, xc, D, lane, group);
       if (d < m) {
         m = d;
+        // Every lane read min_d[i] and assign[i] above; a shuffle orders no memory (CUDA's
+        // memory model), so the group meets here before lane 0 overwrites them.
+        __syncwarp(group_mask(group));
         if (lane == 0) {
           min_d[i] = d;
           assign[i] = p;

@@ -23,6 +23,23 @@
 #define CUEMU_ASAN 0
 #endif
 
+// The racecheck build (-DLABELKIT_RACECHECK=ON, scripts/racecheck.sh): the translated kernels are
+// compiled with ThreadSanitizer, this runtime is not (its bookkeeping stays invisible to TSan), and
+// it tells TSan only what orders the threads of a block on a GPU. Every thread slot is a TSan
+// fiber, switched to and from without implying any order, so the emulator's sequential schedule
+// hides nothing; __syncthreads orders every thread's accesses before it before every thread's
+// after it; __syncwarp does the same for the lanes it names (shuffles and matches exchange
+// registers, not memory, in CUDA's memory model). Like compute-sanitizer's racecheck, it checks
+// the threads of a block against each other: a block (and the host's work before it, the dynamic
+// shared memory fill included) is ordered after the whole previous block, because blocks reuse
+// the same static __shared__ arrays here.
+#if defined(CUEMU_TSAN)
+#include <sanitizer/tsan_interface.h>
+#define CUEMU_RACECHECK 1
+#else
+#define CUEMU_RACECHECK 0
+#endif
+
 #if !defined(__x86_64__)
 #error "cuemu switches fibers with x86-64 assembly (ucontext's swapcontext makes a syscall per switch and upsets ASan)"
 #endif
@@ -87,6 +104,12 @@ struct Fiber {
 #if CUEMU_ASAN
   void* fake_stack = nullptr;
 #endif
+#if CUEMU_RACECHECK
+  void* tsan = nullptr;     // this slot's TSan fiber (kept from launch to launch)
+  uint64_t barriers = 0;    // __syncthreads passed in this block
+  uint64_t warp_syncs = 0;  // __syncwarp passed in this block
+  uint64_t peers[32] = {};  // at a released __syncwarp: each named lane's warp_syncs
+#endif
 };
 
 // State of the launch in progress (one at a time: the kernels' static __shared__ arrays are
@@ -107,6 +130,14 @@ struct Grid {
 #if CUEMU_ASAN
   const void* scheduler_stack = nullptr;
   size_t scheduler_stack_size = 0;
+#endif
+#if CUEMU_RACECHECK
+  void* host_tsan = nullptr;  // the launching thread's TSan context
+  // This block's synchronisation objects (addresses TSan keys them by; fresh for every block):
+  // [0, 2) the barrier's, by parity of the barrier count; then two per thread for its __syncwarp.
+  std::unique_ptr<char[]> sync;
+  char block_start = 0;  // the host's work before a block -> its threads
+  char block_end = 0;    // a block's threads -> the host's work after it (and so the next block)
 #endif
 };
 
@@ -140,8 +171,70 @@ void unpoison(char* p, size_t n) {
 #endif
 }
 
+// ---- racecheck: what orders threads, told to TSan (no-ops in the other builds) -----------------
+
+#if CUEMU_RACECHECK
+constexpr unsigned kNoSync = __tsan_switch_to_fiber_no_sync;
+
+void* barrier_sync(Grid& g, uint64_t count) { return g.sync.get() + (count & 1); }
+void* lane_sync(Grid& g, int64_t thread, uint64_t count) { return g.sync.get() + 2 + 2 * thread + (count & 1); }
+
+int64_t linear_index(const Grid& g, const Fiber& f) { return &f - g.fibers.data(); }
+#endif
+
+// A thread's accesses so far, published at a barrier it arrives at / read from every thread
+// after the barrier releases.
+void arrive_at_barrier(Grid& g, Fiber& f) {
+#if CUEMU_RACECHECK
+  __tsan_release(barrier_sync(g, f.barriers));
+#else
+  (void)g;
+  (void)f;
+#endif
+}
+
+void leave_barrier(Grid& g, Fiber& f) {
+#if CUEMU_RACECHECK
+  __tsan_acquire(barrier_sync(g, f.barriers));
+  ++f.barriers;
+#else
+  (void)g;
+  (void)f;
+#endif
+}
+
+// The same for __syncwarp, the one warp collective that orders memory (CUDA's memory model:
+// shuffles and matches exchange registers only): each lane publishes under its own count, and
+// reads the lanes the collective named under theirs (release_warps records them in `peers`).
+void arrive_at_warp_sync(Grid& g, Fiber& f) {
+#if CUEMU_RACECHECK
+  if (f.kind != Collective::kSyncWarp) return;
+  __tsan_release(lane_sync(g, linear_index(g, f), f.warp_syncs));
+#else
+  (void)g;
+  (void)f;
+#endif
+}
+
+void leave_warp_sync(Grid& g, Fiber& f) {
+#if CUEMU_RACECHECK
+  if (f.kind != Collective::kSyncWarp) return;
+  const int64_t w0 = linear_index(g, f) / 32 * 32;
+  for (int64_t o = 0; o < 32; ++o) {
+    if (f.mask >> o & 1u) __tsan_acquire(lane_sync(g, w0 + o, f.peers[o]));
+  }
+  ++f.warp_syncs;
+#else
+  (void)g;
+  (void)f;
+#endif
+}
+
 void enter(Grid& g, Fiber& f) {
   g.current = &f;
+#if CUEMU_RACECHECK
+  __tsan_switch_to_fiber(f.tsan, kNoSync);
+#endif
 #if CUEMU_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack, kStackBytes);
@@ -164,6 +257,10 @@ void arrived_in_fiber(Grid& g, Fiber& f) {
 
 // From the running fiber back to the scheduler; returns when the scheduler resumes it.
 void leave(Grid& g, Fiber& f, bool for_good) {
+#if CUEMU_RACECHECK
+  if (for_good) __tsan_release(&g.block_end);  // the host's work after the block sees this thread's
+  __tsan_switch_to_fiber(g.host_tsan, kNoSync);
+#endif
 #if CUEMU_ASAN
   __sanitizer_start_switch_fiber(for_good ? nullptr : &f.fake_stack, g.scheduler_stack, g.scheduler_stack_size);
 #else
@@ -177,6 +274,9 @@ void leave(Grid& g, Fiber& f, bool for_good) {
   Grid& g = *g_grid;
   Fiber& f = *g.current;
   arrived_in_fiber(g, f);
+#if CUEMU_RACECHECK
+  __tsan_acquire(&g.block_start);  // the host's work before the block
+#endif
   try {
     g.body(g.closure);
   } catch (const std::exception& e) {
@@ -270,6 +370,14 @@ bool release_warps(Grid& g) {
           p.result = same;
         }
       }
+#if CUEMU_RACECHECK
+      for (int64_t o = 0; o < 32; ++o) {
+        if (!(f.mask >> o & 1u)) continue;
+        for (int64_t q = 0; q < 32; ++q) {
+          if (f.mask >> q & 1u) g.fibers[w0 + o].peers[q] = g.fibers[w0 + q].warp_syncs;
+        }
+      }
+#endif
       for (int64_t o = 0; o < 32; ++o) {
         if (f.mask >> o & 1u) g.fibers[w0 + o].wait = Wait::kRunnable;
       }
@@ -330,9 +438,26 @@ void pass_order(std::vector<int64_t>& order, int64_t n) {
   if (o == Order::kRandom) std::shuffle(order.begin(), order.end(), order_rng());
 }
 
+// racecheck: the block's barrier and __syncwarp objects are new, and no thread has passed any.
+void start_block_racecheck(Grid& g) {
+#if CUEMU_RACECHECK
+  g.sync.reset();  // freed first: TSan drops the previous block's objects with the memory
+  g.sync.reset(new char[2 + 2 * g.fibers.size()]);
+  for (Fiber& f : g.fibers) {
+    f.barriers = f.warp_syncs = 0;
+  }
+#else
+  (void)g;
+#endif
+}
+
 // Runs one block to completion (or to a trap).
 void run_block(Grid& g) {
+  start_block_racecheck(g);
   if (g.smem_bytes > 0) std::memset(g.smem.get(), 0xFF, g.smem_bytes);
+#if CUEMU_RACECHECK
+  __tsan_release(&g.block_start);  // the fill and everything before it come before the threads
+#endif
   size_t i = 0;
   for (unsigned z = 0; z < g.block.z; ++z) {
     for (unsigned y = 0; y < g.block.y; ++y) {
@@ -423,11 +548,24 @@ void run_grid(const char* kernel, const Extent& grid, const Extent& block, size_
   static std::vector<std::unique_ptr<char[]>> stacks;  // kept between launches (under the mutex)
   while (stacks.size() < g.fibers.size()) stacks.emplace_back(new char[kStackBytes]);
   for (size_t i = 0; i < g.fibers.size(); ++i) g.fibers[i].stack = stacks[i].get();
+#if CUEMU_RACECHECK
+  static std::vector<void*> tsan_fibers;  // one per thread slot, kept between launches
+  while (tsan_fibers.size() < g.fibers.size()) tsan_fibers.push_back(__tsan_create_fiber(0));
+  for (size_t i = 0; i < g.fibers.size(); ++i) g.fibers[i].tsan = tsan_fibers[i];
+  g.host_tsan = __tsan_get_current_fiber();
+  struct Joined {  // the host's work after the launch sees every thread's
+    Grid& g;
+    ~Joined() { __tsan_acquire(&g.block_end); }
+  } joined{g};
+#endif
   for (unsigned z = 0; z < g.grid.z; ++z) {
     for (unsigned y = 0; y < g.grid.y; ++y) {
       for (unsigned x = 0; x < g.grid.x; ++x) {
         g.block_idx = uint3{x, y, z};
         run_block(g);
+#if CUEMU_RACECHECK
+        __tsan_acquire(&g.block_end);  // the threads' work (a trap's message too) before the host's
+#endif
         if (!g.error.empty()) fail(g.error);
         TORCH_CHECK(g.trap.empty(), "CUDA error: device-side assert triggered (cuemu, kernel ", kernel, "): ", g.trap);
       }
@@ -448,7 +586,9 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int lan
   f.lane_mask = lane_mask;
   f.width = width;
   f.wait = Wait::kWarp;
+  arrive_at_warp_sync(g, f);
   leave(g, f, /*for_good=*/false);
+  leave_warp_sync(g, f);
   return f.result;
 }
 
@@ -456,7 +596,9 @@ void block_barrier() {
   Grid& g = *g_grid;
   Fiber& f = running();
   f.wait = Wait::kBlockBarrier;
+  arrive_at_barrier(g, f);
   leave(g, f, /*for_good=*/false);
+  leave_barrier(g, f);
 }
 
 void kernel_assert_failed(const char* condition, const char* file, int line) {
