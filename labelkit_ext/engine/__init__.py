@@ -20,6 +20,8 @@ from labelkit_ext.engine.distributed import (
     gather_shards,
     init_distributed,
     on_main,
+    shuffle_epoch,
+    shuffled_loader,
     shutdown_distributed,
     sum_across_ranks,
 )
@@ -90,6 +92,8 @@ __all__ = [
     "scores_from_logits",
     "seed_everything",
     "select_device",
+    "shuffle_epoch",
+    "shuffled_loader",
     "shutdown_distributed",
     "sum_across_ranks",
     "to_jsonable",

@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from labelkit_ext.engine.seeding import derive_seed
 
 __all__ = [
     "DistInfo",
@@ -23,6 +26,8 @@ __all__ = [
     "data_parallel",
     "gather_shards",
     "on_main",
+    "shuffle_epoch",
+    "shuffled_loader",
     "sum_across_ranks",
 ]
 
@@ -85,6 +90,31 @@ def data_parallel(module: nn.Module, device: torch.device, info: DistInfo) -> nn
     if not info.enabled:
         return module
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shuffled_loader(
+    dataset: Dataset,
+    info: DistInfo,
+    seed: int,
+    generator: torch.Generator | None = None,
+    **loader_args,
+) -> DataLoader:
+    """Shuffled training batches: under torchrun this rank's ``DistributedSampler`` share
+    (its order seeded by ``seed``), otherwise a shuffle drawn from ``generator`` (a fresh one by
+    default). ``shuffle_epoch`` sets an epoch's order."""
+    if info.enabled:
+        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=seed)
+        return DataLoader(dataset, sampler=sampler, **loader_args)
+    return DataLoader(dataset, shuffle=True, generator=generator or torch.Generator(), **loader_args)
+
+
+def shuffle_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Epoch ``epoch``'s order of a ``shuffled_loader``, a function of (seed, epoch) alone: the
+    sampler is told the epoch, or the generator reseeded."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(derive_seed(seed, epoch))
 
 
 def on_main(fn: Callable[[], T], info: DistInfo | None = None) -> T:

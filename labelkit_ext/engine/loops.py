@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -26,6 +26,8 @@ from labelkit_ext.engine.distributed import (
     current_dist,
     data_parallel,
     gather_shards,
+    shuffle_epoch,
+    shuffled_loader,
     sum_across_ranks,
 )
 from labelkit_ext.engine.metrics import classification_metrics, scores_from_logits
@@ -245,12 +247,7 @@ def _train_loader(
         "pin_memory": device.type == "cuda",
         "drop_last": per_rank > config.batch_size and per_rank % config.batch_size == 1,
     }
-    if info.enabled:
-        sampler = DistributedSampler(
-            dataset, info.world_size, info.rank, shuffle=True, seed=config.seed
-        )
-        return DataLoader(dataset, sampler=sampler, **common)
-    return DataLoader(dataset, shuffle=True, generator=torch.Generator(), **common)
+    return shuffled_loader(dataset, info, config.seed, **common)
 
 
 def _start_epoch(loader: DataLoader, config: TrainConfig, epoch: int, info: DistInfo) -> None:
@@ -263,10 +260,7 @@ def _start_epoch(loader: DataLoader, config: TrainConfig, epoch: int, info: Dist
     set_epoch = getattr(loader.dataset, "set_epoch", None)
     if callable(set_epoch):
         set_epoch(epoch)
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.generator.manual_seed(derive_seed(config.seed, epoch))
+    shuffle_epoch(loader, config.seed, epoch)
 
 
 # Settings that change the training trajectory; a resumed run must match its checkpoint on these.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine import (
@@ -32,6 +32,8 @@ from labelkit_ext.engine import (
     save_checkpoint,
     seed_everything,
     select_device,
+    shuffle_epoch,
+    shuffled_loader,
     sum_across_ranks,
 )
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
@@ -84,10 +86,9 @@ def _loader(
         "num_workers": config.num_workers,
         "pin_memory": device.type == "cuda",
     }
-    if sharded:
-        sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=config.seed)
-        return DataLoader(dataset, sampler=sampler, **common)
-    return DataLoader(dataset, shuffle=shuffle, generator=torch.Generator() if shuffle else None, **common)
+    if shuffle:
+        return shuffled_loader(dataset, info or current_dist(), config.seed, **common)
+    return DataLoader(dataset, shuffle=False, **common)
 
 
 def _stream(info: DistInfo, *parts: int) -> int:
@@ -217,10 +218,7 @@ def train_pretext(
     for epoch in range(fitted.resumed_from, config.epochs):
         tic = time.perf_counter()
         seed_everything(_stream(info, config.seed, epoch))
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        else:
-            loader.generator.manual_seed(derive_seed(config.seed, epoch))
+        shuffle_epoch(loader, config.seed, epoch)
         generator = torch.Generator().manual_seed(_stream(info, config.seed, epoch, 1))
         lr = optimizer.param_groups[0]["lr"]
         train = _train_epoch(

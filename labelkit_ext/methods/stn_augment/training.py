@@ -15,12 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import (
-    DistInfo,
     autocast_for,
     broadcast_buffers,
     current_dist,
@@ -28,6 +27,7 @@ from labelkit_ext.engine import (
     derive_seed,
     seed_everything,
     select_device,
+    shuffled_loader,
 )
 from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.stn import theta_deviation, theta_penalty
@@ -168,14 +168,6 @@ def _discriminator_step(
     return {"d_loss": loss.item(), "d_accuracy": hits.item() / (2 * len(real))}
 
 
-def _stage2_loader(train_set: Dataset, config: AugmentConfig, info: DistInfo, device) -> DataLoader:
-    common = {"batch_size": config.batch_size, "pin_memory": device.type == "cuda"}
-    if info.enabled:
-        sampler = DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=config.seed)
-        return DataLoader(train_set, sampler=sampler, **common)
-    return DataLoader(train_set, shuffle=True, generator=torch.Generator().manual_seed(config.seed), **common)
-
-
 def train_augmenter(
     classifier: nn.Module,
     augmenter: nn.Module,
@@ -209,7 +201,9 @@ def train_augmenter(
     critic = data_parallel(discriminator, device, info) if discriminator is not None else None
     if info.rank:  # other ranks draw other random warps (rank 0 draws those of one process)
         seed_everything(derive_seed(config.seed, info.rank))
-    loader = _stage2_loader(train_set, config, info, device)
+    # One process draws every epoch's order from one generator seeded once (as it always has).
+    loader = shuffled_loader(train_set, info, config.seed, torch.Generator().manual_seed(config.seed),
+                             batch_size=config.batch_size, pin_memory=device.type == "cuda")  # fmt: skip
     fitted = AugmenterFit()
     tic = time.perf_counter()
     with frozen(classifier):
