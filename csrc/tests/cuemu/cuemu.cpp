@@ -180,55 +180,37 @@ void* barrier_sync(Grid& g, uint64_t count) { return g.sync.get() + (count & 1);
 void* lane_sync(Grid& g, int64_t thread, uint64_t count) { return g.sync.get() + 2 + 2 * thread + (count & 1); }
 
 int64_t linear_index(const Grid& g, const Fiber& f) { return &f - g.fibers.data(); }
-#endif
 
 // A thread's accesses so far, published at a barrier it arrives at / read from every thread
 // after the barrier releases.
-void arrive_at_barrier(Grid& g, Fiber& f) {
-#if CUEMU_RACECHECK
-  __tsan_release(barrier_sync(g, f.barriers));
-#else
-  (void)g;
-  (void)f;
-#endif
-}
+void arrive_at_barrier(Grid& g, Fiber& f) { __tsan_release(barrier_sync(g, f.barriers)); }
 
 void leave_barrier(Grid& g, Fiber& f) {
-#if CUEMU_RACECHECK
   __tsan_acquire(barrier_sync(g, f.barriers));
   ++f.barriers;
-#else
-  (void)g;
-  (void)f;
-#endif
 }
 
 // The same for __syncwarp, the one warp collective that orders memory (CUDA's memory model:
 // shuffles and matches exchange registers only): each lane publishes under its own count, and
 // reads the lanes the collective named under theirs (release_warps records them in `peers`).
 void arrive_at_warp_sync(Grid& g, Fiber& f) {
-#if CUEMU_RACECHECK
-  if (f.kind != Collective::kSyncWarp) return;
-  __tsan_release(lane_sync(g, linear_index(g, f), f.warp_syncs));
-#else
-  (void)g;
-  (void)f;
-#endif
+  if (f.kind == Collective::kSyncWarp) __tsan_release(lane_sync(g, linear_index(g, f), f.warp_syncs));
 }
 
 void leave_warp_sync(Grid& g, Fiber& f) {
-#if CUEMU_RACECHECK
   if (f.kind != Collective::kSyncWarp) return;
   const int64_t w0 = linear_index(g, f) / 32 * 32;
   for (int64_t o = 0; o < 32; ++o) {
     if (f.mask >> o & 1u) __tsan_acquire(lane_sync(g, w0 + o, f.peers[o]));
   }
   ++f.warp_syncs;
-#else
-  (void)g;
-  (void)f;
-#endif
 }
+#else
+void arrive_at_barrier(Grid&, Fiber&) {}
+void leave_barrier(Grid&, Fiber&) {}
+void arrive_at_warp_sync(Grid&, Fiber&) {}
+void leave_warp_sync(Grid&, Fiber&) {}
+#endif
 
 void enter(Grid& g, Fiber& f) {
   g.current = &f;
