@@ -19,32 +19,19 @@ PY=${PYTHON:-python3}
 BUILD=${LABELKIT_RACECHECK_BUILD:-cmake-build-racecheck}
 JOBS=${MAX_JOBS:-2}
 LIB="$PWD/$BUILD/liblabelkit_cuemu.so"
+LOGS="$PWD/$BUILD/tsan-logs"
+TAG=racecheck
 start=$SECONDS
+# shellcheck source=scripts/emulated_checks.sh
+source scripts/emulated_checks.sh
 
 echo "[racecheck] building the emulated CUDA kernels with ThreadSanitizer into $BUILD/ (log: $BUILD.log)"
-prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-if ! { cmake -S . -B "$BUILD" -DLABELKIT_CUDA_EMULATION=ON -DLABELKIT_RACECHECK=ON -DCMAKE_BUILD_TYPE=Debug \
-         -DCMAKE_PREFIX_PATH="$prefix" && cmake --build "$BUILD" -j "$JOBS" --target labelkit_cuemu; } > "$BUILD.log" 2>&1; then
-  tail -n 40 "$BUILD.log"
-  echo "[racecheck] build failed (full log: $BUILD.log)" >&2
-  exit 1
-fi
+build_with_cmake "$BUILD" "-DLABELKIT_CUDA_EMULATION=ON -DLABELKIT_RACECHECK=ON" "--target labelkit_cuemu"
+libtsan=$(require_runtime "$LIB" libtsan -DLABELKIT_RACECHECK=ON)
+libstdcxx=$(linked_runtime "$LIB" libstdc++)
 
-libtsan=$(ldd "$LIB" | awk '/libtsan/ {print $3; exit}')
-libstdcxx=$(ldd "$LIB" | awk '/libstdc\+\+/ {print $3; exit}')
-if [ -z "$libtsan" ] || [ ! -e "$libtsan" ]; then
-  echo "[racecheck] $LIB does not link libtsan; was it built with -DLABELKIT_RACECHECK=ON?" >&2
-  exit 1
-fi
-
-LOGS="$PWD/$BUILD/tsan-logs"
-rm -rf "$LOGS" && mkdir -p "$LOGS"
+fresh_dir "$LOGS"
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:abort_on_error=1:report_signal_unsafe=0:log_path=$LOGS/tsan}
-report_and_fail() {
-  for f in "$LOGS"/*; do [ -e "$f" ] && { echo "==== $f"; cat "$f"; }; done
-  echo "[racecheck] FAILED: $1 (reports, if any, above and in $LOGS/)" >&2
-  exit 1
-}
 
 # The detector must see a race where there is one, and none where a barrier orders the accesses.
 selftest() {
@@ -54,7 +41,7 @@ selftest() {
 }
 echo "[racecheck] self-check: a kernel with a race, then the same kernel with its barrier"
 CHECK="$PWD/$BUILD/selftest-logs"
-rm -rf "$CHECK" && mkdir -p "$CHECK"
+fresh_dir "$CHECK"
 if selftest "$CHECK/racy" False > "$CHECK/racy.out" 2>&1 || ! grep -qs "data race" "$CHECK"/racy.*; then
   cat "$CHECK"/* 2>/dev/null
   echo "[racecheck] FAILED: ThreadSanitizer did not report the self-check's race" >&2
@@ -67,15 +54,8 @@ if ! selftest "$CHECK/ordered" True > "$CHECK/ordered.out" 2>&1 || ls "$CHECK"/o
 fi
 
 echo "[racecheck] CUDA tests of the ops, CUDA kernels emulated under ThreadSanitizer ($LIB)"
-# As in scripts/sanitize.sh: opcheck, compile, autocast and the mixed-device refusal need a real
-# GPU stack.
-LD_PRELOAD="$libtsan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
-  FAKECUDA_KERNELS="$LIB" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda${PYTHONPATH:+:$PYTHONPATH}" \
-  OMP_NUM_THREADS=1 CUEMU_ORDER=${CUEMU_ORDER:-random} \
-  LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
-  "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
-  -k "(cuda or fuzz) and not (opcheck or autocast or compile or refuse_mixed)" "$@" \
+OMP_NUM_THREADS=1 emulated_cuda_tests "$libtsan:$libstdcxx" "$LIB" "$@" \
   || report_and_fail "CUDA tests of the ops on the emulated kernels"
-[ -z "$(ls -A "$LOGS")" ] || report_and_fail "ThreadSanitizer reports were written"
+fail_on_reports
 
 echo "[racecheck] passed in $((SECONDS - start)) s"

@@ -31,40 +31,23 @@ PY=${PYTHON:-python3}
 BUILD=${LABELKIT_SANITIZE_BUILD:-cmake-build-sanitize}
 JOBS=${MAX_JOBS:-2}
 LIB="$PWD/$BUILD/liblabelkit_ops.so"
-start=$SECONDS
-
-echo "[sanitize] building csrc/ and the emulated CUDA kernels with ASan + UBSan into $BUILD/ (log: $BUILD.log)"
-prefix=$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')
-if ! { cmake -S . -B "$BUILD" -DLABELKIT_SANITIZE=ON -DLABELKIT_CUDA_EMULATION=ON -DCMAKE_BUILD_TYPE=Debug \
-         -DCMAKE_PREFIX_PATH="$prefix" && cmake --build "$BUILD" -j "$JOBS"; } > "$BUILD.log" 2>&1; then
-  tail -n 40 "$BUILD.log"
-  echo "[sanitize] build failed (full log: $BUILD.log)" >&2
-  exit 1
-fi
-
-# The runtimes the library was linked against (the same compiler's libasan and libstdc++).
-# libstdc++ is preloaded too: ASan intercepts __cxa_throw and must find the real one when it
-# starts, or the first C++ exception from a library loaded later (triton, imported by torch)
-# aborts with "CHECK failed: ... real___cxa_throw".
-libasan=$(ldd "$LIB" | awk '/libasan/ {print $3; exit}')
-libstdcxx=$(ldd "$LIB" | awk '/libstdc\+\+/ {print $3; exit}')
-if [ -z "$libasan" ] || [ ! -e "$libasan" ]; then
-  echo "[sanitize] $LIB does not link libasan; was it built with -DLABELKIT_SANITIZE=ON?" >&2
-  exit 1
-fi
-
 # Reports go to files as well as stderr: pytest captures stderr, and an abort loses it.
 LOGS="$PWD/$BUILD/sanitizer-logs"
-rm -rf "$LOGS" && mkdir -p "$LOGS"
+TAG=sanitize
+start=$SECONDS
+# shellcheck source=scripts/emulated_checks.sh
+source scripts/emulated_checks.sh
+
+echo "[sanitize] building csrc/ and the emulated CUDA kernels with ASan + UBSan into $BUILD/ (log: $BUILD.log)"
+build_with_cmake "$BUILD" "-DLABELKIT_SANITIZE=ON -DLABELKIT_CUDA_EMULATION=ON"
+libasan=$(require_runtime "$LIB" libasan -DLABELKIT_SANITIZE=ON)
+libstdcxx=$(linked_runtime "$LIB" libstdc++)
+
+fresh_dir "$LOGS"
 # allocator_may_return_null: an impossible allocation is torch's usual out-of-memory error, as
 # without the sanitizer, not an ASan abort.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1:halt_on_error=1:abort_on_error=1:check_initialization_order=1:log_path=$LOGS/asan}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1:log_path=$LOGS/ubsan}
-report_and_fail() {
-  for f in "$LOGS"/*; do [ -e "$f" ] && { echo "==== $f"; cat "$f"; }; done
-  echo "[sanitize] FAILED: $1 (sanitizer reports, if any, above and in $LOGS/)" >&2
-  exit 1
-}
 
 echo "[sanitize] C++ tests (ctest)"
 ctest --test-dir "$BUILD" --output-on-failure || report_and_fail "C++ tests"
@@ -80,16 +63,8 @@ LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
   || report_and_fail "Python tests of the ops"
 
 echo "[sanitize] CUDA tests of the ops, CUDA kernels emulated ($BUILD/liblabelkit_cuemu.so)"
-# Four kinds of test need a real GPU stack: opcheck and compile (fake tensors / Inductor on the
-# emulated device), autocast (its CUDA dispatch key) and the mixed-device refusal of the dispatcher.
-LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
-  FAKECUDA_KERNELS="$PWD/$BUILD/liblabelkit_cuemu.so" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda${PYTHONPATH:+:$PYTHONPATH}" \
-  CUEMU_ORDER=${CUEMU_ORDER:-random} FAKECUDA_ORDER_CHECK=1 \
-  LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
-  "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
-  -k "(cuda or fuzz) and not (opcheck or autocast or compile or refuse_mixed)" "$@" \
+FAKECUDA_ORDER_CHECK=1 emulated_cuda_tests "$libasan:$libstdcxx" "$PWD/$BUILD/liblabelkit_cuemu.so" "$@" \
   || report_and_fail "CUDA tests of the ops on the emulated kernels"
-# A report that did not abort (it should always abort) still fails the run.
-[ -z "$(ls -A "$LOGS")" ] || report_and_fail "sanitizer reports were written"
+fail_on_reports
 
 echo "[sanitize] passed in $((SECONDS - start)) s"
