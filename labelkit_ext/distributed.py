@@ -229,21 +229,20 @@ def sharded_kcenter_greedy(
     picks: list[int] = []
     if budget == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
+    # Euclidean distances to the nearest center (the argmax is that of the squared ones).
     min_d = torch.full((local,), float("inf"), dtype=x.dtype, device=device)
     taken = torch.zeros(local, dtype=torch.bool, device=device)
 
-    def add_center(g: int, vec: torch.Tensor) -> None:
+    def add_centers(vecs: torch.Tensor) -> None:
         nonlocal min_d
-        if offset <= g < offset + local:
-            taken[g - offset] = True
-        min_d = torch.minimum(min_d, (x - vec).square().sum(-1))
+        for block in vecs.split(_fold_block(local)):
+            min_d = torch.minimum(min_d, _distances(x, block).amin(1))
 
     if lab:
         gidx = torch.tensor(lab, dtype=torch.int64, device=device)
         own = _owned(gidx, offset, local)
-        vecs = _from_owner(x[gidx[own] - offset], own, D, x)
-        for g, vec in zip(lab, vecs, strict=True):
-            add_center(g, vec)
+        taken[gidx[own] - offset] = True
+        add_centers(_from_owner(x[gidx[own] - offset], own, D, x))
     else:
         mean = x.sum(0)
         dist.all_reduce(mean)
@@ -256,14 +255,36 @@ def sharded_kcenter_greedy(
         )
         first = _global_best(v, i, device, info, largest=False)
         picks.append(first)
-        add_center(first, _center(x, first, offset, local))
+        _take_if_owned(taken, first, offset)
+        add_centers(_center(x, first, offset, local)[None])
     while len(picks) < budget:
         v, i = _local_best(min_d, ~taken, offset)
         c = _global_best(v, i, device, info)
         picks.append(c)
         if len(picks) < budget:
-            add_center(c, _center(x, c, offset, local))
+            _take_if_owned(taken, c, offset)
+            add_centers(_center(x, c, offset, local)[None])
     return torch.tensor(picks, dtype=torch.int64, device=device)
+
+
+# Centers folded per block: a [local, block] distance tile of at most this many entries.
+_FOLD_ENTRIES = 1 << 22
+
+
+def _fold_block(rows: int) -> int:
+    return max(1, min(1024, _FOLD_ENTRIES // max(rows, 1)))
+
+
+def _distances(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """[N, K] Euclidean distances from coordinate differences (as the kcenter_greedy kernels
+    compute them), not |a|^2 + |b|^2 - 2ab, which cancels for close points; one pass over x per
+    block of centers instead of one per center."""
+    return torch.cdist(x, centers, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _take_if_owned(taken: torch.Tensor, g: int, offset: int) -> None:
+    if offset <= g < offset + taken.shape[0]:
+        taken[g - offset] = True
 
 
 def _center(rows: torch.Tensor, g: int, offset: int, local: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from labelkit_ext import badge_select, cosine_reduce, cosine_topk, kcenter_greedy
+from labelkit_ext import badge_select, cosine_reduce, cosine_topk, distributed, kcenter_greedy
 from labelkit_ext.distributed import (
     shard_bounds,
     sharded_badge_select,
@@ -61,6 +61,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             result[f"kcenter_lab_{metric}"] = sharded_kcenter_greedy(
                 x[es:ee], 20, [3, 50, 31], metric
             )
+        # Labeled centers folded one per block (a pool too large for the whole set at once).
+        distributed._FOLD_ENTRIES = 1
+        result["kcenter_lab_blocks"] = sharded_kcenter_greedy(emb[es:ee], 20, [3, 50, 31, 7])
         for seed in (0, 1, 2):
             result[f"badge_{seed}"] = sharded_badge_select(probs[es:ee], emb[es:ee], 15, seed)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -79,6 +82,7 @@ def _single_process():
     for metric, x in (("euclidean", emb), ("cosine", emb_cos)):
         result[f"kcenter_{metric}"] = kcenter_greedy(x, 20, None, metric)
         result[f"kcenter_lab_{metric}"] = kcenter_greedy(x, 20, [3, 50, 31], metric)
+    result["kcenter_lab_blocks"] = kcenter_greedy(emb, 20, [3, 50, 31, 7])
     for seed in (0, 1, 2):
         result[f"badge_{seed}"] = badge_select(probs, emb, 15, seed)
     return result
