@@ -58,13 +58,24 @@ fail_on_reports() {
 # threads in a seeded random order unless CUEMU_ORDER says otherwise. Four kinds of test need a
 # real GPU stack and are left out: opcheck and compile (fake tensors / Inductor on the emulated
 # device), autocast (its CUDA dispatch key) and the mixed-device refusal of the dispatcher.
-# Further environment (FAKECUDA_ORDER_CHECK, OMP_NUM_THREADS) comes from the caller's prefix.
+# A `-k EXPR` among the arguments narrows that selection (it does not replace it, as a second -k
+# would in pytest). Further environment (FAKECUDA_ORDER_CHECK, OMP_NUM_THREADS) comes from the
+# caller's prefix.
+EMULATED_CUDA_TESTS="(cuda or fuzz) and not (opcheck or autocast or compile or refuse_mixed)"
 emulated_cuda_tests() {
-  local preload=$1 lib=$2
+  local preload=$1 lib=$2 select=$EMULATED_CUDA_TESTS
   shift 2
+  local args=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      -k) select="($select) and (${2:?-k needs an expression})"; shift 2 ;;
+      -k*) select="($select) and (${1#-k})"; shift ;;
+      *) args+=("$1"); shift ;;
+    esac
+  done
   LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" \
     FAKECUDA_KERNELS="$lib" FAKECUDA_SUB=1 PYTHONPATH="$PWD/scripts/fakecuda${PYTHONPATH:+:$PYTHONPATH}" \
     CUEMU_ORDER=${CUEMU_ORDER:-random} LABELKIT_EXT_REQUIRE_EXT=1 TORCHINDUCTOR_COMPILE_THREADS=1 \
     "$PY" -P -m pytest python_tests -p fakecuda -m "ops and not slow" -q -p no:cacheprovider \
-    -k "(cuda or fuzz) and not (opcheck or autocast or compile or refuse_mixed)" "$@"
+    -k "$select" "${args[@]}"
 }
