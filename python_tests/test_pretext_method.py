@@ -210,6 +210,53 @@ def test_nt_xent_against_a_loop():
         nt_xent(torch.randn(3, 4), 0.5)
 
 
+# Rank r's projections (2 n_r, d): rows i and i + n_r are views of one image; n = 3 and 2, so
+# the gather's padding to equal sizes is exercised.
+_RANK_PAIRS = (3, 2)
+
+
+def _rank_z(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(2 * _RANK_PAIRS[rank], 5, generator=g, dtype=torch.float64)
+
+
+def _nt_xent_ranks_worker(rank: int, out_dir: str) -> None:
+    z = _rank_z(rank).requires_grad_()
+    loss, hits = nt_xent(z, 0.5, across_ranks=True)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "hits": hits, "grad": z.grad},
+               os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+
+
+def test_nt_xent_across_ranks_contrasts_every_ranks_views(tmp_path):
+    """Each rank's loss and hits are those of its rows within the global batch (a loop over
+    every rank's rows), and its gradient that of the sum of the ranks' losses: DDP's average of
+    it is the gradient of the global mean."""
+    spawn(_nt_xent_ranks_worker, str(tmp_path))
+    z = [_rank_z(r).requires_grad_() for r in range(2)]
+    rows = [(r, i) for r in range(2) for i in range(2 * _RANK_PAIRS[r])]
+    zn = {(r, i): z[r][i] / z[r][i].norm() for r, i in rows}
+    losses, right = [], []
+    for r in range(2):
+        terms, hits = [], []
+        for i in range(2 * _RANK_PAIRS[r]):
+            partner = (r, (i + _RANK_PAIRS[r]) % (2 * _RANK_PAIRS[r]))
+            sims = {v: zn[(r, i)] @ zn[v] / 0.5 for v in rows if v != (r, i)}
+            terms.append(torch.logsumexp(torch.stack(list(sims.values())), 0) - sims[partner])
+            hits.append(max(sims, key=lambda v: float(sims[v].detach())) == partner)
+        losses.append(torch.stack(terms).mean())
+        right.append(hits)
+    sum(losses).backward()
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        torch.testing.assert_close(got["loss"], losses[r].float(), rtol=1e-5, atol=1e-6)
+        assert got["hits"].tolist() == right[r]
+        torch.testing.assert_close(got["grad"], z[r].grad, rtol=1e-4, atol=1e-6)
+    # One process: the option changes nothing.
+    one = _rank_z(0)
+    assert torch.equal(nt_xent(one, 0.5, across_ranks=True)[0], nt_xent(one, 0.5)[0])
+
+
 # -- networks ----------------------------------------------------------------------------------
 
 
@@ -372,20 +419,21 @@ def test_each_pretext_task_trains_and_changes_the_backbone(tiny_splits, task):
     assert any(not torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
 
 
-def _pretext_ddp_worker(rank: int, out_dir: str) -> None:
+def _pretext_ddp_worker(rank: int, out_dir: str, task: str) -> None:
     splits = load_dataset("digits", image_size=28, augment=False)
     seed_everything(0)
     backbone = build_backbone("small-cnn", 1, 28)
     config = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=1e-3, **CPU)
-    fitted = train_pretext("rotation", backbone, splits.train_eval, splits.val, config,
+    fitted = train_pretext(task, backbone, splits.train_eval, splits.val, config,
                            out_dir=out_dir)  # fmt: skip
     history = [{k: v for k, v in r.items() if k != "seconds"} for r in fitted.history]
     torch.save({"state": fitted.net.state_dict(), "history": history},
                os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
 
 
-def test_train_pretext_is_data_parallel_on_two_gloo_processes(tmp_path):
-    spawn(_pretext_ddp_worker, str(tmp_path))
+@pytest.mark.parametrize("task", ["rotation", "contrastive"])  # contrastive: gathered views
+def test_train_pretext_is_data_parallel_on_two_gloo_processes(tmp_path, task):
+    spawn(_pretext_ddp_worker, str(tmp_path), task)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     checkpoint = load_checkpoint(tmp_path / "checkpoint_last.pt")
     assert checkpoint["epoch"] == 2

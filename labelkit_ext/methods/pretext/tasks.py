@@ -15,9 +15,12 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 
 from labelkit_ext.checks import check_fields
+from labelkit_ext.engine.distributed import DistInfo, current_dist
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.ops.affine import affine_grid_sample
@@ -221,18 +224,41 @@ def contrastive_views(
     return view(), view()
 
 
-def nt_xent(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nt_xent(
+    z: torch.Tensor, temperature: float, *, across_ranks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SimCLR's NT-Xent loss of ``z`` (2N, d), rows ``i`` and ``i + N`` being two views of one
     image: cross-entropy of each row's cosine similarities / temperature (itself excluded)
-    with its partner as the class. Returns (mean loss, (2N,) bool partner-is-top-1)."""
+    with its partner as the class. Returns (mean loss, (2N,) bool partner-is-top-1).
+
+    ``across_ranks`` (training under torchrun): the rows of every rank are the candidates, as
+    in SimCLR's global batch; they are gathered with their gradients, and each rank's loss is
+    the mean over its own rows, so DDP's gradient average is that of the global batch's mean."""
     if z.ndim != 2 or z.shape[0] % 2 or z.shape[0] < 4:
         raise ValueError(f"z must be (2N, d) with N >= 2, got shape {tuple(z.shape)}")
     n = z.shape[0] // 2
     z = F.normalize(z.float(), dim=1)
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    partner = torch.arange(2 * n, device=z.device).roll(n)
+    info = current_dist()
+    keys, offset = _rows_of_all_ranks(z, info) if across_ranks and info.enabled else (z, 0)
+    rows = torch.arange(2 * n, device=z.device)
+    logits = z @ keys.T / temperature
+    logits = logits.index_put((rows, offset + rows), logits.new_tensor(float("-inf")))
+    partner = offset + rows.roll(n)
     return F.cross_entropy(logits, partner), logits.argmax(1) == partner
+
+
+def _rows_of_all_ranks(z: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, int]:
+    """(every rank's rows in rank order, with gradients to their owners; this rank's first row
+    in them). Ranks may hold different row counts: rows are padded to the largest for the
+    gather, then cut back."""
+    mine = torch.tensor([z.shape[0]], device=z.device)
+    counts = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(counts, mine)
+    counts = [int(c) for c in counts]
+    padded = F.pad(z, (0, 0, 0, max(counts) - z.shape[0]))
+    parts = dist_nn.all_gather(padded)
+    keys = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    return keys, sum(counts[: info.rank])
 
 
 # ---- one step of any task -----------------------------------------------------------------
@@ -290,12 +316,16 @@ def pretext_step(
     settings: PretextSettings,
     generator: torch.Generator,
     permutations: torch.Tensor | None = None,
+    *,
+    across_ranks: bool = False,
 ) -> StepOutput:
     """Build ``task``'s batch from ``images`` (already on the net's device) with ``generator``,
-    run ``net`` and return the loss and the pretext accuracy counts."""
+    run ``net`` and return the loss and the pretext accuracy counts. ``across_ranks``: the
+    contrastive task's candidates are every rank's views (:func:`nt_xent`; training)."""
     if task == "contrastive":
         first, second = contrastive_views(images, settings, generator)
-        loss, hits = nt_xent(net(torch.cat([first, second])), settings.temperature)
+        z = net(torch.cat([first, second]))
+        loss, hits = nt_xent(z, settings.temperature, across_ranks=across_ranks)
         return StepOutput(loss, int(hits.sum()), hits.numel())
     batch = make_batch(task, images, settings, generator, permutations)
     logits = net(batch.inputs)

@@ -144,7 +144,8 @@ def _train_epoch(
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, _ in bar:
         with autocast_for(device, config.amp):
-            out = pretext_step(task, net, images.to(device), settings, generator, permutations)
+            out = pretext_step(task, net, images.to(device), settings, generator, permutations,
+                               across_ranks=True)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -194,7 +195,8 @@ def train_pretext(
     ``out_dir`` the state is saved after every epoch (``checkpoint_last.pt``, loaded with
     ``weights_only=True``) and ``resume`` continues from it. Under torchrun the net is wrapped
     in DDP and each rank trains on its share of the images (``batch_size`` per process; the
-    contrastive task's negatives are the rank's own batch); rank 0 logs and writes checkpoints.
+    contrastive task's negatives are the views of every rank, SimCLR's global batch); rank 0
+    logs and writes checkpoints.
     """
     settings = settings or PretextSettings()
     info = current_dist()
