@@ -59,7 +59,10 @@ def _check_build(info: dict | None) -> None:
     if info is None:
         return
     built = info.get("torch", "?")
-    if _release(built) != _release(torch.__version__) or info.get("torch_cuda") != torch.version.cuda:
+    if (
+        _release(built) != _release(torch.__version__)
+        or info.get("torch_cuda") != torch.version.cuda
+    ):
         warnings.warn(
             f"labelkit_ext._C was built against torch {built} (CUDA {info.get('torch_cuda')}) but "
             f"torch {torch.__version__} (CUDA {torch.version.cuda}) is installed. Rebuild it: "
@@ -105,7 +108,11 @@ def _compiled_kernels() -> frozenset[tuple[str, str]]:
     """(op, device_type) pairs with a compiled kernel, read once from the dispatcher."""
     if not HAS_OPS:
         return frozenset()
-    names = [n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::")]
+    names = [
+        n.split("::", 1)[1]
+        for n in torch._C._dispatch_get_all_op_names()
+        if n.startswith("labelkit::")
+    ]
     return frozenset(
         (name, dev)
         for name in names
@@ -130,7 +137,9 @@ def _ops_fingerprint() -> str:
     """A hash of what torch.compile learns about our ops: their schemas and the Python files
     holding their fake kernels and autograd formulas."""
     digest = hashlib.sha256()
-    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::")):
+    for name in sorted(
+        n for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::")
+    ):
         base, _, overload = name.partition(".")
         digest.update(str(torch._C._get_schema(base, overload)).encode())
     for source in sorted((_HERE / "ops").glob("*.py")):

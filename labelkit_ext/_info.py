@@ -97,7 +97,9 @@ def _format(r: dict) -> str:
         f"  python           : {r['python']} on {r['platform']}",
     ]
     if not loaded:
-        lines.append("  (`labelkit info --load` loads torch and the extension: kernels per device, GPUs)")
+        lines.append(
+            "  (`labelkit info --load` loads torch and the extension: kernels per device, GPUs)"
+        )
     return "\n".join(lines)
 
 

@@ -33,7 +33,9 @@ requires_ops = pytest.mark.skipif(
 )
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, **kw
+):
     """torch.testing.assert_close at the tolerance of ``dtype`` (default: actual's dtype)."""
     tol = dict(TOLERANCES[dtype or actual.dtype])
     tol.update(kw)

@@ -231,10 +231,16 @@ def cpu_only_if(bad_values: bool, device: str) -> None:
 def assert_device_assert_in_child(statements: str) -> None:
     """Runs ``statements`` (torch imported, the ops registered) in a child process, which must
     die of a device-side assert: the CUDA kernel stops on bad values, never skips them silently."""
-    code = "import torch, labelkit_ext\nlabelkit_ext.register_ops()\n" + statements + "\ntorch.cuda.synchronize()\n"
+    code = (
+        "import torch, labelkit_ext\nlabelkit_ext.register_ops()\n"
+        + statements
+        + "\ntorch.cuda.synchronize()\n"
+    )
     # -P: import the installed package, not the source tree of the working directory (which has
     # no compiled _C where the package was pip-installed).
-    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode != 0 and "device-side assert" in done.stderr, done.stderr[-2000:]
 
 

@@ -141,7 +141,8 @@ def test_medmnist_file_without_the_arrays_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"garbage, not an npz" * 4, b"PK\x03\x04truncated zip"],
+    "content",
+    [b"", b"garbage, not an npz" * 4, b"PK\x03\x04truncated zip"],
     ids=["empty", "garbage", "truncated-zip"],
 )
 def test_a_malformed_medmnist_file_is_a_usage_error(tmp_path, content):
@@ -246,7 +247,9 @@ def test_cifar_pickles_cannot_run_code(tmp_path):
     bad = tmp_path / "data_batch_1"
     bad.write_bytes(pickle.dumps({b"data": Exploit()}, protocol=2))
     # The refusal is a malformed file for the user: a UsageError naming the file.
-    with pytest.raises(UsageError, match=r"could not read .*data_batch_1 .*refusing to load .*print"):
+    with pytest.raises(
+        UsageError, match=r"could not read .*data_batch_1 .*refusing to load .*print"
+    ):
         read_cifar_pickle(bad)
 
 

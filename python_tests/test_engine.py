@@ -187,7 +187,9 @@ def test_a_last_batch_of_one_sample_is_dropped(digits8):
     n = TINY["batch_size"] + 1
     subset = torch.utils.data.Subset(digits8.train, range(n))
     model = _model()
-    model.classifier = torch.nn.Sequential(torch.nn.BatchNorm1d(model.classifier.in_features), model.classifier)
+    model.classifier = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(model.classifier.in_features), model.classifier
+    )
     result = fit(model, subset, None, "multiclass", TrainConfig(epochs=1, **TINY))
     assert len(result.history) == 1
 

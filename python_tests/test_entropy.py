@@ -518,7 +518,9 @@ def test_max_entropy_loss_grows_with_entropy(device):
             "without clusters",
         ),
         (  # an [N, 2**40] cluster mass is never allocated
-            lambda: entropy_gate(torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=2**40),
+            lambda: entropy_gate(
+                torch.ones(2, 3), 1.0, torch.tensor([0, 1, 2]), num_clusters=2**40
+            ),
             ValueError,
             r"num_clusters must be <= C = 3 \(one cluster id per class\)",
         ),

@@ -21,7 +21,9 @@ def test_mismatched_build_warns_with_the_fix():
 
 
 def test_matching_build_is_silent(recwarn):
-    _ext._check_build({"torch": torch.__version__.split("+")[0] + "+local", "torch_cuda": torch.version.cuda})
+    _ext._check_build(
+        {"torch": torch.__version__.split("+")[0] + "+local", "torch_cuda": torch.version.cuda}
+    )
     assert not [w for w in recwarn if issubclass(w.category, _ext.BuildMismatchWarning)]
 
 
@@ -58,7 +60,9 @@ def _archs(spec: str) -> set[str]:
 def test_env_switch_disables_the_extension():
     env = dict(os.environ, LABELKIT_EXT_NO_EXT="1")
     code = "import labelkit_ext as L; print(L.HAS_OPS, L.LOAD_ERROR)"
-    out = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("False disabled by LABELKIT_EXT_NO_EXT=1")
 
 
@@ -148,8 +152,12 @@ print([advised(t) for t in (grad, L.rotate90(imgs, torch.ones(64, dtype=torch.lo
 
 
 @requires_ops
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages")
-@pytest.mark.parametrize("switch, expected", [(None, "[True, True, True, False]"), ("0", "[False, False, False, False]")])
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage").is_dir(), reason="no transparent huge pages"
+)
+@pytest.mark.parametrize(
+    "switch, expected", [(None, "[True, True, True, False]"), ("0", "[False, False, False, False]")]
+)
 def test_large_cpu_outputs_ask_for_huge_pages(switch, expected):
     """Large outputs are advised for transparent huge pages before the kernel writes them (a
     fresh 4 KiB-paged output costs more in page faults than the write); LABELKIT_HUGE_PAGES=0
@@ -159,6 +167,8 @@ def test_large_cpu_outputs_ask_for_huge_pages(switch, expected):
         env["LABELKIT_HUGE_PAGES"] = switch
     # -P: the installed package, not a source tree without _C in the working directory (a
     # non-editable install: scripts/gpu_check.sh's build).
-    out = subprocess.run([sys.executable, "-P", "-c", _HUGE_PAGE_PROBE], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", _HUGE_PAGE_PROBE], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected

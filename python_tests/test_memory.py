@@ -42,7 +42,9 @@ def images(n: int = 8, size: int = 512, seed: int = 0) -> torch.Tensor:
 
 def rotated(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The oracle: torch.rot90 image by image."""
-    return torch.stack([torch.rot90(img, int(r), dims=(-2, -1)) for img, r in zip(x, k, strict=True)])
+    return torch.stack(
+        [torch.rot90(img, int(r), dims=(-2, -1)) for img, r in zip(x, k, strict=True)]
+    )
 
 
 K = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0])
@@ -102,7 +104,9 @@ def test_cached_outputs_behave_as_ordinary_tensors(cache):
 def test_the_profiler_sees_cached_outputs_as_allocations(cache):
     x = images()
     labelkit_ext.rotate90(x, K)  # the next call reuses this block
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         out = labelkit_ext.rotate90(x, K)
         del out
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -162,7 +166,9 @@ def _limit_in_subprocess(value: str) -> subprocess.CompletedProcess:
         "print(lk.cpu_cache_stats().limit_bytes)\n"
     )
     env = {**os.environ, "LABELKIT_CPU_CACHE_MB": value}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @requires_ops

@@ -89,7 +89,9 @@ def data_parallel(module: nn.Module, device: torch.device, info: DistInfo) -> nn
     """``module`` (already on ``device``) wrapped in DDP under torchrun, itself otherwise."""
     if not info.enabled:
         return module
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def shuffled_loader(
@@ -105,7 +107,9 @@ def shuffled_loader(
     if info.enabled:
         sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=seed)
         return DataLoader(dataset, sampler=sampler, **loader_args)
-    return DataLoader(dataset, shuffle=True, generator=generator or torch.Generator(), **loader_args)
+    return DataLoader(
+        dataset, shuffle=True, generator=generator or torch.Generator(), **loader_args
+    )
 
 
 def shuffle_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

@@ -144,9 +144,7 @@ def metrics_table(metrics_by_split: dict[str, dict], title: str = "") -> str:
     return f"{title}\n{table}" if title else table
 
 
-def write_results(
-    out_dir: str | os.PathLike, results: dict[str, Any], started: float
-) -> Path:
+def write_results(out_dir: str | os.PathLike, results: dict[str, Any], started: float) -> Path:
     """Add versions, world size and total time (since ``started``, a ``time.perf_counter()``)
     to ``results``; rank 0 writes ``out_dir``/results.json."""
     results.setdefault("timings", {})["total_seconds"] = time.perf_counter() - started

@@ -184,7 +184,9 @@ def _register_fake_kernels() -> None:
     def _affine_grid_sample_fake(input, theta, out_h, out_w, mode, padding_mode, align_corners):
         torch._check(
             theta.device == input.device,
-            lambda: f"{_OP}: theta must be on the input's device ({input.device}), got {theta.device}",
+            lambda: (
+                f"{_OP}: theta must be on the input's device ({input.device}), got {theta.device}"
+            ),
         )
         N, C = input.shape[0], input.shape[1]
         return torch.empty(
@@ -199,16 +201,24 @@ def _register_fake_kernels() -> None:
         grad, input, theta, mode, padding_mode, align_corners, output_mask
     ):
         op = f"{_OP}_backward"
-        torch._check(grad.dim() == 4, lambda: f"{op}: grad must be 4-D, got shape {tuple(grad.shape)}")
+        torch._check(
+            grad.dim() == 4, lambda: f"{op}: grad must be 4-D, got shape {tuple(grad.shape)}"
+        )
         torch._check(
             grad.shape[0] == input.shape[0] and grad.shape[1] == input.shape[1],
-            lambda: f"{op}: grad must have shape [N, C, Ho, Wo] = [{input.shape[0]}, "
-            f"{input.shape[1]}, Ho, Wo], got {list(grad.shape)}",
+            lambda: (
+                f"{op}: grad must have shape [N, C, Ho, Wo] = [{input.shape[0]}, "
+                f"{input.shape[1]}, Ho, Wo], got {list(grad.shape)}"
+            ),
         )
-        torch._check(grad.device == input.device, lambda: f"{op}: grad must be on the input's device")
+        torch._check(
+            grad.device == input.device, lambda: f"{op}: grad must be on the input's device"
+        )
         torch._check(
             theta.device == input.device,
-            lambda: f"{_OP}: theta must be on the input's device ({input.device}), got {theta.device}",
+            lambda: (
+                f"{_OP}: theta must be on the input's device ({input.device}), got {theta.device}"
+            ),
         )
         grad_input = (
             torch.empty_like(input, memory_format=_memory_format(input))

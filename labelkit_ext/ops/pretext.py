@@ -538,7 +538,9 @@ _IMAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, to
 def _fake_check_images(images: torch.Tensor, op: str) -> None:
     torch._check(
         images.dtype in _IMAGE_DTYPES,
-        lambda: f"{op}: images must be float16, bfloat16, float32, float64 or uint8, got {images.dtype}",
+        lambda: (
+            f"{op}: images must be float16, bfloat16, float32, float64 or uint8, got {images.dtype}"
+        ),
     )
     torch._check(
         images.dim() == 4,
@@ -568,17 +570,23 @@ def _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by
     H, W = images.shape[2], images.shape[3]
     torch._check(
         H >= grid and W >= grid,
-        lambda: f"{op}: images of size {H}x{W} are smaller than the grid ({grid}x{grid} cells "
-        f"need at least {grid} pixels per side)",
+        lambda: (
+            f"{op}: images of size {H}x{W} are smaller than the grid ({grid}x{grid} cells "
+            f"need at least {grid} pixels per side)"
+        ),
     )
     torch._check(tile >= 1, lambda: f"{op}: tile must be >= 1, got {tile}")
     torch._check(
         tile <= min(H // grid, W // grid),
-        lambda: f"{op}: tile={tile} is larger than a cell ({H // grid}x{W // grid} pixels); at most "
-        f"{min(H // grid, W // grid)}",
+        lambda: (
+            f"{op}: tile={tile} is larger than a cell ({H // grid}x{W // grid} pixels); at most "
+            f"{min(H // grid, W // grid)}"
+        ),
     )
     _fake_check_index(index, images, op, "index")
-    torch._check(table.dtype == torch.int64, lambda: f"{op}: table must be int64, got {table.dtype}")
+    torch._check(
+        table.dtype == torch.int64, lambda: f"{op}: table must be int64, got {table.dtype}"
+    )
     torch._check(
         table.dim() == 2 and table.shape[0] >= 1 and table.shape[1] >= 1,
         lambda: f"{op}: table must have shape [P >= 1, K >= 1], got {list(table.shape)}",
@@ -587,11 +595,15 @@ def _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by
     if offsets is None:
         return
     slots = grid * grid if offsets_by_cell else table.shape[1]
-    torch._check(offsets.dtype == torch.int64, lambda: f"{op}: offsets must be int64, got {offsets.dtype}")
+    torch._check(
+        offsets.dtype == torch.int64, lambda: f"{op}: offsets must be int64, got {offsets.dtype}"
+    )
     torch._check(
         offsets.dim() == 3 and tuple(offsets.shape) == (images.shape[0], slots, 2),
-        lambda: f"{op}: offsets must have shape [N, {slots}, 2] = [{images.shape[0]}, {slots}, 2], "
-        f"got {list(offsets.shape)}",
+        lambda: (
+            f"{op}: offsets must have shape [N, {slots}, 2] = [{images.shape[0]}, {slots}, 2], "
+            f"got {list(offsets.shape)}"
+        ),
     )
     _fake_check_same_device(offsets, images, op, "offsets")
 
@@ -599,7 +611,9 @@ def _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by
 def _register_fake_kernels() -> None:
     @torch.library.register_fake("labelkit::grid_tiles")
     def _grid_tiles_fake(images, index, table, grid, tile, offsets, offsets_by_cell, normalize):
-        _fake_check_grid_tiles(images, index, table, grid, tile, offsets, offsets_by_cell, "grid_tiles")
+        _fake_check_grid_tiles(
+            images, index, table, grid, tile, offsets, offsets_by_cell, "grid_tiles"
+        )
         N, C = images.shape[:2]
         return images.new_empty(
             (N, table.shape[1], C, tile, tile), dtype=tile_dtype(images.dtype, normalize)
@@ -618,8 +632,10 @@ def _register_fake_kernels() -> None:
         want = [images.shape[0], table.shape[1], images.shape[1], tile, tile]
         torch._check(
             list(grad.shape) == want and grad.dtype == images.dtype,
-            lambda: f"{op}: grad must be {want} of the images' dtype {images.dtype}, got "
-            f"{list(grad.shape)} {grad.dtype}",
+            lambda: (
+                f"{op}: grad must be {want} of the images' dtype {images.dtype}, got "
+                f"{list(grad.shape)} {grad.dtype}"
+            ),
         )
         _fake_check_same_device(grad, images, op, "grad")
         return torch.empty_like(images)

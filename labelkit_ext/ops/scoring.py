@@ -421,7 +421,9 @@ def badge_select(
         )
     seed = _check_int(seed, "seed", op, 0)
     if seed >= 2**64:
-        raise ValueError(f"badge_select: seed must be < 2**64 (torch.Generator's range), got {seed}")
+        raise ValueError(
+            f"badge_select: seed must be < 2**64 (torch.Generator's range), got {seed}"
+        )
     _check_finite(embeddings, "embeddings", op)
     _check_probabilities(probs, "probs", op)
     uniforms = badge_uniforms(budget, seed)

@@ -33,7 +33,9 @@ def softmax_entropy_ref(
     return entropy if base is None else entropy / math.log(base)
 
 
-def cluster_mass_ref(logits: torch.Tensor, clusters: torch.Tensor, num_clusters: int) -> torch.Tensor:
+def cluster_mass_ref(
+    logits: torch.Tensor, clusters: torch.Tensor, num_clusters: int
+) -> torch.Tensor:
     """Softmax mass of ``logits [N, C]`` summed per cluster id: ``[N, num_clusters]``."""
     p = torch.softmax(logits.to(accumulation_dtype(logits.dtype)), dim=-1)
     return p.new_zeros(p.shape[0], num_clusters).index_add(1, clusters, p)

@@ -105,7 +105,9 @@ class FC(torch.Tensor):
         return 0
 
     def numpy(self, *a, **k):
-        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first.")
+        raise TypeError(
+            "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host memory first."
+        )
 
     def __array__(self, *a, **k):
         return self.numpy()
@@ -116,7 +118,9 @@ class FC(torch.Tensor):
     def to(self, *args, **kwargs):
         dev = _target_device(args, kwargs)
         args = tuple(a for a in args if a is not None and not isinstance(a, bool))
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("non_blocking", "copy")}
+        kwargs = {
+            k: v for k, v in kwargs.items() if v is not None and k not in ("non_blocking", "copy")
+        }
         if dev is not None and torch.device(dev).type == "cpu":
             out = _ToCPU.apply(self)
             rest = [a for a in args if not isinstance(a, (str, torch.device, torch.Tensor))]
@@ -201,7 +205,6 @@ _MIX_OK = {
     torch.ops.aten.alias.default,
     torch.ops.aten.set_.source_Tensor,
     torch.ops.aten._has_same_storage_numel.default,
-
 }
 
 
@@ -262,9 +265,14 @@ class FakeCudaMode(TorchDispatchMode):
         # mixing check (native_functions.yaml: ExactSame ops refuse any other device; NoCheck
         # ones, TensorIterator, accept CPU 0-dim scalars; index/index_put accept CPU indices)
         if "cpu" in devs and func not in _MIX_OK and func.namespace == "aten":
-            cpu_ts = [t for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, FC)
-                      and t.device.type == "cpu"]
-            name = func._schema.name.split("::")[1] + ("." + func._schema.overload_name if func._schema.overload_name else "")
+            cpu_ts = [
+                t
+                for t in flat
+                if isinstance(t, torch.Tensor) and not isinstance(t, FC) and t.device.type == "cpu"
+            ]
+            name = func._schema.name.split("::")[1] + (
+                "." + func._schema.overload_name if func._schema.overload_name else ""
+            )
             ok = name in NOCHECK and all(t.dim() == 0 for t in cpu_ts)
             if not ok and all(t.dim() == 0 for t in cpu_ts):
                 # may be C++ composite code building a scalar from the wrapper's (cpu) options
@@ -280,29 +288,58 @@ class FakeCudaMode(TorchDispatchMode):
                         f"fakecuda: Expected all tensors to be on the same device, but found at "
                         f"least two devices, cuda:0 and cpu! ({func})"
                     )
-        if func.namespace == "labelkit" and "cpu" in devs and torch._C._current_graph_task_id() != -1:
+        if (
+            func.namespace == "labelkit"
+            and "cpu" in devs
+            and torch._C._current_graph_task_id() != -1
+        ):
             LOG[f"MIX-labelkit-in-backward (lenient: cpu args promoted) {func} @ {_where()}"] += 1
+
             def promote(t):
                 return t if isinstance(t, FC) or not isinstance(t, torch.Tensor) else FC(t)
 
             args, kwargs = tree_map(promote, args), tree_map(promote, kwargs)
             devs = {"cuda"}
-        if func.namespace == "labelkit" and "cpu" in devs and func.name() != "labelkit::badge_select":
+        if (
+            func.namespace == "labelkit"
+            and "cpu" in devs
+            and func.name() != "labelkit::badge_select"
+        ):
             LOG[f"MIX-labelkit {func} @ {_where()}"] += 1
             # let the real C++/fake checks see a device mismatch: cuda args become meta
-            out = func(*tree_map(lambda t: t.elem.to("meta") if isinstance(t, FC) else t, args),
-                       **tree_map(lambda t: t.elem.to("meta") if isinstance(t, FC) else t, kwargs))
+            out = func(
+                *tree_map(lambda t: t.elem.to("meta") if isinstance(t, FC) else t, args),
+                **tree_map(lambda t: t.elem.to("meta") if isinstance(t, FC) else t, kwargs),
+            )
             return out
         out = _on_device(func)(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
         if func is torch.ops.aten._local_scalar_dense.default:
             return out
         # in-place ops return their (wrapped) self
-        if func._schema.is_mutable and isinstance(args[0], FC) and isinstance(out, torch.Tensor) and out is _unwrap(args[0]):
+        if (
+            func._schema.is_mutable
+            and isinstance(args[0], FC)
+            and isinstance(out, torch.Tensor)
+            and out is _unwrap(args[0])
+        ):
             return args[0]
         return tree_map(_wrap, out)
 
 
-_AMP_LOWP = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "convolution", "_convolution", "conv2d", "linear", "addmv", "mv"}
+_AMP_LOWP = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "addbmm",
+    "matmul",
+    "convolution",
+    "_convolution",
+    "conv2d",
+    "linear",
+    "addmv",
+    "mv",
+}
 
 
 def _no_device_check_ops() -> set[str]:
@@ -310,12 +347,14 @@ def _no_device_check_ops() -> set[str]:
     native_functions.yaml that torchgen ships with torch), as 'name' or 'name.overload'."""
     import torchgen
 
-    path = os.path.join(os.path.dirname(torchgen.__file__), "packaged", "ATen", "native", "native_functions.yaml")
+    path = os.path.join(
+        os.path.dirname(torchgen.__file__), "packaged", "ATen", "native", "native_functions.yaml"
+    )
     ops, current = set(), None
     with open(path) as f:
         for line in f:
             if line.startswith("- func:"):
-                current = line[len("- func:"):].strip().split("(", 1)[0]
+                current = line[len("- func:") :].strip().split("(", 1)[0]
             elif current and line.strip().startswith("device_check: NoCheck"):
                 ops.add(current)
     return ops
@@ -417,7 +456,11 @@ def _patch_tensor_ctor(name):
                 if isinstance(out, FC):
                     pass
                 else:
-                    out = FC(out) if name == "tensor" or not isinstance(data, torch.Tensor) else FC(out.clone() if False else out)
+                    out = (
+                        FC(out)
+                        if name == "tensor" or not isinstance(data, torch.Tensor)
+                        else FC(out.clone() if False else out)
+                    )
             if rg:
                 out.requires_grad_(True)
             return out
@@ -449,7 +492,11 @@ def _plain_to(self, *args, **kwargs):
             kwargs.setdefault("dtype", a.dtype)
     if dev is not None and torch.device(dev).type == "cuda":
         args = tuple(a for a in args if isinstance(a, torch.dtype))
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("device", "non_blocking", "copy") and v is not None}
+        kwargs = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("device", "non_blocking", "copy") and v is not None
+        }
         out = _ORIG_TO(self, *args, **kwargs) if args or kwargs else self
         return _ToCUDA.apply(out)
     return _ORIG_TO(self, *args, **kwargs)
@@ -491,7 +538,12 @@ def install():
 
     def _load(f, map_location=None, *a, **k):
         ml = map_location
-        if ml is not None and not callable(ml) and not isinstance(ml, dict) and torch.device(ml).type == "cuda":
+        if (
+            ml is not None
+            and not callable(ml)
+            and not isinstance(ml, dict)
+            and torch.device(ml).type == "cuda"
+        ):
             LOG["LOAD map_location=cuda (emulated)"] += 1
             obj = _orig_load(f, "cpu", *a, **k)
             return tree_map(lambda t: t.to("cuda") if isinstance(t, torch.Tensor) else t, obj)
@@ -499,6 +551,7 @@ def install():
 
     torch.load = _load
     import torch.optim.optimizer as _opt
+
     for n in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):
         if hasattr(_opt.Optimizer, n):
             setattr(_opt.Optimizer, n, lambda self: None)
@@ -508,11 +561,28 @@ def install():
         _patch_tensor_ctor(n)
     for n in ("randn", "rand", "randint", "randperm", "empty"):
         _patch_factory(n)
-    for n in ("normal", "multinomial", "bernoulli", "poisson", "rand_like", "randn_like", "randint_like"):
+    for n in (
+        "normal",
+        "multinomial",
+        "bernoulli",
+        "poisson",
+        "rand_like",
+        "randn_like",
+        "randint_like",
+    ):
         if hasattr(torch, n):
             _patch_input_random(n)
-    for n in ("normal_", "uniform_", "random_", "exponential_", "bernoulli_", "geometric_",
-              "cauchy_", "log_normal_", "multinomial"):
+    for n in (
+        "normal_",
+        "uniform_",
+        "random_",
+        "exponential_",
+        "bernoulli_",
+        "geometric_",
+        "cauchy_",
+        "log_normal_",
+        "multinomial",
+    ):
         _patch_method(n)
     mode = FakeCudaMode()
     mode.__enter__()
@@ -528,7 +598,9 @@ def install():
             for k, v in LOG.most_common(shown):
                 print(f"{v:6d}  {k}", file=sys.stderr)
             if shown is not None and len(LOG) > shown:
-                print(f"  ... {len(LOG) - shown} more (FAKECUDA_LOG_ALL=1 shows all)", file=sys.stderr)
+                print(
+                    f"  ... {len(LOG) - shown} more (FAKECUDA_LOG_ALL=1 shows all)", file=sys.stderr
+                )
 
     atexit.register(report)
 

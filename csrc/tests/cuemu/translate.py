@@ -18,8 +18,12 @@ import re
 import sys
 from pathlib import Path
 
-CUDA_INCLUDE = re.compile(r"^\s*#include\s*<(c10/cuda/[^>]+|ATen/cuda/[^>]+|cuda_runtime\.h|cuda_fp16\.h|cuda_bf16\.h)>\s*$")
-EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\s*\]\s*;")
+CUDA_INCLUDE = re.compile(
+    r"^\s*#include\s*<(c10/cuda/[^>]+|ATen/cuda/[^>]+|cuda_runtime\.h|cuda_fp16\.h|cuda_bf16\.h)>\s*$"
+)
+EXTERN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+(?:\s+[\w:]+)*)\s+(\w+)\s*\[\s*\]\s*;"
+)
 LIBRARY = re.compile(r"TORCH_LIBRARY\(\s*labelkit\s*,")
 LIBRARY_IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*labelkit\s*,\s*CUDA\s*,")
 
@@ -52,7 +56,9 @@ def rewrite_launches(src: str) -> str:
         kernel = src[start:i].strip()
         config = src[i + 3 : close]
         if "\n" in kernel or "\n" in config:
-            raise SystemExit(f"translate.py: a launch split across lines near: {src[start:close + 3]!r}")
+            raise SystemExit(
+                f"translate.py: a launch split across lines near: {src[start : close + 3]!r}"
+            )
         out.append(src[pos:start])
         name = " ".join(kernel.split())
         out.append(f'::cuemu::make_launch({kernel}, "{name}", {config})')
@@ -62,7 +68,9 @@ def rewrite_launches(src: str) -> str:
 
 
 def rewrite_extern_shared(src: str) -> str:
-    return EXTERN_SHARED.sub(lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::cuemu::dynamic_shared());", src)
+    return EXTERN_SHARED.sub(
+        lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::cuemu::dynamic_shared());", src
+    )
 
 
 def rewrite_includes(src: str) -> str:

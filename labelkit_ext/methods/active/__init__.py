@@ -237,7 +237,9 @@ def load_embedding_pool(path: str) -> dict[str, torch.Tensor]:
     file = Path(path)
     if not file.is_file():
         raise MissingFileError(f"embeddings file {file} not found")
-    with reading(file, "embeddings: a torch file with 'pool', 'pool_targets', 'test', 'test_targets'"):
+    with reading(
+        file, "embeddings: a torch file with 'pool', 'pool_targets', 'test', 'test_targets'"
+    ):
         data = torch.load(file, map_location="cpu", weights_only=True)
     needed = ("pool", "pool_targets", "test", "test_targets")
     if not isinstance(data, dict) or any(k not in data for k in needed):

@@ -191,9 +191,10 @@ class FileOracle(Oracle):
         if not self.answers_path.is_file():
             return {}
         answers: dict[int, int] = {}
-        with reading(self.answers_path, "answers: a CSV with columns index, label"), open(
-            self.answers_path, newline=""
-        ) as f:
+        with (
+            reading(self.answers_path, "answers: a CSV with columns index, label"),
+            open(self.answers_path, newline="") as f,
+        ):
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"index", "label"} <= set(reader.fieldnames):
                 raise UsageError(f"{self.answers_path} needs the columns 'index' and 'label'")

@@ -203,7 +203,9 @@ def warp_views(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"contrastive views need square images, got {tuple(images.shape[-2:])}")
     theta = view_matrices(params, images.shape[-1]).to(images.device, images.dtype)
-    return affine_grid_sample(images, theta, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return affine_grid_sample(
+        images, theta, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
 
 
 def contrastive_views(

@@ -152,7 +152,9 @@ class StnAugmentRunConfig:
         if self.max_rotation > 180:
             raise UsageError(f"max_rotation must be <= 180 degrees, got {self.max_rotation}")
         if self.max_scale >= 1:
-            raise UsageError(f"max_scale must be < 1 (scale factors stay > 0), got {self.max_scale}")
+            raise UsageError(
+                f"max_scale must be < 1 (scale factors stay > 0), got {self.max_scale}"
+            )
         if not 0 < self.mix <= 1:
             raise UsageError(f"mix must be in (0, 1], got {self.mix}")
         check_variants(self.variants)
