@@ -38,8 +38,10 @@ sanitize: install
 racecheck: install
 	PYTHON=$(PYTHON) bash scripts/racecheck.sh
 
+# Style: ruff's lint rules and its formatter (pyproject.toml; `ruff format` fixes the latter).
 lint:
 	$(PYTHON) -m ruff check labelkit_ext python_tests bench scripts csrc/tests/cuemu
+	$(PYTHON) -m ruff format --check labelkit_ext python_tests bench scripts csrc/tests/cuemu
 
 bench:
 	$(PYTHON) bench/bench_entropy.py

@@ -26,7 +26,7 @@ if ! have "$TORCH_SPEC" "$TORCHVISION_SPEC"; then
 fi
 echo "[install] runtime and test dependencies"
 "$PY" -m pip install --root-user-action=ignore --quiet "numpy>=1.24" "scikit-learn>=1.3" "scipy>=1.10" "matplotlib>=3.7" "tqdm>=4.60" \
-  "pytest>=8" pytest-timeout "hypothesis>=6" ninja cmake
+  "pytest>=8" pytest-timeout "hypothesis>=6" ninja cmake "ruff==0.17.6"  # ruff pinned: its style moves
 
 # The nvcc on PATH may be a wrapper script, which misleads torch's guess of the toolkit.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
