@@ -166,8 +166,10 @@ def _limit_in_subprocess(value: str) -> subprocess.CompletedProcess:
         "print(lk.cpu_cache_stats().limit_bytes)\n"
     )
     env = {**os.environ, "LABELKIT_CPU_CACHE_MB": value}
+    # -P: the installed package, not a source tree in the working directory (no _C there when
+    # the package was installed as a wheel, as on a GPU machine).
     return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
 
 
