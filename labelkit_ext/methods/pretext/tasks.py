@@ -3,9 +3,9 @@
 Rotation, jigsaw and context batches (inputs and labels) are built on the images' device by
 ``labelkit_ext.make_pretext_batch`` (our gather kernels, or their references without ``_C``),
 one call per batch. The contrastive task (SimCLR's NT-Xent over two augmented views) warps its
-views in ``warp_views`` (per-sample affine matrices, one batched ``affine_grid`` +
-``grid_sample``): the one place to switch to ``labelkit_ext.affine_grid_sample`` when that op
-is available.
+views in ``warp_views``: per-sample affine matrices, one batched
+``labelkit_ext.affine_grid_sample`` (no sampling grid stored). Under torchrun its negatives are
+every rank's views (``nt_xent(..., across_ranks=True)``).
 """
 
 from __future__ import annotations
