@@ -54,10 +54,11 @@ fail_on_reports() {
 
 # emulated_cuda_tests PRELOAD LIB [PYTEST ARGS]: the ops' CUDA and fuzz tests (the fuzz tests draw
 # the device) under scripts/fakecuda, every labelkit op on a "cuda" tensor running our CUDA kernel
-# in the emulator library LIB (the device-side assert tests' child processes too), a block's
-# threads in a seeded random order unless CUEMU_ORDER says otherwise. Four kinds of test need a
-# real GPU stack and are left out: opcheck and compile (fake tensors / Inductor on the emulated
-# device), autocast (its CUDA dispatch key) and the mixed-device refusal of the dispatcher.
+# in the emulator library LIB (the device-side assert tests' child processes too), blocks and
+# their threads in a seeded random order unless CUEMU_ORDER says otherwise. Four kinds of test
+# need a real GPU stack and are left out: opcheck and compile (fake tensors / Inductor on the
+# emulated device), autocast (its CUDA dispatch key) and the mixed-device refusal of the
+# dispatcher.
 # A `-k EXPR` among the arguments narrows that selection (it does not replace it, as a second -k
 # would in pytest). Further environment (FAKECUDA_ORDER_CHECK, OMP_NUM_THREADS) comes from the
 # caller's prefix.

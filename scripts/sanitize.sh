@@ -15,10 +15,10 @@
 # 4. pytest runs the ops' CUDA and fuzz tests (`-k "cuda or fuzz"`; the fuzz tests draw the device)
 #    under scripts/fakecuda with FAKECUDA_KERNELS set:
 #    every labelkit op on a "cuda" tensor runs our CUDA kernel in the sanitized emulator, and the
-#    device-side assert tests' child processes too (FAKECUDA_SUB), a block's threads in a seeded
-#    random order (CUEMU_ORDER), and every op call again in reverse order, which must give the
-#    same bits (FAKECUDA_ORDER_CHECK: a race or timing-dependent result fails). The installed _C
-#    (with its CUDA registrations) is loaded, so the wrappers take their CUDA paths.
+#    device-side assert tests' child processes too (FAKECUDA_SUB), blocks and their threads in a
+#    seeded random order (CUEMU_ORDER), and every op call again with both in reverse order, which
+#    must give the same bits (FAKECUDA_ORDER_CHECK: a race or timing-dependent result fails). The
+#    installed _C (with its CUDA registrations) is loaded, so the wrappers take their CUDA paths.
 # Every report is fatal (halt_on_error, -fno-sanitize-recover); leak checking is off (CPython
 # and torch keep allocations alive until exit by design).
 #

@@ -8,8 +8,8 @@ Tensors on "cuda" are wrapper subclasses (device cuda:0) around CPU tensors. A d
 torch.cuda.* queries are patched to describe one H100.
 With FAKECUDA_KERNELS=/path/to/liblabelkit_cuemu.so (CMake -DLABELKIT_CUDA_EMULATION=ON), labelkit
 ops on "cuda" tensors run our CUDA kernels in the CPU emulator (csrc/tests/cuemu) instead of the
-CPU kernels; with FAKECUDA_ORDER_CHECK=1 each such op runs twice, its blocks' threads in the
-current and then in reverse order, and must give bit-identical outputs (our kernels are
+CPU kernels; with FAKECUDA_ORDER_CHECK=1 each such op runs twice, its blocks and their threads
+in the current and then in reverse order, and must give bit-identical outputs (our kernels are
 deterministic: a difference is a race, or a result that depends on timing).
 Load with `pytest -p fakecuda` (this folder on PYTHONPATH) or `import fakecuda` first thing;
 docs/testing.md ("No GPU: a fake-CUDA run") has the command and what it cannot emulate.
@@ -44,7 +44,8 @@ def _on_device(func):
 
 
 def _in_two_orders(op, *args, **kwargs):
-    """op's outputs, checked to be the same bits when every block runs its threads in reverse."""
+    """op's outputs, checked to be the same bits when the blocks and every block's threads run
+    in reverse."""
     out = op(*args, **kwargs)
     previous = torch.ops.cuemu.set_thread_order("reverse")
     try:
@@ -54,8 +55,9 @@ def _in_two_orders(op, *args, **kwargs):
     for a, b in zip(tree_flatten(out)[0], tree_flatten(again)[0], strict=True):
         if isinstance(a, torch.Tensor) and not torch.equal(_bits(a), _bits(b)):
             raise RuntimeError(
-                f"cuemu: {op} gives different results when the threads of a block run in reverse "
-                "order: a race between threads, or a result that depends on their timing"
+                f"cuemu: {op} gives different results when the blocks and their threads run in "
+                "reverse order: a race between threads or blocks, or a result that depends on "
+                "their timing"
             )
     return out
 

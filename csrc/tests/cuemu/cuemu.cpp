@@ -383,8 +383,8 @@ std::string deadlock_report(const Grid& g) {
   return s.str();
 }
 
-// CUEMU_ORDER: forward (default), reverse, or random (a new shuffle for every pass of every
-// block, from CUEMU_SEED, default 0; reproducible run to run).
+// CUEMU_ORDER: forward (default), reverse, or random (a new shuffle of a launch's blocks and of
+// every pass over a block's threads, from CUEMU_SEED, default 0; reproducible run to run).
 enum class Order { kForward, kReverse, kRandom };
 
 Order parse_order(const std::string& name, const char* what) {
@@ -411,7 +411,7 @@ std::mt19937_64& order_rng() {
   return rng;
 }
 
-// The order of this pass over a block's n threads.
+// The order of this pass over a block's n threads (or of a grid's n blocks).
 void pass_order(std::vector<int64_t>& order, int64_t n) {
   order.resize(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), int64_t(0));
@@ -540,18 +540,19 @@ void run_grid(const char* kernel, const Extent& grid, const Extent& block, size_
     ~Joined() { __tsan_acquire(&g.block_end); }
   } joined{g};
 #endif
-  for (unsigned z = 0; z < g.grid.z; ++z) {
-    for (unsigned y = 0; y < g.grid.y; ++y) {
-      for (unsigned x = 0; x < g.grid.x; ++x) {
-        g.block_idx = uint3{x, y, z};
-        run_block(g);
+  // Blocks run one after another, in the order policy's order too: a kernel whose result
+  // depends on which block runs first (a race between blocks) fails the order check.
+  const int64_t gx = g.grid.x, gxy = gx * g.grid.y;
+  std::vector<int64_t> blocks;
+  pass_order(blocks, gxy * g.grid.z);
+  for (const int64_t b : blocks) {
+    g.block_idx = uint3{unsigned(b % gx), unsigned(b % gxy / gx), unsigned(b / gxy)};
+    run_block(g);
 #if CUEMU_RACECHECK
-        __tsan_acquire(&g.block_end);  // the threads' work (a trap's message too) before the host's
+    __tsan_acquire(&g.block_end);  // the threads' work (a trap's message too) before the host's
 #endif
-        if (!g.error.empty()) fail(g.error);
-        TORCH_CHECK(g.trap.empty(), "CUDA error: device-side assert triggered (cuemu, kernel ", kernel, "): ", g.trap);
-      }
-    }
+    if (!g.error.empty()) fail(g.error);
+    TORCH_CHECK(g.trap.empty(), "CUDA error: device-side assert triggered (cuemu, kernel ", kernel, "): ", g.trap);
   }
   g.finished = true;
 }

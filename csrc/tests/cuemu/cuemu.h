@@ -18,8 +18,10 @@
 // with 0xFF bytes (NaN) before every block, so reads of unwritten slots show. Built with the
 // sanitizer flags (`make sanitize`), ASan/UBSan watch every global, shared and local access.
 // Threads run in index order, in reverse with CUEMU_ORDER=reverse, or shuffled anew on every pass
-// with CUEMU_ORDER=random (seed CUEMU_SEED): a missing barrier or __syncwarp breaks some order,
-// and scripts/fakecuda's FAKECUDA_ORDER_CHECK=1 compares every op's outputs across two orders.
+// with CUEMU_ORDER=random (seed CUEMU_SEED): a missing barrier or __syncwarp breaks some order.
+// A launch's blocks run one after another in the same policy's order, so a block that depends on
+// another's writes (a race between blocks) breaks some order too. scripts/fakecuda's
+// FAKECUDA_ORDER_CHECK=1 compares every op's outputs across two orders.
 // docs/testing.md has the commands.
 #pragma once
 
@@ -121,8 +123,8 @@ T from_bits(uint64_t bits) {
 
 [[noreturn]] void kernel_assert_failed(const char* condition, const char* file, int line);
 
-// Sets the thread order (forward | reverse | random) for the next launches; returns the previous
-// one. Also the op torch.ops.cuemu.set_thread_order.
+// Sets the order of threads and blocks (forward | reverse | random) for the next launches;
+// returns the previous one. Also the op torch.ops.cuemu.set_thread_order.
 std::string set_thread_order(const std::string& order);
 
 }  // namespace cuemu

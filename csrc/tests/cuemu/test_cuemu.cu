@@ -111,6 +111,32 @@ void test_a_race_depends_on_the_thread_order() {
   EXPECT(run_in("random", true) == run_in("reverse", true));
 }
 
+// Block b adds one to what block b - 1 wrote: a race between blocks (a GPU runs them in any
+// order), which the emulator's block order shows.
+__global__ void chain(int* out) {
+  if (threadIdx.x == 0) out[blockIdx.x + 1] = out[blockIdx.x] + 1;
+}
+
+// Every block of a 3-D grid counts itself once.
+__global__ void count_blocks(int* out) {
+  if (threadIdx.x == 0) out[(blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] += 1;
+}
+
+void test_blocks_run_in_the_thread_order_policy() {
+  auto run_in = [](const char* order, auto launch) {
+    const std::string previous = ::cuemu::set_thread_order(order);
+    std::vector<int> out(12, 0);
+    launch(out.data());
+    ::cuemu::set_thread_order(previous);
+    return out;
+  };
+  auto chained = [](int* out) { ::cuemu::make_launch(chain, "chain", 4, 32)(out); };
+  EXPECT((run_in("forward", chained) == std::vector<int>{0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0}));
+  EXPECT((run_in("reverse", chained) == std::vector<int>{0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0}));
+  auto counted = [](int* out) { ::cuemu::make_launch(count_blocks, "count_blocks", dim3(3, 2, 2), 32)(out); };
+  for (const char* order : {"forward", "reverse", "random"}) EXPECT(run_in(order, counted) == std::vector<int>(12, 1));
+}
+
 __global__ void bump_param(int v, int* out) {
   v += threadIdx.x;  // each thread owns its copy of the parameters
   out[threadIdx.x] = v;
@@ -186,6 +212,7 @@ int main() {
   run("shuffles_and_match_any", test_shuffles_and_match_any);
   run("a_missing_syncwarp_reads_unwritten_shared_memory", test_a_missing_syncwarp_reads_unwritten_shared_memory);
   run("a_race_depends_on_the_thread_order", test_a_race_depends_on_the_thread_order);
+  run("blocks_run_in_the_thread_order_policy", test_blocks_run_in_the_thread_order_policy);
   run("parameters_are_per_thread", test_parameters_are_per_thread);
   run("misuse_is_reported", test_misuse_is_reported);
   run("launch_limits", test_launch_limits);
