@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -393,6 +394,17 @@ def test_empty_batch(device):
         4,
         4,
     )
+
+
+def test_empty_batch_standardised_without_warnings(device):
+    x = make_images((0, 3, 12, 12), device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    perms = hamming_permutations(3).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # var_mean of no pixels warns
+        assert jigsaw_tiles(x, empty, perms, normalize=True).shape == (0, 9, 3, 4, 4)
+        ref = jigsaw_tiles_ref(x, empty, perms, 3, 4, None, True)
+    assert ref.shape == (0, 9, 3, 4, 4) and ref.dtype == x.dtype
 
 
 def test_special_values_and_constant_tiles(device):

@@ -70,6 +70,8 @@ def _normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
     overflow nor underflow them. Same policy as csrc/ops/pretext.h.
     """
     acc = tiles.to(torch.float64 if tiles.dtype == torch.float64 else torch.float32)
+    if acc.numel() == 0:  # var_mean of nothing warns (no degrees of freedom)
+        return acc
     flat = acc.flatten(-2)
     lo, hi = torch.aminmax(flat.detach(), dim=-1, keepdim=True)
     constant = (lo == hi).unsqueeze(-1)
