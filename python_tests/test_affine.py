@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -212,6 +213,18 @@ def test_forward_matches_reference(device, dtype, shape, size, mode):
             keep = decided(theta, *shape[2:], *(size or shape[2:]), padding, False).to(device)
             out, exp = out * keep, exp * keep
         assert_close(out, exp)
+
+
+def test_unit_size_outputs_raise_no_torch_notice(device):
+    """affine_grid warns about unit-size grids with align_corners=True (their meaning changed
+    in torch 1.3); neither the op nor its reference (the fallback) passes that on."""
+    x = make_images((2, 3, 5, 6), torch.float32, device)
+    theta = make_theta(2, seed=1).float().to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for size in [(1, 1), (1, 4), (3, 1)]:
+            out = affine_grid_sample(x, theta, size, align_corners=True)
+            assert_close(out, affine_grid_sample_ref(x, theta, size, align_corners=True))
 
 
 @pytest.mark.parametrize("c", [9, 20, 64])

@@ -10,6 +10,8 @@ composition instead (bench/bench_affine.py).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,16 @@ def valid_samples(
     return torch.isfinite(th).all(1) & (coef.abs() < limit).all(1)
 
 
+def _affine_grid(theta: torch.Tensor, size: list[int], align_corners: bool) -> torch.Tensor:
+    """``F.affine_grid``, without its notice that unit-size grids changed meaning in torch 1.3
+    (the op is defined by today's meaning; a fallback user never called affine_grid)."""
+    if not (align_corners and 1 in size[2:]) or torch.compiler.is_compiling():
+        return F.affine_grid(theta, size, align_corners=align_corners)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Since version 1.3.0, affine_grid", UserWarning)
+        return F.affine_grid(theta, size, align_corners=align_corners)
+
+
 def affine_grid_sample_ref(
     input: torch.Tensor,
     theta: torch.Tensor,
@@ -69,7 +81,7 @@ def affine_grid_sample_ref(
         return (x.sum() + th.sum()).mul(0).expand(N, C, Ho, Wo).to(input.dtype)
     valid = valid_samples(th.detach(), H, W, Ho, Wo, align_corners).view(N, 1, 1)
     th = torch.where(valid, th, torch.zeros((), dtype=th.dtype, device=th.device))
-    grid = F.affine_grid(th, [N, C, Ho, Wo], align_corners=align_corners)
+    grid = _affine_grid(th, [N, C, Ho, Wo], align_corners)
     out = F.grid_sample(x, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     out = torch.where(
         valid.view(N, 1, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device)
