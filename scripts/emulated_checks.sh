@@ -1,6 +1,10 @@
-# Sourced (not run) by scripts/sanitize.sh and scripts/racecheck.sh: the steps both take around a
-# sanitizer build of our kernels. The caller sets TAG (its log prefix), PY, JOBS and LOGS (the
-# folder the sanitizer writes its reports to) before calling these.
+# Sourced (not run) by scripts/sanitize.sh and scripts/racecheck.sh, from the repository root:
+# the steps both take around a sanitizer build of our kernels. The caller sets TAG (its log
+# prefix) and LOGS (the folder the sanitizer writes its reports to) before calling these.
+
+PY=${PYTHON:-python3}
+JOBS=${MAX_JOBS:-2}
+start=$SECONDS  # "passed in N s"
 
 # build_with_cmake BUILD "CONFIGURE OPTIONS" ["BUILD OPTIONS"]: a Debug CMake build of csrc/ into
 # BUILD (output in BUILD.log); on failure its tail is shown and the script stops.
@@ -16,23 +20,22 @@ build_with_cmake() {
   fi
 }
 
-# linked_runtime LIB NAME: the path of the shared library NAME (libasan, libtsan, libstdc++) that
-# LIB was linked against: the sanitizer's runtime must be the one preloaded into Python, and
-# libstdc++ must be preloaded beside it (ASan and TSan intercept __cxa_throw and must find the real
-# one when they start, or the first C++ exception of a library loaded later aborts).
-linked_runtime() {
-  ldd "$1" | awk -v name="$2" 'index($1, name) == 1 {print $3; exit}'
-}
-
-# require_runtime LIB NAME OPTION: linked_runtime, or stop when LIB does not link NAME.
-require_runtime() {
-  local path
-  path=$(linked_runtime "$1" "$2")
-  if [ -z "$path" ] || [ ! -e "$path" ]; then
+# sanitizer_preload LIB NAME OPTION: what LD_PRELOAD must hold for Python to load LIB, built with
+# OPTION: the sanitizer runtime NAME (libasan, libtsan) that LIB links, and libstdc++ beside it
+# (ASan and TSan intercept __cxa_throw and must find the real one when they start, or the first
+# C++ exception of a library loaded later aborts). Stops when LIB does not link NAME.
+sanitizer_preload() {
+  local runtime
+  runtime=$(linked_library "$1" "$2")
+  if [ -z "$runtime" ] || [ ! -e "$runtime" ]; then
     echo "[$TAG] $1 does not link $2; was it built with $3?" >&2
     exit 1
   fi
-  echo "$path"
+  echo "$runtime:$(linked_library "$1" libstdc++)"
+}
+
+linked_library() {
+  ldd "$1" | awk -v name="$2" 'index($1, name) == 1 {print $3; exit}'
 }
 
 # fresh_dir DIR: an empty DIR.

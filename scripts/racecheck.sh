@@ -15,27 +15,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
 BUILD=${LABELKIT_RACECHECK_BUILD:-cmake-build-racecheck}
-JOBS=${MAX_JOBS:-2}
 LIB="$PWD/$BUILD/liblabelkit_cuemu.so"
 LOGS="$PWD/$BUILD/tsan-logs"
 TAG=racecheck
-start=$SECONDS
 # shellcheck source=scripts/emulated_checks.sh
 source scripts/emulated_checks.sh
 
 echo "[racecheck] building the emulated CUDA kernels with ThreadSanitizer into $BUILD/ (log: $BUILD.log)"
 build_with_cmake "$BUILD" "-DLABELKIT_CUDA_EMULATION=ON -DLABELKIT_RACECHECK=ON" "--target labelkit_cuemu"
-libtsan=$(require_runtime "$LIB" libtsan -DLABELKIT_RACECHECK=ON)
-libstdcxx=$(linked_runtime "$LIB" libstdc++)
+preload=$(sanitizer_preload "$LIB" libtsan -DLABELKIT_RACECHECK=ON)
 
 fresh_dir "$LOGS"
 export TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1:abort_on_error=1:report_signal_unsafe=0:log_path=$LOGS/tsan}
 
 # The detector must see a race where there is one, and none where a barrier orders the accesses.
 selftest() {
-  LD_PRELOAD="$libtsan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" OMP_NUM_THREADS=1 \
+  LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" OMP_NUM_THREADS=1 \
     TSAN_OPTIONS="halt_on_error=1:exitcode=66:report_signal_unsafe=0:log_path=$1" \
     "$PY" -P -c "import torch; torch.ops.load_library('$LIB'); print(torch.ops.cuemu_racecheck.read_neighbours($2).sum().item())"
 }
@@ -54,7 +50,7 @@ if ! selftest "$CHECK/ordered" True > "$CHECK/ordered.out" 2>&1 || ls "$CHECK"/o
 fi
 
 echo "[racecheck] CUDA tests of the ops, CUDA kernels emulated under ThreadSanitizer ($LIB)"
-OMP_NUM_THREADS=1 emulated_cuda_tests "$libtsan:$libstdcxx" "$LIB" "$@" \
+OMP_NUM_THREADS=1 emulated_cuda_tests "$preload" "$LIB" "$@" \
   || report_and_fail "CUDA tests of the ops on the emulated kernels"
 fail_on_reports
 

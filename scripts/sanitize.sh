@@ -27,21 +27,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
 BUILD=${LABELKIT_SANITIZE_BUILD:-cmake-build-sanitize}
-JOBS=${MAX_JOBS:-2}
 LIB="$PWD/$BUILD/liblabelkit_ops.so"
 # Reports go to files as well as stderr: pytest captures stderr, and an abort loses it.
 LOGS="$PWD/$BUILD/sanitizer-logs"
 TAG=sanitize
-start=$SECONDS
 # shellcheck source=scripts/emulated_checks.sh
 source scripts/emulated_checks.sh
 
 echo "[sanitize] building csrc/ and the emulated CUDA kernels with ASan + UBSan into $BUILD/ (log: $BUILD.log)"
 build_with_cmake "$BUILD" "-DLABELKIT_SANITIZE=ON -DLABELKIT_CUDA_EMULATION=ON"
-libasan=$(require_runtime "$LIB" libasan -DLABELKIT_SANITIZE=ON)
-libstdcxx=$(linked_runtime "$LIB" libstdc++)
+preload=$(sanitizer_preload "$LIB" libasan -DLABELKIT_SANITIZE=ON)
 
 fresh_dir "$LOGS"
 # allocator_may_return_null: an impossible allocation is torch's usual out-of-memory error, as
@@ -56,14 +52,14 @@ echo "[sanitize] Python tests of the ops (-m ops) against $LIB"
 # REQUIRE_EXT: fail rather than silently test the references; the sanitized library has CPU
 # kernels only, so the CUDA-build requirement of CI's main pass does not apply here.
 # Inductor's compile workers would inherit the preload: compile in-process instead.
-LD_PRELOAD="$libasan:$libstdcxx${LD_PRELOAD:+:$LD_PRELOAD}" \
+LD_PRELOAD="$preload${LD_PRELOAD:+:$LD_PRELOAD}" \
   LABELKIT_EXT_LIBRARY="$LIB" LABELKIT_EXT_REQUIRE_EXT=1 LABELKIT_EXT_REQUIRE_CUDA_BUILD=0 \
   TORCHINDUCTOR_COMPILE_THREADS=1 \
   "$PY" -P -m pytest python_tests -m "ops and not slow" -q -p no:cacheprovider "$@" \
   || report_and_fail "Python tests of the ops"
 
 echo "[sanitize] CUDA tests of the ops, CUDA kernels emulated ($BUILD/liblabelkit_cuemu.so)"
-FAKECUDA_ORDER_CHECK=1 emulated_cuda_tests "$libasan:$libstdcxx" "$PWD/$BUILD/liblabelkit_cuemu.so" "$@" \
+FAKECUDA_ORDER_CHECK=1 emulated_cuda_tests "$preload" "$PWD/$BUILD/liblabelkit_cuemu.so" "$@" \
   || report_and_fail "CUDA tests of the ops on the emulated kernels"
 fail_on_reports
 

@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as dist_nn
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -24,6 +26,7 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "data_parallel",
+    "gather_rows",
     "gather_shards",
     "on_main",
     "shuffle_epoch",
@@ -172,6 +175,23 @@ def sum_across_ranks(values: list[float], info: DistInfo, device: torch.device) 
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def gather_rows(rows: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, int]:
+    """Every rank's ``rows`` concatenated in rank order, differentiable (each rank's part sends
+    its gradient back to its owner), and where this rank's rows start in it. Ranks may hold
+    different row counts (padded to the largest for the gather, then cut back). One process:
+    ``(rows, 0)``."""
+    if not info.enabled:
+        return rows, 0
+    mine = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(counts, mine)
+    counts = [int(c) for c in counts]
+    padded = F.pad(rows, (0, 0) * (rows.ndim - 1) + (0, max(counts) - rows.shape[0]))
+    parts = dist_nn.all_gather(padded)
+    gathered = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+    return gathered, sum(counts[: info.rank])
 
 
 def gather_shards(shard: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:

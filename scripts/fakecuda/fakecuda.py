@@ -455,14 +455,8 @@ def _patch_tensor_ctor(name):
                     out = out.to(kwargs["dtype"])
             else:
                 out = orig(data, *args, **kwargs)
-                if isinstance(out, FC):
-                    pass
-                else:
-                    out = (
-                        FC(out)
-                        if name == "tensor" or not isinstance(data, torch.Tensor)
-                        else FC(out.clone() if False else out)
-                    )
+                if not isinstance(out, FC):
+                    out = FC(out)
             if rg:
                 out.requires_grad_(True)
             return out

@@ -15,12 +15,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 
 from labelkit_ext.checks import check_fields
-from labelkit_ext.engine.distributed import DistInfo, current_dist
+from labelkit_ext.engine.distributed import current_dist, gather_rows
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.ops.affine import affine_grid_sample
@@ -240,27 +238,12 @@ def nt_xent(
         raise ValueError(f"z must be (2N, d) with N >= 2, got shape {tuple(z.shape)}")
     n = z.shape[0] // 2
     z = F.normalize(z.float(), dim=1)
-    info = current_dist()
-    keys, offset = _rows_of_all_ranks(z, info) if across_ranks and info.enabled else (z, 0)
+    keys, offset = gather_rows(z, current_dist()) if across_ranks else (z, 0)
     rows = torch.arange(2 * n, device=z.device)
     logits = z @ keys.T / temperature
     logits = logits.index_put((rows, offset + rows), logits.new_tensor(float("-inf")))
     partner = offset + rows.roll(n)
     return F.cross_entropy(logits, partner), logits.argmax(1) == partner
-
-
-def _rows_of_all_ranks(z: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, int]:
-    """(every rank's rows in rank order, with gradients to their owners; this rank's first row
-    in them). Ranks may hold different row counts: rows are padded to the largest for the
-    gather, then cut back."""
-    mine = torch.tensor([z.shape[0]], device=z.device)
-    counts = [torch.empty_like(mine) for _ in range(info.world_size)]
-    dist.all_gather(counts, mine)
-    counts = [int(c) for c in counts]
-    padded = F.pad(z, (0, 0, 0, max(counts) - z.shape[0]))
-    parts = dist_nn.all_gather(padded)
-    keys = torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
-    return keys, sum(counts[: info.rank])
 
 
 # ---- one step of any task -----------------------------------------------------------------
