@@ -375,6 +375,33 @@ def test_ensemble_module_equals_routing_of_precomputed_logits(mode):
         assert seen == [int(routed.sum())] * 3
 
 
+def test_ensemble_module_answers_in_eval_mode_whatever_train_says():
+    # Members with BatchNorm, left in train mode by their caller: the ensemble must still use
+    # running statistics, so an answer does not depend on the batch or on train().
+    baseline = _tiny_model(0).train()
+    subs = [_tiny_model(s).train() for s in (1, 2, 3)]
+    clusters = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2])
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    members = [baseline, *subs]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in baseline.modules())
+    for m in members:  # running statistics away from the initial (0, 1)
+        with torch.no_grad():
+            m(x * 3 + 1)
+    with torch.no_grad():
+        entropy = torch.special.entr(baseline.eval()(x).softmax(1)).sum(1)
+    threshold = float(torch.quantile(entropy, 0.5))
+    ensemble = LabelEmbeddingEnsemble(baseline.train(), subs, clusters, threshold, "hard")
+    assert not any(m.training for member in members for m in member.modules())
+    full = ensemble(x)
+    assert 0 < int(full.uncertain.sum()) < 16
+    ensemble.train()
+    assert ensemble.training and not any(m.training for m in baseline.modules())
+    alone = [ensemble(x[i : i + 1]) for i in range(4)]
+    assert torch.equal(ensemble(x).prediction, full.prediction)
+    for i, one in enumerate(alone):
+        torch.testing.assert_close(one.scores[0], full.scores[i], rtol=1e-5, atol=1e-6)
+
+
 def test_cluster_restricted_masks_outside_its_classes_and_trains_within():
     model = _tiny_model(0).eval()
     restricted = ClusterRestricted(model, [2, 7], 10).eval()

@@ -300,9 +300,13 @@ def test_linear_eval_leaves_the_backbone_weights_and_batchnorm_statistics_unchan
     result = linear_eval(backbone, tiny_splits, config, features=features)
     after = backbone.state_dict()
     assert before.keys() == after.keys()
+    frozen = result.model.backbone.backbone
     for key, value in before.items():
         assert torch.equal(value, after[key]), key  # weights, running stats, batch counters
-    assert all(not p.requires_grad for p in backbone.parameters())
+        assert torch.equal(value, frozen.state_dict()[key]), key
+    assert all(not p.requires_grad for p in frozen.parameters())
+    # The model holds a frozen copy: the caller's backbone can still be fine-tuned.
+    assert all(p.requires_grad for p in backbone.parameters()) and backbone.training
     head = result.model.head
     assert any(p.requires_grad for p in head.parameters())
     assert result.metrics["test"]["n"] == 16 and 0 <= result.metrics["test"]["auc"] <= 1
@@ -312,9 +316,10 @@ def test_frozen_backbone_stays_in_eval_mode_inside_the_engine_loop(tiny_splits):
     seed_everything(0)
     backbone = build_backbone("small-cnn", 1, 28)
     model = LinearEvalModel(backbone, eval_head(backbone.feature_dim, 2))
+    frozen = model.backbone.backbone
     model.train()
-    assert model.training and model.head.training and not backbone.training
-    assert all(not m.training for m in backbone.modules())
+    assert model.training and model.head.training and not frozen.training
+    assert all(not m.training for m in frozen.modules())
     before = _state(backbone)
     head_before = _state(model.head)
     fit(
@@ -324,7 +329,7 @@ def test_frozen_backbone_stays_in_eval_mode_inside_the_engine_loop(tiny_splits):
         "multiclass",
         TrainConfig(epochs=1, batch_size=16, **CPU),
     )
-    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in before.items())
     assert any(not torch.equal(v, model.head.state_dict()[k]) for k, v in head_before.items())
 
 

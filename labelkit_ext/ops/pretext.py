@@ -253,8 +253,11 @@ def hamming_permutations(
     are far apart in Hamming distance, as a CPU ``[n, grid*grid]`` int64 tensor.
 
     The first permutation is drawn at random (from ``seed``); each next one is, among all
-    candidates not yet chosen, the one whose minimum (``criterion='max'``) or mean
-    (``'mean'``) Hamming distance to the chosen set is largest (ties: lexicographically first).
+    candidates not yet chosen, the one whose minimum (``criterion='max'``, max-min: no pair
+    closer than it must be) or mean (``'mean'``: the paper's Algorithm 1, which maximises the
+    summed distance) Hamming distance to the chosen set is largest (ties: lexicographically
+    first). For n=100, grid 3: min / mean pairwise distance 6 / 8.03 with 'max', 2 / 8.08 with
+    'mean'.
     A running distance per candidate is updated with each pick, so the cost is
     ``O(n * M * grid^2)`` for ``M`` candidates: ``n=1000, grid=3`` takes a few seconds on a CPU.
 

@@ -253,6 +253,10 @@ class LabelEmbeddingEnsemble(nn.Module):
     (``mode="hard"``), or by all sub-classifiers weighted by cluster probability (``"soft"``).
     Sub-classifiers run only on the samples that need them. A cluster's entry in
     ``sub_models`` may be the baseline itself (a one-class cluster needs no fine-tuning).
+
+    Inference only: the members are put in eval mode and stay there whatever ``train()`` says
+    (as in a frozen backbone), so BatchNorm uses its running statistics and a sample's answer
+    never depends on the rest of the batch or on which rows were routed with it.
     """
 
     def __init__(
@@ -279,6 +283,13 @@ class LabelEmbeddingEnsemble(nn.Module):
         self.register_buffer("clusters", clusters.to(torch.int64).clone())
         self.threshold = float(threshold)
         self.mode = mode
+        self.eval()
+
+    def train(self, mode: bool = True) -> LabelEmbeddingEnsemble:
+        self.training = mode
+        for member in self.children():
+            member.eval()
+        return self
 
     @property
     def num_clusters(self) -> int:

@@ -4,6 +4,8 @@ two-dense-layer head used for linear evaluation."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -87,13 +89,14 @@ class PretextNet(nn.Module):
 
 
 class FrozenBackbone(nn.Module):
-    """A backbone that never trains: no gradients, and always in eval mode, so neither its
+    """A frozen copy of a backbone: no gradients, and always in eval mode, so neither its
     weights nor its BatchNorm running statistics move while a head trains on top of it
-    (``module.train()`` from the engine's loop leaves it in eval)."""
+    (``module.train()`` from the engine's loop leaves it in eval). A copy, so the caller's
+    backbone keeps its own ``requires_grad`` flags and mode and can still be fine-tuned."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
-        self.backbone = backbone.requires_grad_(False).eval()
+        self.backbone = copy.deepcopy(backbone).requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         self.training = mode
