@@ -7,7 +7,9 @@
 // 16-byte boundary at or before the row, so rows of any C and offset load whole packs; only the
 // partial packs at either end load scalars, bounds-checked.
 // * Without clusters each lane folds its values into online softmax moments (ops/entropy.h push);
-//   the group merges them with xor-shuffles, so every lane ends with the same row statistics.
+//   the group merges them with xor-shuffles. Partners merge in opposite operand order, and nvcc
+//   may contract merge's products into FMAs, so lanes can end with statistics a rounding apart:
+//   only lane 0's are ever used (the rows kernel writes from lane 0, block_reduce broadcasts it).
 // * With clusters a group steps through the row in lockstep, one pack per lane, with a shared
 //   running max m: each e = exp(z - m) is computed once and goes both into the lane's moments and
 //   into the group's shared-memory bin of its cluster. Lanes whose values share a cluster are
