@@ -547,6 +547,22 @@ def test_gradcheck(device, padding, align):
     )
 
 
+def test_double_backward_is_a_clear_error(device):
+    """Gradient penalties through a warp need a second derivative: the kernels raise naming the
+    reference to use (never PyTorch's silent zeros); the reference is twice differentiable."""
+    x = make_images((2, 1, 5, 4), torch.float64, device).requires_grad_()
+    theta = make_theta(2, "near_identity", seed=15).to(device).requires_grad_()
+    gx, gt = torch.autograd.grad(
+        affine_grid_sample(x, theta, (4, 6)).square().sum(), (x, theta), create_graph=True
+    )
+    if not _ext.HAS_OPS:
+        torch.autograd.gradgradcheck(lambda a, t: affine_grid_sample(a, t, (4, 6)), (x, theta))
+        return
+    for g in (gx, gt):
+        with pytest.raises(RuntimeError, match="double backward.*affine_grid_sample_ref"):
+            torch.autograd.grad(g.sum(), (x, theta))
+
+
 def test_gradcheck_large_transforms(device):
     x = make_images((3, 1, 6, 5), torch.float64, device).requires_grad_()
     theta = make_theta(3, "mixed", seed=13).to(device).requires_grad_()

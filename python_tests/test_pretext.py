@@ -483,6 +483,27 @@ def test_gradcheck_float64(device):
     )
 
 
+def test_double_backward(device):
+    """Plain tiles are a gather: twice differentiable (the second derivative is the gather
+    again). Standardised tiles: a clear error with the kernels; the reference is plain autograd."""
+    x = make_images((3, 2, 9, 11), torch.float64, device).requires_grad_(True)
+    perms = hamming_permutations(5, grid=2).to(device)
+    pidx = torch.tensor([0, 4, 2], device=device)
+    off = random_offsets(3, 4, 1, 2, device=device)
+    pos = torch.tensor([0, 3, 7], device=device)
+    assert torch.autograd.gradgradcheck(lambda t: jigsaw_tiles(t, pidx, perms, 2, 3, off), (x,))
+    assert torch.autograd.gradgradcheck(
+        lambda t: torch.stack(context_pair(t[..., :9], pos, 3, 2)), (x,)
+    )
+    tiles = jigsaw_tiles(x, pidx, perms, 2, 3, off, True)
+    (g,) = torch.autograd.grad(tiles.pow(3).sum(), x, create_graph=True)
+    if not _ext.HAS_OPS:
+        torch.autograd.grad(g.sum(), x)
+        return
+    with pytest.raises(RuntimeError, match="normalize=True: a double backward"):
+        torch.autograd.grad(g.sum(), x)
+
+
 def test_channels_last_grad(device):
     x = make_images((2, 3, 12, 12), device=device, layout="channels_last").requires_grad_(True)
     perms = hamming_permutations(3).to(device)

@@ -270,6 +270,16 @@ def test_uncertainty_gradcheck(device):
         torch.autograd.gradcheck(lambda t, m=m: uncertainty(t, m, from_logits=False), (p,))
 
 
+def test_uncertainty_double_backward_is_a_clear_error(device):
+    z = randn(6, 4, scale=2.0, dtype=torch.float64, device=device, seed=11).requires_grad_()
+    (g,) = torch.autograd.grad(uncertainty(z, "entropy").sum(), z, create_graph=True)
+    if not _ext.HAS_OPS:  # the reference is plain autograd: twice differentiable
+        torch.autograd.gradgradcheck(lambda t: uncertainty(t, "entropy"), (z,))
+        return
+    with pytest.raises(RuntimeError, match="double backward.*uncertainty_ref"):
+        torch.autograd.grad(g.sum(), z)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("tile", [None, 1, 7, 100, 2**40])  # 2**40: one tile, no N x 2**40 buffer

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.reference.affine import affine_grid_sample_ref
 
 __all__ = ["affine_grid_sample", "MODES", "PADDING_MODES"]
@@ -257,6 +258,12 @@ def _backward(ctx, grad):
 def _register_autograd() -> None:
     torch.library.register_autograd(
         "labelkit::affine_grid_sample", _backward, setup_context=_setup_context
+    )
+    torch.library.register_autograd(
+        "labelkit::_affine_grid_sample_backward",
+        no_double_backward(
+            "affine_grid_sample", "labelkit_ext.reference.affine.affine_grid_sample_ref"
+        ),
     )
 
 

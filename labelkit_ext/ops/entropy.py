@@ -17,6 +17,7 @@ import math
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import EntropyGate
 from labelkit_ext.reference.entropy import (
     accumulation_dtype,
@@ -328,14 +329,7 @@ def _register_fake_kernels() -> None:
 # The backward ops read the logits and the forward's saved per-row log-sum-exp (as a (max,
 # log sum exp(z - max)) pair, exact for large logits) and entropy once and write the gradient
 # once (O(N) saved besides the logits; O(N S) with clusters). They have no
-# derivative themselves: a double backward raises (see _no_double_backward).
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "labelkit_ext: the entropy ops support one backward pass; a double backward "
-        "(create_graph=True through their gradient) is not implemented"
-    )
+# derivative themselves: a double backward raises (ops/_autograd.py).
 
 
 # No materialised gradients: autograd would otherwise pass zero tensors for every output without
@@ -384,8 +378,9 @@ def _register_autograd() -> None:
     torch.library.register_autograd(
         "labelkit::entropy_gate", _entropy_gate_backward, setup_context=_entropy_gate_setup
     )
+    once = no_double_backward("the entropy ops", "labelkit_ext.reference.entropy")
     for backward in ("_softmax_entropy_backward", "_entropy_gate_backward"):
-        torch.library.register_autograd(f"labelkit::{backward}", _no_double_backward)
+        torch.library.register_autograd(f"labelkit::{backward}", once)
 
 
 if HAS_OPS:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.reference.pretext import (
     cell_size,
     context_table,
@@ -669,6 +670,31 @@ def _grid_tiles_backward(ctx, grad):
     return grad_images, None, None, None, None, None, None, None
 
 
+def _grid_tiles_backward_setup(ctx, inputs, output):
+    _grad, _images, index, table, grid, tile, offsets, offsets_by_cell, normalize = inputs
+    ctx.args = (grid, tile, offsets_by_cell, normalize)
+    ctx.save_for_backward(index, table, offsets)
+
+
+_tiles_twice = no_double_backward(
+    "jigsaw_tiles/context_pair with normalize=True", "labelkit_ext.reference.pretext"
+)
+
+
+def _grid_tiles_double_backward(ctx, grad_grad_images):
+    """Without normalize the tiles are a gather, so their backward (a scatter of ``grad``) is
+    linear in ``grad`` and does not depend on the images: its own derivative is the gather of
+    ``grad_grad_images``. Standardised tiles are nonlinear: a clear error."""
+    grid, tile, offsets_by_cell, normalize = ctx.args
+    if normalize:
+        _tiles_twice(ctx, grad_grad_images)
+    index, table, offsets = ctx.saved_tensors
+    grad_grad = torch.ops.labelkit.grid_tiles(
+        grad_grad_images, index, table, grid, tile, offsets, offsets_by_cell, False
+    )
+    return (grad_grad,) + (None,) * 8
+
+
 def _rotate90_setup(ctx, inputs, output):
     _images, k = inputs
     ctx.save_for_backward(k)
@@ -682,6 +708,11 @@ def _rotate90_backward(ctx, grad):
 def _register_autograd() -> None:
     torch.library.register_autograd(
         "labelkit::grid_tiles", _grid_tiles_backward, setup_context=_grid_tiles_setup
+    )
+    torch.library.register_autograd(
+        "labelkit::_grid_tiles_backward",
+        _grid_tiles_double_backward,
+        setup_context=_grid_tiles_backward_setup,
     )
     torch.library.register_autograd(
         "labelkit::rotate90", _rotate90_backward, setup_context=_rotate90_setup

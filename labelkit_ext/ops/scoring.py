@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import TopK
 from labelkit_ext.reference.entropy import accumulation_dtype
 from labelkit_ext.reference.scoring import (
@@ -510,6 +511,10 @@ def _uncertainty_backward(ctx, grad):
 def _register_autograd() -> None:
     torch.library.register_autograd(
         "labelkit::uncertainty", _uncertainty_backward, setup_context=_uncertainty_setup
+    )
+    torch.library.register_autograd(
+        "labelkit::_uncertainty_backward",
+        no_double_backward("uncertainty", "labelkit_ext.reference.scoring.uncertainty_ref"),
     )
 
 
