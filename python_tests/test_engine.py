@@ -129,6 +129,30 @@ def test_config_refuses_non_finite_floats(name, value):
         TrainConfig(**{name: value})
 
 
+def test_config_refuses_momentum_of_one_or_more_and_unknown_devices():
+    assert TrainConfig(momentum=0.99).momentum == 0.99
+    for momentum in (1.0, 1.5):
+        with pytest.raises(UsageError, match="momentum must be < 1"):
+            TrainConfig(momentum=momentum)
+    assert [TrainConfig(device=d).device for d in ("auto", "cpu", "cuda", "cuda:1")]
+    for device in ("gpu", "cuda:x", "cuda:-1", "cuda:", "CPU", " cpu"):
+        with pytest.raises(UsageError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            TrainConfig(device=device)
+
+
+def test_a_diverging_run_stops_with_what_to_change(digits8):
+    config = TrainConfig(epochs=3, lr=1e30, **TINY)
+    with pytest.raises(UsageError, match=r"diverged in epoch 1: .* loss is nan; lower the learning"):
+        fit(_model(), digits8.train, digits8.val, "multiclass", config)
+
+
+def test_metrics_of_non_finite_scores_are_a_clear_error():
+    scores = np.full((4, 3), 1 / 3)
+    scores[2, 1] = np.nan
+    with pytest.raises(UsageError, match="NaN/inf in 1 of 4 rows"):
+        classification_metrics(scores, np.array([0, 1, 2, 0]), "multiclass")
+
+
 def test_config_keeps_seeds_in_numpys_range():
     assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
     for seed in (-1, 2**32):

@@ -10,7 +10,7 @@ from labelkit_ext.engine.config import (
     build_scheduler,
     option,
 )
-from labelkit_ext.engine.device import select_device
+from labelkit_ext.engine.device import check_device_spec, select_device
 from labelkit_ext.engine.distributed import (
     DistInfo,
     barrier,
@@ -94,6 +94,7 @@ __all__ = [
     "scores_from_logits",
     "seed_everything",
     "select_device",
+    "check_device_spec",
     "shuffle_epoch",
     "shuffled_loader",
     "shutdown_distributed",

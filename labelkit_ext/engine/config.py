@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from labelkit_ext.checks import check_fields
+from labelkit_ext.engine.device import check_device_spec
 from labelkit_ext.errors import UsageError
 
 __all__ = [
@@ -73,6 +74,9 @@ class TrainConfig:
         for name in ("weight_decay", "momentum", "num_workers"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.momentum >= 1:  # the update then grows without bound
+            raise UsageError(f"momentum must be < 1, got {self.momentum}")
+        check_device_spec(self.device)
         if self.lr <= 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:

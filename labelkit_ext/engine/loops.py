@@ -311,6 +311,22 @@ def _summary(record: dict) -> str:
     return " | ".join(parts + [f"{record['seconds']:.1f}s"])
 
 
+def _check_converging(loss: float, epoch: int, config: TrainConfig, device: torch.device) -> None:
+    """A NaN/inf training loss ends the run with what to change, not a traceback from the
+    metrics of NaN predictions later. The loss is summed over ranks: every rank raises."""
+    if math.isfinite(loss):
+        return
+    fixes = [f"lower the learning rate (lr={config.lr:g})"]
+    if config.optimizer == "sgd":
+        fixes.append(f"the momentum ({config.momentum:g})")
+    if config.amp and device.type == "cuda":
+        fixes.append("turn off amp")
+    raise UsageError(
+        f"training diverged in epoch {epoch + 1}: the mean training loss is {loss}; "
+        + " or ".join(fixes)
+    )
+
+
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -373,6 +389,7 @@ def fit(
             desc=f"epoch {epoch + 1}/{config.epochs}",
             dist_info=info,
         )
+        _check_converging(train["loss"], epoch, config, device)
         scheduler.step()
         broadcast_buffers(model, info)
         record = {

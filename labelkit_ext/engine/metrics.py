@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from labelkit_ext.errors import UsageError
+
 __all__ = ["scores_from_logits", "topk_accuracy", "roc_auc_per_class", "classification_metrics"]
 
 
@@ -63,6 +65,12 @@ def classification_metrics(
     if scores.ndim != 2:
         raise ValueError(f"scores must be (N, K), got shape {scores.shape}")
     n, k = scores.shape
+    bad = int((~np.isfinite(scores)).any(axis=1).sum())
+    if bad:
+        raise UsageError(
+            f"scores hold NaN/inf in {bad} of {n} rows: the model's outputs are not finite "
+            f"(training diverged, or the weights are corrupt)"
+        )
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     if len(names) != k:
         raise ValueError(f"class_names has {len(names)} names for {k} score columns")

@@ -22,6 +22,7 @@ from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import (
     autocast_for,
     broadcast_buffers,
+    check_device_spec,
     current_dist,
     data_parallel,
     derive_seed,
@@ -75,6 +76,7 @@ class AugmentConfig:
         for name in ("lambda_me", "penalty_weight", "penalty_radius"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_device_spec(self.device)
 
     def to_dict(self) -> dict:
         return asdict(self)
