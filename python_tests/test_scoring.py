@@ -665,6 +665,8 @@ def test_opcheck(device, requires_grad):
         (probs, k, badge_uniforms(3, 0), 3),
         test_utils=("test_schema", "test_faketensor"),
     )
+    torch.library.opcheck(ops._badge_uniforms.default, (3, -5))
+    assert torch.equal(ops._badge_uniforms(3, -5), badge_uniforms(3, 2**64 - 5))
 
 
 @requires_ops
@@ -675,7 +677,9 @@ def test_compile_fullgraph_matches_eager():
     def fn(z, q, k):
         u = uncertainty(z, "margin")
         top = cosine_topk(q, k, 4)
-        return u, top.values, top.indices, cosine_reduce(q, k, "mean")
+        centers = kcenter_greedy(k, 3, labeled=torch.tensor([4, 0]))
+        picks = badge_select(torch.softmax(k[:, :5], 1), k, 4, seed=2**64 - 3)
+        return u, top.values, top.indices, cosine_reduce(q, k, "mean"), centers, picks
 
     compiled = torch.compile(fn, fullgraph=True)
     for a, b in zip(compiled(z, q, k), fn(z, q, k), strict=True):

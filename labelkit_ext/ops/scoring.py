@@ -427,10 +427,13 @@ def badge_select(
         )
     _check_finite(embeddings, "embeddings", op)
     _check_probabilities(probs, "probs", op)
-    uniforms = badge_uniforms(budget, seed)
     if has_kernel(op, probs.device.type):
+        # Through an op: a torch.Generator made inside a compiled region breaks the graph.
+        uniforms = torch.ops.labelkit._badge_uniforms(
+            budget, seed - 2**64 if seed >= 2**63 else seed
+        )
         return torch.ops.labelkit.badge_select(probs, embeddings, uniforms, budget)
-    return badge_select_ref(probs, embeddings, budget, uniforms)
+    return badge_select_ref(probs, embeddings, budget, badge_uniforms(budget, seed))
 
 
 # ---- torch.library registrations (only when the compiled ops exist) ------------------------------
@@ -440,6 +443,20 @@ def _check_same_device(op: str, a: torch.Tensor, b: torch.Tensor, what: str) -> 
     """The C++ kernels' device checks (csrc/ops/scoring_checks.h), in the fake kernels too: a
     meta or CUDA tensor beside CPU ones dispatches to that backend's kernel, not the CPU one."""
     torch._check(a.device == b.device, lambda: f"{op}: {what}")
+
+
+def _define_badge_uniforms() -> None:
+    """``labelkit::_badge_uniforms(budget, seed)``: ``badge_uniforms`` as an opaque op, so
+    ``badge_select`` compiles with ``fullgraph=True``. The schema's int is signed: seeds from
+    2**63 arrive wrapped (seed - 2**64) and are unwrapped here."""
+
+    @torch.library.custom_op("labelkit::_badge_uniforms", mutates_args=())
+    def _badge_uniforms(budget: int, seed: int) -> torch.Tensor:
+        return badge_uniforms(budget, seed % 2**64)
+
+    @_badge_uniforms.register_fake
+    def _badge_uniforms_fake(budget, seed):
+        return torch.empty(budget, dtype=torch.float64)
 
 
 def _register_fake_kernels() -> None:
@@ -519,5 +536,6 @@ def _register_autograd() -> None:
 
 
 if HAS_OPS and has_kernel("uncertainty", "cpu"):
+    _define_badge_uniforms()
     _register_fake_kernels()
     _register_autograd()
