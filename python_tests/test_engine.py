@@ -142,7 +142,9 @@ def test_config_refuses_momentum_of_one_or_more_and_unknown_devices():
 
 def test_a_diverging_run_stops_with_what_to_change(digits8):
     config = TrainConfig(epochs=3, lr=1e30, **TINY)
-    with pytest.raises(UsageError, match=r"diverged in epoch 1: .* loss is nan; lower the learning"):
+    with pytest.raises(
+        UsageError, match=r"diverged in epoch 1: .* loss is nan; lower the learning"
+    ):
         fit(_model(), digits8.train, digits8.val, "multiclass", config)
 
 
