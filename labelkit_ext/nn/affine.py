@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from labelkit_ext.ops.affine import MODES, PADDING_MODES, affine_grid_sample
+from labelkit_ext.ops.affine import affine_grid_sample, check_modes, check_size_spec
 
 __all__ = ["AffineWarp", "identity_theta"]
 
@@ -42,22 +42,11 @@ class AffineWarp(nn.Module):
         align_corners: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"AffineWarp: mode must be one of {tuple(MODES)}, got {mode!r}")
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(
-                f"AffineWarp: padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}"
-            )
-        if size is not None:
-            if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-                raise ValueError(
-                    f"AffineWarp: size must be None or two positive ints, got {size!r}"
-                )
-            size = (int(size[0]), int(size[1]))
-        self.size = size
+        check_modes(mode, padding_mode, align_corners, "AffineWarp")
+        self.size = check_size_spec(size, "AffineWarp")
         self.mode = mode
         self.padding_mode = padding_mode
-        self.align_corners = bool(align_corners)
+        self.align_corners = align_corners
 
     def forward(self, input: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         if isinstance(theta, torch.Tensor) and theta.dim() == 2 and theta.shape[1] == 6:

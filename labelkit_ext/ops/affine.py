@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._args import as_int
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.reference.affine import affine_grid_sample_ref
 
@@ -83,16 +85,25 @@ def _check_theta(theta: object, input: torch.Tensor) -> None:
         )
 
 
+def check_size_spec(size: object, op: str = _OP) -> tuple[int, int] | None:
+    """``size`` as None or ``(Ho, Wo)`` of positive ints (NumPy ints taken), before any input is
+    seen: shared with ``nn.AffineWarp``."""
+    if size is None:
+        return None
+    if not isinstance(size, (Sequence, np.ndarray)) or isinstance(size, str) or len(size) != 2:
+        raise ValueError(f"{op}: size must be None or (Ho, Wo), got {size!r}")
+    sides = tuple(as_int(s) for s in size)
+    if any(s is None for s in sides):
+        raise ValueError(f"{op}: size must hold two ints, got {size!r}")
+    if not all(s > 0 for s in sides):
+        raise ValueError(f"{op}: size entries must be positive, got {sides}")
+    return sides
+
+
 def _check_size(size: object, input: torch.Tensor) -> tuple[int, int]:
+    size = check_size_spec(size)
     if size is None:
         return int(input.shape[2]), int(input.shape[3])
-    if not isinstance(size, Sequence) or isinstance(size, str) or len(size) != 2:
-        raise ValueError(f"{_OP}: size must be None or (Ho, Wo), got {size!r}")
-    for s in size:
-        if not isinstance(s, (int, torch.SymInt)) or isinstance(s, bool):
-            raise ValueError(f"{_OP}: size must hold two ints, got {size!r}")
-    if not all(s > 0 for s in size):
-        raise ValueError(f"{_OP}: size entries must be positive, got {tuple(size)}")
     N, C = input.shape[:2]
     if all(isinstance(v, int) for v in (*size, N, C)) and N * C * size[0] * size[1] >= 2**62:
         raise ValueError(
@@ -102,15 +113,15 @@ def _check_size(size: object, input: torch.Tensor) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def _check_modes(mode: object, padding_mode: object, align_corners: object) -> None:
+def check_modes(mode: object, padding_mode: object, align_corners: object, op: str = _OP) -> None:
     if mode not in MODES:
-        raise ValueError(f"{_OP}: mode must be one of {tuple(MODES)}, got {mode!r}")
+        raise ValueError(f"{op}: mode must be one of {tuple(MODES)}, got {mode!r}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(
-            f"{_OP}: padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}"
+            f"{op}: padding_mode must be one of {tuple(PADDING_MODES)}, got {padding_mode!r}"
         )
     if not isinstance(align_corners, bool):
-        raise ValueError(f"{_OP}: align_corners must be a bool, got {align_corners!r}")
+        raise ValueError(f"{op}: align_corners must be a bool, got {align_corners!r}")
 
 
 # ---- public function ------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ def affine_grid_sample(
     _check_input(input)
     _check_theta(theta, input)
     Ho, Wo = _check_size(size, input)
-    _check_modes(mode, padding_mode, align_corners)
+    check_modes(mode, padding_mode, align_corners)
     N = input.shape[0]
     theta = theta.expand(N, 2, 3)
     if has_kernel(_OP, input.device.type):

@@ -17,6 +17,7 @@ import math
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._args import as_float, as_int
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import EntropyGate
 from labelkit_ext.reference.entropy import (
@@ -53,8 +54,10 @@ def _check_logits(logits: object, op: str, min_dim: int) -> None:
 
 
 def _check_dim(dim: int, ndim: int, op: str) -> int:
-    if not isinstance(dim, int) or isinstance(dim, bool):
+    value = as_int(dim)
+    if value is None:
         raise TypeError(f"{op}: dim must be an int, got {type(dim).__name__}")
+    dim = value
     if not -ndim <= dim < ndim:
         raise ValueError(f"{op}: dim={dim} is out of range for logits with {ndim} dimension(s)")
     return dim % ndim
@@ -68,25 +71,27 @@ def _check_classes(logits: torch.Tensor, dim: int, op: str) -> None:
         )
 
 
-def _check_base(base: float | None) -> None:
+def _check_base(base: float | None) -> float | None:
     if base is None:
-        return
-    if not isinstance(base, (int, float)) or isinstance(base, bool):
+        return None
+    value = as_float(base)
+    if value is None:
         raise TypeError(
             f"softmax_entropy: base must be a number or None, got {type(base).__name__}"
         )
+    base = value
     if not (math.isfinite(base) and base > 0 and base != 1):
         raise ValueError(f"softmax_entropy: base must be finite, > 0 and != 1, got {base}")
+    return base
 
 
 def _check_threshold(threshold: float) -> float:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
-        raise TypeError(
-            f"entropy_gate: threshold must be a Python number, got {type(threshold).__name__}"
-        )
-    if not math.isfinite(threshold):
-        raise ValueError(f"entropy_gate: threshold must be finite, got {threshold}")
-    return float(threshold)
+    value = as_float(threshold)
+    if value is None:
+        raise TypeError(f"entropy_gate: threshold must be a number, got {type(threshold).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"entropy_gate: threshold must be finite, got {value}")
+    return value
 
 
 def _check_clusters(clusters: object, logits: torch.Tensor) -> None:
@@ -111,13 +116,17 @@ def _check_clusters(clusters: object, logits: torch.Tensor) -> None:
 def _resolve_num_clusters(clusters: torch.Tensor, num_clusters: int | None) -> int:
     """S for the output shape, and (eagerly) a check that every id lies in [0, S).
 
-    Reading ids is a host sync; under ``torch.compile`` it is skipped, ``num_clusters`` must be
-    given, and the kernels ignore out-of-range ids rather than write out of bounds.
+    Reading ids is a host sync; under ``torch.compile`` it is skipped and ``num_clusters`` must
+    be given. The kernels check the ids themselves (a RuntimeError on CPU, a device-side assert
+    on CUDA), so a bad id never writes out of bounds.
     """
-    if num_clusters is not None and (
-        not isinstance(num_clusters, int) or isinstance(num_clusters, bool) or num_clusters < 1
-    ):
-        raise ValueError(f"entropy_gate: num_clusters must be an int >= 1, got {num_clusters!r}")
+    if num_clusters is not None:
+        value = as_int(num_clusters)
+        if value is None or value < 1:
+            raise ValueError(
+                f"entropy_gate: num_clusters must be an int >= 1, got {num_clusters!r}"
+            )
+        num_clusters = value
     C = clusters.shape[0]
     if num_clusters is not None and num_clusters > C:
         # The [N, S] cluster mass is then at least as large as the logits and partly empty.
@@ -169,7 +178,7 @@ def softmax_entropy(logits: torch.Tensor, dim: int = -1, base: float | None = No
     _check_logits(logits, "softmax_entropy", 1)
     dim = _check_dim(dim, logits.dim(), "softmax_entropy")
     _check_classes(logits, dim, "softmax_entropy")
-    _check_base(base)
+    base = _check_base(base)
     x = logits if dim == logits.dim() - 1 else logits.movedim(dim, -1)
     if has_kernel("softmax_entropy", x.device.type):
         entropy, _lse = torch.ops.labelkit.softmax_entropy(x)
@@ -250,8 +259,10 @@ def max_entropy_loss(
         raise ValueError(
             f"max_entropy_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
         )
-    if not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+    value = as_float(eps)
+    if value is None or not (math.isfinite(value) and value > 0):
         raise ValueError(f"max_entropy_loss: eps must be finite and > 0, got {eps!r}")
+    eps = value
     _check_logits(logits, "max_entropy_loss", 1)
     dim = _check_dim(dim, logits.dim(), "max_entropy_loss")
     _check_classes(logits, dim, "max_entropy_loss")

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._args import as_int, ints_where_possible
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.reference.pretext import (
     cell_size,
@@ -101,8 +102,10 @@ def _check_images(images: object, op: str) -> torch.Tensor:
 
 
 def _check_grid(grid: object, op: str, images: torch.Tensor) -> int:
-    if not _is_int(grid) or grid < 2:
+    value = as_int(grid)
+    if value is None or value < 2:
         raise ValueError(f"{op}: grid must be an int >= 2, got {grid!r}")
+    grid = value
     H, W = images.shape[-2:]
     if H < grid or W < grid:
         raise ValueError(
@@ -116,8 +119,10 @@ def _check_tile(tile: object, name: str, op: str, cell: tuple[int, int]) -> int:
     largest = min(cell)
     if tile is None:
         return largest
-    if not _is_int(tile) or tile < 1:
+    value = as_int(tile)
+    if value is None or value < 1:
         raise ValueError(f"{op}: {name} must be an int >= 1 or None, got {tile!r}")
+    tile = value
     if tile > largest:
         raise ValueError(
             f"{op}: {name}={tile} is larger than a cell ({cell[0]}x{cell[1]} pixels); "
@@ -271,6 +276,7 @@ def hamming_permutations(
     Deterministic for given arguments. :func:`hamming_distance_stats` reports the set's minimum
     and mean pairwise distance.
     """
+    n, grid, seed, num_candidates = ints_where_possible(n, grid, seed, num_candidates)
     if not _is_int(grid) or grid < 2:
         raise ValueError(f"hamming_permutations: grid must be an int >= 2, got {grid!r}")
     if criterion not in _CRITERIA:
@@ -386,7 +392,8 @@ def jigsaw_tiles(
 
 
 def _check_context_grid(grid: object, op: str) -> None:
-    if not _is_int(grid) or grid < 3 or grid % 2 == 0:
+    grid = as_int(grid)
+    if grid is None or grid < 3 or grid % 2 == 0:
         raise ValueError(
             f"{op}: grid must be an odd int >= 3 (the center cell has 8 neighbours), got {grid!r}"
         )

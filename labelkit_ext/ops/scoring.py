@@ -27,9 +27,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
+from labelkit_ext.ops._args import as_float, as_int
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import TopK
 from labelkit_ext.reference.entropy import accumulation_dtype
@@ -93,21 +95,19 @@ def _check_finite(x: torch.Tensor, name: str, op: str) -> None:
 
 
 def _check_int(value: object, name: str, op: str, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
+    number = as_int(value)
+    if number is None:
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{op}: {name} must be >= {low}, got {value}")
-    return value
+    if number < low:
+        raise ValueError(f"{op}: {name} must be >= {low}, got {number}")
+    return number
 
 
 def _check_eps(eps: object, op: str) -> float:
-    if (
-        not isinstance(eps, (int, float))
-        or isinstance(eps, bool)
-        or not (math.isfinite(eps) and eps > 0)
-    ):
+    value = as_float(eps)
+    if value is None or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{op}: eps must be a finite float > 0, got {eps!r}")
-    return float(eps)
+    return value
 
 
 def _check_tile(tile_size: object, op: str) -> int:
@@ -192,13 +192,14 @@ def _check_labeled(labeled: object, N: int, device: torch.device, op: str) -> to
         return None
     if isinstance(labeled, torch.Tensor):
         idx = labeled
-    elif isinstance(labeled, Sequence) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in labeled
-    ):
-        idx = torch.tensor(list(labeled), dtype=torch.int64)
+    elif isinstance(labeled, np.ndarray) and labeled.dtype.kind in "biu":
+        idx = torch.from_numpy(labeled if labeled.dtype == bool else labeled.astype(np.int64))
+    elif isinstance(labeled, Sequence) and all(as_int(i) is not None for i in labeled):
+        idx = torch.tensor([as_int(i) for i in labeled], dtype=torch.int64)
     else:
         raise TypeError(
-            f"{op}: labeled must be an int64 tensor, a bool mask or a sequence of ints, got {type(labeled).__name__}"
+            f"{op}: labeled must be an int64 tensor, a bool mask, a NumPy integer/bool array or a "
+            f"sequence of ints, got {type(labeled).__name__}"
         )
     if idx.dtype == torch.bool:
         if idx.shape != (N,):

@@ -1,0 +1,38 @@
+"""Scalar arguments of the public ops: numbers as users hold them (Python, NumPy) become the
+Python ``int`` / ``float`` the op schemas take; anything else is the caller's error to name."""
+
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+import torch
+
+
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer (``int``, ``np.int64``, anything with
+    ``__index__``), else None. Bools and tensors are not ints here; a SymInt (a traced size)
+    passes through unchanged."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, (bool, np.bool_, torch.Tensor)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def ints_where_possible(*values: object) -> tuple:
+    """Each value as a Python int where :func:`as_int` takes it, else unchanged (so the caller's
+    error message shows what the user passed)."""
+    return tuple(value if as_int(value) is None else as_int(value) for value in values)
+
+
+def as_float(value: object) -> float | None:
+    """``value`` as a Python float if it is a real number (``int``, ``float``, ``np.float32``,
+    ...), else None. Bools and tensors are not numbers here."""
+    if isinstance(value, (bool, np.bool_, torch.Tensor)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
