@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -182,5 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args.op, args.args, args.bench_dir)
         return _run(args)
     except UsageError as exc:
-        print(f"labelkit: error: {exc}", file=sys.stderr)
+        print(f"labelkit: error: {_usage_message(exc)}", file=sys.stderr)
         return 2
+
+
+def _usage_message(exc: Exception) -> str:
+    """The error's own text. A DataLoader worker re-raises it with the worker's traceback in
+    the message ("Caught UsageError in DataLoader worker process 0. Original Traceback ...");
+    it ends with ``<Name>Error: <the text>``, which is kept instead (all its lines)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    raised = list(re.finditer(r"^[\w.]*Error: ", text, re.MULTILINE))
+    return text[raised[-1].end() :].strip() if raised else text

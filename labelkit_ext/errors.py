@@ -47,9 +47,17 @@ class MissingFileError(UsageError, FileNotFoundError):
 def _reason(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
-    refused = [line for line in lines if "WeightsUnpickler error" in line]
-    if refused:  # torch.load's long advice on weights_only; the reason is one of its lines
-        return f"refused by torch.load(weights_only=True): {refused[0].strip()}"
+    if text.startswith("Weights only load failed"):  # torch.load's advice, then the reason
+        paragraphs = [" ".join(p.split()) for p in str(exc).split("\n\n")[1:]]
+        detail = [
+            p.split("WeightsUnpickler error:", 1)[-1].strip()
+            for p in paragraphs
+            if not p.startswith("Check the documentation")
+        ]
+        reason = "; ".join(d for d in detail if d) or "unsupported content"
+        return (
+            f"not a plain tensor/weights file (torch.load(weights_only=True) refused it: {reason})"
+        )
     if isinstance(exc, EOFError) or not text:
         return "the file is empty or truncated" if isinstance(exc, EOFError) else type(exc).__name__
     if "allow_pickle" in text:  # numpy's guess for bytes that are no .npy/.npz

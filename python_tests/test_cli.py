@@ -16,7 +16,8 @@ from ddp_helpers import torchrun_labelkit
 from fixtures_data import SHARED_DATA, write_medmnist
 
 import labelkit_ext
-from labelkit_ext.cli import main
+from labelkit_ext.cli import _usage_message, main
+from labelkit_ext.errors import MissingFileError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--image-size", "8", "--epochs", "1", "--quiet"]
@@ -454,6 +455,25 @@ def test_a_malformed_torch_file_is_a_usage_error(tmp_path, capsys, argv, content
     argv = ["run", *argv, str(file), *TINY, "--out", str(tmp_path / "run")]
     err = _one_line_error(argv, capsys)
     assert f"could not read {file} (" in err
+    assert "file an issue" not in err  # torch.load's advice to report its own bug is dropped
+
+
+class _FailingImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        raise MissingFileError("image 3.png not found\nexpected: a folder of PNGs")
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_without_its_traceback():
+    """torch re-raises a worker's UsageError with the worker's traceback inside the message."""
+    loader = torch.utils.data.DataLoader(_FailingImages(), num_workers=1)
+    with pytest.raises(UsageError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in str(err.value)
+    assert _usage_message(err.value) == "image 3.png not found\nexpected: a folder of PNGs"
+    assert _usage_message(UsageError("plain: text")) == "plain: text"
 
 
 def test_a_query_larger_than_the_pool_is_refused(tmp_path, capsys):

@@ -4,6 +4,7 @@ splits and transforms; the real shared files when present."""
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,13 @@ def test_holdout_is_stratified_grouped_and_checked():
     assert {groups[i] for i in keep}.isdisjoint({groups[i] for i in held})
     with pytest.raises(ValueError, match="val_fraction"):
         holdout_indices(labels, 1.5, 0)
+    assert len(holdout_indices(labels, 0.001, 0)[1]) == 1  # scikit-learn rounds the held part up
+    with pytest.raises(UsageError, match="val_fraction=0.999 of 100 .* leaves an empty"):
+        holdout_indices(labels, 0.999, 0)
+    with pytest.raises(UsageError, match="val_fraction=0.5 of 1 .* leaves an empty"):
+        holdout_indices(labels[:1], 0.5, 0)
+    with pytest.raises(UsageError, match="needs at least 2 groups"):
+        holdout_indices(labels, 0.2, 0, ["one patient"] * 100)
 
 
 def test_transforms_normalise_and_augment():
@@ -150,6 +158,61 @@ def test_a_malformed_medmnist_file_is_a_usage_error(tmp_path, content):
     file.write_bytes(content)
     with pytest.raises(UsageError, match=r"could not read .*pneumoniamnist\.npz \(a MedMNIST file"):
         load_dataset("pneumoniamnist", tmp_path)
+
+
+def _medmnist_with(tmp_path, num_labels: int = 1, **changes: np.ndarray) -> Path:
+    """A valid MedMNIST file with some arrays replaced."""
+    name = "chestmnist" if num_labels > 1 else "pneumoniamnist"
+    source = write_medmnist(tmp_path / "valid.npz", num_labels=num_labels)
+    with np.load(source) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays.update(changes)
+    np.savez(tmp_path / f"{name}.npz", **arrays)
+    return tmp_path / f"{name}.npz"
+
+
+_IMAGES = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
+_LABELS = (np.arange(20) % 2).reshape(20, 1)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"train_images": _IMAGES.astype(np.float32) / 255}, "images must be uint8 .* got torch.float32"),
+        ({"train_images": _IMAGES.astype(np.int64)}, "images must be uint8"),
+        ({"train_labels": _LABELS[:15]}, "the train split has 20 images but 15 labels"),
+        ({"train_labels": _LABELS + 6}, r"class ids must lie in \[0, 2\), got \[6, 7\]"),
+        ({"train_labels": -_LABELS}, r"class ids must lie in \[0, 2\), got \[-1, 0\]"),
+        ({"train_labels": np.hstack([_LABELS, _LABELS])}, "has 20 images but 40 labels"),
+        ({"train_images": _IMAGES[:, :, :20]}, r"square with 1 channel\(s\), got shape \(20, 1, 28, 20\)"),
+        ({"val_images": np.stack([_IMAGES[:6]] * 3, -1)}, r"val split: images must be square with 1"),
+        ({"train_images": _IMAGES[:, 0]}, r"images must be \(N, H, W\) or \(N, H, W, 3\)"),
+        ({"train_labels": np.array(["a"] * 20)}, "could not read .*pneumoniamnist.npz"),
+        ({"train_images": _IMAGES[:0], "train_labels": _LABELS[:0]}, "the train split is empty"),
+    ],
+    ids=["float", "int64", "fewer-labels", "id-too-large", "negative-id", "two-columns",
+         "not-square", "channels-differ", "2-d", "text-labels", "empty"],
+)  # fmt: skip
+def test_malformed_arrays_are_refused_naming_the_data(tmp_path, changes, message):
+    file = _medmnist_with(tmp_path, **changes)
+    with pytest.raises(UsageError, match=message) as err:
+        load_dataset("pneumoniamnist", file)
+    assert f"from {file}" in str(err.value) or str(file) in str(err.value)
+
+
+def test_multilabel_rows_must_be_zero_one_of_every_label(tmp_path):
+    rows = np.random.default_rng(1).integers(0, 2, (20, 14), dtype=np.uint8)
+    for bad, message in (
+        (rows * 3, r"0/1 rows of 14 labels.*values \[0, 3\]"),
+        (rows[:, :13], r"shape \(20, 13\)"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            load_dataset("chestmnist", _medmnist_with(tmp_path, num_labels=14, train_labels=bad))
+    wrong_set = (
+        r"chestmnist data from .*: the train split: .* 0/1 rows of 14 labels, got shape \(20, 1\)"
+    )
+    with pytest.raises(UsageError, match=wrong_set):
+        load_dataset("chestmnist", write_medmnist(tmp_path / "pneu.npz"))
 
 
 def test_a_npy_array_instead_of_the_npz_is_a_usage_error(tmp_path):

@@ -301,6 +301,36 @@ def test_resume_refuses_other_settings_and_starts_fresh_without_checkpoint(tmp_p
         )
 
 
+def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp_path, digits8):
+    """Settings alike, but another data set (size), image size or architecture: a clean refusal,
+    not a run continuing from foreign weights or a load_state_dict traceback."""
+    config = TrainConfig(epochs=1, **TINY)
+    fit(_model(), digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path)
+    fewer = torch.utils.data.Subset(digits8.train, range(len(digits8.train) - 5))
+    with pytest.raises(UsageError, match=r"other settings or data \(train_samples=\d+ -> \d+\)"):
+        fit(_model(), fewer, digits8.val, "multiclass", config, out_dir=tmp_path, resume=True)
+    larger = load_dataset("digits", image_size=12)
+    with pytest.raises(UsageError, match=r"input_shape=\[1, 8, 8\] -> \[1, 12, 12\]"):
+        model = build_model("small-cnn", 10, in_channels=1, image_size=12)
+        fit(model, larger.train, larger.val, "multiclass", config, out_dir=tmp_path, resume=True)
+    wider = build_model("small-cnn", 10, in_channels=1, image_size=8, width=16)
+    with pytest.raises(UsageError, match="parameters differs"):
+        fit(wider, digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path, resume=True)
+    state = load_checkpoint(tmp_path / "checkpoint_last.pt")
+    del state["config"]
+    save_checkpoint(tmp_path / "checkpoint_last.pt", state)
+    with pytest.raises(UsageError, match="holds no training settings"):
+        fit(
+            _model(),
+            digits8.train,
+            digits8.val,
+            "multiclass",
+            config,
+            out_dir=tmp_path,
+            resume=True,
+        )
+
+
 # -- DDP on 2 gloo processes ------------------------------------------------------------------
 
 

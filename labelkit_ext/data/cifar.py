@@ -89,13 +89,17 @@ def _cifar10_official(folder: Path) -> RawDataset:
     train = [_read(folder, b, CIFAR10_LAYOUT) for b in CIFAR10_BATCHES]
     test = _read(folder, "test_batch", CIFAR10_LAYOUT)
     meta = _read(folder, "batches.meta", CIFAR10_LAYOUT)
-    return RawDataset(
-        task="multiclass",
-        class_names=_names(meta["label_names"]),
-        splits={"train": _batch_split(train, "labels"), "test": _batch_split([test], "labels")},
-        in_channels=3,
-        flip=True,
-    )
+    with reading(folder, CIFAR10_LAYOUT):  # a missing key or a bad array: the files' fault
+        return RawDataset(
+            task="multiclass",
+            class_names=_names(meta["label_names"]),
+            splits={
+                "train": _batch_split(train, "labels"),
+                "test": _batch_split([test], "labels"),
+            },
+            in_channels=3,
+            flip=True,
+        )
 
 
 def _cifar10_npz(file: Path) -> RawDataset:
@@ -146,10 +150,11 @@ def load_cifar100(path: Path, labels: str = "fine") -> RawDataset:
     train = _read(folder, "train", CIFAR100_LAYOUT)
     test = _read(folder, "test", CIFAR100_LAYOUT)
     meta = _read(folder, "meta", CIFAR100_LAYOUT)
-    return RawDataset(
-        task="multiclass",
-        class_names=_names(meta[f"{labels}_label_names"]),
-        splits={"train": _batch_split([train], key), "test": _batch_split([test], key)},
-        in_channels=3,
-        flip=True,
-    )
+    with reading(folder, CIFAR100_LAYOUT):
+        return RawDataset(
+            task="multiclass",
+            class_names=_names(meta[f"{labels}_label_names"]),
+            splits={"train": _batch_split([train], key), "test": _batch_split([test], key)},
+            in_channels=3,
+            flip=True,
+        )

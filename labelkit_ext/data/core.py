@@ -26,6 +26,7 @@ __all__ = [
     "open_npz",
     "resize_images",
     "holdout_indices",
+    "check_raw",
 ]
 
 
@@ -90,6 +91,54 @@ class RawDataset:
     splits: dict[str, ArraySplit | FileSplit]
     in_channels: int
     flip: bool = False  # horizontal flip is label-preserving (natural images, not digits)
+
+
+def check_raw(raw: RawDataset, source: str) -> None:
+    """What every loader's output must be, checked once for all of them so a malformed file is a
+    UsageError naming ``source`` instead of a traceback mid-training or a silently wrong run:
+    non-empty splits with one target per image; uint8 ``(N, C, S, S)`` images with the set's
+    channel count; class ids in ``[0, K)`` or 0/1 multi-hot rows of K labels."""
+    k = len(raw.class_names)
+    for name, split in raw.splits.items():
+        where = f"{source}: the {name} split"
+        images = split.paths if isinstance(split, FileSplit) else split.images
+        if len(images) == 0:
+            raise UsageError(f"{where} is empty")
+        if len(images) != len(split.targets):
+            raise UsageError(f"{where} has {len(images)} images but {len(split.targets)} labels")
+        if isinstance(split, ArraySplit):
+            _check_images(split.images, raw.in_channels, where)
+        _check_targets(split.targets, raw.task, k, where)
+
+
+def _check_images(images: torch.Tensor, channels: int, where: str) -> None:
+    if images.dtype != torch.uint8:
+        raise UsageError(f"{where}: images must be uint8 (0-255 pixels), got {images.dtype}")
+    if images.ndim != 4 or images.shape[1] != channels or images.shape[2] != images.shape[3]:
+        raise UsageError(
+            f"{where}: images must be square with {channels} channel(s), got shape "
+            f"{tuple(images.shape)} as (N, C, H, W)"
+        )
+
+
+def _check_targets(targets: torch.Tensor, task: str, k: int, where: str) -> None:
+    if task == "multiclass":
+        if targets.ndim != 1 or targets.is_floating_point():
+            raise UsageError(
+                f"{where}: labels must be one class id per image, got shape {tuple(targets.shape)}"
+            )
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= k:
+            raise UsageError(f"{where}: class ids must lie in [0, {k}), got [{lo}, {hi}]")
+    elif (
+        targets.ndim != 2
+        or targets.shape[1] != k
+        or not bool(((targets == 0) | (targets == 1)).all())
+    ):
+        raise UsageError(
+            f"{where}: multi-label targets must be 0/1 rows of {k} labels, got shape "
+            f"{tuple(targets.shape)} with values [{', '.join(f'{v:g}' for v in torch.unique(targets)[:5].tolist())}]"
+        )
 
 
 class TensorImageDataset(Dataset):
@@ -167,7 +216,17 @@ def holdout_indices(
     if not 0.0 < fraction < 1.0:
         raise UsageError(f"val_fraction must be in (0, 1), got {fraction}")
     n = len(targets)
+    n_held = int(np.ceil(fraction * n))
+    if not 0 < n_held < n:
+        raise UsageError(
+            f"val_fraction={fraction} of {n} training samples leaves an empty train or val split"
+        )
     index = np.arange(n)
+    if groups and len(set(groups)) < 2:
+        raise UsageError(
+            f"val_fraction: a grouped hold-out needs at least 2 groups (patients), got "
+            f"{len(set(groups))}"
+        )
     if groups:
         splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         keep, held = next(splitter.split(index, groups=list(groups)))

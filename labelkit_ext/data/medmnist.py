@@ -47,13 +47,16 @@ def load_medmnist_npz(path: Path, flag: str) -> RawDataset:
         if absent:
             raise UsageError(f"{file} lacks arrays {absent}; expected {_layout(flag)}")
         arrays = {k: npz[k] for k in npz.files}  # reading the members decompresses them
-    splits = {s: _split(arrays[f"{s}_images"], arrays[f"{s}_labels"], task) for s in SPLITS}
+        # Arrays of the wrong rank or labels that are no numbers are the file's fault too.
+        splits = {s: _split(arrays[f"{s}_images"], arrays[f"{s}_labels"], task) for s in SPLITS}
     channels = splits["train"].images.shape[1]
     return RawDataset(task=task, class_names=names, splits=splits, in_channels=channels)
 
 
 def _split(images: np.ndarray, labels: np.ndarray, task: str) -> ArraySplit:
     # Grayscale sets are (N, H, W), RGB sets (N, H, W, 3); both become (N, C, H, W).
+    if images.ndim not in (3, 4):
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got shape {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images))
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
     y = torch.from_numpy(labels.astype(np.int64))

@@ -19,6 +19,7 @@ from labelkit_ext.data.core import (
     ImageFileDataset,
     RawDataset,
     TensorImageDataset,
+    check_raw,
     holdout_indices,
     resize_images,
 )
@@ -213,13 +214,15 @@ def load_dataset(
         check_int("image_size", image_size, minimum=1)
     check_seed("split_seed", split_seed)
     size = image_size or spec.default_image_size
+    source = resolve_data_dir(data_dir)
     raw = spec.load(
-        resolve_data_dir(data_dir),
+        source,
         image_size=size,
         split_seed=split_seed,
         val_fraction=val_fraction,
         **options,
     )
+    check_raw(raw, f"{spec.name} data from {source}")
     size = size or int(raw.splits["train"].images.shape[-1])  # array sets: their own size
     splits = _with_val(raw, val_fraction, split_seed)
     if isinstance(splits["train"], FileSplit):

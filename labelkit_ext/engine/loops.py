@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -278,17 +279,42 @@ _TRAJECTORY_FIELDS = (
 )
 
 
-def _check_resumable(saved: dict, config: TrainConfig, checkpoint: Path) -> None:
-    current = config.to_dict()
+def run_identity(
+    model: nn.Module, train_set: Dataset, val_set: Dataset | None, class_names
+) -> dict[str, Any]:
+    """What a checkpoint was trained on besides its settings: the architecture (class and
+    parameter shapes), the data's sizes, one input's shape and the class names. A resume from
+    another data set, image size or model would otherwise continue silently from foreign
+    weights (or fail in load_state_dict)."""
+    return {
+        "model": type(model).__name__,
+        "parameters": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "train_samples": len(train_set),
+        "val_samples": len(val_set) if val_set is not None else None,
+        "input_shape": list(train_set[0][0].shape) if len(train_set) else None,
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+
+
+def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Path) -> None:
+    saved, current = state.get("config"), config.to_dict()
+    if not isinstance(saved, dict):
+        raise UsageError(f"cannot resume from {checkpoint}: it holds no training settings")
     changed = [
         f"{k}={saved.get(k)!r} -> {current[k]!r}"
         for k in _TRAJECTORY_FIELDS
         if saved.get(k) != current[k]
     ]
+    saved_run = state.get("run") or {}  # checkpoints from before run identities: settings only
+    changed += [
+        f"{k} differs" if k == "parameters" else f"{k}={saved_run[k]!r} -> {run[k]!r}"
+        for k in run
+        if k in saved_run and saved_run[k] != run[k]
+    ]
     if changed:
         raise UsageError(
-            f"cannot resume from {checkpoint}: it was trained with other settings ({', '.join(changed)}); "
-            "resume with the same settings, or use another --out"
+            f"cannot resume from {checkpoint}: it was trained with other settings or data "
+            f"({', '.join(changed)}); resume with the same ones, or use another --out"
         )
 
 
@@ -357,9 +383,10 @@ def fit(
     loss_fn = loss_fn or loss_for_task(task)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     result = FitResult(model=model, device=device)
+    run = run_identity(model, train_set, val_set, class_names) if checkpoint else {}
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, map_location=device)
-        _check_resumable(state["config"], config, checkpoint)
+        _check_resumable(state, config, run, checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -427,6 +454,7 @@ def fit(
                     "scaler": scaler.state_dict() if scaler is not None else {},
                     "history": result.history,
                     "config": config.to_dict(),
+                    "run": run,
                 },
             )
         barrier(info)
