@@ -357,6 +357,28 @@ def test_nih_missing_files(tmp_path):
     next(tmp_path.glob("images_002/images/*.png")).unlink()
     with pytest.raises(DataNotFoundError, match="1 of .* images listed"):
         load_dataset("nih-chestxray14", tmp_path)
+    whole = tmp_path / "whole"
+    write_nih(whole)
+    (whole / "test_list.txt").write_text("")
+    with pytest.raises(UsageError, match="test_list.txt lists no images"):
+        load_dataset("nih-chestxray14", whole)
+    csv_file = whole / "Data_Entry_2017.csv"
+    with pytest.raises(DataNotFoundError, match=f"{csv_file} is a file, and this data set is read"):
+        load_dataset("nih-chestxray14", csv_file)
+
+
+def test_a_folder_with_one_sized_medmnist_file_uses_it(tmp_path):
+    write_medmnist(tmp_path / "pneumoniamnist_64.npz", side=64)
+    assert load_dataset("pneumoniamnist", tmp_path).info.image_size == 64
+    write_medmnist(tmp_path / "pneumoniamnist_128.npz", side=128)
+    with pytest.raises(
+        UsageError, match="holds pneumoniamnist_128.npz, pneumoniamnist_64.npz: pass"
+    ):
+        load_dataset("pneumoniamnist", tmp_path)
+    write_medmnist(tmp_path / "pneumoniamnist.npz")
+    assert load_dataset("pneumoniamnist", tmp_path).info.image_size == 28
+    with pytest.raises(TypeError, match="data_dir must be a path .* got int"):
+        load_dataset("digits", 123)
 
 
 # -- digit-mosaic -----------------------------------------------------------------------------

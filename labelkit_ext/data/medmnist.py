@@ -38,7 +38,7 @@ def load_medmnist_npz(path: Path, flag: str) -> RawDataset:
     kept as is.
     """
     task, names = MEDMNIST_CLASSES[flag]
-    file = path if path.is_file() else path / f"{flag}.npz"
+    file = path if path.is_file() else _find_npz(path, flag)
     if not file.is_file():
         raise missing(file, _layout(flag), "medmnist")
     # The members are read (decompressed) inside `reading` too: a truncated archive fails there.
@@ -51,6 +51,21 @@ def load_medmnist_npz(path: Path, flag: str) -> RawDataset:
         splits = {s: _split(arrays[f"{s}_images"], arrays[f"{s}_labels"], task) for s in SPLITS}
     channels = splits["train"].images.shape[1]
     return RawDataset(task=task, class_names=names, splits=splits, in_channels=channels)
+
+
+def _find_npz(folder: Path, flag: str) -> Path:
+    """``<flag>.npz`` in ``folder``, else the one sized release ``<flag>_<size>.npz`` there
+    (MedMNIST+ names its 64/128/224 px files so); several sizes need the file itself."""
+    plain = folder / f"{flag}.npz"
+    sized = sorted(folder.glob(f"{flag}_*.npz")) if folder.is_dir() else []
+    if plain.is_file() or not sized:
+        return plain
+    if len(sized) > 1:
+        raise UsageError(
+            f"{folder} holds {', '.join(p.name for p in sized)}: pass the one to use as the data "
+            f"path (e.g. --data-dir {sized[0]})"
+        )
+    return sized[0]
 
 
 def _split(images: np.ndarray, labels: np.ndarray, task: str) -> ArraySplit:

@@ -97,6 +97,8 @@ def _split(root: Path, list_name: str, entries: dict, images: dict[str, Path]) -
             NIH_LAYOUT,
             "nih",
         )
+    if not names:
+        raise UsageError(f"{root / list_name} lists no images")
     targets = torch.stack([parse_findings(entries[n][0]) for n in names])
     return FileSplit([images[n] for n in names], targets, [entries[n][1] for n in names])
 

@@ -41,12 +41,21 @@ def default_data_dir() -> Path:
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """``data_dir`` as a path (a folder or a single data file), or the default data folder."""
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise TypeError(
+            f"data_dir must be a path (str or os.PathLike), got {type(data_dir).__name__}"
+        )
     return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
 
 def missing(what: str | os.PathLike, layout: str, source: str) -> DataNotFoundError:
     """The error for a missing file: ``what`` it was, the ``layout`` expected, the ``source`` key."""
+    parent = Path(what).parent
+    if parent.is_file():  # a data file given where the set needs its folder
+        what = f"{what} not found: {parent} is a file, and this data set is read from a folder"
+    else:
+        what = f"{what} not found"
     return DataNotFoundError(
-        f"{what} not found.\nExpected layout: {layout}\nOfficial release: {SOURCES[source]}\n"
+        f"{what}.\nExpected layout: {layout}\nOfficial release: {SOURCES[source]}\n"
         f"Pass the folder with --data-dir (or data_dir=...), or set ${DATA_ENV}."
     )
