@@ -260,7 +260,7 @@ def test_affine_backward_op_fuzz(data):
     device = data.draw(devices())
     op = registered_op("_affine_grid_sample_backward", device)
     if op is None:
-        return
+        pytest.skip(f"no compiled _affine_grid_sample_backward kernel for {device}")
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
     shape = data.draw(image_shapes())
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))

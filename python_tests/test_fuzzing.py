@@ -18,8 +18,9 @@ from fuzzing import (
     profile_for,
     shapes,
 )
-from hypothesis import given
+from hypothesis import find, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -53,10 +54,40 @@ def test_shapes_respect_bounds(shape):
 
 
 @given(st.data())
-def test_float_tensors_draw_specials(data):
+def test_float_tensors_have_the_asked_shape_and_dtype(data):
     dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
     x = data.draw(float_tensors((3, 4), dtype))
     assert x.shape == (3, 4) and x.dtype == dtype
+
+
+SEARCH = settings(max_examples=500, database=None, derandomize=True)
+FLOAT32_TINY = torch.finfo(torch.float32).smallest_normal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_tensors_draw_specials(dtype):
+    """The fuzz inputs do reach NaN, both infinities, denormals and ties (else the fuzz tests
+    would never exercise those paths); without ``specials`` they stay clear of NaN/inf/denormal
+    (finite scales may still overflow float16)."""
+    tiny = torch.finfo(dtype).smallest_normal
+    kinds = {
+        "nan": lambda x: bool(x.isnan().any()),
+        "+inf": lambda x: bool((x == math.inf).any()),
+        "-inf": lambda x: bool((x == -math.inf).any()),
+        "denormal": lambda x: bool(((x != 0) & (x.abs() < tiny)).any()),
+        "tie": lambda x: x.numel() > torch.unique(x).numel(),
+    }
+    for kind, present in kinds.items():
+        try:
+            find(float_tensors((3, 4), dtype), present, settings=SEARCH)
+        except NoSuchExample:
+            pytest.fail(f"float_tensors never drew a {kind} in {dtype}")
+    with pytest.raises(NoSuchExample):
+        find(
+            float_tensors((3, 4), torch.float32, specials=False),
+            lambda x: bool(x.isnan().any() or ((x != 0) & (x.abs() < FLOAT32_TINY)).any()),
+            settings=SEARCH,
+        )
 
 
 def test_extreme_values_are_representable():

@@ -45,12 +45,14 @@ from labelkit_ext import (
 )
 from labelkit_ext.ops.pretext import PRETEXT_TASKS, _random_offsets
 from labelkit_ext.reference.pretext import (
+    all_permutations,
     context_pair_ref,
     context_table,
     grid_tiles_ref,
     hamming_permutations_ref,
     jigsaw_tiles_ref,
     rotate90_ref,
+    sampled_permutations,
     tile_dtype,
 )
 
@@ -1100,6 +1102,29 @@ def test_make_pretext_batch_fuzz(data):
 # ---- hamming_permutations ------------------------------------------------------------------------
 
 
+def _assert_greedy_hamming(perms, grid, seed, criterion, num_candidates) -> None:
+    """The op's own reference is its implementation, so check the greedy choice independently:
+    over the same candidate table, each row is the unchosen candidate whose minimum ('max') or
+    summed ('mean') Hamming distance to the rows before it is largest, the first on ties, with
+    distances recomputed from scratch each step (the paper code's O(n^2 M))."""
+    m = grid * grid
+    generator = torch.Generator().manual_seed(seed)
+    if math.factorial(m) <= num_candidates:
+        cands = all_permutations(m).long()
+    else:
+        cands = sampled_permutations(m, num_candidates, generator).long()
+    first = int(torch.randint(len(cands), (1,), generator=generator))
+    hits = (cands[None] == perms[:, None]).all(-1)  # [n, M]
+    assert bool((hits.sum(1) == 1).all()), "a row that is no candidate"
+    rows = hits.int().argmax(1).tolist()
+    assert rows[0] == first
+    for j in range(1, len(rows)):
+        dist = (cands[:, None, :] != cands[rows[:j]][None]).sum(-1)  # [M, j]
+        score = (dist.min(1).values if criterion == "max" else dist.sum(1)).double()
+        score[rows[:j]] = -1.0
+        assert rows[j] == int(score.argmax()), (j, rows[j], int(score.argmax()))
+
+
 @given(data=st.data())
 def test_hamming_permutations_fuzz(data):
     """Argument checks (grid, criterion, seed, num_candidates, n), and for valid arguments: the
@@ -1150,6 +1175,7 @@ def test_hamming_permutations_fuzz(data):
 
     def compare(actual, expected):
         assert_same(actual, expected)
+        _assert_greedy_hamming(actual, grid, seed, criterion, resolved)
         assert actual.shape == (n, grid * grid) and actual.device.type == "cpu"
         assert bool((actual.sort(1).values == torch.arange(grid * grid)).all()), actual
         assert torch.unique(actual, dim=0).shape[0] == n, f"a row chosen twice: {actual.tolist()}"

@@ -31,6 +31,8 @@ from labelkit_ext import badge_select, cosine_reduce, cosine_topk, kcenter_greed
 from labelkit_ext.reference.scoring import (
     MC_METHODS,
     UNCERTAINTY_METHODS,
+    badge_select_ref,
+    badge_uniforms,
     cosine_reduce_ref,
     cosine_topk_ref,
     normalize_rows,
@@ -259,6 +261,32 @@ def test_cosine_topk_fuzz(data):
 
 
 @given(data=st.data())
+def test_cosine_topk_valid_fuzz(data):
+    """Valid arguments only, so every example is compared (the mixed test above mostly draws
+    documented errors)."""
+    device = data.draw(devices())
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    n, m, d = (
+        data.draw(st.integers(0, 12)),
+        data.draw(st.integers(1, 12)),
+        data.draw(st.integers(1, 6)),
+    )
+    specials = data.draw(st.integers(0, 3)) == 0
+    # Specials made finite: the documented non-finite errors are the mixed test's part.
+    q = data.draw(float_tensors((n, d), dtype, device, specials)).nan_to_num()
+    k = data.draw(float_tensors((m, d), dtype, device, specials)).nan_to_num()
+    q, k = arrange(q, data.draw(layouts())), arrange(k, data.draw(layouts()))
+    kk, largest = data.draw(st.integers(1, m)), data.draw(st.booleans())
+    tile = data.draw(st.one_of(st.none(), st.integers(1, 20)))
+    check_op(
+        lambda: cosine_topk(q, k, kk, largest, tile_size=tile),
+        lambda: tuple(cosine_topk_ref(q, k, kk, largest, 1e-8, tile)),
+        (),
+        _compare_topk(q, k, 1e-8),
+    )
+
+
+@given(data=st.data())
 def test_cosine_reduce_fuzz(data):
     device = data.draw(devices())
     q, k = data.draw(query_key_pairs(device))
@@ -368,3 +396,59 @@ def test_badge_select_fuzz(data):
     if picks is not None:
         _selection_is_valid(picks.cpu(), budget, n, [])
         assert torch.equal(picks, badge_select(probs, emb, budget, seed))
+
+
+def _assert_greedy_farthest(x, picks, labeled, metric, eps):
+    """The core-set greedy's defining property, in float64 from the op's own inputs: without
+    labels the first pick is nearest the mean; each later pick is a farthest unlabeled,
+    unpicked sample from the centers so far (squared distances, up to the kernels' float32
+    accumulation for half and float32 inputs)."""
+    x64 = normalize_rows(x, eps).double().cpu() if metric == "cosine" else x.double().cpu()
+    rtol = 1e-12 if x.dtype == torch.float64 else 1e-5
+    centers = list(labeled)
+    for step, pick in enumerate(picks.tolist()):
+        if centers:
+            d = torch.cdist(x64, x64[centers]).square().min(1).values
+            d[centers] = -1.0
+            assert d[pick] >= d.max() - rtol * max(1.0, float(d.max())), (step, pick)
+        else:
+            d = (x64 - x64.mean(0)).square().sum(1)
+            assert d[pick] <= d.min() + rtol * max(1.0, float(d.max())), (step, pick)
+        centers.append(pick)
+
+
+@given(data=st.data())
+def test_kcenter_greedy_valid_fuzz(data):
+    """Valid, finite inputs only: every example is checked against the greedy property."""
+    device = data.draw(devices())
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    n, d = data.draw(st.integers(1, 12)), data.draw(st.integers(1, 5))
+    x = data.draw(float_tensors((n, d), dtype, device, specials=False))
+    x = arrange(x.nan_to_num(), data.draw(layouts()))  # a 1e5 scale overflows float16
+    labeled = data.draw(st.lists(st.integers(0, n - 1), max_size=4, unique=True))
+    budget = data.draw(st.integers(0, n - len(labeled)))
+    metric = data.draw(st.sampled_from(["euclidean", "cosine"]))
+    picks = kcenter_greedy(x, budget, labeled, metric)
+    _selection_is_valid(picks.cpu(), budget, n, labeled)
+    _assert_greedy_farthest(x, picks, labeled, metric, 1e-8)
+
+
+@given(data=st.data())
+def test_badge_select_valid_fuzz(data):
+    """Valid inputs only: every example equals the reference's k-means++ draw (same uniforms)."""
+    device = data.draw(devices())
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]))
+    n, c, d = (
+        data.draw(st.integers(1, 12)),
+        data.draw(st.integers(1, 5)),
+        data.draw(st.integers(1, 5)),
+    )
+    logits = data.draw(float_tensors((n, c), dtype, device, specials=False))
+    probs = torch.softmax(logits.double(), 1).to(dtype)
+    emb = data.draw(float_tensors((n, d), dtype, device, specials=False)).nan_to_num()
+    emb = arrange(emb, data.draw(layouts()))
+    budget, seed = data.draw(st.integers(0, n)), data.draw(st.integers(0, 2**64 - 1))
+    picks = badge_select(probs, emb, budget, seed)
+    _selection_is_valid(picks.cpu(), budget, n, [])
+    expected = badge_select_ref(probs, emb, budget, badge_uniforms(budget, seed))
+    assert picks.tolist() == expected.tolist()
