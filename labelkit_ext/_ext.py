@@ -104,15 +104,23 @@ if not _env_disabled():
 HAS_OPS, LOAD_ERROR = _load()
 
 
+def _library_ops() -> tuple[str, ...]:
+    """The ``labelkit::`` ops the compiled library defines, read once at load (the Python
+    wrappers add small ops of their own later, e.g. ``_badge_uniforms``; their code is in the
+    ``ops/*.py`` files the compile-cache fingerprint hashes)."""
+    if not HAS_OPS:
+        return ()
+    return tuple(
+        sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::"))
+    )
+
+
+LIBRARY_OPS: tuple[str, ...] = _library_ops()
+
+
 def _compiled_kernels() -> frozenset[tuple[str, str]]:
     """(op, device_type) pairs with a compiled kernel, read once from the dispatcher."""
-    if not HAS_OPS:
-        return frozenset()
-    names = [
-        n.split("::", 1)[1]
-        for n in torch._C._dispatch_get_all_op_names()
-        if n.startswith("labelkit::")
-    ]
+    names = [n.split("::", 1)[1] for n in LIBRARY_OPS]
     return frozenset(
         (name, dev)
         for name in names
@@ -137,9 +145,7 @@ def _ops_fingerprint() -> str:
     """A hash of what torch.compile learns about our ops: their schemas and the Python files
     holding their fake kernels and autograd formulas."""
     digest = hashlib.sha256()
-    for name in sorted(
-        n for n in torch._C._dispatch_get_all_op_names() if n.startswith("labelkit::")
-    ):
+    for name in LIBRARY_OPS:
         base, _, overload = name.partition(".")
         digest.update(str(torch._C._get_schema(base, overload)).encode())
     for source in sorted((_HERE / "ops").glob("*.py")):

@@ -463,6 +463,12 @@ def test_fine_tune_shares_repeated_clusters_skips_singletons_and_guards_resume(d
     assert not shared[1].shared and shared[1].classes == [5, 6, 7]
     with pytest.raises(ValueError, match="cannot resume .* fine-tuned on classes"):
         fine_tune_subclassifiers(
+            baseline, digits8.train, digits8.val, again, config, out_dir=tmp_path / "a",
+            resume=True, log=lambda _: None,
+        )  # fmt: skip
+    # Cluster 0 itself (same classes) on other validation data: the engine's run identity.
+    with pytest.raises(ValueError, match=r"cannot resume .*cluster0.* \(val_samples=\d+ -> None\)"):
+        fine_tune_subclassifiers(
             baseline, digits8.train, None, again, config, out_dir=tmp_path / "a", resume=True,
             log=lambda _: None,
         )  # fmt: skip
