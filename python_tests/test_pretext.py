@@ -514,9 +514,15 @@ def test_channels_last_grad(device):
         2
     ).sum().backward()
     assert_close(x.grad, xr.grad)
-    r = rotate90(x, torch.tensor([1, 3], device=device))
+    k = torch.tensor([1, 3], device=device)
+    weights = torch.arange(x.numel(), device=device, dtype=x.dtype).reshape(x.shape)
+    xa, xb = (x.detach().clone().requires_grad_(True) for _ in range(2))
+    assert xa.is_contiguous(memory_format=torch.channels_last)
+    r = rotate90(xa, k)
     assert r.requires_grad
-    (r * torch.arange(r.numel(), device=device).reshape(r.shape)).sum().backward()
+    (r * weights).sum().backward()
+    (rotate90_ref(xb, k) * weights).sum().backward()
+    assert torch.equal(xa.grad, xb.grad)
 
 
 def test_constant_tile_gradient_is_zero(device):
