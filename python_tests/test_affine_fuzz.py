@@ -181,6 +181,30 @@ def test_affine_grid_sample_fuzz(data):
     )
 
 
+@given(data=st.data())
+def test_affine_grid_sample_valid_fuzz(data):
+    """Valid arguments only (the mixed test above draws mostly documented errors), so every
+    example's warp is compared: dtypes, layouts, shared θ, special θ entries, sizes, modes."""
+    device = data.draw(devices())
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    x = images(data, data.draw(image_shapes()), dtype, device)
+    theta_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    padding = data.draw(st.sampled_from(list(PADDING_MODES)))
+    huge = dtype != torch.float64 and padding != "reflection"
+    theta_n = data.draw(st.sampled_from([x.shape[0], 1]))
+    theta = data.draw(thetas(theta_n, theta_dtype, device, huge=huge))
+    size = data.draw(st.one_of(st.none(), st.tuples(EXTENTS, EXTENTS)))
+    mode, align = data.draw(st.sampled_from(list(MODES))), data.draw(st.booleans())
+    check_op(
+        lambda: affine_grid_sample(x, theta, size, mode, padding, align),
+        lambda: affine_grid_sample_ref(
+            x, theta.expand(x.shape[0], 2, 3), size, mode, padding, align
+        ),
+        (),
+        compare_warps(x, theta, size, mode, padding, align),
+    )
+
+
 # ---- gradients -----------------------------------------------------------------------------------
 
 
