@@ -91,6 +91,21 @@ def test_softmax_entropy_fuzz(data):
 
 
 @given(data=st.data())
+def test_softmax_entropy_valid_fuzz(data):
+    """Valid arguments only (the mixed test above compares about a third of its examples):
+    every class dimension, base and layout, special values included."""
+    device = data.draw(devices())
+    shape = data.draw(shapes(min_dims=1, max_dims=4, min_last=1))
+    x = _logits(data, shape, data.draw(st.sampled_from(FLOAT_DTYPES)), device)
+    dim = data.draw(st.sampled_from([d for d in range(-x.dim(), x.dim()) if x.shape[d] > 0]))
+    base = data.draw(st.sampled_from([None, 2, math.e, 10, 0.5]))
+    check_op(
+        lambda: softmax_entropy(x, dim=dim, base=base),
+        lambda: softmax_entropy_ref(x, dim=dim, base=base),
+    )
+
+
+@given(data=st.data())
 def test_softmax_entropy_grad_fuzz(data):
     """Gradients of finite logits (huge and denormal ones included) against the reference's."""
     device = data.draw(devices())
@@ -248,6 +263,29 @@ def test_entropy_gate_fuzz(data):
         lambda: entropy_gate(x, threshold, clusters, num),
         lambda: entropy_gate_ref(x, threshold, clusters, S),
         expect,
+        compare=_gate_compare(threshold),
+    )
+
+
+@given(data=st.data())
+def test_entropy_gate_valid_fuzz(data):
+    """Valid arguments only (the mixed test above compares few of its examples): routing with
+    S drawn or inferred, in every layout of logits and ids, special values included."""
+    device = data.draw(devices())
+    n, c = data.draw(st.integers(0, 40)), data.draw(st.integers(1, 40))
+    x = _logits(data, (n, c), data.draw(st.sampled_from(FLOAT_DTYPES)), device)
+    threshold = data.draw(st.floats(-1.0, 10.0))
+    clusters = num = S = None
+    if data.draw(st.integers(0, 3)):
+        S = data.draw(st.integers(1, c))
+        ids = data.draw(index_tensors((c,), 0, S - 1)).to(device=device, dtype=torch.int64)
+        clusters = arrange(ids, data.draw(st.sampled_from(["contiguous", "strided", "offset"])))
+        num = S if data.draw(st.booleans()) else None
+        S = num if num is not None else int(ids.max()) + 1
+    check_op(
+        lambda: entropy_gate(x, threshold, clusters, num),
+        lambda: entropy_gate_ref(x, threshold, clusters, S),
+        (),
         compare=_gate_compare(threshold),
     )
 
