@@ -384,6 +384,21 @@ def _max_entropy_loss_ref(x, reduction, eps, dim):
 
 
 @given(data=st.data())
+def test_max_entropy_loss_valid_fuzz(data):
+    """Valid arguments only: every reduction, eps and class dimension is compared."""
+    device = data.draw(devices())
+    shape = data.draw(shapes(min_dims=1, max_dims=3, min_last=1))
+    x = _logits(data, shape, data.draw(st.sampled_from(FLOAT_DTYPES)), device)
+    dim = data.draw(st.sampled_from([d for d in range(-x.dim(), x.dim()) if x.shape[d] > 0]))
+    reduction = data.draw(st.sampled_from(["mean", "sum", "none"]))
+    eps = data.draw(st.sampled_from([MAX_ENTROPY_EPS, 1e-3, 1.0]))
+    check_op(
+        lambda: max_entropy_loss(x, reduction=reduction, eps=eps, dim=dim),
+        lambda: _max_entropy_loss_ref(x, reduction, eps, dim),
+    )
+
+
+@given(data=st.data())
 def test_max_entropy_loss_fuzz(data):
     device = data.draw(devices())
     x = _logits(data, data.draw(shapes(min_dims=0, max_dims=3)), data.draw(ANY_DTYPE), device)

@@ -130,6 +130,27 @@ def test_uncertainty_fuzz(data):
 
 
 @given(data=st.data())
+def test_uncertainty_valid_fuzz(data):
+    """Valid arguments only (the mixed test above compares about a quarter of its examples):
+    every method on logits (special values included) or on softmax probabilities."""
+    device = data.draw(devices())
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    method = data.draw(st.sampled_from(list(UNCERTAINTY_METHODS)))
+    n, c = data.draw(st.integers(0, 5)), data.draw(st.integers(1, 40))
+    mc = method in MC_METHODS or (method == "variation_ratio" and data.draw(st.booleans()))
+    shape = (data.draw(st.integers(1, 3)), n, c) if mc else (n, c)
+    x = data.draw(float_tensors(shape, dtype, device))
+    from_logits = data.draw(st.booleans())
+    if not from_logits:
+        x = torch.softmax(x.double().nan_to_num(0.0, 0.0, 0.0), -1).to(dtype)
+    x = arrange(x, data.draw(layouts()))
+    check_op(
+        lambda: uncertainty(x, method, from_logits),
+        lambda: uncertainty_ref(x, method, from_logits),
+    )
+
+
+@given(data=st.data())
 def test_uncertainty_grad_fuzz(data):
     """Gradients of finite logits (huge and denormal ones included) against the reference's."""
     device = data.draw(devices())
@@ -302,6 +323,28 @@ def test_cosine_reduce_fuzz(data):
         lambda: cosine_reduce(q, k, reduce, eps=eps, tile_size=tile),
         lambda: cosine_reduce_ref(q, k, reduce, eps, tile),
         expect,
+    )
+
+
+@given(data=st.data())
+def test_cosine_reduce_valid_fuzz(data):
+    """Valid arguments only: every reduction, tile and layout is compared."""
+    device = data.draw(devices())
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    n, m, d = (
+        data.draw(st.integers(0, 12)),
+        data.draw(st.integers(1, 12)),
+        data.draw(st.integers(1, 6)),
+    )
+    specials = data.draw(st.integers(0, 3)) == 0
+    q = data.draw(float_tensors((n, d), dtype, device, specials)).nan_to_num()
+    k = data.draw(float_tensors((m, d), dtype, device, specials)).nan_to_num()
+    q, k = arrange(q, data.draw(layouts())), arrange(k, data.draw(layouts()))
+    reduce = data.draw(st.sampled_from(["max", "min", "mean", "sum"]))
+    tile = data.draw(st.one_of(st.none(), st.integers(1, 20)))
+    check_op(
+        lambda: cosine_reduce(q, k, reduce, tile_size=tile),
+        lambda: cosine_reduce_ref(q, k, reduce, 1e-8, tile),
     )
 
 
