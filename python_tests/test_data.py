@@ -367,6 +367,18 @@ def test_nih_missing_files(tmp_path):
         load_dataset("nih-chestxray14", csv_file)
 
 
+def test_an_unreadable_data_folder_is_a_usage_error(tmp_path, monkeypatch):
+    """Path.is_file raises EACCES inside a folder the user cannot search (root never sees it:
+    simulated)."""
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    with pytest.raises(UsageError, match=r"pneumoniamnist data: cannot read .*: permission denied"):
+        load_dataset("pneumoniamnist", tmp_path)
+
+
 def test_a_folder_with_one_sized_medmnist_file_uses_it(tmp_path):
     write_medmnist(tmp_path / "pneumoniamnist_64.npz", side=64)
     assert load_dataset("pneumoniamnist", tmp_path).info.image_size == 64

@@ -103,3 +103,5 @@ def test_pretrained_only_from_an_existing_local_file(tmp_path):
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="matches the model"):
         build_model("small-cnn", 10, pretrained=tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; pass the weights file itself"):
+        build_model("small-cnn", 10, pretrained=tmp_path)

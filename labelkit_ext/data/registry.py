@@ -215,13 +215,18 @@ def load_dataset(
     check_seed("split_seed", split_seed)
     size = image_size or spec.default_image_size
     source = resolve_data_dir(data_dir)
-    raw = spec.load(
-        source,
-        image_size=size,
-        split_seed=split_seed,
-        val_fraction=val_fraction,
-        **options,
-    )
+    try:
+        raw = spec.load(
+            source,
+            image_size=size,
+            split_seed=split_seed,
+            val_fraction=val_fraction,
+            **options,
+        )
+    except PermissionError as exc:  # Path.is_file/is_dir raise it inside an unreadable folder
+        raise UsageError(
+            f"{name} data: cannot read {exc.filename or source}: permission denied"
+        ) from exc
     check_raw(raw, f"{spec.name} data from {source}")
     size = size or int(raw.splits["train"].images.shape[-1])  # array sets: their own size
     splits = _with_val(raw, val_fraction, split_seed)

@@ -167,6 +167,8 @@ def load_pretrained(
     lists them. Returns {"loaded", "skipped", "missing"} key lists.
     """
     path = Path(file).expanduser()
+    if path.is_dir():
+        raise UsageError(f"pretrained weights: {path} is a folder; pass the weights file itself")
     if not path.is_file():
         raise MissingFileError(
             f"pretrained weights file {path} not found: weights are read only from a local file "
