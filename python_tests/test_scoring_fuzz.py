@@ -239,6 +239,18 @@ def query_key_pairs(draw, device):
     return arrange(q, draw(layouts())), arrange(k, draw(layouts()))
 
 
+@st.composite
+def valid_query_key_pairs(draw, device):
+    """queries [N, D] and keys [M >= 1, D >= 1] of one float dtype, in drawn layouts; special
+    values made finite (the documented non-finite errors are the mixed tests' part)."""
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    n, m, d = draw(st.integers(0, 12)), draw(st.integers(1, 12)), draw(st.integers(1, 6))
+    specials = draw(st.integers(0, 3)) == 0
+    q = draw(float_tensors((n, d), dtype, device, specials)).nan_to_num()
+    k = draw(float_tensors((m, d), dtype, device, specials)).nan_to_num()
+    return arrange(q, draw(layouts())), arrange(k, draw(layouts()))
+
+
 def _compare_topk(q, k, eps):
     """Values within the dtype's tolerance of the reference's; the index of each value really
     holds it (ties and near-ties may order differently after rounding), best first."""
@@ -285,18 +297,8 @@ def test_cosine_topk_fuzz(data):
 def test_cosine_topk_valid_fuzz(data):
     """Valid arguments only, so every example is compared (the mixed test above mostly draws
     documented errors)."""
-    device = data.draw(devices())
-    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
-    n, m, d = (
-        data.draw(st.integers(0, 12)),
-        data.draw(st.integers(1, 12)),
-        data.draw(st.integers(1, 6)),
-    )
-    specials = data.draw(st.integers(0, 3)) == 0
-    # Specials made finite: the documented non-finite errors are the mixed test's part.
-    q = data.draw(float_tensors((n, d), dtype, device, specials)).nan_to_num()
-    k = data.draw(float_tensors((m, d), dtype, device, specials)).nan_to_num()
-    q, k = arrange(q, data.draw(layouts())), arrange(k, data.draw(layouts()))
+    q, k = data.draw(valid_query_key_pairs(data.draw(devices())))
+    m = k.shape[0]
     kk, largest = data.draw(st.integers(1, m)), data.draw(st.booleans())
     tile = data.draw(st.one_of(st.none(), st.integers(1, 20)))
     check_op(
@@ -329,17 +331,7 @@ def test_cosine_reduce_fuzz(data):
 @given(data=st.data())
 def test_cosine_reduce_valid_fuzz(data):
     """Valid arguments only: every reduction, tile and layout is compared."""
-    device = data.draw(devices())
-    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
-    n, m, d = (
-        data.draw(st.integers(0, 12)),
-        data.draw(st.integers(1, 12)),
-        data.draw(st.integers(1, 6)),
-    )
-    specials = data.draw(st.integers(0, 3)) == 0
-    q = data.draw(float_tensors((n, d), dtype, device, specials)).nan_to_num()
-    k = data.draw(float_tensors((m, d), dtype, device, specials)).nan_to_num()
-    q, k = arrange(q, data.draw(layouts())), arrange(k, data.draw(layouts()))
+    q, k = data.draw(valid_query_key_pairs(data.draw(devices())))
     reduce = data.draw(st.sampled_from(["max", "min", "mean", "sum"]))
     tile = data.draw(st.one_of(st.none(), st.integers(1, 20)))
     check_op(

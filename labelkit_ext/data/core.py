@@ -135,9 +135,10 @@ def _check_targets(targets: torch.Tensor, task: str, k: int, where: str) -> None
         or targets.shape[1] != k
         or not bool(((targets == 0) | (targets == 1)).all())
     ):
+        values = ", ".join(f"{v:g}" for v in torch.unique(targets)[:5].tolist())
         raise UsageError(
             f"{where}: multi-label targets must be 0/1 rows of {k} labels, got shape "
-            f"{tuple(targets.shape)} with values [{', '.join(f'{v:g}' for v in torch.unique(targets)[:5].tolist())}]"
+            f"{tuple(targets.shape)} with values [{values}]"
         )
 
 

@@ -27,7 +27,8 @@ def as_int(value: object) -> int | None:
 def ints_where_possible(*values: object) -> tuple:
     """Each value as a Python int where :func:`as_int` takes it, else unchanged (so the caller's
     error message shows what the user passed)."""
-    return tuple(value if as_int(value) is None else as_int(value) for value in values)
+    converted = (as_int(value) for value in values)
+    return tuple(v if c is None else c for v, c in zip(values, converted, strict=True))
 
 
 def as_float(value: object) -> float | None:
