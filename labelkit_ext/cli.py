@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from labelkit_ext.errors import MissingFileError
+from labelkit_ext.errors import MissingFileError, UsageError
 
 __all__ = ["build_parser", "find_bench_dir", "main"]
 
@@ -150,9 +150,29 @@ def _run(args: argparse.Namespace) -> int:
     init_distributed(config.train.device)
     try:
         method.run(config, args.out, resume=args.resume)
+    except (MemoryError, RuntimeError) as exc:
+        reason = _out_of_memory(exc)
+        if reason is None:
+            raise
+        raise UsageError(
+            f"out of memory ({reason}): lower --batch-size / --eval-batch-size or --image-size"
+        ) from exc
     finally:
         shutdown_distributed()
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """The allocator's first line when ``exc`` is running out of memory — a GPU's
+    ``torch.OutOfMemoryError``, the CPU allocator's RuntimeError, Python's MemoryError — else
+    None (any other error is a bug and keeps its traceback)."""
+    import torch
+
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator" in first:
+        return first.split("DefaultCPUAllocator: ")[-1][:300]
+    return None
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -170,10 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Mistakes in what was asked for (``UsageError``: a bad option value, a missing data file)
     print one ``labelkit: error:`` line and return 2; anything else is a bug and raises with
-    its traceback (exit 1).
+    its traceback (exit 1). Running out of memory during a run counts as the former: the
+    message says which settings to lower.
     """
-    from labelkit_ext.errors import UsageError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(build_parser(with_methods=argv[:1] == ["run"]), argv)
     try:

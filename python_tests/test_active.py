@@ -654,6 +654,77 @@ def test_net_learner_scores_the_pool_in_shards_under_torchrun(tmp_path):
     assert torch.equal(ranks[0]["mc_logits"], ranks[1]["mc_logits"])
 
 
+# The pairwise strategies under torchrun: (name, strategy options, the rows each rank reads
+# of the pairwise input: the whole pool's or the unlabeled samples' share, None where every
+# rank reads every row as queries).
+SHARDED = [
+    ("coreset", {}, "pool"),
+    ("coreset", {"metric": "cosine"}, "pool"),
+    ("badge", {}, "unlabeled"),
+    ("similarity", {}, None),
+    ("density", {"max_references": 40}, None),
+]
+
+
+def _sharded_pool() -> tuple[PoolScores, list[int], list[int]]:
+    """A float32 pool of 61 with 9 labeled samples, seeded (no near-ties)."""
+    g = torch.Generator().manual_seed(5)
+    scores = PoolScores(logits=torch.randn(61, 4, generator=g) * 2,
+                        embeddings=torch.randn(61, 6, generator=g))  # fmt: skip
+    labeled = [3, 7, 8, 20, 33, 34, 41, 50, 60]
+    return scores, labeled, [i % 4 for i in range(len(labeled))]
+
+
+def _sharded_select(name: str, options: dict, scores: PoolScores, labeled, labels) -> list[int]:
+    ctx = _ctx(scores, labeled, labels, budget=12, seed=3, round=1)
+    return select(build_strategy(name, **options), ctx).tolist()
+
+
+def _poison_other_shards(scores: PoolScores, rows: str, labeled: list[int]) -> PoolScores:
+    """The scores with every row of the strategy's pairwise input outside this rank's share set
+    to NaN: a strategy that reads them would pick differently (or fail)."""
+    from labelkit_ext.distributed import shard_bounds
+
+    index = torch.arange(61)
+    if rows == "unlabeled":
+        index = index[~torch.isin(index, torch.tensor(labeled))]
+    start, end = shard_bounds(len(index))
+    others = torch.cat([index[:start], index[end:]])
+    poisoned = PoolScores(scores.logits.clone(), scores.embeddings.clone())
+    poisoned.embeddings[others] = float("nan")
+    if rows == "unlabeled":
+        poisoned.logits[others] = float("nan")
+    return poisoned
+
+
+def _sharded_strategy_worker(rank: int, out_dir: str) -> None:
+    scores, labeled, labels = _sharded_pool()
+    picks = {}
+    for name, options, rows in SHARDED:
+        key = f"{name}-{options}"
+        picks[key] = _sharded_select(name, options, scores, labeled, labels)
+        if rows is not None:
+            poisoned = _poison_other_shards(scores, rows, labeled)
+            picks[f"{key}-own-rows"] = _sharded_select(name, options, poisoned, labeled, labels)
+    Path(out_dir, f"picks{rank}.json").write_text(json.dumps(picks))
+
+
+def test_pairwise_strategies_split_the_pool_over_ranks_and_select_as_one_process(tmp_path):
+    """Under torchrun every rank runs the pairwise strategies on its share of the rows (rows
+    outside it may be NaN) and gets one process's query."""
+    spawn(_sharded_strategy_worker, str(tmp_path))
+    scores, labeled, labels = _sharded_pool()
+    for rank in range(2):
+        picks = json.loads((tmp_path / f"picks{rank}.json").read_text())
+        for name, options, rows in SHARDED:
+            key = f"{name}-{options}"
+            expected = _sharded_select(name, options, scores, labeled, labels)
+            assert len(expected) == 12 and not set(expected) & set(labeled)
+            assert picks[key] == expected, key
+            if rows is not None:
+                assert picks[f"{key}-own-rows"] == expected, key
+
+
 def test_torchrun_two_gloo_processes_with_a_simulated_and_a_file_oracle(tmp_path):
     """Under torchrun rank 0 alone keeps the state, selects and asks the oracle; every rank
     trains (DDP) on the same labeled set; a run stops, resumes and refuses like one process."""

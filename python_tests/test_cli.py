@@ -541,3 +541,52 @@ def test_the_adding_a_method_template_of_the_docs_runs(tmp_path, monkeypatch, ca
     assert _results(out)["config"]["rounds"] == 2
     assert main(["run", "mine", "--rounds", "0", "--out", str(out)]) == 2
     assert "rounds must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 ..."),
+         "CUDA out of memory. Tried to allocate 20.00 GiB."),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not "
+                      "enough memory: you tried to allocate 2147483648 bytes."),
+         "not enough memory: you tried to allocate 2147483648 bytes."),
+        (MemoryError(), "MemoryError"),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_says_what_to_lower(monkeypatch, capsys, tmp_path, error, reason):
+    from labelkit_ext.methods import registry
+
+    def run(config, out_dir, resume=False):
+        raise error
+
+    method = registry.get_method("supervised")
+    monkeypatch.setitem(registry._METHODS, "supervised", replace(method, run=run))
+    err = _one_line_error(["run", "supervised", "--out", str(tmp_path)], capsys)
+    assert err.strip() == (
+        f"labelkit: error: out of memory ({reason}): lower --batch-size / --eval-batch-size "
+        "or --image-size"
+    )
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, tmp_path):
+    from labelkit_ext.methods import registry
+
+    def run(config, out_dir, resume=False):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    method = registry.get_method("supervised")
+    monkeypatch.setitem(registry._METHODS, "supervised", replace(method, run=run))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["run", "supervised", "--out", str(tmp_path)])
+
+
+def test_an_image_size_beyond_this_machines_memory_is_refused_before_resizing(tmp_path, capsys):
+    """digits at 16384 px: 1,293 training images of 256 MiB each (323 GiB), beyond any test
+    machine."""
+    from labelkit_ext.data.core import physical_memory
+
+    assert 1293 * 16384**2 > physical_memory()
+    argv = ["run", "supervised", "--image-size", "16384", "--quiet", "--out", str(tmp_path)]
+    err = _one_line_error(argv, capsys)
+    assert "images of 1x16384x16384 take " in err and "choose a smaller --image-size" in err

@@ -114,7 +114,9 @@ def test_theta_deviation_and_penalty_by_hand():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"rotation": -1}, "rotation bound"), ({"rotation": 181}, "<= 180"),
-     ({"scale": 1.0}, "scale bound must be < 1"), ({"translation": float("nan")}, "translation bound")],
+     ({"scale": 1.0}, "scale bound must be < 1"), ({"translation": float("nan")}, "translation bound"),
+     ({"shear": 1.01}, r"shear bound must be <= 1.0 \(45 degrees\)"),
+     ({"translation": 2.5}, "translation bound must be <= 2.0")],
 )  # fmt: skip
 def test_bounds_reject_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -457,6 +459,8 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
      (["--finetune-epochs", "0"], "finetune_epochs must be >= 1"),
      (["--mix", "0"], r"mix must be in \(0, 1\]"),
      (["--max-scale", "1.5"], "max_scale must be < 1"),  # the option, not AffineBounds.scale
+     (["--max-shear", "3"], "max_shear must be <= 1.0"),
+     (["--max-translation", "4"], r"max_translation must be <= 2.0 \(the full width\)"),
      (["--aug-epochs", "0"], "aug_epochs must be >= 1"),  # not the nested "epochs"
      (["--aug-lr", "0"], "aug_lr must be > 0")],
 )  # fmt: skip

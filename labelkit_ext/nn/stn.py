@@ -20,6 +20,8 @@ from labelkit_ext.errors import UsageError
 from labelkit_ext.nn.affine import AffineWarp, identity_theta
 
 __all__ = [
+    "MAX_SHEAR",
+    "MAX_TRANSLATION",
     "PARAMETERISATIONS",
     "AffineBounds",
     "AugmentOutput",
@@ -34,6 +36,12 @@ __all__ = [
 
 PARAMETERISATIONS = ("free", "bounded")
 NUM_PARAMS = 6  # rotation, scale x, scale y, shear, translation x, translation y
+
+
+# The largest shear (x + h*y: h = 1 is 45 degrees) and translation (normalised units) a bound may
+# allow: past them the warps are mostly stretched or empty images, not augmentations.
+MAX_SHEAR = 1.0
+MAX_TRANSLATION = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,13 @@ class AffineBounds:
             raise UsageError(f"rotation bound must be <= 180 degrees, got {self.rotation}")
         if self.scale >= 1:
             raise UsageError(f"scale bound must be < 1 (scale factors stay > 0), got {self.scale}")
+        if self.shear > MAX_SHEAR:
+            raise UsageError(f"shear bound must be <= {MAX_SHEAR} (45 degrees), got {self.shear}")
+        if self.translation > MAX_TRANSLATION:
+            raise UsageError(
+                f"translation bound must be <= {MAX_TRANSLATION} (the full width: beyond it "
+                f"every warp at the bound samples outside the image), got {self.translation}"
+            )
 
     def limits(self) -> torch.Tensor:
         """(6,) half-widths of (rotation [rad], scale x, scale y, shear, tx, ty)."""

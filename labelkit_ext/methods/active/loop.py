@@ -157,13 +157,14 @@ class ActiveLoop:
 
     def _open(self, resume: bool) -> ActiveState:
         """The run's state, resumed or started (and saved); under torchrun rank 0 reads or
-        starts it and every rank gets that state."""
-        fresh, state = on_main(lambda: self._open_on_main(resume))
+        starts it and every rank gets that state and the strategy's kept state."""
+        fresh, state, kept = on_main(lambda: self._open_on_main(resume))
+        self.strategy.load_state_dict(kept)
         if fresh:
             self._step("initial", state)
         return state
 
-    def _open_on_main(self, resume: bool) -> tuple[bool, ActiveState]:
+    def _open_on_main(self, resume: bool) -> tuple[bool, ActiveState, dict]:
         if self.state_path.exists():
             if not resume:
                 raise StateError(
@@ -173,10 +174,10 @@ class ActiveLoop:
             state = load_state(
                 self.state_path, self.fingerprint, self.learner.pool_size, self.learner.num_classes
             )
+            kept = {}
             if self.strategy_state_path.exists():
-                saved = load_checkpoint(self.strategy_state_path)
-                self.strategy.load_state_dict(saved["strategy"])
-            return False, state
+                kept = load_checkpoint(self.strategy_state_path)["strategy"]
+            return False, state, kept
         # Files left by a run whose state was removed must not leak into this one.
         self.strategy_state_path.unlink(missing_ok=True)
         self.learner.reset()
@@ -185,7 +186,7 @@ class ActiveLoop:
         )
         state = ActiveState(fingerprint=self.fingerprint, pending=pending)
         save_state(self.state_path, state)
-        return True, state
+        return True, state, {}
 
     def _ask(self, state: ActiveState) -> None:
         """Ask the oracle for the pending query; save what it answered; finish the round when
@@ -221,15 +222,17 @@ class ActiveLoop:
             self.learner.fit(state.labeled, state.labels, state.round)
 
     def _query(self, state: ActiveState) -> None:
-        # Training and scoring run on every rank (data-parallel under torchrun); the selection
-        # on rank 0 alone, so every rank asks for exactly the same samples.
+        # Training, scoring and selection run on every rank (under torchrun the pairwise
+        # strategies split the pool over the ranks); rank 0's query is the one every rank
+        # takes, so all ask for exactly the same samples.
         self._ensure_trained(state)
         tic = time.perf_counter()
         scores = self.learner.score(self.strategy.needs, self.config.mc_samples)
         _sync(scores)
         scored = time.perf_counter()
         self._step("scored", state)
-        chosen, selection_seconds = on_main(lambda: self._select(state, scores))
+        selection = self._select(state, scores)
+        chosen, selection_seconds = on_main(lambda: self._keep_strategy_state(selection))
         state.records[-1].update(
             {"scoring_seconds": scored - tic, "selection_seconds": selection_seconds}
         )
@@ -251,11 +254,15 @@ class ActiveLoop:
             seed=self.config.seed,
         )
         chosen = select(self.strategy, ctx)
-        seconds = time.perf_counter() - tic
+        return chosen.tolist(), time.perf_counter() - tic
+
+    def _keep_strategy_state(self, selection: tuple[list[int], float]) -> tuple[list[int], float]:
+        """Saves what the strategy keeps across rounds (once; rank 0) and passes ``selection``
+        through."""
         kept = self.strategy.state_dict()
         if kept and not self.strategy_state_path.exists():
             save_checkpoint(self.strategy_state_path, {"strategy": kept})
-        return chosen.tolist(), seconds
+        return selection
 
     def done(self, state: ActiveState) -> bool:
         return state.round >= self.config.rounds or len(state.labeled) >= self.learner.pool_size

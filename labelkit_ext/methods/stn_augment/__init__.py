@@ -62,7 +62,7 @@ from labelkit_ext.methods.stn_augment.variants import (
     check_variants,
 )
 from labelkit_ext.models import available_models
-from labelkit_ext.nn.stn import AffineBounds
+from labelkit_ext.nn.stn import MAX_SHEAR, MAX_TRANSLATION, AffineBounds
 
 __all__ = [
     "COLLAPSE_DEVIATION",
@@ -154,6 +154,13 @@ class StnAugmentRunConfig:
         if self.max_scale >= 1:
             raise UsageError(
                 f"max_scale must be < 1 (scale factors stay > 0), got {self.max_scale}"
+            )
+        if self.max_shear > MAX_SHEAR:
+            raise UsageError(f"max_shear must be <= {MAX_SHEAR} (45 degrees), got {self.max_shear}")
+        if self.max_translation > MAX_TRANSLATION:
+            raise UsageError(
+                f"max_translation must be <= {MAX_TRANSLATION} (the full width), "
+                f"got {self.max_translation}"
             )
         if not 0 < self.mix <= 1:
             raise UsageError(f"mix must be in (0, 1], got {self.mix}")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.distributed import sharded_badge_select
 from labelkit_ext.engine import derive_seed
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
     Strategy,
     register_strategy,
 )
-from labelkit_ext.ops.scoring import badge_select
 
 __all__ = ["BadgeStrategy"]
 
@@ -27,9 +27,10 @@ class BadgeStrategy(Strategy):
         logits = ctx.require("logits", self.name)
         embeddings = ctx.require("embeddings", self.name)
         unlabeled = ctx.unlabeled()
-        probs = logits[unlabeled].float().softmax(dim=1)
+        mine = unlabeled[ctx.shard(unlabeled.numel())]
+        probs = logits[mine].float().softmax(dim=1)
         budget = min(ctx.budget, unlabeled.numel())
-        picks = badge_select(
-            probs, embeddings[unlabeled].float(), budget, derive_seed(ctx.seed, ctx.round)
+        picks = sharded_badge_select(
+            probs, embeddings[mine].float(), budget, derive_seed(ctx.seed, ctx.round)
         )
         return unlabeled[picks.to(unlabeled.device)]

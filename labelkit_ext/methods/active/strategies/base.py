@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from labelkit_ext.distributed import shard_bounds
 from labelkit_ext.errors import UsageError
 
 __all__ = [
@@ -89,6 +90,14 @@ class SelectionContext:
         """Unlabeled pool indices, ascending, on the scores' device."""
         return self.unlabeled_mask().nonzero().squeeze(1)
 
+    def shard(self, rows: int) -> slice:
+        """This rank's contiguous share of ``rows`` rows (all of them in one process). The
+        pairwise strategies hand it to the sharded ops of :mod:`labelkit_ext.distributed`, which
+        give the whole pool's answer on every rank: under torchrun every rank runs ``select``,
+        each doing 1/world of the pairwise work."""
+        start, end = shard_bounds(rows)
+        return slice(start, end)
+
     def generator(self) -> torch.Generator:
         """A CPU generator seeded by (seed, round): the same random choices on resume."""
         from labelkit_ext.engine import derive_seed
@@ -106,7 +115,9 @@ class Strategy(ABC):
     """A query strategy: ``select(ctx)`` returns ``ctx.budget`` unlabeled pool indices, the
     first the most wanted. ``needs`` names the ``PoolScores`` fields it reads. Strategies that
     keep something across rounds (Cluster-Margin's clusters) return it from ``state_dict`` so a
-    resumed run selects exactly what an uninterrupted one would."""
+    resumed run selects exactly what an uninterrupted one would. Under torchrun ``select`` runs
+    on every rank with the same scores (the pairwise strategies split their work through
+    ``ctx.shard``), so a caller must not call it on one rank alone."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("logits",)

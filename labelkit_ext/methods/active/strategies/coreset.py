@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from labelkit_ext.distributed import sharded_kcenter_greedy
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
     Strategy,
     register_strategy,
 )
-from labelkit_ext.ops.scoring import kcenter_greedy
 
 __all__ = ["CoreSetStrategy"]
 
@@ -35,4 +35,5 @@ class CoreSetStrategy(Strategy):
         embeddings = ctx.require("embeddings", self.name)
         budget = min(ctx.budget, ctx.pool_size - len(ctx.labeled))
         labeled = ctx.labeled.to(embeddings.device)
-        return kcenter_greedy(embeddings, budget, labeled, metric=self.metric)
+        mine = embeddings[ctx.shard(ctx.pool_size)]
+        return sharded_kcenter_greedy(mine, budget, labeled, metric=self.metric)

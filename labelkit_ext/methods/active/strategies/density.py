@@ -3,13 +3,15 @@
 Representativeness is the mean cosine similarity of a sample to the pool, mapped from [-1, 1]
 to [0, 1], streamed by ``cosine_reduce(..., 'mean')`` without an N x N matrix. Above
 ``max_references`` pool samples the mean is taken over a seeded random subset of that size,
-which keeps a million-sample pool at N x max_references similarity work.
+which keeps a million-sample pool at N x max_references similarity work; under torchrun the
+references are split over the ranks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from labelkit_ext.distributed import sharded_cosine_reduce
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
@@ -17,7 +19,7 @@ from labelkit_ext.methods.active.strategies.base import (
     register_strategy,
     top_unlabeled,
 )
-from labelkit_ext.ops.scoring import cosine_reduce, uncertainty
+from labelkit_ext.ops.scoring import uncertainty
 
 __all__ = ["DensityStrategy", "representativeness"]
 
@@ -31,7 +33,8 @@ def representativeness(ctx: SelectionContext, strategy: str, max_references: int
     if embeddings.shape[0] > max_references:
         pick = torch.randperm(embeddings.shape[0], generator=ctx.generator())[:max_references]
         references = embeddings[pick.to(embeddings.device)]
-    mean = cosine_reduce(embeddings[ctx.unlabeled()], references, "mean")
+    mine = references[ctx.shard(len(references))]
+    mean = sharded_cosine_reduce(embeddings[ctx.unlabeled()], mine, "mean")
     return (1.0 + mean) / 2.0
 
 

@@ -1,17 +1,18 @@
 """``similarity``: query what the labeled set represents least (lowest cosine similarity to
-its nearest labeled sample), one streamed ``cosine_reduce`` over labeled keys."""
+its nearest labeled sample), one streamed ``cosine_reduce`` over labeled keys (split over the
+ranks under torchrun)."""
 
 from __future__ import annotations
 
 import torch
 
+from labelkit_ext.distributed import sharded_cosine_reduce
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
     Strategy,
     register_strategy,
     top_unlabeled,
 )
-from labelkit_ext.ops.scoring import cosine_reduce
 
 __all__ = ["SimilarityStrategy", "labeled_similarity"]
 
@@ -22,7 +23,7 @@ def labeled_similarity(ctx: SelectionContext, strategy: str) -> torch.Tensor:
     if len(ctx.labeled) == 0:
         raise ValueError(f"strategy {strategy!r} needs at least one labeled sample")
     keys = embeddings[ctx.labeled.to(embeddings.device)]
-    return cosine_reduce(embeddings[ctx.unlabeled()], keys, "max")
+    return sharded_cosine_reduce(embeddings[ctx.unlabeled()], keys[ctx.shard(len(keys))], "max")
 
 
 @register_strategy
