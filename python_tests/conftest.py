@@ -48,6 +48,26 @@ def device(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def forced_loss_scaling(monkeypatch):
+    """``patch(*modules)`` makes their ``grad_scaler`` hand out enabled CPU scalers, as float16
+    GPUs get (scale 2**8, doubled after every step); returns the list of scalers handed out.
+    Power-of-two scaling is exact, so a loop that scales, unscales and steps correctly trains
+    the float32 run's weights bit for bit, and its scale grows."""
+    made: list[torch.amp.GradScaler] = []
+
+    def scaler(device, amp):
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1))
+        return made[-1]
+
+    def patch(*modules):
+        for module in modules:
+            monkeypatch.setattr(module, "grad_scaler", scaler)
+        return made
+
+    return patch
+
+
 def pytest_report_header(config):
     return [labelkit_ext.info()]
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,10 +17,12 @@ from labelkit_ext.data import load_dataset
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
     TrainConfig,
+    amp_dtype,
     build_scheduler,
     classification_metrics,
     fit,
     format_table,
+    grad_scaler,
     load_checkpoint,
     on_main,
     predict,
@@ -299,6 +303,46 @@ def test_resume_refuses_other_settings_and_starts_fresh_without_checkpoint(tmp_p
             out_dir=tmp_path,
             resume=True,
         )
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), torch.float16), ((7, 0), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])  # fmt: skip
+def test_amp_dtype_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch, capability, dtype):
+    """T4 (7.5) and V100 (7.0) only emulate bfloat16 (torch.cuda.is_bf16_supported() still
+    says yes): float16 there, with loss scaling; asked of the device given, not the current."""
+    asked = []
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability
+    )
+    device = torch.device("cuda:1")
+    assert amp_dtype(device) == dtype and asked == [device]
+    assert not grad_scaler(torch.device("cpu"), True).is_enabled()  # CPU runs stay float32
+
+
+def test_loss_scaling_trains_the_float32_weights_and_is_checkpointed(
+    tmp_path, digits8, forced_loss_scaling
+):
+    """fit's float16 path (GradScaler) on CPU: scale, unscale and step are wired right."""
+    import labelkit_ext.engine.loops as loops
+
+    config = TrainConfig(epochs=2, **TINY)
+    plain = fit(_model(), digits8.train, None, "multiclass", config)
+    scalers = forced_loss_scaling(loops)
+    scaled = fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path)
+    _assert_same_state(scaled.model.state_dict(), plain.model.state_dict())
+    steps = 2 * math.ceil(len(digits8.train) / 64)
+    assert scalers[0].get_scale() == 2.0 ** (8 + steps)
+    saved = load_checkpoint(tmp_path / LAST_CHECKPOINT)["scaler"]
+    assert saved["scale"] == 2.0 ** (8 + steps)
+
+
+def test_resume_refuses_another_worker_count(tmp_path, digits8):
+    """Workers draw the augmentation from their own streams: 1 worker is another run than 0."""
+    config = TrainConfig(epochs=1, **TINY)
+    fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"num_workers=0 -> 1"):
+        fit(_model(), digits8.train, None, "multiclass", replace(config, num_workers=1),
+            out_dir=tmp_path, resume=True)  # fmt: skip
 
 
 def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp_path, digits8):

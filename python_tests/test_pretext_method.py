@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from labelkit_ext import hamming_permutations
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import TrainConfig, fit, load_checkpoint, seed_everything
+from labelkit_ext.engine import LAST_CHECKPOINT, TrainConfig, fit, load_checkpoint, seed_everything
 from labelkit_ext.methods.pretext import (
     PretextSettings,
     build_backbone,
@@ -411,6 +411,30 @@ def test_train_pretext_records_accuracy_and_resumes_like_an_uninterrupted_run(
     assert resumed.history[1]["val_accuracy"] == full.history[1]["val_accuracy"]
     with pytest.raises(ValueError, match="cannot resume .* task"):
         train(tmp_path / "cut", resume=True, task="rotation")
+
+
+def test_pretext_loss_scaling_trains_the_float32_weights(
+    tiny_splits, tmp_path, forced_loss_scaling
+):
+    """train_pretext's float16 path (GradScaler) on CPU, checkpointed with its scale."""
+    import labelkit_ext.methods.pretext.training as training
+
+    config = TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
+
+    def train(out=None):
+        seed_everything(0)
+        backbone = build_backbone("small-cnn", 1, 28)
+        return train_pretext("rotation", backbone, tiny_splits.train_eval, None, config,
+                             out_dir=out)  # fmt: skip
+
+    plain = train()
+    scalers = forced_loss_scaling(training)
+    scaled = train(tmp_path)
+    for key, value in plain.net.state_dict().items():
+        assert torch.equal(scaled.net.state_dict()[key], value), key
+    assert scalers[0].get_scale() > 2.0**8
+    saved = load_checkpoint(tmp_path / LAST_CHECKPOINT)["scaler"]
+    assert saved["scale"] == scalers[0].get_scale()
 
 
 @pytest.mark.parametrize("task", ["rotation", "context", "contrastive"])

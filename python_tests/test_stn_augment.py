@@ -225,6 +225,23 @@ def _train_adversarially(classifier, augmenter, discriminator, data, epochs, bat
     )  # fmt: skip
 
 
+def test_stage2_loss_scaling_trains_the_float32_weights(digits8, forced_loss_scaling):
+    """Stage 2's float16 path on CPU: one GradScaler for the discriminator and augmenter."""
+    import labelkit_ext.methods.stn_augment.training as training
+
+    def stage2():
+        augmenter, discriminator = _adversaries()
+        _train_adversarially(_classifier(), augmenter, discriminator, digits8, 1, 128)
+        return augmenter.state_dict(), discriminator.state_dict()
+
+    plain = stage2()
+    scalers = forced_loss_scaling(training)
+    scaled = stage2()
+    for want, got in zip(plain, scaled, strict=True):
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert len(scalers) == 1 and scalers[0].get_scale() > 2.0**8
+
+
 def test_stage2_freezes_the_classifier_and_trains_augmenter_and_discriminator(digits8):
     classifier = _classifier()
     classifier.train()  # stage 2 must put it in eval mode (BN statistics frozen) ...
@@ -342,6 +359,10 @@ def test_mixed_augmentation_replaces_a_share_only_in_training():
     none = MixedAugmentation(Recorder(), None, mix=0.5).train()
     none(x)
     assert torch.equal(none.classifier.seen, x) and none.augmented_images == 0
+    # The counts travel with the state dict (a resumed fine-tuning goes on from them).
+    restored = MixedAugmentation(Recorder(), Negate(), mix=0.3)
+    restored.load_state_dict(net.state_dict())
+    assert restored.train_steps == 1 and restored.augmented_images == int(negated.sum())
     with pytest.raises(ValueError, match=r"mix must be in \[0, 1\]"):
         MixedAugmentation(Recorder(), None, mix=1.5)
 

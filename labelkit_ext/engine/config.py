@@ -62,7 +62,9 @@ class TrainConfig:
         0, "training seed (initial weights, batch order, augmentation), in [0, 2**32)"
     )
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    num_workers: int = option(0, "DataLoader worker processes")
+    num_workers: int = option(
+        0, "DataLoader worker processes (with the seed, they fix the augmentation)"
+    )
     eval_batch_size: int = option(256, "batch size for evaluation")
     quiet: bool = option(False, "no progress bars or per-epoch lines")
 

@@ -40,7 +40,9 @@ __all__ = [
     "EpochEnd",
     "FitResult",
     "Predictions",
+    "amp_dtype",
     "autocast_for",
+    "grad_scaler",
     "evaluate",
     "fit",
     "loss_for_task",
@@ -90,16 +92,27 @@ def loss_for_task(task: str) -> nn.Module:
     raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}")
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype on CUDA ``device``: bfloat16 where the GPU computes it natively
+    (compute capability 8.0+: Ampere, Hopper, ...), else float16 with loss scaling. Not
+    ``torch.cuda.is_bf16_supported()``: it also says yes where bfloat16 is only emulated (T4,
+    V100: several times slower than float16), and it asks the current device, not ``device``."""
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
 def autocast_for(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on GPUs that support it, else float16; nothing on CPU (float32)."""
+    """Autocast in ``amp_dtype(device)`` on a GPU; nothing on CPU (float32)."""
     if not enabled or device.type != "cuda":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type="cuda", dtype=amp_dtype(device))
 
 
-def _needs_scaler(device: torch.device, amp: bool) -> bool:
-    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+def grad_scaler(device: torch.device, amp: bool) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast; elsewhere a disabled scaler, whose ``scale``, ``step``
+    and ``update`` are plain ``backward`` / ``optimizer.step()`` (one training step serves
+    both)."""
+    enabled = amp and device.type == "cuda" and amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def _show_progress(quiet: bool, info: DistInfo) -> bool:
@@ -276,6 +289,8 @@ _TRAJECTORY_FIELDS = (
     "step_size",
     "gamma",
     "seed",
+    # Each worker draws the augmentation from its own seeded stream: another count, another run.
+    "num_workers",
 )
 
 
@@ -379,7 +394,7 @@ def fit(
     model = model.to(device)
     optimizer = build_optimizer(model.parameters(), config)
     scheduler = build_scheduler(optimizer, config)
-    scaler = torch.amp.GradScaler("cuda") if _needs_scaler(device, config.amp) else None
+    scaler = grad_scaler(device, config.amp)
     loss_fn = loss_fn or loss_for_task(task)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     result = FitResult(model=model, device=device)
@@ -390,7 +405,7 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
+        if state.get("scaler"):  # a disabled scaler ignores it (resumed on a bfloat16 GPU)
             scaler.load_state_dict(state["scaler"])
         result.history, result.resumed_from = list(state["history"]), int(state["epoch"])
         _log(f"resumed from {checkpoint} after epoch {result.resumed_from}", config, info)
@@ -451,7 +466,7 @@ def fit(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {},
+                    "scaler": scaler.state_dict(),  # {} when disabled
                     "history": result.history,
                     "config": config.to_dict(),
                     "run": run,

@@ -28,6 +28,7 @@ from labelkit_ext.engine import (
     current_dist,
     data_parallel,
     derive_seed,
+    grad_scaler,
     load_checkpoint,
     save_checkpoint,
     seed_everything,
@@ -128,6 +129,7 @@ def _train_epoch(
     net: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     settings: PretextSettings,
     config: TrainConfig,
     generator: torch.Generator,
@@ -147,8 +149,9 @@ def _train_epoch(
             out = pretext_step(task, net, images.to(device), settings, generator, permutations,
                                across_ranks=True)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         total += out.loss.item() * len(images)
         correct, count, seen = correct + out.correct, count + out.count, seen + len(images)
         bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / max(count, 1):.3f}")
@@ -205,6 +208,7 @@ def train_pretext(
     net = build_pretext_net(task, backbone, settings).to(device)
     optimizer = build_optimizer(net.parameters(), config)
     scheduler = build_scheduler(optimizer, config)
+    scaler = grad_scaler(device, config.amp)
     permutations = jigsaw_permutations(settings, device) if task == "jigsaw" else None
     fitted = PretextFit(task, net)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
@@ -213,6 +217,8 @@ def train_pretext(
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # a disabled scaler ignores it
+            scaler.load_state_dict(state["scaler"])
         fitted.history, fitted.resumed_from = list(state["history"]), int(state["epoch"])
     model = data_parallel(net, device, info)
     loader = _loader(train_set, config, True, device, info)
@@ -224,7 +230,7 @@ def train_pretext(
         generator = torch.Generator().manual_seed(_stream(info, config.seed, epoch, 1))
         lr = optimizer.param_groups[0]["lr"]
         train = _train_epoch(
-            task, model, loader, optimizer, settings, config, generator, permutations,
+            task, model, loader, optimizer, scaler, settings, config, generator, permutations,
             f"{task} {epoch + 1}/{config.epochs}", info,
         )  # fmt: skip
         scheduler.step()
@@ -260,6 +266,7 @@ def train_pretext(
                     "config": config.to_dict(),
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),  # {} when disabled
                     "scheduler": scheduler.state_dict(),
                     "history": fitted.history,
                 },

@@ -217,8 +217,8 @@ def _run_variant(
     )
     record["stage3"] = {
         "history": fitted.history,
-        "train_steps": net.train_steps,
-        "augmented_images": net.augmented_images,
+        "train_steps": int(net.train_steps),
+        "augmented_images": int(net.augmented_images),
         "resumed_from_epoch": fitted.resumed_from,
         "seconds": fitted.train_seconds,
     }

@@ -26,6 +26,7 @@ from labelkit_ext.engine import (
     current_dist,
     data_parallel,
     derive_seed,
+    grad_scaler,
     seed_everything,
     select_device,
     shuffled_loader,
@@ -156,7 +157,9 @@ def _discriminator_step(
     real: torch.Tensor,
     fake: torch.Tensor,
     amp: bool,
+    scaler: torch.amp.GradScaler,
 ) -> dict[str, float]:
+    """One discriminator step; the caller runs ``scaler.update()`` once both steps are done."""
     with autocast_for(real.device, amp):
         real_logits = discriminator(real).float()
         fake_logits = discriminator(fake.detach()).float()
@@ -164,8 +167,8 @@ def _discriminator_step(
         real_logits, torch.ones_like(real_logits)
     ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
     hits = (real_logits > 0).sum() + (fake_logits <= 0).sum()
     return {"d_loss": loss.item(), "d_accuracy": hits.item() / (2 * len(real))}
 
@@ -196,6 +199,7 @@ def train_augmenter(
     seed_everything(config.seed)
     opt_g = torch.optim.Adam(augmenter.parameters(), lr=config.lr, betas=(0.5, 0.999))
     opt_d = None
+    scaler = grad_scaler(device, config.amp)  # float16 GPUs: one scaler for both optimisers
     if discriminator is not None:
         discriminator.to(device).train()
         opt_d = torch.optim.Adam(discriminator.parameters(), lr=config.disc_lr, betas=(0.5, 0.999))
@@ -223,7 +227,9 @@ def train_augmenter(
                 out = generator(x)
                 record = {"step": len(fitted.steps) + 1, "epoch": epoch}
                 if critic is not None:
-                    record.update(_discriminator_step(critic, opt_d, x, out.image, config.amp))
+                    record.update(
+                        _discriminator_step(critic, opt_d, x, out.image, config.amp, scaler)
+                    )
                 with autocast_for(device, config.amp):
                     logits = classifier(out.image).float()
                 me = max_entropy_loss(logits)
@@ -238,8 +244,9 @@ def train_augmenter(
                     loss = loss + config.penalty_weight * reg
                     record["penalty"] = reg.item()
                 opt_g.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_g.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt_g)
+                scaler.update()
                 with torch.no_grad():
                     record.update(
                         g_loss=loss.item(),

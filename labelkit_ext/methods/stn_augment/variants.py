@@ -119,7 +119,8 @@ class MixedAugmentation(nn.Module):
     with no augmenter, it is the classifier.
 
     The augmenter is frozen (no gradient, always in eval mode) and runs in float32 outside
-    autocast. ``train_steps`` and ``augmented_images`` count what training saw.
+    autocast. ``train_steps`` and ``augmented_images`` count what training saw; they are
+    buffers, so a resumed fine-tuning (its checkpoint) goes on counting from the saved counts.
     """
 
     def __init__(self, classifier: nn.Module, augmenter: nn.Module | None, mix: float) -> None:
@@ -131,8 +132,8 @@ class MixedAugmentation(nn.Module):
         self.mix = mix
         if augmenter is not None:
             augmenter.requires_grad_(False)
-        self.train_steps = 0
-        self.augmented_images = 0
+        self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("augmented_images", torch.zeros((), dtype=torch.int64))
 
     @property
     def num_classes(self) -> int:
@@ -149,7 +150,7 @@ class MixedAugmentation(nn.Module):
         pick = torch.rand(len(x), device=x.device) < self.mix
         if self.augmenter is None or not bool(pick.any()):
             return x
-        self.augmented_images += int(pick.sum())
+        self.augmented_images += pick.sum()
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             warped = self.augmenter(x[pick].float()).image.to(x.dtype)
         x = x.clone()
