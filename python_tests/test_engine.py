@@ -336,6 +336,29 @@ def test_loss_scaling_trains_the_float32_weights_and_is_checkpointed(
     assert saved["scale"] == 2.0 ** (8 + steps)
 
 
+def test_checkpoint_seconds_writes_fewer_checkpoints_and_always_the_last(
+    tmp_path, digits8, monkeypatch
+):
+    import labelkit_ext.engine.loops as loops
+
+    written = []
+    save = loops.save_checkpoint
+    monkeypatch.setattr(
+        loops, "save_checkpoint", lambda f, s: written.append(s["epoch"]) or save(f, s)
+    )
+    config = TrainConfig(epochs=3, **TINY)
+    fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path / "every")
+    assert written == [1, 2, 3]
+    written.clear()
+    fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path / "last",
+        checkpoint_seconds=3600)  # fmt: skip
+    assert written == [3]
+    assert load_checkpoint(tmp_path / "last" / LAST_CHECKPOINT)["epoch"] == 3
+    for bad in (-1, float("nan"), float("inf"), "10"):
+        with pytest.raises(ValueError, match="checkpoint_seconds must be a finite number >= 0"):
+            fit(_model(), digits8.train, None, "multiclass", config, checkpoint_seconds=bad)
+
+
 def test_resume_refuses_another_worker_count(tmp_path, digits8):
     """Workers draw the augmentation from their own streams: 1 worker is another run than 0."""
     config = TrainConfig(epochs=1, **TINY)

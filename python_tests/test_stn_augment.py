@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ddp_helpers import spawn
 
 import labelkit_ext.nn.affine as affine_module
+from labelkit_ext import softmax_entropy
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
 from labelkit_ext.engine import TrainConfig, seed_everything
@@ -24,6 +25,7 @@ from labelkit_ext.methods.stn_augment import (
     MixedAugmentation,
     check_variants,
     fit_stn_augment,
+    probe_entropy,
     summary_rows,
     summary_table,
     train_augmenter,
@@ -313,6 +315,13 @@ def test_stage2_raises_the_classifier_entropy_within_bounds(digits8):
     assert stats["theta_deviation"]["q50"] == pytest.approx(
         float(np.median(theta_deviation(augmenter(probe[:10]).theta.detach()).numpy())), rel=1e-5
     )
+    # Stage 2 passes the originals' entropies, computed once: the same statistics.
+    original = probe_entropy(classifier, probe[:10])
+    with torch.no_grad():
+        by_hand = softmax_entropy(classifier.eval()(probe[:10]), base=2)
+    torch.testing.assert_close(original, by_hand)
+    assert warp_statistics(classifier, augmenter, probe[:10], original_entropy=original) == stats
+    assert fitted.epochs[0]["original_entropy"] == last["original_entropy"]  # frozen classifier
 
 
 def test_augment_config_rejects_bad_values():

@@ -119,11 +119,11 @@ def _show_progress(quiet: bool, info: DistInfo) -> bool:
     return not quiet and info.is_main and sys.stderr.isatty()
 
 
-def _correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
-    """(correct decisions, decisions): argmax hits, or per-label hits at logit 0."""
+def _hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Correct decisions, on the device: argmax hits, or per-label hits at logit 0."""
     if targets.ndim == 1:
-        return float((logits.argmax(1) == targets).sum()), targets.numel()
-    return float(((logits > 0).float() == targets).sum()), targets.numel()
+        return (logits.argmax(1) == targets).sum()
+    return ((logits > 0).float() == targets).sum()
 
 
 def train_one_epoch(
@@ -142,7 +142,11 @@ def train_one_epoch(
     """One pass over ``loader``; returns the sample-weighted mean loss and accuracy (over all
     ranks' samples under DDP)."""
     model.train()
-    total_loss, correct, decisions, seen = 0.0, 0.0, 0, 0
+    # Sums stay on the device (float64: the same arithmetic as Python floats), read once at
+    # the end: no host sync per step, so a GPU runs ahead of the Python loop.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    hit_sum = torch.zeros((), dtype=torch.float64, device=device)
+    decisions, seen = 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
@@ -159,12 +163,13 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         n = len(targets)
-        total_loss += loss.item() * n
-        hits, count = _correct(logits.detach(), targets)
-        correct, decisions, seen = correct + hits, decisions + count, seen + n
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        loss_sum += loss.detach().double() * n
+        hit_sum += _hits(logits.detach(), targets)
+        decisions, seen = decisions + targets.numel(), seen + n
+        if progress:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
     total_loss, correct, decisions, seen = sum_across_ranks(
-        [total_loss, correct, decisions, seen], dist_info or current_dist(), device
+        [loss_sum.item(), hit_sum.item(), decisions, seen], dist_info or current_dist(), device
     )
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(decisions, 1)}
 
@@ -380,15 +385,22 @@ def fit(
     class_names: Sequence[str] | None = None,
     callbacks: Sequence[Callable[[EpochEnd], None]] = (),
     loss_fn: nn.Module | None = None,
+    checkpoint_seconds: float = 0.0,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs, validating after each.
 
     With ``out_dir``, rank 0 writes ``out_dir/checkpoint_last.pt`` (model, optimiser,
-    scheduler, scaler, history) after every epoch; ``resume`` continues from it (a fresh start
-    when there is none). Under torchrun (see ``init_distributed``) the model is wrapped in
+    scheduler, scaler, history) after every epoch — or, with ``checkpoint_seconds > 0``, after
+    the epochs that end at least that long after the last write, and after the last epoch
+    (for many short epochs, where writing would cost more than training); ``resume`` continues
+    from it (a fresh start when there is none). Under torchrun (see ``init_distributed``) the model is wrapped in
     DDP and each rank trains on its ``DistributedSampler`` share. Seed the model's
     initialisation yourself (``seed_everything``) before building it.
     """
+    if not (isinstance(checkpoint_seconds, (int, float)) and 0 <= checkpoint_seconds < math.inf):
+        raise ValueError(
+            f"checkpoint_seconds must be a finite number >= 0, got {checkpoint_seconds!r}"
+        )
     info = current_dist()
     device = select_device(config.device, info.local_rank)
     model = model.to(device)
@@ -414,7 +426,7 @@ def fit(
     net = data_parallel(model, device, info)
     loader = _train_loader(train_set, config, info, device)
     progress = _show_progress(config.quiet, info)
-    start = time.perf_counter()
+    start = saved_at = time.perf_counter()
     for epoch in range(result.resumed_from, config.epochs):
         tic = time.perf_counter()
         _start_epoch(loader, config, epoch, info)
@@ -458,7 +470,9 @@ def fit(
         record["seconds"] = time.perf_counter() - tic
         result.history.append(record)
         _log(_summary(record), config, info)
-        if checkpoint is not None and info.is_main:
+        due = time.perf_counter() - saved_at >= checkpoint_seconds or epoch + 1 == config.epochs
+        if checkpoint is not None and info.is_main and due:
+            saved_at = time.perf_counter()
             save_checkpoint(
                 checkpoint,
                 {

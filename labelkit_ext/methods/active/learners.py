@@ -50,6 +50,10 @@ __all__ = [
 
 # Models whose builder takes a ``dropout`` rate before the final layer (needed for MC dropout).
 DROPOUT_MODELS = ("small-cnn", "wrn-28-10")
+# A round's fit is many epochs of a few batches: a checkpoint after each took up to 44 % of a
+# small-cnn round on CPU. It is written at most every 30 s and after the last epoch (which
+# makes a resumed round instant); a kill mid-round retrains at most 30 s of it, identically.
+ROUND_CHECKPOINT_SECONDS = 30.0
 
 
 class Learner(ABC):
@@ -192,6 +196,7 @@ class NetLearner(Learner):
             config,
             out_dir=out,
             resume=out is not None,
+            checkpoint_seconds=ROUND_CHECKPOINT_SECONDS,
         )
         self.model = result.model
         return {"train_seconds": result.train_seconds, "epochs_resumed": result.resumed_from}

@@ -48,6 +48,7 @@ from labelkit_ext.methods.stn_augment.training import (
     AugmentConfig,
     AugmenterFit,
     frozen,
+    probe_entropy,
     probe_images,
     train_augmenter,
     warp_statistics,
@@ -84,6 +85,7 @@ __all__ = [
     "summary_rows",
     "summary_table",
     "train_augmenter",
+    "probe_entropy",
     "warp_statistics",
 ]
 

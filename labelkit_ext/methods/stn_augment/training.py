@@ -39,6 +39,7 @@ __all__ = [
     "AugmentConfig",
     "AugmenterFit",
     "frozen",
+    "probe_entropy",
     "probe_images",
     "train_augmenter",
     "warp_statistics",
@@ -126,24 +127,44 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def warp_statistics(
-    classifier: nn.Module, augmenter: nn.Module, images: torch.Tensor, batch_size: int = 256
+    classifier: nn.Module,
+    augmenter: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 256,
+    original_entropy: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """Distribution over ``images`` of ``||theta - I||``, and of the classifier's entropy
-    (bits) on the warped and on the original images: mean and quantiles."""
+    (bits) on the warped and on the original images: mean and quantiles. ``original_entropy``
+    (``probe_entropy``'s answer for these images) skips the pass over the originals, whose
+    entropies do not change while the classifier is frozen."""
     device = next(classifier.parameters()).device
-    deviation, warped_h, original_h = [], [], []
+    deviation, warped_h = [], []
     with frozen(classifier, augmenter):
         for chunk in images.split(batch_size):
-            x = chunk.to(device)
-            out = augmenter(x)
+            out = augmenter(chunk.to(device))
             deviation.append(theta_deviation(out.theta.float()))
             warped_h.append(softmax_entropy(classifier(out.image).float(), base=2))
-            original_h.append(softmax_entropy(classifier(x).float(), base=2))
+    if original_entropy is None:
+        original_entropy = probe_entropy(classifier, images, batch_size)
     return {
         "theta_deviation": _summary(torch.cat(deviation)),
         "warped_entropy": _summary(torch.cat(warped_h)),
-        "original_entropy": _summary(torch.cat(original_h)),
+        "original_entropy": _summary(original_entropy),
     }
+
+
+def probe_entropy(
+    classifier: nn.Module, images: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """(N,) the classifier's entropy (bits) on each of ``images``."""
+    device = next(classifier.parameters()).device
+    with frozen(classifier):
+        return torch.cat(
+            [
+                softmax_entropy(classifier(chunk.to(device)).float(), base=2)
+                for chunk in images.split(batch_size)
+            ]
+        )
 
 
 def _log_one_minus_d(logits: torch.Tensor) -> torch.Tensor:
@@ -214,7 +235,10 @@ def train_augmenter(
     tic = time.perf_counter()
     with frozen(classifier):
         classifier.to(device)
-        fitted.epochs.append({"epoch": 0, **warp_statistics(classifier, augmenter, probe)})
+        original = probe_entropy(classifier, probe)  # the classifier stays frozen: once
+        fitted.epochs.append(
+            {"epoch": 0, **warp_statistics(classifier, augmenter, probe, original_entropy=original)}
+        )
         augmenter.train()
         progress = not config.quiet and info.is_main and sys.stderr.isatty()
         for epoch in range(1, config.epochs + 1):
@@ -260,7 +284,7 @@ def train_augmenter(
             broadcast_buffers(augmenter, info)
             if discriminator is not None:
                 broadcast_buffers(discriminator, info)
-            stats = warp_statistics(classifier, augmenter, probe)
+            stats = warp_statistics(classifier, augmenter, probe, original_entropy=original)
             augmenter.train()
             fitted.epochs.append({"epoch": epoch, **stats})
             if not config.quiet and info.is_main:
