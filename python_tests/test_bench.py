@@ -88,6 +88,18 @@ def test_bench_entropy_smoke(tmp_path):
     assert (files[0].parent / "entropy.md").read_text().count("\n|") >= 24
 
 
+def test_bench_transforms_smoke(tmp_path):
+    cmd = [sys.executable, str(BENCH / "bench_transforms.py"), "--sizes", "8", "--channels",
+           "1,3", "--images", "16", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(next(tmp_path.glob("*/transforms.csv")).open()))
+    # (train, eval) x 2 channel counts x 2 providers, every pair checked equal before timing
+    assert len(rows) == 8 and all(
+        r["check"] == "equal" and float(r["us_per_image"]) > 0 for r in rows
+    )
+
+
 targets = _load("targets")
 
 

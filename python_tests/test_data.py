@@ -95,6 +95,37 @@ def test_transforms_normalise_and_augment():
     assert torch.equal(load_dataset("digits", image_size=16, augment=False).train[3][0], x_eval[3])
 
 
+@pytest.mark.parametrize(
+    ("channels", "size", "padding", "flip"),
+    [(1, 16, 2, False), (3, 32, 4, True), (1, 7, 1, True), (2, 1, 1, False), (1, 3, 3, True),
+     (3, 9, None, False)],
+)  # fmt: skip
+def test_image_transform_is_torchvisions_pipeline_bit_for_bit(channels, size, padding, flip):
+    """ImageTransform against the torchvision v2 Compose it replaces: the same outputs from the
+    same seed, and the same random draws (the stream is left in the same state)."""
+    from torchvision.transforms import v2
+
+    from labelkit_ext.data import ImageTransform
+
+    g = torch.Generator().manual_seed(channels * 100 + size)
+    mean, std = tuple(torch.rand(channels, generator=g).tolist()), (0.3, 0.2, 0.1)[:channels]
+    steps = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if padding is not None:
+        steps = [v2.RandomCrop(size, padding=padding)] + [v2.RandomHorizontalFlip()] * flip + steps
+    oracle, ours = v2.Compose(steps), ImageTransform(mean, std, padding, flip)
+    images = torch.randint(0, 256, (200, channels, size, size), generator=g).to(torch.uint8)
+    outputs = []
+    for transform in (oracle, ours):
+        torch.manual_seed(7)
+        outputs.append([transform(x) for x in images] + [torch.rand(3)])
+    for want, got in zip(*outputs, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    if padding is not None and size > 1:  # the crops did move the images
+        plain = ImageTransform(mean, std)
+        crops = outputs[1][:-1]  # the last entry is the random stream's state
+        assert sum(not torch.equal(c, plain(x)) for c, x in zip(crops, images, strict=True)) > 100
+
+
 def test_unknown_names_and_options_are_errors():
     assert {
         "digits",

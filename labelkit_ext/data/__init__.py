@@ -24,7 +24,7 @@ from labelkit_ext.data.registry import (
     available_datasets,
     load_dataset,
 )
-from labelkit_ext.data.transforms import build_transform, channel_stats
+from labelkit_ext.data.transforms import ImageTransform, build_transform, channel_stats
 
 __all__ = [
     "DATASETS",
@@ -41,6 +41,7 @@ __all__ = [
     "RawDataset",
     "TensorImageDataset",
     "available_datasets",
+    "ImageTransform",
     "build_transform",
     "channel_stats",
     "class_prior",
