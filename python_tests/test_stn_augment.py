@@ -490,7 +490,7 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
      (["--mix", "0"], r"mix must be in \(0, 1\]"),
      (["--max-scale", "1.5"], "max_scale must be < 1"),  # the option, not AffineBounds.scale
      (["--max-shear", "3"], "max_shear must be <= 1.0"),
-     (["--max-translation", "4"], r"max_translation must be <= 2.0 \(the full width\)"),
+     (["--max-translation", "4"], r"max_translation must be <= 2.0 \(the full width"),
      (["--aug-epochs", "0"], "aug_epochs must be >= 1"),  # not the nested "epochs"
      (["--aug-lr", "0"], "aug_lr must be > 0")],
 )  # fmt: skip

@@ -10,6 +10,7 @@ normalised [-1, 1] frame, so translation 0.2 moves the image by a tenth of its w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ __all__ = [
     "STNAugmenter",
     "WarpDiscriminator",
     "affine_from_unit",
+    "check_bound_limits",
     "random_affine_theta",
     "theta_deviation",
     "theta_penalty",
@@ -42,6 +44,24 @@ NUM_PARAMS = 6  # rotation, scale x, scale y, shear, translation x, translation 
 # allow: past them the warps are mostly stretched or empty images, not augmentations.
 MAX_SHEAR = 1.0
 MAX_TRANSLATION = 2.0
+
+
+def check_bound_limits(
+    label: Callable[[str], str], rotation: float, scale: float, shear: float, translation: float
+) -> None:
+    """The upper limits of the bounds (each already >= 0), errors naming a bound as
+    ``label(name)``: ``AffineBounds`` says "rotation bound", the CLI "max_rotation"."""
+    if rotation > 180:
+        raise UsageError(f"{label('rotation')} must be <= 180 degrees, got {rotation}")
+    if scale >= 1:
+        raise UsageError(f"{label('scale')} must be < 1 (scale factors stay > 0), got {scale}")
+    if shear > MAX_SHEAR:
+        raise UsageError(f"{label('shear')} must be <= {MAX_SHEAR} (45 degrees), got {shear}")
+    if translation > MAX_TRANSLATION:
+        raise UsageError(
+            f"{label('translation')} must be <= {MAX_TRANSLATION} (the full width: beyond it "
+            f"every warp at the bound samples outside the image), got {translation}"
+        )
 
 
 @dataclass(frozen=True)
@@ -60,17 +80,9 @@ class AffineBounds:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise UsageError(f"{name} bound must be a finite number >= 0, got {value!r}")
-        if self.rotation > 180:
-            raise UsageError(f"rotation bound must be <= 180 degrees, got {self.rotation}")
-        if self.scale >= 1:
-            raise UsageError(f"scale bound must be < 1 (scale factors stay > 0), got {self.scale}")
-        if self.shear > MAX_SHEAR:
-            raise UsageError(f"shear bound must be <= {MAX_SHEAR} (45 degrees), got {self.shear}")
-        if self.translation > MAX_TRANSLATION:
-            raise UsageError(
-                f"translation bound must be <= {MAX_TRANSLATION} (the full width: beyond it "
-                f"every warp at the bound samples outside the image), got {self.translation}"
-            )
+        check_bound_limits(
+            lambda name: f"{name} bound", self.rotation, self.scale, self.shear, self.translation
+        )
 
     def limits(self) -> torch.Tensor:
         """(6,) half-widths of (rotation [rad], scale x, scale y, shear, tx, ty)."""

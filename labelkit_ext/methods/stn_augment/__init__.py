@@ -63,7 +63,7 @@ from labelkit_ext.methods.stn_augment.variants import (
     check_variants,
 )
 from labelkit_ext.models import available_models
-from labelkit_ext.nn.stn import MAX_SHEAR, MAX_TRANSLATION, AffineBounds
+from labelkit_ext.nn.stn import AffineBounds, check_bound_limits
 
 __all__ = [
     "COLLAPSE_DEVIATION",
@@ -151,19 +151,10 @@ class StnAugmentRunConfig:
         for name in ("lambda_me", "penalty_weight", "penalty_radius", *_BOUND_OPTIONS):
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_rotation > 180:
-            raise UsageError(f"max_rotation must be <= 180 degrees, got {self.max_rotation}")
-        if self.max_scale >= 1:
-            raise UsageError(
-                f"max_scale must be < 1 (scale factors stay > 0), got {self.max_scale}"
-            )
-        if self.max_shear > MAX_SHEAR:
-            raise UsageError(f"max_shear must be <= {MAX_SHEAR} (45 degrees), got {self.max_shear}")
-        if self.max_translation > MAX_TRANSLATION:
-            raise UsageError(
-                f"max_translation must be <= {MAX_TRANSLATION} (the full width), "
-                f"got {self.max_translation}"
-            )
+        check_bound_limits(
+            lambda name: f"max_{name}", self.max_rotation, self.max_scale, self.max_shear,
+            self.max_translation,
+        )  # fmt: skip
         if not 0 < self.mix <= 1:
             raise UsageError(f"mix must be in (0, 1], got {self.mix}")
         check_variants(self.variants)
