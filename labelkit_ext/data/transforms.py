@@ -14,15 +14,16 @@ MAX_STAT_IMAGES = 512
 
 
 class ImageTransform:
-    """uint8 (C, H, W) -> normalised float32, optionally after a random crop of the image padded
-    by ``padding`` zeros on every side and a random horizontal flip.
+    """uint8 (C, H, W) -> normalised float32, optionally after a random crop (of the image's own
+    size) of the image padded by ``padding`` zeros on every side, and a random horizontal flip.
 
     The same result, bit for bit, and the same random draws (``torch.randint`` for the crop's
     top, then its left, then ``torch.rand(1)`` for the flip) as torchvision v2's
     ``Compose([RandomCrop(size, padding), RandomHorizontalFlip(), ToDtype(float32, scale=True),
-    Normalize(mean, std)])`` (tested), at about a third of its per-image cost: it runs once per
-    image per epoch, a fifth of an epoch of a small CNN on 16 px images. The padded image is
-    never built: the crop window is copied onto zeros."""
+    Normalize(mean, std)])`` (tested), at a quarter to a half of its per-image cost
+    (``bench/bench_transforms.py``): it runs once per image per epoch, where torchvision's took
+    a fifth of an epoch of a small CNN on 16 px images. The padded image is never built: the
+    crop window is copied onto zeros."""
 
     def __init__(
         self,

@@ -392,9 +392,9 @@ def fit(
     With ``out_dir``, rank 0 writes ``out_dir/checkpoint_last.pt`` (model, optimiser,
     scheduler, scaler, history) after every epoch — or, with ``checkpoint_seconds > 0``, after
     the epochs that end at least that long after the last write, and after the last epoch
-    (for many short epochs, where writing would cost more than training); ``resume`` continues
-    from it (a fresh start when there is none). Under torchrun (see ``init_distributed``) the model is wrapped in
-    DDP and each rank trains on its ``DistributedSampler`` share. Seed the model's
+    (for many short epochs, where writing would cost more than training); ``resume``
+    continues from it (a fresh start when there is none). Under torchrun (see
+    ``init_distributed``) the model is wrapped in DDP and each rank trains on its ``DistributedSampler`` share. Seed the model's
     initialisation yourself (``seed_everything``) before building it.
     """
     if not (isinstance(checkpoint_seconds, (int, float)) and 0 <= checkpoint_seconds < math.inf):
