@@ -394,8 +394,9 @@ def fit(
     the epochs that end at least that long after the last write, and after the last epoch
     (for many short epochs, where writing would cost more than training); ``resume``
     continues from it (a fresh start when there is none). Under torchrun (see
-    ``init_distributed``) the model is wrapped in DDP and each rank trains on its ``DistributedSampler`` share. Seed the model's
-    initialisation yourself (``seed_everything``) before building it.
+    ``init_distributed``) the model is wrapped in DDP and each rank trains on its
+    ``DistributedSampler`` share. Seed the model's initialisation yourself
+    (``seed_everything``) before building it.
     """
     if not (isinstance(checkpoint_seconds, (int, float)) and 0 <= checkpoint_seconds < math.inf):
         raise ValueError(

@@ -153,6 +153,7 @@ def warp_statistics(
     }
 
 
+@torch.no_grad()
 def probe_entropy(
     classifier: nn.Module, images: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
