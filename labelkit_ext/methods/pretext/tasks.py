@@ -252,7 +252,7 @@ def nt_xent(
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # mean loss of the batch (differentiable)
-    correct: int  # pretext decisions right (class, or contrastive partner top-1)
+    correct: torch.Tensor  # pretext decisions right (class, or partner top-1), on the device
     count: int  # pretext decisions made
 
 
@@ -311,9 +311,9 @@ def pretext_step(
         first, second = contrastive_views(images, settings, generator)
         z = net(torch.cat([first, second]))
         loss, hits = nt_xent(z, settings.temperature, across_ranks=across_ranks)
-        return StepOutput(loss, int(hits.sum()), hits.numel())
+        return StepOutput(loss, hits.sum(), hits.numel())
     batch = make_batch(task, images, settings, generator, permutations)
     logits = net(batch.inputs)
     loss = F.cross_entropy(logits.float(), batch.labels)
-    correct = int((logits.argmax(1) == batch.labels).sum())
+    correct = (logits.argmax(1) == batch.labels).sum()
     return StepOutput(loss, correct, batch.labels.numel())

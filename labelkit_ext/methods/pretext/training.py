@@ -40,6 +40,7 @@ from labelkit_ext.engine import (
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.methods.pretext.tasks import (
     PretextSettings,
+    StepOutput,
     build_pretext_net,
     jigsaw_permutations,
     pretext_step,
@@ -113,15 +114,27 @@ def evaluate_pretext(
     device = next(net.parameters()).device
     net.eval()
     generator = torch.Generator().manual_seed(seed)
-    total, correct, count, seen = 0.0, 0, 0, 0
+    sums, count, seen = _sums(device), 0, 0
     for images, _ in _loader(dataset, config, False, device):
         if task == "contrastive" and len(images) < 2:
             continue
         with autocast_for(device, config.amp):
             out = pretext_step(task, net, images.to(device), settings, generator, permutations)
-        total += out.loss.item() * len(images)
-        correct, count, seen = correct + out.correct, count + out.count, seen + len(images)
+        _add(sums, out, len(images))
+        count, seen = count + out.count, seen + len(images)
+    total, correct = sums.tolist()
     return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
+
+
+def _sums(device: torch.device) -> torch.Tensor:
+    """Running (loss x images, correct) on the device, float64 (the arithmetic of Python
+    floats), read once per pass: no host sync per step, so a GPU runs ahead of the loop."""
+    return torch.zeros(2, dtype=torch.float64, device=device)
+
+
+def _add(sums: torch.Tensor, out: StepOutput, images: int) -> None:
+    sums[0] += out.loss.detach().double() * images
+    sums[1] += out.correct
 
 
 def _train_epoch(
@@ -141,7 +154,7 @@ def _train_epoch(
     every rank's samples."""
     device = next(net.parameters()).device
     net.train()
-    total, correct, count, seen = 0.0, 0, 0, 0
+    sums, count, seen = _sums(device), 0, 0
     progress = not config.quiet and info.is_main and sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, _ in bar:
@@ -152,10 +165,13 @@ def _train_epoch(
         scaler.scale(out.loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        total += out.loss.item() * len(images)
-        correct, count, seen = correct + out.correct, count + out.count, seen + len(images)
-        bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / max(count, 1):.3f}")
-    total, correct, count, seen = sum_across_ranks([total, correct, count, seen], info, device)
+        _add(sums, out, len(images))
+        count, seen = count + out.count, seen + len(images)
+        if progress:  # reads the sums: a sync, only with a bar on screen
+            total, correct = sums.tolist()
+            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / max(count, 1):.3f}",
+                            refresh=False)  # fmt: skip
+    total, correct, count, seen = sum_across_ranks([*sums.tolist(), count, seen], info, device)
     return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
 
 
