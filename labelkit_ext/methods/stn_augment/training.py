@@ -180,8 +180,9 @@ def _discriminator_step(
     fake: torch.Tensor,
     amp: bool,
     scaler: torch.amp.GradScaler,
-) -> dict[str, float]:
-    """One discriminator step; the caller runs ``scaler.update()`` once both steps are done."""
+) -> dict[str, torch.Tensor]:
+    """One discriminator step; the caller runs ``scaler.update()`` once both steps are done.
+    Its loss and accuracy stay on the device (see ``_to_numbers``)."""
     with autocast_for(real.device, amp):
         real_logits = discriminator(real).float()
         fake_logits = discriminator(fake.detach()).float()
@@ -192,7 +193,18 @@ def _discriminator_step(
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     hits = (real_logits > 0).sum() + (fake_logits <= 0).sum()
-    return {"d_loss": loss.item(), "d_accuracy": hits.item() / (2 * len(real))}
+    return {"d_loss": loss.detach(), "d_accuracy": hits.double() / (2 * len(real))}
+
+
+def _to_numbers(records: list[dict]) -> None:
+    """Replace the device scalars in ``records`` by Python floats, in one transfer: the step
+    records stay on the GPU during an epoch, so no step waits for the GPU (float32 values
+    widen to float64 exactly, as ``.item()`` does)."""
+    places = [(r, k) for r in records for k, v in r.items() if isinstance(v, torch.Tensor)]
+    if places:
+        values = torch.stack([r[k].double() for r, k in places]).tolist()
+        for (r, k), value in zip(places, values, strict=True):
+            r[k] = value
 
 
 def train_augmenter(
@@ -247,6 +259,7 @@ def train_augmenter(
                 loader.sampler.set_epoch(epoch)
             bar = tqdm(loader, desc=f"stage 2 epoch {epoch}/{config.epochs}", leave=False,
                        disable=not progress, dynamic_ncols=True)  # fmt: skip
+            first_step = len(fitted.steps)
             for images, _ in bar:
                 x = images.to(device, non_blocking=True)
                 out = generator(x)
@@ -263,25 +276,28 @@ def train_augmenter(
                     with frozen(discriminator), autocast_for(device, config.amp):
                         adversarial = _log_one_minus_d(discriminator(out.image).float()).mean()
                     loss = loss + adversarial
-                    record["g_adversarial"] = adversarial.item()
+                    record["g_adversarial"] = adversarial.detach()
                 if penalty:
                     reg = theta_penalty(out.theta.float(), config.penalty_radius)
                     loss = loss + config.penalty_weight * reg
-                    record["penalty"] = reg.item()
+                    record["penalty"] = reg.detach()
                 opt_g.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt_g)
                 scaler.update()
                 with torch.no_grad():
                     record.update(
-                        g_loss=loss.item(),
-                        max_entropy=me.item(),
-                        warped_entropy=softmax_entropy(logits, base=2).mean().item(),
-                        theta_deviation=theta_deviation(out.theta.float()).mean().item(),
+                        g_loss=loss.detach(),
+                        max_entropy=me.detach(),
+                        warped_entropy=softmax_entropy(logits, base=2).mean(),
+                        theta_deviation=theta_deviation(out.theta.float()).mean(),
                     )
                 fitted.steps.append(record)
-                bar.set_postfix(me=f"{record['max_entropy']:.3f}",
-                                dev=f"{record['theta_deviation']:.3f}")  # fmt: skip
+                if progress:  # reads two values: a sync, only with a bar on screen
+                    bar.set_postfix(me=f"{float(record['max_entropy']):.3f}",
+                                    dev=f"{float(record['theta_deviation']):.3f}",
+                                    refresh=False)  # fmt: skip
+            _to_numbers(fitted.steps[first_step:])
             broadcast_buffers(augmenter, info)
             if discriminator is not None:
                 broadcast_buffers(discriminator, info)
