@@ -10,7 +10,10 @@ return the same answer on every rank, equal to the single-process op on the whol
   vector is broadcast by its owner. Communication per pick is O(world + D), never O(N).
 
 The process group comes from :func:`labelkit_ext.engine.distributed.init_distributed` (gloo on
-CPU, NCCL on GPUs). Without an initialised group (one process) every helper is the plain op.
+CPU, NCCL on GPUs). Without an initialised group (one process), or with ``dist_info`` of one
+process, every helper is the plain op. Every rank must call a helper (they meet in
+collectives), and errors are agreed: a NaN or inf in any rank's shard is a ValueError on every
+rank, as bad sizes are.
 """
 
 from __future__ import annotations
@@ -63,9 +66,19 @@ def _gather_scalars(values: list[float], device: torch.device, info: DistInfo) -
     return torch.stack(out)
 
 
-def _shard_offsets(local: int, device: torch.device, info: DistInfo) -> tuple[int, int]:
-    """(global index of this rank's first row, pool size)."""
-    sizes = _gather_scalars([float(local)], device, info)[:, 0].long().tolist()
+def _shard_layout(
+    local: int, inputs: Sequence[torch.Tensor], op: str, info: DistInfo
+) -> tuple[int, int]:
+    """(global index of this rank's first row, pool size), from one all-gather that also
+    carries whether every rank's ``inputs`` are finite: a NaN or inf on one rank is a ValueError
+    on every rank (the plain op would raise on its owner alone and leave the others waiting in
+    the next collective)."""
+    finite = all(bool(torch.isfinite(t).all()) for t in inputs)
+    table = _gather_scalars([float(local), float(finite)], inputs[0].device, info)
+    if not bool(table[:, 1].all()):
+        bad = [r for r in range(info.world_size) if not table[r, 1]]
+        raise ValueError(f"{op}: the inputs must be finite (NaN or inf on rank(s) {bad})")
+    sizes = table[:, 0].long().tolist()
     return sum(sizes[: info.rank]), sum(sizes)
 
 
@@ -91,17 +104,17 @@ def sharded_cosine_topk(
     *,
     eps: float = COSINE_EPS,
     tile_size: int | None = None,
+    dist_info: DistInfo | None = None,
 ) -> TopK:
     """:func:`labelkit_ext.cosine_topk` of ``queries`` (same on every rank) over the keys of all
     ranks; indices are global (rank order). Every rank returns the full answer."""
-    info = current_dist()
+    info = dist_info or current_dist()
     if not info.enabled:
         return cosine_topk(queries, keys_shard, k, largest, eps=eps, tile_size=tile_size)
-    offset, total = _shard_offsets(keys_shard.shape[0], queries.device, info)
+    op = "sharded_cosine_topk"
+    offset, total = _shard_layout(keys_shard.shape[0], [queries, keys_shard], op, info)
     if not 1 <= k <= total:
-        raise ValueError(
-            f"sharded_cosine_topk: k={k} must lie in [1, M = {total}] (keys of all ranks)"
-        )
+        raise ValueError(f"{op}: k={k} must lie in [1, M = {total}] (keys of all ranks)")
     local_k = min(k, keys_shard.shape[0])
     N = queries.shape[0]
     acc = accumulation_dtype(queries.dtype)
@@ -129,14 +142,16 @@ def sharded_cosine_reduce(
     *,
     eps: float = COSINE_EPS,
     tile_size: int | None = None,
+    dist_info: DistInfo | None = None,
 ) -> torch.Tensor:
     """:func:`labelkit_ext.cosine_reduce` over the keys of all ranks (an empty shard is allowed)."""
-    info = current_dist()
+    info = dist_info or current_dist()
     if not info.enabled:
         return cosine_reduce(queries, keys_shard, reduce, eps=eps, tile_size=tile_size)
-    _, total = _shard_offsets(keys_shard.shape[0], queries.device, info)
+    op = "sharded_cosine_reduce"
+    _, total = _shard_layout(keys_shard.shape[0], [queries, keys_shard], op, info)
     if total == 0:
-        raise ValueError("sharded_cosine_reduce: keys is empty on every rank (M == 0)")
+        raise ValueError(f"{op}: keys is empty on every rank (M == 0)")
     acc = accumulation_dtype(queries.dtype)
     local_reduce = "sum" if reduce == "mean" else reduce
     if keys_shard.shape[0] > 0:
@@ -204,10 +219,11 @@ def sharded_kcenter_greedy(
     metric: str = "euclidean",
     *,
     eps: float = COSINE_EPS,
+    dist_info: DistInfo | None = None,
 ) -> torch.Tensor:
     """:func:`labelkit_ext.kcenter_greedy` on the pool formed by every rank's shard (rank order).
     ``labeled`` holds global indices (the same on every rank); returns global indices."""
-    info = current_dist()
+    info = dist_info or current_dist()
     if not info.enabled:
         return kcenter_greedy(embeddings_shard, budget, labeled, metric, eps=eps)
     op = "sharded_kcenter_greedy"
@@ -220,7 +236,7 @@ def sharded_kcenter_greedy(
         else embeddings_shard.to(accumulation_dtype(embeddings_shard.dtype))
     )
     local, D = x.shape
-    offset, total = _shard_offsets(local, device, info)
+    offset, total = _shard_layout(local, [embeddings_shard], op, info)
     lab = _check_global_labeled(labeled, total, op)
     if not 0 <= budget <= total - len(lab):
         raise ValueError(
@@ -327,18 +343,23 @@ def _draw(
 
 
 def sharded_badge_select(
-    probs_shard: torch.Tensor, embeddings_shard: torch.Tensor, budget: int, seed: int = 0
+    probs_shard: torch.Tensor,
+    embeddings_shard: torch.Tensor,
+    budget: int,
+    seed: int = 0,
+    *,
+    dist_info: DistInfo | None = None,
 ) -> torch.Tensor:
     """:func:`labelkit_ext.badge_select` on the pool formed by every rank's shard (rank order);
     the draws use the same seeded uniforms, so the picks (global indices) match one process."""
-    info = current_dist()
+    info = dist_info or current_dist()
     if not info.enabled:
         return badge_select(probs_shard, embeddings_shard, budget, seed)
     op = "sharded_badge_select"
     device = probs_shard.device
     q, h, g2 = badge_factors(probs_shard, embeddings_shard)
     local = q.shape[0]
-    offset, total = _shard_offsets(local, device, info)
+    offset, total = _shard_layout(local, [probs_shard, embeddings_shard], op, info)
     if not 0 <= budget <= total:
         raise ValueError(f"{op}: budget={budget} must lie in [0, {total}]")
     uniforms = badge_uniforms(budget, seed)

@@ -655,14 +655,13 @@ def test_net_learner_scores_the_pool_in_shards_under_torchrun(tmp_path):
 
 
 # The pairwise strategies under torchrun: (name, strategy options, the rows each rank reads
-# of the pairwise input: the whole pool's or the unlabeled samples' share, None where every
-# rank reads every row as queries).
+# of the pairwise input: the whole pool's, the unlabeled or the labeled samples' share).
 SHARDED = [
     ("coreset", {}, "pool"),
     ("coreset", {"metric": "cosine"}, "pool"),
     ("badge", {}, "unlabeled"),
-    ("similarity", {}, None),
-    ("density", {"max_references": 40}, None),
+    ("similarity", {}, "labeled"),
+    ("density", {"max_references": 40}, None),  # its references overlap the queries
 ]
 
 
@@ -675,9 +674,15 @@ def _sharded_pool() -> tuple[PoolScores, list[int], list[int]]:
     return scores, labeled, [i % 4 for i in range(len(labeled))]
 
 
-def _sharded_select(name: str, options: dict, scores: PoolScores, labeled, labels) -> list[int]:
-    ctx = _ctx(scores, labeled, labels, budget=12, seed=3, round=1)
-    return select(build_strategy(name, **options), ctx).tolist()
+def _sharded_select(name, options, scores, labeled, labels, dist_info=None, checked=True):
+    """The strategy's query; ``checked=False`` skips ``select``'s finite-scores check (for
+    scores with NaN rows the strategy must not read)."""
+    kw = {} if dist_info is None else {"dist_info": dist_info}
+    ctx = _ctx(scores, labeled, labels, budget=12, seed=3, round=1, **kw)
+    strategy = build_strategy(name, **options)
+    if checked:
+        return select(strategy, ctx).tolist()
+    return check_selection(strategy.select(ctx), ctx, name).tolist()
 
 
 def _poison_other_shards(scores: PoolScores, rows: str, labeled: list[int]) -> PoolScores:
@@ -688,6 +693,8 @@ def _poison_other_shards(scores: PoolScores, rows: str, labeled: list[int]) -> P
     index = torch.arange(61)
     if rows == "unlabeled":
         index = index[~torch.isin(index, torch.tensor(labeled))]
+    elif rows == "labeled":
+        index = torch.tensor(labeled)
     start, end = shard_bounds(len(index))
     others = torch.cat([index[:start], index[end:]])
     poisoned = PoolScores(scores.logits.clone(), scores.embeddings.clone())
@@ -698,20 +705,29 @@ def _poison_other_shards(scores: PoolScores, rows: str, labeled: list[int]) -> P
 
 
 def _sharded_strategy_worker(rank: int, out_dir: str) -> None:
+    from labelkit_ext.engine import current_dist
+
     scores, labeled, labels = _sharded_pool()
     picks = {}
     for name, options, rows in SHARDED:
         key = f"{name}-{options}"
+        # Without dist_info a context is one process's, whatever else runs: no collective.
         picks[key] = _sharded_select(name, options, scores, labeled, labels)
+        picks[f"{key}-sharded"] = _sharded_select(
+            name, options, scores, labeled, labels, current_dist()
+        )
         if rows is not None:
             poisoned = _poison_other_shards(scores, rows, labeled)
-            picks[f"{key}-own-rows"] = _sharded_select(name, options, poisoned, labeled, labels)
+            picks[f"{key}-own-rows"] = _sharded_select(
+                name, options, poisoned, labeled, labels, current_dist(), checked=False
+            )
     Path(out_dir, f"picks{rank}.json").write_text(json.dumps(picks))
 
 
 def test_pairwise_strategies_split_the_pool_over_ranks_and_select_as_one_process(tmp_path):
-    """Under torchrun every rank runs the pairwise strategies on its share of the rows (rows
-    outside it may be NaN) and gets one process's query."""
+    """With the ranks' dist_info every rank runs the pairwise strategies on its share of the
+    rows (rows outside it may be NaN) and gets one process's query; without it, each rank
+    selects alone."""
     spawn(_sharded_strategy_worker, str(tmp_path))
     scores, labeled, labels = _sharded_pool()
     for rank in range(2):
@@ -720,14 +736,25 @@ def test_pairwise_strategies_split_the_pool_over_ranks_and_select_as_one_process
             key = f"{name}-{options}"
             expected = _sharded_select(name, options, scores, labeled, labels)
             assert len(expected) == 12 and not set(expected) & set(labeled)
-            assert picks[key] == expected, key
+            assert picks[key] == expected and picks[f"{key}-sharded"] == expected, key
             if rows is not None:
                 assert picks[f"{key}-own-rows"] == expected, key
 
 
+def test_non_finite_pool_scores_are_refused_before_selection():
+    scores, labeled, labels = _sharded_pool()
+    scores.embeddings[30, 2] = float("inf")
+    with pytest.raises(
+        ValueError, match=r"strategy 'coreset': the pool's embeddings hold NaN or inf"
+    ):
+        _sharded_select("coreset", {}, scores, labeled, labels)
+    assert len(_sharded_select("margin", {}, scores, labeled, labels)) == 12  # logits are fine
+
+
 def test_torchrun_two_gloo_processes_with_a_simulated_and_a_file_oracle(tmp_path):
-    """Under torchrun rank 0 alone keeps the state, selects and asks the oracle; every rank
-    trains (DDP) on the same labeled set; a run stops, resumes and refuses like one process."""
+    """Under torchrun rank 0 alone keeps the state and asks the oracle; every rank trains (DDP)
+    on the same labeled set and selects (core-set split over the ranks); a run stops, resumes
+    and refuses like one process."""
     out = tmp_path / "sim"
     done = _torchrun_active([*TINY, "--strategies", "margin,coreset", "--num-seeds", "1",
                              "--out", str(out)])  # fmt: skip

@@ -108,3 +108,47 @@ def test_sharded_equals_single_process(tmp_path):
                 assert got[key].tolist() == want.tolist(), key
             else:
                 torch.testing.assert_close(got[key], want, rtol=1e-12, atol=1e-12)
+
+
+def _nan_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank 1's shard holds a NaN: every helper must raise on both ranks (the plain op would
+    raise on rank 1 alone and leave rank 0 waiting in the next collective)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        queries, keys, emb, emb_cos, probs = _pool()
+        ks, ke = shard_bounds(keys.shape[0])
+        es, ee = shard_bounds(emb.shape[0])
+        keys, emb, probs = keys.clone(), emb.clone(), probs.clone()
+        if rank == 1:
+            keys[ke - 1, 0] = emb[ee - 1, 0] = float("nan")
+            probs[ee - 1, 0] = float("inf")
+        calls = {
+            "topk": lambda: sharded_cosine_topk(queries, keys[ks:ke], 3),
+            "reduce": lambda: sharded_cosine_reduce(queries, keys[ks:ke], "mean"),
+            "kcenter": lambda: sharded_kcenter_greedy(emb[es:ee], 5),
+            "badge_probs": lambda: sharded_badge_select(probs[es:ee], emb_cos[es:ee], 5),
+            "badge_emb": lambda: sharded_badge_select(
+                torch.softmax(emb_cos[es:ee, :4], 1), emb[es:ee], 5
+            ),
+        }
+        errors = {}
+        for name, call in calls.items():
+            try:
+                call()
+                errors[name] = None
+            except ValueError as exc:
+                errors[name] = str(exc)
+        torch.save(errors, os.path.join(out_dir, f"nan{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_shard_is_an_error_on_every_rank(tmp_path):
+    mp.spawn(_nan_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        errors = torch.load(tmp_path / f"nan{rank}.pt", weights_only=True)
+        assert len(errors) == 5
+        for name, message in errors.items():
+            assert message is not None, (rank, name)
+            assert "the inputs must be finite (NaN or inf on rank(s) [1])" in message, message

@@ -4,9 +4,9 @@ One round: train on the labeled set, evaluate, score the pool, select a batch, a
 Every step that produces something that cannot be recomputed identically is saved before the
 next begins (``state.py``): the initial set and each query before the oracle sees it, each
 oracle answer as it arrives, each round's record. Training is seeded by (seed, round) and
-checkpointed per epoch, scoring and selection are deterministic in (seed, round), so a run
-killed anywhere and resumed selects the same samples, and asks the oracle only for what it has
-not answered.
+resumes from its last checkpoint on the same per-epoch seeds, and scoring and selection are
+deterministic in (seed, round), so a run killed anywhere and resumed selects the same samples,
+and asks the oracle only for what it has not answered.
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ class ActiveLoop:
         """The run's state, resumed or started (and saved); under torchrun rank 0 reads or
         starts it and every rank gets that state and the strategy's kept state."""
         fresh, state, kept = on_main(lambda: self._open_on_main(resume))
-        self.strategy.load_state_dict(kept)
+        if kept:  # every rank selects with the strategy's saved state
+            self.strategy.load_state_dict(kept)
         if fresh:
             self._step("initial", state)
         return state
@@ -241,7 +242,8 @@ class ActiveLoop:
         self._step("selected", state)
 
     def _select(self, state: ActiveState, scores: PoolScores) -> tuple[list[int], float]:
-        """The next query and the seconds the strategy took; keeps the strategy's state."""
+        """The next query and the seconds the strategy took (on every rank; the strategy's
+        kept state is saved by ``_keep_strategy_state``, on rank 0)."""
         tic = time.perf_counter()
         ctx = SelectionContext(
             scores,
@@ -252,6 +254,7 @@ class ActiveLoop:
             num_classes=self.learner.num_classes,
             round=state.round,
             seed=self.config.seed,
+            dist_info=current_dist(),  # every rank selects, splitting the pairwise work
         )
         chosen = select(self.strategy, ctx)
         return chosen.tolist(), time.perf_counter() - tic

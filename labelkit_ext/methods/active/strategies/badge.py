@@ -30,7 +30,8 @@ class BadgeStrategy(Strategy):
         mine = unlabeled[ctx.shard(unlabeled.numel())]
         probs = logits[mine].float().softmax(dim=1)
         budget = min(ctx.budget, unlabeled.numel())
+        seed = derive_seed(ctx.seed, ctx.round)
         picks = sharded_badge_select(
-            probs, embeddings[mine].float(), budget, derive_seed(ctx.seed, ctx.round)
+            probs, embeddings[mine].float(), budget, seed, dist_info=ctx.dist_info
         )
         return unlabeled[picks.to(unlabeled.device)]

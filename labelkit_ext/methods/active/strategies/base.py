@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from labelkit_ext.distributed import shard_bounds
+from labelkit_ext.engine.distributed import DistInfo
 from labelkit_ext.errors import UsageError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "Strategy",
     "available_strategies",
     "build_strategy",
+    "check_finite_scores",
     "check_selection",
     "register_strategy",
     "select",
@@ -51,7 +53,9 @@ class SelectionContext:
 
     ``labeled`` holds the labeled pool indices and ``labels`` their labels (from the oracle);
     ``budget`` is how many new indices to return (at most the unlabeled count); ``seed`` and
-    ``round`` seed random choices so a resumed run selects the same batch.
+    ``round`` seed random choices so a resumed run selects the same batch. ``dist_info``: the
+    ranks that select together (``ActiveLoop`` passes ``current_dist()`` under torchrun, and
+    every rank then calls ``select``); by default one process, whatever else runs.
     """
 
     scores: PoolScores
@@ -62,6 +66,7 @@ class SelectionContext:
     num_classes: int
     round: int = 0
     seed: int = 0
+    dist_info: DistInfo = field(default_factory=DistInfo)
 
     def __post_init__(self) -> None:
         self.labeled = torch.as_tensor(self.labeled, dtype=torch.long).reshape(-1)
@@ -91,11 +96,11 @@ class SelectionContext:
         return self.unlabeled_mask().nonzero().squeeze(1)
 
     def shard(self, rows: int) -> slice:
-        """This rank's contiguous share of ``rows`` rows (all of them in one process). The
-        pairwise strategies hand it to the sharded ops of :mod:`labelkit_ext.distributed`, which
-        give the whole pool's answer on every rank: under torchrun every rank runs ``select``,
-        each doing 1/world of the pairwise work."""
-        start, end = shard_bounds(rows)
+        """This rank's contiguous share of ``rows`` rows under ``dist_info`` (all of them for one
+        process). The pairwise strategies hand it, with ``dist_info``, to the sharded ops of
+        :mod:`labelkit_ext.distributed`, which give the whole pool's answer on every rank: each
+        rank does 1/world of the pairwise work."""
+        start, end = shard_bounds(rows, self.dist_info)
         return slice(start, end)
 
     def generator(self) -> torch.Generator:
@@ -115,9 +120,9 @@ class Strategy(ABC):
     """A query strategy: ``select(ctx)`` returns ``ctx.budget`` unlabeled pool indices, the
     first the most wanted. ``needs`` names the ``PoolScores`` fields it reads. Strategies that
     keep something across rounds (Cluster-Margin's clusters) return it from ``state_dict`` so a
-    resumed run selects exactly what an uninterrupted one would. Under torchrun ``select`` runs
-    on every rank with the same scores (the pairwise strategies split their work through
-    ``ctx.shard``), so a caller must not call it on one rank alone."""
+    resumed run selects exactly what an uninterrupted one would. With a multi-rank
+    ``ctx.dist_info`` ``select`` runs on every rank with the same scores (the pairwise
+    strategies split their work through ``ctx.shard``)."""
 
     name: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ("logits",)
@@ -198,6 +203,20 @@ def check_selection(chosen: torch.Tensor, ctx: SelectionContext, strategy: str) 
     return chosen
 
 
+def check_finite_scores(ctx: SelectionContext, strategy: Strategy) -> None:
+    """A clear error for NaN/inf pool scores, before any op sees them (on every rank alike:
+    every rank holds the whole pool's scores)."""
+    for name in strategy.needs:
+        value = getattr(ctx.scores, name)
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"strategy {strategy.name!r}: the pool's {name} hold NaN or inf (a diverged "
+                "model, or float16 overflow): no selection can rank them"
+            )
+
+
 def select(strategy: Strategy, ctx: SelectionContext) -> torch.Tensor:
-    """``strategy.select(ctx)``, checked (see ``check_selection``)."""
+    """``strategy.select(ctx)`` on finite scores (``check_finite_scores``), checked (see
+    ``check_selection``)."""
+    check_finite_scores(ctx, strategy)
     return check_selection(strategy.select(ctx), ctx, strategy.name)

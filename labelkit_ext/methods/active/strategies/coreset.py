@@ -36,4 +36,6 @@ class CoreSetStrategy(Strategy):
         budget = min(ctx.budget, ctx.pool_size - len(ctx.labeled))
         labeled = ctx.labeled.to(embeddings.device)
         mine = embeddings[ctx.shard(ctx.pool_size)]
-        return sharded_kcenter_greedy(mine, budget, labeled, metric=self.metric)
+        return sharded_kcenter_greedy(
+            mine, budget, labeled, metric=self.metric, dist_info=ctx.dist_info
+        )

@@ -34,7 +34,7 @@ def representativeness(ctx: SelectionContext, strategy: str, max_references: int
         pick = torch.randperm(embeddings.shape[0], generator=ctx.generator())[:max_references]
         references = embeddings[pick.to(embeddings.device)]
     mine = references[ctx.shard(len(references))]
-    mean = sharded_cosine_reduce(embeddings[ctx.unlabeled()], mine, "mean")
+    mean = sharded_cosine_reduce(embeddings[ctx.unlabeled()], mine, "mean", dist_info=ctx.dist_info)
     return (1.0 + mean) / 2.0
 
 

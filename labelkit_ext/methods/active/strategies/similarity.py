@@ -23,7 +23,8 @@ def labeled_similarity(ctx: SelectionContext, strategy: str) -> torch.Tensor:
     if len(ctx.labeled) == 0:
         raise ValueError(f"strategy {strategy!r} needs at least one labeled sample")
     keys = embeddings[ctx.labeled.to(embeddings.device)]
-    return sharded_cosine_reduce(embeddings[ctx.unlabeled()], keys[ctx.shard(len(keys))], "max")
+    mine = keys[ctx.shard(len(keys))]
+    return sharded_cosine_reduce(embeddings[ctx.unlabeled()], mine, "max", dist_info=ctx.dist_info)
 
 
 @register_strategy
