@@ -2,9 +2,9 @@
 (``labelkit_ext.data.ImageTransform``) vs the torchvision v2 ``Compose`` it replaces
 (``RandomCrop(size, padding=size // 8)`` + ``RandomHorizontalFlip`` + ``ToDtype`` +
 ``Normalize``). The DataLoader calls one of them once per image per epoch, in the main process
-unless ``--num-workers`` is set.
+unless it has workers (``labelkit run ... --num-workers``).
 
-    python bench/bench_transforms.py                    # 1x16, 1x32, 3x32, 1x224 images
+    python bench/bench_transforms.py                    # 1 and 3 channels at 16, 32, 224 px
     python bench/bench_transforms.py --sizes 28 --channels 1 --images 256
 
 Before timing, both providers transform the same uint8 images from the same torch seed: the

@@ -170,7 +170,10 @@ def _out_of_memory(exc: BaseException) -> str | None:
 
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "DefaultCPUAllocator" in first:
+    if (
+        isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+        or "DefaultCPUAllocator" in first
+    ):
         return first.split("DefaultCPUAllocator: ")[-1][:300]
     return None
 

@@ -546,7 +546,7 @@ def test_the_adding_a_method_template_of_the_docs_runs(tmp_path, monkeypatch, ca
 @pytest.mark.parametrize(
     "error, reason",
     [
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 ..."),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\nGPU 0 ..."),
          "CUDA out of memory. Tried to allocate 20.00 GiB."),
         (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not "
                       "enough memory: you tried to allocate 2147483648 bytes."),
@@ -581,12 +581,17 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch, tmp_path):
         main(["run", "supervised", "--out", str(tmp_path)])
 
 
-def test_an_image_size_beyond_this_machines_memory_is_refused_before_resizing(tmp_path, capsys):
-    """digits at 16384 px: 1,293 training images of 256 MiB each (323 GiB), beyond any test
-    machine."""
-    from labelkit_ext.data.core import physical_memory
+def test_an_image_size_beyond_this_machines_memory_is_refused_before_resizing(
+    tmp_path, capsys, monkeypatch
+):
+    """digits at 64 px is 7 MiB of uint8 images; with a (pretend) 4 MiB memory limit it is
+    refused right after loading, before any array of that size exists."""
+    import labelkit_ext.data.core as core
 
-    assert 1293 * 16384**2 > physical_memory()
-    argv = ["run", "supervised", "--image-size", "16384", "--quiet", "--out", str(tmp_path)]
+    monkeypatch.setattr(core, "memory_limit", lambda: 4 * 2**20)
+    argv = ["run", "supervised", "--image-size", "64", "--quiet", "--out", str(tmp_path)]
     err = _one_line_error(argv, capsys)
-    assert "images of 1x16384x16384 take " in err and "choose a smaller --image-size" in err
+    assert (
+        "the digits images at 64x64 px take 7 MiB in memory and this process may use 4 MiB: "
+        "choose a smaller --image-size" in err
+    )

@@ -3,6 +3,7 @@ splits and transforms; the real shared files when present."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_transforms_normalise_and_augment():
 @pytest.mark.parametrize(
     ("channels", "size", "padding", "flip"),
     [(1, 16, 2, False), (3, 32, 4, True), (1, 7, 1, True), (2, 1, 1, False), (1, 3, 3, True),
-     (3, 9, None, False)],
+     (3, 9, None, False), (3, 9, None, True)],
 )  # fmt: skip
 def test_image_transform_is_torchvisions_pipeline_bit_for_bit(channels, size, padding, flip):
     """ImageTransform against the torchvision v2 Compose it replaces: the same outputs from the
@@ -109,9 +110,12 @@ def test_image_transform_is_torchvisions_pipeline_bit_for_bit(channels, size, pa
 
     g = torch.Generator().manual_seed(channels * 100 + size)
     mean, std = tuple(torch.rand(channels, generator=g).tolist()), (0.3, 0.2, 0.1)[:channels]
-    steps = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    steps = [v2.RandomHorizontalFlip()] * flip + [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ]
     if padding is not None:
-        steps = [v2.RandomCrop(size, padding=padding)] + [v2.RandomHorizontalFlip()] * flip + steps
+        steps = [v2.RandomCrop(size, padding=padding)] + steps
     oracle, ours = v2.Compose(steps), ImageTransform(mean, std, padding, flip)
     images = torch.randint(0, 256, (200, channels, size, size), generator=g).to(torch.uint8)
     outputs = []
@@ -124,6 +128,31 @@ def test_image_transform_is_torchvisions_pipeline_bit_for_bit(channels, size, pa
         plain = ImageTransform(mean, std)
         crops = outputs[1][:-1]  # the last entry is the random stream's state
         assert sum(not torch.equal(c, plain(x)) for c, x in zip(crops, images, strict=True)) > 100
+
+
+def test_image_transform_refuses_what_it_cannot_do():
+    from labelkit_ext.data import ImageTransform
+
+    for padding in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="padding must be None or an int >= 1"):
+            ImageTransform((0.5,), (0.2,), padding)
+    with pytest.raises(ValueError, match=r"image must be \(C, H, W\), got \(2, 1, 4, 4\)"):
+        ImageTransform((0.5,), (0.2,), 1)(torch.zeros(2, 1, 4, 4, dtype=torch.uint8))
+
+
+def test_memory_limit_is_the_machines_ram_or_a_lower_cgroup_limit(tmp_path, monkeypatch):
+    import labelkit_ext.data.core as core
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 2**28 < core.memory_limit() <= ram
+    (tmp_path / "unlimited").write_text("max\n")
+    (tmp_path / "limited").write_text("1048576\n")
+    monkeypatch.setattr(core, "_CGROUP_LIMITS", (str(tmp_path / "unlimited"), "/nonexistent"))
+    assert core.memory_limit() == ram
+    monkeypatch.setattr(core, "_CGROUP_LIMITS", (str(tmp_path / "limited"),))
+    assert core.memory_limit() == 2**20
+    with pytest.raises(UsageError, match=r"take 2 MiB in memory and this process may use 1 MiB"):
+        core.check_fits_in_memory(2 * 2**20, "x")
 
 
 def test_unknown_names_and_options_are_errors():

@@ -335,6 +335,18 @@ def test_loss_scaling_trains_the_float32_weights_and_is_checkpointed(
     saved = load_checkpoint(tmp_path / LAST_CHECKPOINT)["scaler"]
     assert saved["scale"] == 2.0 ** (8 + steps)
 
+    def stop_after_first(end):
+        if end.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a resumed run goes on from the saved scale
+        fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path / "cut",
+            callbacks=[stop_after_first])  # fmt: skip
+    resumed = fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path / "cut",
+                  resume=True)  # fmt: skip
+    assert resumed.resumed_from == 1 and scalers[-1].get_scale() == 2.0 ** (8 + steps)
+    _assert_same_state(resumed.model.state_dict(), plain.model.state_dict())
+
 
 def test_checkpoint_seconds_writes_fewer_checkpoints_and_always_the_last(
     tmp_path, digits8, monkeypatch
@@ -360,12 +372,25 @@ def test_checkpoint_seconds_writes_fewer_checkpoints_and_always_the_last(
 
 
 def test_resume_refuses_another_worker_count(tmp_path, digits8):
-    """Workers draw the augmentation from their own streams: 1 worker is another run than 0."""
-    config = TrainConfig(epochs=1, **TINY)
-    fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path)
+    """Workers draw the augmentation from their own streams: 1 worker is another run than 0,
+    unless the checkpoint is finished (nothing left to train)."""
+    config = TrainConfig(epochs=2, **TINY)
+
+    def stop_after_first(end):
+        if end.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path,
+            callbacks=[stop_after_first])  # fmt: skip
+    one_worker = replace(config, num_workers=1)
     with pytest.raises(ValueError, match=r"num_workers=0 -> 1"):
-        fit(_model(), digits8.train, None, "multiclass", replace(config, num_workers=1),
-            out_dir=tmp_path, resume=True)  # fmt: skip
+        fit(_model(), digits8.train, None, "multiclass", one_worker, out_dir=tmp_path,
+            resume=True)  # fmt: skip
+    fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path, resume=True)
+    done = fit(_model(), digits8.train, None, "multiclass", one_worker, out_dir=tmp_path,
+               resume=True)  # fmt: skip
+    assert done.resumed_from == 2
 
 
 def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp_path, digits8):
@@ -381,8 +406,20 @@ def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp
         model = build_model("small-cnn", 10, in_channels=1, image_size=12)
         fit(model, larger.train, larger.val, "multiclass", config, out_dir=tmp_path, resume=True)
     wider = build_model("small-cnn", 10, in_channels=1, image_size=8, width=16)
-    with pytest.raises(UsageError, match="parameters differs"):
+    with pytest.raises(UsageError, match=r"model tensors differ: other shapes for features\.0\.w"):
         fit(wider, digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path, resume=True)
+    counting = _model()
+    counting.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # a newer model version
+    with pytest.raises(UsageError, match=r"model tensors differ: the checkpoint lacks steps\)"):
+        fit(
+            counting,
+            digits8.train,
+            digits8.val,
+            "multiclass",
+            config,
+            out_dir=tmp_path,
+            resume=True,
+        )
     state = load_checkpoint(tmp_path / "checkpoint_last.pt")
     del state["config"]
     save_checkpoint(tmp_path / "checkpoint_last.pt", state)

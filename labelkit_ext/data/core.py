@@ -27,6 +27,7 @@ __all__ = [
     "open_npz",
     "resize_images",
     "check_fits_in_memory",
+    "memory_limit",
     "holdout_indices",
     "check_raw",
 ]
@@ -204,12 +205,11 @@ RESIZE_CHUNK = 64
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize uint8 (N, C, H, W) images to (size, size) with antialiased bilinear filtering,
-    a chunk of images at a time; refused when the result cannot fit in this machine's memory."""
+    a chunk of images at a time (the float temporaries stay small)."""
     if images.shape[-2:] == (size, size):
         return images
     N, C = images.shape[:2]
-    check_fits_in_memory(N * C * size * size, f"{N} images of {C}x{size}x{size}")
-    out = torch.empty((N, C, size, size), dtype=torch.uint8)
+    out = torch.empty((N, C, size, size), dtype=torch.uint8, device=images.device)
     for start in range(0, N, RESIZE_CHUNK):
         chunk = images[start : start + RESIZE_CHUNK].float()
         resized = torch.nn.functional.interpolate(
@@ -219,20 +219,42 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def physical_memory() -> int:
-    """Bytes of RAM in this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+# cgroup v2 / v1 memory limits (containers, Slurm jobs): lower than the machine's RAM there.
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def memory_limit() -> int | None:
+    """Bytes this process may use at most: the machine's RAM, or its cgroup's limit where
+    lower; None where neither can be read (e.g. on Windows)."""
+    limits = []
+    if hasattr(os, "sysconf"):
+        try:
+            limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError):
+            pass
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def check_fits_in_memory(nbytes: int, what: str) -> None:
-    """A UsageError before allocating ``nbytes`` that exceed the machine's RAM (the allocator
-    would fail mid-way with a traceback, or the system would start swapping)."""
-    total = physical_memory()
-    if nbytes > total:
+    """A UsageError before allocating ``nbytes`` beyond ``memory_limit()`` (the allocator would
+    fail mid-way with a traceback, or the system would start swapping)."""
+    limit = memory_limit()
+    if limit is not None and nbytes > limit:
         raise UsageError(
-            f"{what} take {nbytes / 2**30:.1f} GiB in memory and this machine has "
-            f"{total / 2**30:.1f} GiB: choose a smaller --image-size"
+            f"{what} take {_bytes(nbytes)} in memory and this process may use "
+            f"{_bytes(limit)}: choose a smaller --image-size"
         )
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def holdout_indices(

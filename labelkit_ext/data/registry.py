@@ -19,6 +19,7 @@ from labelkit_ext.data.core import (
     ImageFileDataset,
     RawDataset,
     TensorImageDataset,
+    check_fits_in_memory,
     check_raw,
     holdout_indices,
     resize_images,
@@ -233,6 +234,8 @@ def load_dataset(
     if isinstance(splits["train"], FileSplit):
         stat_source = ImageFileDataset(splits["train"], size)
     else:
+        resized = sum(len(s.images) * s.images.shape[1] * size * size for s in splits.values())
+        check_fits_in_memory(resized, f"the {name} images at {size}x{size} px")
         splits = {
             k: ArraySplit(resize_images(s.images, size), s.targets) for k, s in splits.items()
         }

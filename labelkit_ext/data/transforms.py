@@ -14,8 +14,9 @@ MAX_STAT_IMAGES = 512
 
 
 class ImageTransform:
-    """uint8 (C, H, W) -> normalised float32, optionally after a random crop (of the image's own
-    size) of the image padded by ``padding`` zeros on every side, and a random horizontal flip.
+    """One uint8 (C, H, W) image -> normalised float32, optionally after a random crop (of the
+    image's own size) of the image padded by ``padding`` (>= 1) zeros on every side, then (with
+    ``flip``) a random horizontal flip.
 
     The same result, bit for bit, and the same random draws (``torch.randint`` for the crop's
     top, then its left, then ``torch.rand(1)`` for the flip) as torchvision v2's
@@ -32,16 +33,24 @@ class ImageTransform:
         padding: int | None = None,
         flip: bool = False,
     ) -> None:
+        if padding is not None and (
+            isinstance(padding, bool) or not isinstance(padding, int) or padding < 1
+        ):
+            raise ValueError(
+                f"ImageTransform: padding must be None or an int >= 1, got {padding!r}"
+            )
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.padding = padding
         self.flip = flip
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 3:
+            raise ValueError(f"ImageTransform: image must be (C, H, W), got {tuple(image.shape)}")
         if self.padding is not None:
             image = self._random_crop(image, self.padding)
-            if self.flip and torch.rand(1) < 0.5:
-                image = image.flip(-1)
+        if self.flip and torch.rand(1) < 0.5:
+            image = image.flip(-1)
         # torchvision's ToDtype(scale=True) and Normalize, op for op (the same rounding).
         return image.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std)
 
@@ -65,8 +74,9 @@ class ImageTransform:
 def build_transform(info: DatasetInfo, train: bool, augment: bool = True) -> ImageTransform:
     """uint8 image -> normalised float32; for training with ``augment``, a random crop with
     ``image_size // 8`` zero padding, then a horizontal flip where ``info.flip``."""
-    padding = max(1, info.image_size // 8) if train and augment else None
-    return ImageTransform(info.mean, info.std, padding, flip=info.flip)
+    if not (train and augment):
+        return ImageTransform(info.mean, info.std)
+    return ImageTransform(info.mean, info.std, max(1, info.image_size // 8), flip=info.flip)
 
 
 def channel_stats(images: torch.Tensor | Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:

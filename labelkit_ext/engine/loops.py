@@ -97,6 +97,10 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     (compute capability 8.0+: Ampere, Hopper, ...), else float16 with loss scaling. Not
     ``torch.cuda.is_bf16_supported()``: it also says yes where bfloat16 is only emulated (T4,
     V100: several times slower than float16), and it asks the current device, not ``device``."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"amp_dtype: device must be a CUDA device, got {device} (CPU runs float32)"
+        )
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
 
 
@@ -320,14 +324,18 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
     saved, current = state.get("config"), config.to_dict()
     if not isinstance(saved, dict):
         raise UsageError(f"cannot resume from {checkpoint}: it holds no training settings")
+    # A finished checkpoint trains no further: the workers' augmentation streams do not matter.
+    finished = int(state.get("epoch", 0)) >= config.epochs
     changed = [
         f"{k}={saved.get(k)!r} -> {current[k]!r}"
         for k in _TRAJECTORY_FIELDS
-        if saved.get(k) != current[k]
+        if saved.get(k) != current[k] and not (finished and k == "num_workers")
     ]
     saved_run = state.get("run") or {}  # checkpoints from before run identities: settings only
     changed += [
-        f"{k} differs" if k == "parameters" else f"{k}={saved_run[k]!r} -> {run[k]!r}"
+        _parameters_change(saved_run[k], run[k])
+        if k == "parameters"
+        else f"{k}={saved_run[k]!r} -> {run[k]!r}"
         for k in run
         if k in saved_run and saved_run[k] != run[k]
     ]
@@ -336,6 +344,25 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
             f"cannot resume from {checkpoint}: it was trained with other settings or data "
             f"({', '.join(changed)}); resume with the same ones, or use another --out"
         )
+
+
+def _parameters_change(saved: dict, current: dict) -> str:
+    """Which model tensors differ between a checkpoint and this run: a few names each of the
+    missing, the new and the reshaped ones."""
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = [
+        f"{what} {names(keys)}"
+        for what, keys in (
+            ("the checkpoint lacks", [k for k in current if k not in saved]),
+            ("this model lacks", [k for k in saved if k not in current]),
+            ("other shapes for", [k for k in current if k in saved and saved[k] != current[k]]),
+        )
+        if keys
+    ]
+    return f"model tensors differ: {'; '.join(parts)}"
 
 
 def _log(message: str, config: TrainConfig, info: DistInfo) -> None:

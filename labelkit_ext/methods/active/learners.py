@@ -51,8 +51,9 @@ __all__ = [
 # Models whose builder takes a ``dropout`` rate before the final layer (needed for MC dropout).
 DROPOUT_MODELS = ("small-cnn", "wrn-28-10")
 # A round's fit is many epochs of a few batches: a checkpoint after each took up to 44 % of a
-# small-cnn round on CPU. It is written at most every 30 s and after the last epoch (which
-# makes a resumed round instant); a kill mid-round retrains at most 30 s of it, identically.
+# small-cnn round on CPU. Checkpoints are at least 30 s apart, plus one after the last epoch
+# (which makes a resumed round instant); a kill mid-round retrains about 30 s and an epoch of
+# it at most, identically.
 ROUND_CHECKPOINT_SECONDS = 30.0
 
 
