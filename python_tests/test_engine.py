@@ -319,6 +319,20 @@ def test_amp_dtype_is_bfloat16_only_where_the_gpu_computes_it(monkeypatch, capab
     assert not grad_scaler(torch.device("cpu"), True).is_enabled()  # CPU runs stay float32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float16_autocast_with_loss_scaling_trains_on_a_gpu(digits8, monkeypatch):
+    """What a T4 or V100 runs (float16 autocast + GradScaler), forced on the GPU at hand."""
+    import labelkit_ext.engine.loops as loops
+
+    monkeypatch.setattr(loops, "amp_dtype", lambda device: torch.float16)
+    assert loops.grad_scaler(torch.device("cuda"), True).is_enabled()
+    config = TrainConfig(epochs=3, batch_size=64, device="cuda", quiet=True)
+    result = fit(_model(), digits8.train, digits8.val, "multiclass", config)
+    losses = [r["train_loss"] for r in result.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert result.history[-1]["val_accuracy"] > 0.5
+
+
 def test_loss_scaling_trains_the_float32_weights_and_is_checkpointed(
     tmp_path, digits8, forced_loss_scaling
 ):
