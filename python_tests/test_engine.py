@@ -419,34 +419,23 @@ def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp
     with pytest.raises(UsageError, match=r"input_shape=\[1, 8, 8\] -> \[1, 12, 12\]"):
         model = build_model("small-cnn", 10, in_channels=1, image_size=12)
         fit(model, larger.train, larger.val, "multiclass", config, out_dir=tmp_path, resume=True)
+
+    def resume(model):
+        return fit(model, digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path,
+                   resume=True)  # fmt: skip
+
     wider = build_model("small-cnn", 10, in_channels=1, image_size=8, width=16)
     with pytest.raises(UsageError, match=r"model tensors differ: other shapes for features\.0\.w"):
-        fit(wider, digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path, resume=True)
+        resume(wider)
     counting = _model()
     counting.register_buffer("steps", torch.zeros((), dtype=torch.int64))  # a newer model version
     with pytest.raises(UsageError, match=r"model tensors differ: the checkpoint lacks steps\)"):
-        fit(
-            counting,
-            digits8.train,
-            digits8.val,
-            "multiclass",
-            config,
-            out_dir=tmp_path,
-            resume=True,
-        )
+        resume(counting)
     state = load_checkpoint(tmp_path / "checkpoint_last.pt")
     del state["config"]
     save_checkpoint(tmp_path / "checkpoint_last.pt", state)
     with pytest.raises(UsageError, match="holds no training settings"):
-        fit(
-            _model(),
-            digits8.train,
-            digits8.val,
-            "multiclass",
-            config,
-            out_dir=tmp_path,
-            resume=True,
-        )
+        resume(_model())
 
 
 # -- DDP on 2 gloo processes ------------------------------------------------------------------

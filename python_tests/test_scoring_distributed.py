@@ -3,6 +3,7 @@ single-process answer for top-k, reductions, k-center and BADGE."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,10 +44,19 @@ def _pool():
     return queries, keys, emb, emb_cos, probs
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_group(rank: int, init_file: str):
+    """This process as ``rank`` of a WORLD-process gloo group, one thread, left on exit."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    with _gloo_group(rank, init_file):
         queries, keys, emb, emb_cos, probs = _pool()
         ks, ke = shard_bounds(keys.shape[0])
         es, ee = shard_bounds(emb.shape[0])
@@ -67,8 +77,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for seed in (0, 1, 2):
             result[f"badge_{seed}"] = sharded_badge_select(probs[es:ee], emb[es:ee], 15, seed)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _single_process():
@@ -113,9 +121,7 @@ def test_sharded_equals_single_process(tmp_path):
 def _nan_worker(rank: int, init_file: str, out_dir: str) -> None:
     """Rank 1's shard holds a NaN: every helper must raise on both ranks (the plain op would
     raise on rank 1 alone and leave rank 0 waiting in the next collective)."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+    with _gloo_group(rank, init_file):
         queries, keys, emb, emb_cos, probs = _pool()
         ks, ke = shard_bounds(keys.shape[0])
         es, ee = shard_bounds(emb.shape[0])
@@ -140,8 +146,6 @@ def _nan_worker(rank: int, init_file: str, out_dir: str) -> None:
             except ValueError as exc:
                 errors[name] = str(exc)
         torch.save(errors, os.path.join(out_dir, f"nan{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_non_finite_shard_is_an_error_on_every_rank(tmp_path):
