@@ -40,6 +40,7 @@ __all__ = [
     "EpochEnd",
     "FitResult",
     "Predictions",
+    "StepSums",
     "amp_dtype",
     "autocast_for",
     "grad_scaler",
@@ -123,6 +124,25 @@ def _show_progress(quiet: bool, info: DistInfo) -> bool:
     return not quiet and info.is_main and sys.stderr.isatty()
 
 
+class StepSums:
+    """Running (loss x samples, correct decisions) of a training or evaluation pass, kept on the
+    device in float64 (the arithmetic of Python floats) and read once per pass: no step waits
+    for the GPU. Shared by the engine's and the methods' own loops."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, hits: torch.Tensor, samples: int) -> None:
+        """One step's mean ``loss`` over ``samples`` and its ``hits`` (device scalars)."""
+        self.values[0] += loss.detach().double() * samples
+        self.values[1] += hits
+
+    def read(self) -> tuple[float, float]:
+        """(loss sum, hits): a host sync."""
+        loss, hits = self.values.tolist()
+        return loss, hits
+
+
 def _hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Correct decisions, on the device: argmax hits, or per-label hits at logit 0."""
     if targets.ndim == 1:
@@ -146,11 +166,7 @@ def train_one_epoch(
     """One pass over ``loader``; returns the sample-weighted mean loss and accuracy (over all
     ranks' samples under DDP)."""
     model.train()
-    # Sums stay on the device (float64: the same arithmetic as Python floats), read once at
-    # the end: no host sync per step, so a GPU runs ahead of the Python loop.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    hit_sum = torch.zeros((), dtype=torch.float64, device=device)
-    decisions, seen = 0, 0
+    sums, decisions, seen = StepSums(device), 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
@@ -167,13 +183,12 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         n = len(targets)
-        loss_sum += loss.detach().double() * n
-        hit_sum += _hits(logits.detach(), targets)
+        sums.add(loss, _hits(logits.detach(), targets), n)
         decisions, seen = decisions + targets.numel(), seen + n
         if progress:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{sums.read()[0] / seen:.4f}", refresh=False)
     total_loss, correct, decisions, seen = sum_across_ranks(
-        [loss_sum.item(), hit_sum.item(), decisions, seen], dist_info or current_dist(), device
+        [*sums.read(), decisions, seen], dist_info or current_dist(), device
     )
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(decisions, 1)}
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
     DistInfo,
+    StepSums,
     TrainConfig,
     autocast_for,
     barrier,
@@ -40,7 +41,6 @@ from labelkit_ext.engine import (
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.methods.pretext.tasks import (
     PretextSettings,
-    StepOutput,
     build_pretext_net,
     jigsaw_permutations,
     pretext_step,
@@ -114,27 +114,16 @@ def evaluate_pretext(
     device = next(net.parameters()).device
     net.eval()
     generator = torch.Generator().manual_seed(seed)
-    sums, count, seen = _sums(device), 0, 0
+    sums, count, seen = StepSums(device), 0, 0
     for images, _ in _loader(dataset, config, False, device):
         if task == "contrastive" and len(images) < 2:
             continue
         with autocast_for(device, config.amp):
             out = pretext_step(task, net, images.to(device), settings, generator, permutations)
-        _add(sums, out, len(images))
+        sums.add(out.loss, out.correct, len(images))
         count, seen = count + out.count, seen + len(images)
-    total, correct = sums.tolist()
+    total, correct = sums.read()
     return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
-
-
-def _sums(device: torch.device) -> torch.Tensor:
-    """Running (loss x images, correct) on the device, float64 (the arithmetic of Python
-    floats), read once per pass: no host sync per step, so a GPU runs ahead of the loop."""
-    return torch.zeros(2, dtype=torch.float64, device=device)
-
-
-def _add(sums: torch.Tensor, out: StepOutput, images: int) -> None:
-    sums[0] += out.loss.detach().double() * images
-    sums[1] += out.correct
 
 
 def _train_epoch(
@@ -154,7 +143,7 @@ def _train_epoch(
     every rank's samples."""
     device = next(net.parameters()).device
     net.train()
-    sums, count, seen = _sums(device), 0, 0
+    sums, count, seen = StepSums(device), 0, 0
     progress = not config.quiet and info.is_main and sys.stderr.isatty()
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for images, _ in bar:
@@ -165,13 +154,13 @@ def _train_epoch(
         scaler.scale(out.loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        _add(sums, out, len(images))
+        sums.add(out.loss, out.correct, len(images))
         count, seen = count + out.count, seen + len(images)
         if progress:  # reads the sums: a sync, only with a bar on screen
-            total, correct = sums.tolist()
+            total, correct = sums.read()
             bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{correct / max(count, 1):.3f}",
                             refresh=False)  # fmt: skip
-    total, correct, count, seen = sum_across_ranks([*sums.tolist(), count, seen], info, device)
+    total, correct, count, seen = sum_across_ranks([*sums.read(), count, seen], info, device)
     return {"loss": total / max(seen, 1), "accuracy": correct / max(count, 1)}
 
 
