@@ -12,10 +12,12 @@ import pytest
 import torch
 from ddp_helpers import spawn
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from labelkit_ext.data import load_dataset
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
+    DistInfo,
     TrainConfig,
     amp_dtype,
     build_scheduler,
@@ -24,11 +26,14 @@ from labelkit_ext.engine import (
     format_table,
     grad_scaler,
     load_checkpoint,
+    loader_over,
     on_main,
     predict,
     save_checkpoint,
     seed_everything,
     select_device,
+    shuffle_epoch,
+    shuffled_loader,
     to_jsonable,
     topk_accuracy,
 )
@@ -222,6 +227,52 @@ def test_a_last_batch_of_one_sample_is_dropped(digits8):
     )
     result = fit(model, subset, None, "multiclass", TrainConfig(epochs=1, **TINY))
     assert len(result.history) == 1
+
+
+class _CountingTensors(torch.utils.data.TensorDataset):
+    """A TensorDataset that counts how often it is indexed."""
+
+    calls = 0
+
+    def __getitem__(self, index):
+        self.calls += 1
+        return super().__getitem__(index)
+
+
+def _batches(loader) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(batch) for batch in loader]
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+@pytest.mark.parametrize("subset", [False, True])
+def test_tensor_datasets_are_indexed_a_batch_at_a_time_in_the_usual_order(subset, rank):
+    """Precomputed features (a TensorDataset, or a Subset of one) are fetched with one index
+    per batch, in the order and batches a per-sample DataLoader gives: shuffled by the
+    generator (reseeded per epoch) or by a rank's DistributedSampler, the last one dropped."""
+    g = torch.Generator().manual_seed(0)
+    data = _CountingTensors(torch.randn(81, 3, generator=g), torch.arange(81))
+    dataset = torch.utils.data.Subset(data, range(1, 81, 2)) if subset else data
+    info = DistInfo(rank, 2) if rank is not None else DistInfo()
+    ours = shuffled_loader(dataset, info, seed=7, batch_size=6, drop_last=True)
+    if rank is None:
+        plain = DataLoader(
+            dataset, batch_size=6, drop_last=True, shuffle=True, generator=torch.Generator()
+        )
+    else:
+        sampler = DistributedSampler(dataset, 2, rank, shuffle=True, seed=7)
+        plain = DataLoader(dataset, batch_size=6, drop_last=True, sampler=sampler)
+    for epoch in (0, 1):
+        shuffle_epoch(ours, 7, epoch)
+        shuffle_epoch(plain, 7, epoch)
+        data.calls = 0
+        got = _batches(ours)
+        assert data.calls == len(got) == len(ours) > 1
+        want = _batches(plain)
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    ordered = loader_over(dataset, SequentialSampler(dataset), batch_size=6)
+    assert torch.equal(torch.cat([t for t, _ in ordered]), torch.stack([x for x, _ in dataset]))
 
 
 # -- checkpoints and resume -------------------------------------------------------------------

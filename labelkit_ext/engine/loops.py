@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -27,6 +27,7 @@ from labelkit_ext.engine.distributed import (
     current_dist,
     data_parallel,
     gather_shards,
+    loader_over,
     shuffle_epoch,
     shuffled_loader,
     sum_across_ranks,
@@ -213,8 +214,12 @@ def predict(
     info = dist_info or current_dist()
     total = len(dataset)
     shard = Subset(dataset, range(info.rank, total, info.world_size)) if info.enabled else dataset
-    loader = DataLoader(
-        shard, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda"
+    loader = loader_over(
+        shard,
+        SequentialSampler(shard),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     model.eval()
     logits, targets = [], []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine import (
@@ -31,6 +31,7 @@ from labelkit_ext.engine import (
     derive_seed,
     grad_scaler,
     load_checkpoint,
+    loader_over,
     save_checkpoint,
     seed_everything,
     select_device,
@@ -90,7 +91,7 @@ def _loader(
     }
     if shuffle:
         return shuffled_loader(dataset, info or current_dist(), config.seed, **common)
-    return DataLoader(dataset, shuffle=False, **common)
+    return loader_over(dataset, SequentialSampler(dataset), **common)
 
 
 def _stream(info: DistInfo, *parts: int) -> int:

@@ -27,6 +27,7 @@ from labelkit_ext.engine import (
     data_parallel,
     derive_seed,
     grad_scaler,
+    index_sampler,
     seed_everything,
     select_device,
     shuffled_loader,
@@ -255,8 +256,9 @@ def train_augmenter(
         augmenter.train()
         progress = not config.quiet and info.is_main and sys.stderr.isatty()
         for epoch in range(1, config.epochs + 1):
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)
+            sampler = index_sampler(loader)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
             bar = tqdm(loader, desc=f"stage 2 epoch {epoch}/{config.epochs}", leave=False,
                        disable=not progress, dynamic_ncols=True)  # fmt: skip
             first_step = len(fitted.steps)
