@@ -18,11 +18,12 @@ import labelkit_ext.nn.affine as affine_module
 from labelkit_ext import softmax_entropy
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import TrainConfig, seed_everything
+from labelkit_ext.engine import TrainConfig, load_checkpoint, save_checkpoint, seed_everything
 from labelkit_ext.methods.stn_augment import (
     VARIANTS,
     AugmentConfig,
     MixedAugmentation,
+    StnAugmentRunConfig,
     check_variants,
     fit_stn_augment,
     probe_entropy,
@@ -333,6 +334,41 @@ def test_augment_config_rejects_bad_values():
         AugmentConfig(disc_lr=0)
     with pytest.raises(ValueError, match="lambda_me must be >= 0"):
         AugmentConfig(lambda_me=-1)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        AugmentConfig(num_workers=-1)
+
+
+class _WorkerOnly(torch.utils.data.Dataset):
+    """Training images that refuse to be loaded outside a DataLoader worker process."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if torch.utils.data.get_worker_info() is None:
+            raise RuntimeError("loaded in the main process")
+        return self.dataset[index]
+
+
+def test_stage2_loads_its_training_images_in_num_workers_processes(digits8):
+    """``--num-workers`` reaches stage 2 (its augmented images were once always loaded in the
+    main process, starving a GPU)."""
+    probe = torch.stack([digits8.val[i][0] for i in range(8)])
+    train = _WorkerOnly(digits8.train)
+
+    def stage2(workers: int):
+        config = AugmentConfig(epochs=1, batch_size=512, device="cpu", quiet=True,
+                               num_workers=workers)  # fmt: skip
+        return train_augmenter(_classifier(), _adversaries()[0], train, probe, config)
+
+    with pytest.raises(RuntimeError, match="main process"):
+        stage2(0)
+    assert len(stage2(1).steps) == math.ceil(len(train) / 512)
+    run = StnAugmentRunConfig(train=TrainConfig(num_workers=3))
+    assert run.augment_config().num_workers == 3
 
 
 # -- stage 3 -----------------------------------------------------------------------------------
@@ -474,7 +510,13 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
     steps = {r["variants"][v]["stage3"]["train_steps"] for r in results["runs"].values()
              for v in ("no-affine", "random-affine", "stn-bounded")}  # fmt: skip
     assert len(steps) == 1
-    # resuming loads the finished stages instead of training them again
+    # resuming loads the finished stages instead of training them again, also an augmenter
+    # saved before stage 2 took num_workers (its settings lack the field)
+    augmenter_file = out / "seed1" / "stn-bounded" / "augmenter.pt"
+    state = load_checkpoint(augmenter_file)
+    assert state["config"].pop("num_workers") == 0
+    save_checkpoint(augmenter_file, state)
+    saved = augmenter_file.read_bytes()
     code = main(
         ["run", "stn-augment", "--dataset", "digits", "--image-size", "8", "--device", "cpu",
          "--quiet", "--epochs", "1", "--aug-epochs", "1", "--finetune-epochs", "1",
@@ -483,6 +525,7 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
     )  # fmt: skip
     again = json.loads((out / "results.json").read_text())
     assert code == 0 and again["table"] == results["table"]
+    assert augmenter_file.read_bytes() == saved  # loaded, not trained and written again
 
 
 @pytest.mark.parametrize(

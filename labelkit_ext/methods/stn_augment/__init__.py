@@ -162,13 +162,14 @@ class StnAugmentRunConfig:
         self.bounds()
 
     def augment_config(self) -> AugmentConfig:
-        """Stage 2's settings (batch size, device, AMP and verbosity from ``train``)."""
+        """Stage 2's settings (batch size, device, AMP, workers and verbosity from
+        ``train``)."""
         t = self.train
         return AugmentConfig(
             epochs=self.aug_epochs, batch_size=t.batch_size, lr=self.aug_lr,
             disc_lr=self.disc_lr, lambda_me=self.lambda_me, penalty_weight=self.penalty_weight,
             penalty_radius=self.penalty_radius, device=t.device, amp=t.amp,
-            probe_size=self.probe_size, quiet=t.quiet,
+            probe_size=self.probe_size, quiet=t.quiet, num_workers=t.num_workers,
         )  # fmt: skip
 
     def bounds(self) -> AffineBounds:

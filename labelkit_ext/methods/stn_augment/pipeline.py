@@ -119,7 +119,7 @@ def _stage2(
     file = folder / AUGMENTER_FILE if folder is not None else None
     if resume and file is not None and file.is_file():
         state = load_checkpoint(file)
-        if state["config"] == config.to_dict():
+        if _same_stage2_settings(state["config"], config):
             augmenter.load_state_dict(state["augmenter"])
             augmenter.eval()
             _log(f"{variant.name}: augmenter loaded from {file}", config.quiet)
@@ -152,6 +152,11 @@ def _stage2(
             },
         )
     return fitted
+
+
+def _same_stage2_settings(saved: dict, config: AugmentConfig) -> bool:
+    # An augmenter saved before stage 2 took num_workers was loaded in the main process.
+    return {"num_workers": 0, **saved} == config.to_dict()
 
 
 @torch.no_grad()
@@ -275,8 +280,9 @@ def fit_stn_augment(
         config, epochs=DEFAULT_FINETUNE_EPOCHS, lr=DEFAULT_FINETUNE_LR
     )
     augment_config = augment_config or AugmentConfig(
-        batch_size=config.batch_size, device=config.device, amp=config.amp, quiet=config.quiet
-    )
+        batch_size=config.batch_size, device=config.device, amp=config.amp, quiet=config.quiet,
+        num_workers=config.num_workers,
+    )  # fmt: skip
     names = check_variants(variants)
     seeds = _check_arguments(seeds, mix, splits)
     bounds = bounds or AffineBounds()

@@ -67,12 +67,17 @@ class AugmentConfig:
     amp: bool = True
     probe_size: int = 512  # held-out images whose warps are measured after every epoch
     quiet: bool = False
+    # DataLoader worker processes for the (augmented) training images; as in stage 1, each
+    # worker draws its own augmentation stream, so another count is another run.
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self)
         for name in ("epochs", "batch_size", "probe_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise UsageError(f"num_workers must be >= 0, got {self.num_workers}")
         for name in ("lr", "disc_lr"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -244,7 +249,8 @@ def train_augmenter(
         seed_everything(derive_seed(config.seed, info.rank))
     # One process draws every epoch's order from one generator seeded once (as it always has).
     loader = shuffled_loader(train_set, info, config.seed, torch.Generator().manual_seed(config.seed),
-                             batch_size=config.batch_size, pin_memory=device.type == "cuda")  # fmt: skip
+                             batch_size=config.batch_size, num_workers=config.num_workers,
+                             pin_memory=device.type == "cuda")  # fmt: skip
     fitted = AugmenterFit()
     tic = time.perf_counter()
     with frozen(classifier):
