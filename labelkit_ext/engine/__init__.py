@@ -5,6 +5,7 @@ from labelkit_ext.engine.checkpoint import load_checkpoint, save_checkpoint
 from labelkit_ext.engine.config import (
     OPTIMIZERS,
     SCHEDULERS,
+    TRAJECTORY_FIELDS,
     TrainConfig,
     build_optimizer,
     build_scheduler,
@@ -65,6 +66,7 @@ __all__ = [
     "LAST_CHECKPOINT",
     "OPTIMIZERS",
     "SCHEDULERS",
+    "TRAJECTORY_FIELDS",
     "DistInfo",
     "EpochEnd",
     "FitResult",

@@ -13,6 +13,7 @@ from labelkit_ext.engine.device import check_device_spec
 from labelkit_ext.errors import UsageError
 
 __all__ = [
+    "TRAJECTORY_FIELDS",
     "OPTIMIZERS",
     "SCHEDULERS",
     "TrainConfig",
@@ -23,6 +24,10 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
+#: ``TrainConfig`` fields that fix an optimisation's trajectory: a resumed run must match its
+#: checkpoint on them (``fit`` adds ``num_workers``, its augmentation streams).
+TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
+                     "scheduler", "step_size", "gamma", "seed")  # fmt: skip
 
 
 def option(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, **cli: Any) -> Any:

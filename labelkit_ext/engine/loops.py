@@ -18,7 +18,12 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
 from labelkit_ext.engine.checkpoint import load_checkpoint, save_checkpoint
-from labelkit_ext.engine.config import TrainConfig, build_optimizer, build_scheduler
+from labelkit_ext.engine.config import (
+    TRAJECTORY_FIELDS,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+)
 from labelkit_ext.engine.device import select_device
 from labelkit_ext.engine.distributed import (
     DistInfo,
@@ -306,21 +311,8 @@ def _start_epoch(loader: DataLoader, config: TrainConfig, epoch: int, info: Dist
     shuffle_epoch(loader, config.seed, epoch)
 
 
-# Settings that change the training trajectory; a resumed run must match its checkpoint on these.
-_TRAJECTORY_FIELDS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "optimizer",
-    "momentum",
-    "weight_decay",
-    "scheduler",
-    "step_size",
-    "gamma",
-    "seed",
-    # Each worker draws the augmentation from its own seeded stream: another count, another run.
-    "num_workers",
-)
+# Each worker draws the augmentation from its own seeded stream: another count, another run.
+_FIT_TRAJECTORY_FIELDS = (*TRAJECTORY_FIELDS, "num_workers")
 
 
 def run_identity(
@@ -348,7 +340,7 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
     finished = int(state.get("epoch", 0)) >= config.epochs
     changed = [
         f"{k}={saved.get(k)!r} -> {current[k]!r}"
-        for k in _TRAJECTORY_FIELDS
+        for k in _FIT_TRAJECTORY_FIELDS
         if saved.get(k) != current[k] and not (finished and k == "num_workers")
     ]
     saved_run = state.get("run") or {}  # checkpoints from before run identities: settings only

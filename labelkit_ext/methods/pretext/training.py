@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
+    TRAJECTORY_FIELDS,
     DistInfo,
     StepSums,
     TrainConfig,
@@ -50,8 +51,6 @@ from labelkit_ext.methods.pretext.tasks import (
 __all__ = ["PretextFit", "evaluate_pretext", "train_pretext"]
 
 # What fixes the training trajectory (as engine.fit checks on resume); quiet, device etc. may change.
-_TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
-                      "scheduler", "step_size", "gamma", "seed")  # fmt: skip
 # Seed stream of the fixed validation batches (apart from every epoch's training stream).
 _VAL_STREAM = 1_000_003
 
@@ -172,10 +171,11 @@ def _resume(
         return None
     state = load_checkpoint(checkpoint)
     saved_config = state.get("config") or {}
+    # Not num_workers: the images are not augmented, and the batches are drawn in this process.
     saved = {"task": state.get("task"), "settings": state.get("settings"),
-             **{k: saved_config.get(k) for k in _TRAJECTORY_FIELDS}}  # fmt: skip
+             **{k: saved_config.get(k) for k in TRAJECTORY_FIELDS}}  # fmt: skip
     current = {"task": task, "settings": settings.to_dict(),
-               **{k: getattr(config, k) for k in _TRAJECTORY_FIELDS}}  # fmt: skip
+               **{k: getattr(config, k) for k in TRAJECTORY_FIELDS}}  # fmt: skip
     changed = [k for k in current if saved[k] != current[k]]
     if changed:
         raise ValueError(
