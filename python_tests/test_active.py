@@ -741,6 +741,37 @@ def test_pairwise_strategies_split_the_pool_over_ranks_and_select_as_one_process
                 assert picks[f"{key}-own-rows"] == expected, key
 
 
+def _cluster_margin_worker(rank: int, out_dir: str) -> None:
+    import labelkit_ext.distributed as sharded
+    from labelkit_ext.engine import current_dist
+
+    keys_seen = []
+    plain_topk = sharded.cosine_topk
+
+    def counting_topk(queries, keys, *args, **kwargs):
+        keys_seen.append(keys.shape[0])
+        return plain_topk(queries, keys, *args, **kwargs)
+
+    sharded.cosine_topk = counting_topk
+    scores, labeled, labels = _sharded_pool()
+    picks = _sharded_select("cluster-margin", {"num_clusters": 7}, scores, labeled, labels,
+                            current_dist())  # fmt: skip
+    Path(out_dir, f"picks{rank}.json").write_text(json.dumps([picks, keys_seen]))
+
+
+def test_cluster_margin_splits_its_k_means_over_ranks_and_clusters_as_one_process(tmp_path):
+    """Under torchrun each rank assigns the pool to its share of the 7 centres (4 or 3 of
+    them); the clusters, and so the query, are one process's."""
+    spawn(_cluster_margin_worker, str(tmp_path))
+    scores, labeled, labels = _sharded_pool()
+    expected = _sharded_select("cluster-margin", {"num_clusters": 7}, scores, labeled, labels)
+    assert len(expected) == 12 and not set(expected) & set(labeled)
+    for rank in range(2):
+        picks, keys_seen = json.loads((tmp_path / f"picks{rank}.json").read_text())
+        assert picks == expected
+        assert keys_seen and set(keys_seen) == {4 - rank}
+
+
 def test_non_finite_pool_scores_are_refused_before_selection():
     scores, labeled, labels = _sharded_pool()
     scores.embeddings[30, 2] = float("inf")

@@ -5,13 +5,17 @@ first: uncertain and diverse at the cost of one margin pass per round.
 
 The clustering is spherical k-means on our ops: k-center greedy (cosine) seeds the centres,
 ``cosine_topk(k=1)`` assigns every sample to its nearest centre, never an N x K matrix in
-memory beyond the top-1. It is kept in ``state_dict`` so a resumed run uses the same clusters.
+memory beyond the top-1. Under torchrun (a context with ``dist_info``) the ranks split the
+seeding by samples and every assignment by centres (``labelkit_ext.distributed``), with one
+process's result. It is kept in ``state_dict`` so a resumed run uses the same clusters.
 """
 
 from __future__ import annotations
 
 import torch
 
+from labelkit_ext.distributed import shard_bounds, sharded_cosine_topk, sharded_kcenter_greedy
+from labelkit_ext.engine.distributed import DistInfo
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.active.strategies.base import (
     SelectionContext,
@@ -19,21 +23,32 @@ from labelkit_ext.methods.active.strategies.base import (
     register_strategy,
     top_unlabeled,
 )
-from labelkit_ext.ops.scoring import cosine_topk, kcenter_greedy, uncertainty
+from labelkit_ext.ops.scoring import uncertainty
 
 __all__ = ["ClusterMarginStrategy", "round_robin", "spherical_kmeans"]
 
 
-def spherical_kmeans(x: torch.Tensor, num_clusters: int, iterations: int = 20) -> torch.Tensor:
-    """(N,) int64 cluster ids of the rows of ``x`` (N, D) by cosine k-means, deterministic."""
+def spherical_kmeans(
+    x: torch.Tensor, num_clusters: int, iterations: int = 20, dist_info: DistInfo | None = None
+) -> torch.Tensor:
+    """(N,) int64 cluster ids of the rows of ``x`` (N, D) by cosine k-means, deterministic.
+
+    ``dist_info`` of several ranks (each holding all of ``x``, every rank must call): each rank
+    seeds from its share of the rows and assigns every row to its share of the centres; the ids
+    are one process's. Without it, no collective.
+    """
+    info = dist_info or DistInfo()
     n = x.shape[0]
     if not 1 <= num_clusters <= n:
         raise UsageError(f"num_clusters must be in [1, {n}], got {num_clusters}")
     x = torch.nn.functional.normalize(x.float(), dim=1)
-    centres = x[kcenter_greedy(x, num_clusters, metric="cosine")]
+    rows = slice(*shard_bounds(n, info))
+    seeds = sharded_kcenter_greedy(x[rows], num_clusters, metric="cosine", dist_info=info)
+    centres = x[seeds.to(x.device)]
+    own = slice(*shard_bounds(num_clusters, info))
     assign = torch.full((n,), -1, dtype=torch.long, device=x.device)
     for _ in range(iterations):
-        new = cosine_topk(x, centres, 1).indices[:, 0]
+        new = sharded_cosine_topk(x, centres[own], 1, dist_info=info).indices[:, 0]
         if torch.equal(new, assign):
             break
         assign = new
@@ -97,7 +112,7 @@ class ClusterMarginStrategy(Strategy):
         embeddings = ctx.require("embeddings", self.name)
         if self.clusters is None:
             k = min(self.num_clusters or ctx.budget, ctx.pool_size)
-            self.clusters = spherical_kmeans(embeddings, k).cpu()
+            self.clusters = spherical_kmeans(embeddings, k, dist_info=ctx.dist_info).cpu()
         elif self.clusters.shape != (ctx.pool_size,):
             raise UsageError(
                 f"saved clusters cover {self.clusters.shape[0]} samples, the pool has {ctx.pool_size}"
