@@ -229,28 +229,28 @@ def test_a_last_batch_of_one_sample_is_dropped(digits8):
     assert len(result.history) == 1
 
 
-class _CountingTensors(torch.utils.data.TensorDataset):
-    """A TensorDataset that counts how often it is indexed."""
-
-    calls = 0
-
-    def __getitem__(self, index):
-        self.calls += 1
-        return super().__getitem__(index)
-
-
 def _batches(loader) -> list[tuple[torch.Tensor, ...]]:
     return [tuple(batch) for batch in loader]
 
 
 @pytest.mark.parametrize("rank", [None, 1])
 @pytest.mark.parametrize("subset", [False, True])
-def test_tensor_datasets_are_indexed_a_batch_at_a_time_in_the_usual_order(subset, rank):
+def test_tensor_datasets_are_indexed_a_batch_at_a_time_in_the_usual_order(
+    subset, rank, monkeypatch
+):
     """Precomputed features (a TensorDataset, or a Subset of one) are fetched with one index
     per batch, in the order and batches a per-sample DataLoader gives: shuffled by the
     generator (reseeded per epoch) or by a rank's DistributedSampler, the last one dropped."""
     g = torch.Generator().manual_seed(0)
-    data = _CountingTensors(torch.randn(81, 3, generator=g), torch.arange(81))
+    data = torch.utils.data.TensorDataset(torch.randn(81, 3, generator=g), torch.arange(81))
+    indexed = []
+    plain_getitem = torch.utils.data.TensorDataset.__getitem__
+
+    def counting_getitem(self, index):
+        indexed.append(index)
+        return plain_getitem(self, index)
+
+    monkeypatch.setattr(torch.utils.data.TensorDataset, "__getitem__", counting_getitem)
     dataset = torch.utils.data.Subset(data, range(1, 81, 2)) if subset else data
     info = DistInfo(rank, 2) if rank is not None else DistInfo()
     ours = shuffled_loader(dataset, info, seed=7, batch_size=6, drop_last=True)
@@ -264,15 +264,32 @@ def test_tensor_datasets_are_indexed_a_batch_at_a_time_in_the_usual_order(subset
     for epoch in (0, 1):
         shuffle_epoch(ours, 7, epoch)
         shuffle_epoch(plain, 7, epoch)
-        data.calls = 0
+        indexed.clear()
         got = _batches(ours)
-        assert data.calls == len(got) == len(ours) > 1
+        assert len(indexed) == len(got) == len(ours) > 1
         want = _batches(plain)
         assert len(got) == len(want)
         for a, b in zip(got, want, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     ordered = loader_over(dataset, SequentialSampler(dataset), batch_size=6)
     assert torch.equal(torch.cat([t for t, _ in ordered]), torch.stack([x for x, _ in dataset]))
+
+
+class _PerSampleTensors(torch.utils.data.TensorDataset):
+    """A TensorDataset subclass that transforms one sample at a time (an int index only)."""
+
+    def __getitem__(self, index: int):
+        x, y = super().__getitem__(index)
+        return x.flip(0), int(y)
+
+
+def test_tensor_dataset_subclasses_are_indexed_a_sample_at_a_time():
+    data = _PerSampleTensors(torch.randn(10, 3), torch.arange(10))
+    for dataset in (data, torch.utils.data.Subset(data, range(7))):
+        loader = loader_over(dataset, SequentialSampler(dataset), batch_size=4)
+        batches = list(loader)
+        assert [len(y) for _, y in batches] == ([4, 4, 2] if dataset is data else [4, 3])
+        assert torch.equal(batches[0][0][1], data.tensors[0][1].flip(0))
 
 
 # -- checkpoints and resume -------------------------------------------------------------------

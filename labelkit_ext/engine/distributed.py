@@ -114,7 +114,7 @@ def loader_over(
     """A ``DataLoader`` of ``dataset`` in ``sampler``'s order, ``batch_size`` at a time.
 
     A dataset held in tensors (a ``TensorDataset``, or a ``Subset`` of one: precomputed
-    features) is indexed once per batch rather than once per sample and then stacked: the same
+    features; not their subclasses) is indexed once per batch rather than once per sample and then stacked: the same
     batches without a Python call per row (a third of a small head's epoch on features).
     """
     if _indexes_whole_batches(dataset):
@@ -126,9 +126,10 @@ def loader_over(
 
 
 def _indexes_whole_batches(dataset: Dataset) -> bool:
-    while isinstance(dataset, Subset):  # a Subset passes a list of indices on to its dataset
+    # Exact types: a subclass may index one sample at a time (a transform per sample).
+    while type(dataset) is Subset:  # a Subset passes a list of indices on to its dataset
         dataset = dataset.dataset
-    return isinstance(dataset, TensorDataset)
+    return type(dataset) is TensorDataset
 
 
 def index_sampler(loader: DataLoader) -> Sampler:
