@@ -481,7 +481,10 @@ def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp
     config = TrainConfig(epochs=1, **TINY)
     fit(_model(), digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path)
     fewer = torch.utils.data.Subset(digits8.train, range(len(digits8.train) - 5))
-    with pytest.raises(UsageError, match=r"other settings or data \(train_samples=\d+ -> \d+\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"other settings or data \(train_samples=\d+ -> \d+, other training samples or",
+    ):
         fit(_model(), fewer, digits8.val, "multiclass", config, out_dir=tmp_path, resume=True)
     larger = load_dataset("digits", image_size=12)
     with pytest.raises(UsageError, match=r"input_shape=\[1, 8, 8\] -> \[1, 12, 12\]"):
@@ -504,6 +507,33 @@ def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp
     save_checkpoint(tmp_path / "checkpoint_last.pt", state)
     with pytest.raises(UsageError, match="holds no training settings"):
         resume(_model())
+
+
+def test_resume_refuses_another_split_augmentation_or_caller_identity(tmp_path, digits8):
+    """A finished run resumed on another split (same sizes) would score its weights on images
+    they were trained on; without augmentation, or with another caller fact, it is another
+    run. The same data loaded again resumes."""
+    config = TrainConfig(epochs=1, **TINY)
+    fit(_model(), digits8.train, digits8.val, "multiclass", config, out_dir=tmp_path,
+        identity={"mix": 0.5})  # fmt: skip
+
+    def resume(splits, identity=None):
+        return fit(_model(), splits.train, splits.val, "multiclass", config, out_dir=tmp_path,
+                   resume=True, identity=identity or {"mix": 0.5})  # fmt: skip
+
+    other_split = load_dataset("digits", image_size=8, split_seed=5)
+    assert len(other_split.train) == len(digits8.train)
+    with pytest.raises(UsageError, match=r"\(other training samples or order \(another "
+                       r"--split-seed or data set\?\)\)"):  # fmt: skip
+        resume(other_split)
+    plain = load_dataset("digits", image_size=8, augment=False)
+    with pytest.raises(UsageError, match=r"training transform ImageTransform\(padding=1, "
+                       r"flip=False\) -> ImageTransform\(padding=None, flip=False\)"):  # fmt: skip
+        resume(plain)
+    with pytest.raises(UsageError, match=r"\(mix=0\.5 -> 1\.0\)"):
+        resume(digits8, {"mix": 1.0})
+    again = resume(load_dataset("digits", image_size=8))
+    assert again.resumed_from == 1
 
 
 # -- DDP on 2 gloo processes ------------------------------------------------------------------

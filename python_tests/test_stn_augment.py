@@ -492,12 +492,11 @@ def test_fit_stn_augment_rejects_bad_arguments(digits8):
 
 def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(
-        ["run", "stn-augment", "--dataset", "digits", "--image-size", "8", "--device", "cpu",
-         "--quiet", "--epochs", "1", "--aug-epochs", "1", "--finetune-epochs", "1",
-         "--num-seeds", "2", "--variants", "no-affine", "random-affine", "stn-bounded",
-         "--probe-size", "32", "--out", str(out)]
-    )  # fmt: skip
+    args = ["run", "stn-augment", "--dataset", "digits", "--image-size", "8", "--device", "cpu",
+            "--quiet", "--epochs", "1", "--aug-epochs", "1", "--finetune-epochs", "1",
+            "--num-seeds", "2", "--variants", "no-affine", "random-affine", "stn-bounded",
+            "--probe-size", "32", "--out", str(out)]  # fmt: skip
+    code = main(args)
     assert code == 0
     printed = capsys.readouterr().out
     assert "stn-bounded" in printed and "random-affine" in printed and "test acc %" in printed
@@ -517,15 +516,23 @@ def test_run_stn_augment_cli_end_to_end(tmp_path, capsys):
     assert state["config"].pop("num_workers") == 0
     save_checkpoint(augmenter_file, state)
     saved = augmenter_file.read_bytes()
-    code = main(
-        ["run", "stn-augment", "--dataset", "digits", "--image-size", "8", "--device", "cpu",
-         "--quiet", "--epochs", "1", "--aug-epochs", "1", "--finetune-epochs", "1",
-         "--num-seeds", "2", "--variants", "no-affine", "random-affine", "stn-bounded",
-         "--probe-size", "32", "--out", str(out), "--resume"]
-    )  # fmt: skip
+    code = main([*args, "--resume"])
     again = json.loads((out / "results.json").read_text())
     assert code == 0 and again["table"] == results["table"]
     assert augmenter_file.read_bytes() == saved  # loaded, not trained and written again
+    resumed = {v: r["variants"][v]["stage3"]["resumed_from_epoch"]
+               for r in again["runs"].values() for v in ("random-affine", "stn-bounded")}  # fmt: skip
+    assert resumed == {"random-affine": 1, "stn-bounded": 1}
+    # Another stage 2 (--lambda-me): its stage 3 starts again, the other variants' resume.
+    code = main([*args, "--resume", "--lambda-me", "1"])
+    changed = json.loads((out / "results.json").read_text())["runs"]
+    assert code == 0 and augmenter_file.read_bytes() != saved
+    for run in changed.values():
+        assert run["variants"]["stn-bounded"]["stage3"]["resumed_from_epoch"] == 0
+        assert run["variants"]["random-affine"]["stage3"]["resumed_from_epoch"] == 1
+    # Another --mix: stage 3 was trained with the old one
+    assert main([*args, "--resume", "--lambda-me", "1", "--mix", "1"]) == 2
+    assert "mix=0.5 -> 1.0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from labelkit_ext.errors import UsageError, reading
+from labelkit_ext.fingerprint import tensor_digest
 
 __all__ = [
     "DatasetInfo",
@@ -145,7 +146,20 @@ def _check_targets(targets: torch.Tensor, task: str, k: int, where: str) -> None
         )
 
 
-class TensorImageDataset(Dataset):
+class _SplitDataset(Dataset):
+    """A data set's split, which says what identifies it."""
+
+    targets: torch.Tensor
+    transform: Callable | None
+
+    def fingerprint(self) -> dict[str, str]:
+        """What a resumed training run must find unchanged (``engine.fit`` checks it): the
+        targets in order (another split seed or data set gives others) and the transform
+        (augmented or not)."""
+        return {"targets": tensor_digest(self.targets), "transform": repr(self.transform)}
+
+
+class TensorImageDataset(_SplitDataset):
     """uint8 images in memory; ``transform`` maps a (C, H, W) uint8 tensor to the model input."""
 
     def __init__(self, split: ArraySplit, transform: Callable | None = None) -> None:
@@ -161,7 +175,7 @@ class TensorImageDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[i]
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(_SplitDataset):
     """Grayscale image files read on demand and resized to ``image_size`` squares."""
 
     def __init__(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
@@ -40,6 +41,7 @@ from labelkit_ext.engine.distributed import (
 from labelkit_ext.engine.metrics import classification_metrics, scores_from_logits
 from labelkit_ext.engine.seeding import derive_seed, seed_everything
 from labelkit_ext.errors import UsageError
+from labelkit_ext.fingerprint import tensor_digest
 
 __all__ = [
     "LAST_CHECKPOINT",
@@ -319,9 +321,10 @@ def run_identity(
     model: nn.Module, train_set: Dataset, val_set: Dataset | None, class_names
 ) -> dict[str, Any]:
     """What a checkpoint was trained on besides its settings: the architecture (class and
-    parameter shapes), the data's sizes, one input's shape and the class names. A resume from
-    another data set, image size or model would otherwise continue silently from foreign
-    weights (or fail in load_state_dict)."""
+    parameter shapes), the data's sizes, one input's shape, the class names and the training
+    data's fingerprint (``data_fingerprint``). A resume from another data set, split, image
+    size or model would otherwise continue silently from foreign weights (or fail in
+    load_state_dict), and score them on images they were trained on."""
     return {
         "model": type(model).__name__,
         "parameters": {k: list(v.shape) for k, v in model.state_dict().items()},
@@ -329,7 +332,19 @@ def run_identity(
         "val_samples": len(val_set) if val_set is not None else None,
         "input_shape": list(train_set[0][0].shape) if len(train_set) else None,
         "class_names": list(class_names) if class_names is not None else None,
+        "data": data_fingerprint(train_set),
     }
+
+
+def data_fingerprint(dataset: Dataset) -> dict[str, Any] | None:
+    """What identifies a training set: its own ``fingerprint()`` where it has one (the data
+    sets of ``labelkit_ext.data``: a digest of the targets in order and the transform), under
+    the digests of the indices of the ``Subset``s around it; None when nothing is known."""
+    if isinstance(dataset, Subset):
+        indices = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
+        return {"indices": tensor_digest(indices), "of": data_fingerprint(dataset.dataset)}
+    describe = getattr(dataset, "fingerprint", None)
+    return describe() if callable(describe) else None
 
 
 def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Path) -> None:
@@ -344,9 +359,10 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
         if saved.get(k) != current[k] and not (finished and k == "num_workers")
     ]
     saved_run = state.get("run") or {}  # checkpoints from before run identities: settings only
+    describe = {"parameters": _parameters_change, "data": _data_change}
     changed += [
-        _parameters_change(saved_run[k], run[k])
-        if k == "parameters"
+        describe[k](saved_run[k], run[k])
+        if k in describe
         else f"{k}={saved_run[k]!r} -> {run[k]!r}"
         for k in run
         if k in saved_run and saved_run[k] != run[k]
@@ -356,6 +372,32 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
             f"cannot resume from {checkpoint}: it was trained with other settings or data "
             f"({', '.join(changed)}); resume with the same ones, or use another --out"
         )
+
+
+def _data_change(saved: dict | None, current: dict | None) -> str:
+    """What differs between two ``data_fingerprint``s: the samples, the transform, or both."""
+    a, b = _leaves(saved), _leaves(current)
+    keys = sorted(a.keys() | b.keys())
+    parts = []
+    if any(a.get(k) != b.get(k) for k in keys if not k.endswith("transform")):
+        parts.append("other training samples or order (another --split-seed or data set?)")
+    parts += [
+        f"training transform {a.get(k)} -> {b.get(k)} (--no-augment?)"
+        for k in keys
+        if k.endswith("transform") and a.get(k) != b.get(k)
+    ]
+    return ", ".join(parts)
+
+
+def _leaves(tree: Any, path: str = "") -> dict[str, Any]:
+    """A nested dict's leaves by dotted path."""
+    if not isinstance(tree, dict):
+        return {path: tree}
+    return {
+        k: v
+        for key, value in tree.items()
+        for k, v in _leaves(value, f"{path}.{key}" if path else key).items()
+    }
 
 
 def _parameters_change(saved: dict, current: dict) -> str:
@@ -425,6 +467,7 @@ def fit(
     callbacks: Sequence[Callable[[EpochEnd], None]] = (),
     loss_fn: nn.Module | None = None,
     checkpoint_seconds: float = 0.0,
+    identity: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs, validating after each.
 
@@ -436,6 +479,10 @@ def fit(
     ``init_distributed``) the model is wrapped in DDP and each rank trains on its
     ``DistributedSampler`` share. Seed the model's initialisation yourself
     (``seed_everything``) before building it.
+
+    A resume is refused (``UsageError`` naming what differs) when the checkpoint was trained
+    with other settings, model or data (``run_identity``) or other ``identity``: JSON-like
+    facts of the caller's own that the run depends on (a method's options outside ``config``).
     """
     if not (isinstance(checkpoint_seconds, (int, float)) and 0 <= checkpoint_seconds < math.inf):
         raise ValueError(
@@ -450,7 +497,7 @@ def fit(
     loss_fn = loss_fn or loss_for_task(task)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     result = FitResult(model=model, device=device)
-    run = run_identity(model, train_set, val_set, class_names) if checkpoint else {}
+    run = {**run_identity(model, train_set, val_set, class_names), **(identity or {})}
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, map_location=device)
         _check_resumable(state, config, run, checkpoint)

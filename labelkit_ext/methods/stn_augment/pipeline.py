@@ -26,6 +26,7 @@ from labelkit_ext.engine import (
     seed_everything,
 )
 from labelkit_ext.errors import UsageError
+from labelkit_ext.fingerprint import module_digest
 from labelkit_ext.methods.common import dataset_summary, write_results
 from labelkit_ext.methods.stn_augment.report import (
     plot_accuracy,
@@ -113,9 +114,9 @@ def _stage2(
     config: AugmentConfig,
     folder: Path | None,
     resume: bool,
-) -> AugmenterFit:
+) -> tuple[AugmenterFit, bool]:
     """Train the variant's augmenter, or load it from ``folder`` when resuming a finished one
-    trained with the same settings."""
+    trained with the same settings; also whether it was loaded."""
     file = folder / AUGMENTER_FILE if folder is not None else None
     if resume and file is not None and file.is_file():
         state = load_checkpoint(file)
@@ -123,7 +124,7 @@ def _stage2(
             augmenter.load_state_dict(state["augmenter"])
             augmenter.eval()
             _log(f"{variant.name}: augmenter loaded from {file}", config.quiet)
-            return AugmenterFit(**state["stage2"])
+            return AugmenterFit(**state["stage2"]), True
         _log(f"{variant.name}: {file} was trained with other settings; retraining", config.quiet)
     discriminator = build_discriminator(variant, splits.info.in_channels)
     fitted = train_augmenter(
@@ -151,7 +152,7 @@ def _stage2(
                 "variant": variant.name,
             },
         )
-    return fitted
+    return fitted, False
 
 
 def _same_stage2_settings(saved: dict, config: AugmentConfig) -> bool:
@@ -188,8 +189,9 @@ def _run_variant(
     seed_everything(derive_seed(seed, index))
     augmenter = build_augmenter(variant, info.in_channels, bounds)
     record: dict[str, Any] = {"stage2": None, "warp": None}
+    stage2_loaded = True
     if variant.learnt:
-        stage2 = _stage2(
+        stage2, stage2_loaded = _stage2(
             variant,
             stage1,
             augmenter,
@@ -217,8 +219,11 @@ def _run_variant(
         info.task,
         replace(finetune_config, seed=seed),  # same data order and mixing draws for every variant
         out_dir=folder / "finetune" if folder is not None else None,
-        resume=resume,
+        # A stage 3 saved with the augmenter that stage 2 has just replaced starts again.
+        resume=resume and stage2_loaded,
         class_names=info.class_names,
+        # Its checkpoint holds the augmenter's weights too: a changed one is refused, as --mix.
+        identity={"mix": mix, "augmenter": module_digest(augmenter)},
     )
     record["stage3"] = {
         "history": fitted.history,
