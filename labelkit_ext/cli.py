@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Mistakes in what was asked for (``UsageError``: a bad option value, a missing data file)
     print one ``labelkit: error:`` line and return 2; anything else is a bug and raises with
     its traceback (exit 1). Running out of memory during a run counts as the former: the
-    message says which settings to lower.
+    message says which settings to lower. Ctrl-C prints one line and returns 130.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(build_parser(with_methods=argv[:1] == ["run"]), argv)
@@ -207,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"labelkit: error: {_usage_message(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; the checkpoints written so far stay
+        hint = " (the same command with --resume continues it)" if args.command == "run" else ""
+        print(f"\nlabelkit: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 def _usage_message(exc: Exception) -> str:

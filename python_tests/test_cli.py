@@ -433,6 +433,9 @@ def test_an_unusable_out_folder_fails_before_training(tmp_path, capsys):
     assert "--out" in err and "cannot create the output folder" in err
     err = _one_line_error(["run", "supervised", *TINY, "--out", str(afile)], capsys)
     assert "--out" in err and "is a file, not a folder" in err
+    for empty in ("", "  "):  # it would write into the current folder
+        err = _one_line_error(["run", "supervised", *TINY, "--out", empty], capsys)
+        assert f"--out must name a folder, got {empty!r} (leave it out for runs/" in err
 
 
 @pytest.mark.parametrize("content", [b"", b"not an npz at all" * 8], ids=["empty", "garbage"])
@@ -567,6 +570,22 @@ def test_running_out_of_memory_says_what_to_lower(monkeypatch, capsys, tmp_path,
         f"labelkit: error: out of memory ({reason}): lower --batch-size / --eval-batch-size "
         "or --image-size"
     )
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(monkeypatch, capsys, tmp_path):
+    from labelkit_ext.methods import registry
+
+    def run(config, out_dir, resume=False):
+        raise KeyboardInterrupt
+
+    method = registry.get_method("supervised")
+    monkeypatch.setitem(registry._METHODS, "supervised", replace(method, run=run))
+    assert main(["run", "supervised", "--out", str(tmp_path)]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "labelkit: interrupted (the same command with --resume continues it)"
+    )
+    assert "Traceback" not in captured.err + captured.out
 
 
 def test_other_runtime_errors_keep_their_traceback(monkeypatch, tmp_path):

@@ -121,6 +121,10 @@ def test_config_is_validated():
         TrainConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+    for name in ("lr", "weight_decay"):  # the optimisers' float32 arithmetic overflows
+        with pytest.raises(UsageError, match=rf"{name} must be at most 3\.403e\+38 \(float32\)"):
+            TrainConfig(**{name: 1e39})
+        TrainConfig(**{name: 3e38})
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     step = build_scheduler(optimizer, TrainConfig(scheduler="step", step_size=2, gamma=0.5))
     lrs = []

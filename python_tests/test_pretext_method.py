@@ -19,6 +19,7 @@ from labelkit_ext import hamming_permutations
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
 from labelkit_ext.engine import LAST_CHECKPOINT, TrainConfig, fit, load_checkpoint, seed_everything
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext import (
     PretextSettings,
     build_backbone,
@@ -382,10 +383,11 @@ def test_train_pretext_records_accuracy_and_resumes_like_an_uninterrupted_run(
     config = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
     settings = PretextSettings(num_permutations=10)
 
-    def train(out, resume=False, task="jigsaw"):
+    def train(out, resume=False, task="jigsaw", settings=settings, images=None):
         seed_everything(0)
         backbone = build_backbone("small-cnn", 1, 28)
-        return training.train_pretext(task, backbone, tiny_splits.train_eval, tiny_splits.val,
+        images = tiny_splits.train_eval if images is None else images
+        return training.train_pretext(task, backbone, images, tiny_splits.val,
                                       config, settings, out_dir=out, resume=resume)  # fmt: skip
 
     full = train(tmp_path / "full")
@@ -409,8 +411,16 @@ def test_train_pretext_records_accuracy_and_resumes_like_an_uninterrupted_run(
     for key, value in full.net.state_dict().items():
         torch.testing.assert_close(resumed.net.state_dict()[key], value)
     assert resumed.history[1]["val_accuracy"] == full.history[1]["val_accuracy"]
-    with pytest.raises(ValueError, match="cannot resume .* task"):
+    # Other settings or images: a one-line error naming them (it was a ValueError traceback).
+    with pytest.raises(UsageError, match=r"other settings or data \(task='jigsaw' -> 'rotation'\)"):
         train(tmp_path / "cut", resume=True, task="rotation")
+    with pytest.raises(UsageError, match=r"\(hidden=256 -> 8\)"):
+        train(
+            tmp_path / "cut", resume=True, settings=PretextSettings(num_permutations=10, hidden=8)
+        )
+    fewer = torch.utils.data.Subset(tiny_splits.train_eval, range(len(tiny_splits.train_eval) - 1))
+    with pytest.raises(UsageError, match=r"\(other training images \(another --split-seed"):
+        train(tmp_path / "cut", resume=True, images=fewer)
 
 
 def test_pretext_loss_scaling_trains_the_float32_weights(

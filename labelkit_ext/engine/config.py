@@ -24,6 +24,7 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "step", "none")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: ``TrainConfig`` fields that fix an optimisation's trajectory: a resumed run must match its
 #: checkpoint on them (``fit`` adds ``num_workers``, its augmentation streams).
 TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay",
@@ -86,6 +87,11 @@ class TrainConfig:
         check_device_spec(self.device)
         if self.lr <= 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "weight_decay"):  # the optimisers apply them in float32
+            if getattr(self, name) > FLOAT32_MAX:
+                raise UsageError(
+                    f"{name} must be at most {FLOAT32_MAX:.4g} (float32), got {getattr(self, name)}"
+                )
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in SCHEDULERS:

@@ -90,6 +90,11 @@ def prepare_run_dir(
 ) -> Path:
     """The run's output folder (``out_dir``, else ``default_run_dir``), created now: a path
     that cannot be a writable folder fails here, before any data is loaded or any training."""
+    if out_dir is not None and not str(out_dir).strip():
+        raise UsageError(
+            f"--out must name a folder, got {str(out_dir)!r} (leave it out for "
+            f"{default_run_dir(method, data)})"
+        )
     out = Path(out_dir).expanduser() if out_dir is not None else default_run_dir(method, data)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder: pass a folder for the results")

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from labelkit_ext.engine import (
     build_optimizer,
     build_scheduler,
     current_dist,
+    data_fingerprint,
     data_parallel,
     derive_seed,
     grad_scaler,
@@ -40,6 +42,7 @@ from labelkit_ext.engine import (
     shuffled_loader,
     sum_across_ranks,
 )
+from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.methods.pretext.tasks import (
     PretextSettings,
@@ -165,22 +168,26 @@ def _train_epoch(
 
 
 def _resume(
-    checkpoint: Path, task: str, settings: PretextSettings, config: TrainConfig
+    checkpoint: Path, task: str, settings: PretextSettings, config: TrainConfig, data: Any
 ) -> dict | None:
+    """The checkpoint's state, or None without one; another task, pretext settings, training
+    settings or training data (``data_fingerprint``) is refused, naming what changed."""
     if not checkpoint.is_file():
         return None
     state = load_checkpoint(checkpoint)
     saved_config = state.get("config") or {}
     # Not num_workers: the images are not augmented, and the batches are drawn in this process.
-    saved = {"task": state.get("task"), "settings": state.get("settings"),
+    saved = {"task": state.get("task"), **(state.get("settings") or {}),
              **{k: saved_config.get(k) for k in TRAJECTORY_FIELDS}}  # fmt: skip
-    current = {"task": task, "settings": settings.to_dict(),
+    current = {"task": task, **settings.to_dict(),
                **{k: getattr(config, k) for k in TRAJECTORY_FIELDS}}  # fmt: skip
-    changed = [k for k in current if saved[k] != current[k]]
+    changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if "data" in state and state["data"] != data:  # checkpoints before it: settings only
+        changed.append("other training images (another --split-seed or data set?)")
     if changed:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: its {', '.join(changed)} differ from this run's; "
-            "resume with the same settings, or use another --out"
+        raise UsageError(
+            f"cannot resume from {checkpoint}: it was trained with other settings or data "
+            f"({', '.join(changed)}); resume with the same ones, or use another --out"
         )
     return state
 
@@ -218,7 +225,8 @@ def train_pretext(
     permutations = jigsaw_permutations(settings, device) if task == "jigsaw" else None
     fitted = PretextFit(task, net)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
-    state = _resume(checkpoint, task, settings, config) if resume and checkpoint else None
+    data = data_fingerprint(train_set)
+    state = _resume(checkpoint, task, settings, config, data) if resume and checkpoint else None
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -270,6 +278,7 @@ def train_pretext(
                     "task": task,
                     "settings": settings.to_dict(),
                     "config": config.to_dict(),
+                    "data": data,
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),  # {} when disabled
