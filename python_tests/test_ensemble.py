@@ -479,10 +479,23 @@ def test_load_baseline_from_a_checkpoint(tmp_path):
     save_checkpoint(tmp_path / "ck.pt", {"model": trained.state_dict()})
     loaded = load_baseline(_tiny_model(6), tmp_path / "ck.pt")
     assert torch.equal(label_embeddings(loaded), label_embeddings(trained))
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this run's model \(7 classes\): model tensors differ: other shapes "
+        r"for classifier\.weight, classifier\.bias$",
+    ):  # the reason, not the first line of torch's message ("Error(s) in loading ...:")
         load_baseline(_tiny_model(0, classes=7), tmp_path / "ck.pt")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_baseline(_tiny_model(0), tmp_path / "absent.pt")
+    with pytest.raises(ValueError, match=r"is a folder: pass the checkpoint file in it"):
+        load_baseline(_tiny_model(0), tmp_path)
+    # A size-agnostic network loads weights trained at another size: refused by the input shape.
+    save_checkpoint(tmp_path / "ck8.pt", {"model": trained.state_dict(),
+                                          "run": {"input_shape": [1, 8, 8]}})  # fmt: skip
+    assert load_baseline(_tiny_model(0), tmp_path / "ck8.pt", (1, 8, 8)) is not None
+    with pytest.raises(ValueError, match=r"trained on inputs \[1, 8, 8\], this run's are "
+                       r"\[1, 16, 16\]: pass a baseline trained at this --image-size"):  # fmt: skip
+        load_baseline(_tiny_model(0), tmp_path / "ck8.pt", (1, 16, 16))
 
 
 # -- end to end ---------------------------------------------------------------------------------

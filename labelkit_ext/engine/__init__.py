@@ -44,6 +44,7 @@ from labelkit_ext.engine.loops import (
     loss_for_task,
     predict,
     prediction_metrics,
+    tensor_shape_changes,
     train_one_epoch,
 )
 from labelkit_ext.engine.metrics import (
@@ -100,6 +101,7 @@ __all__ = [
     "plot_roc",
     "predict",
     "data_fingerprint",
+    "tensor_shape_changes",
     "prediction_metrics",
     "roc_auc_per_class",
     "save_checkpoint",

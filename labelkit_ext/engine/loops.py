@@ -51,12 +51,14 @@ __all__ = [
     "StepSums",
     "amp_dtype",
     "autocast_for",
+    "data_fingerprint",
     "grad_scaler",
     "evaluate",
     "fit",
     "loss_for_task",
     "predict",
     "prediction_metrics",
+    "tensor_shape_changes",
     "train_one_epoch",
 ]
 
@@ -359,7 +361,7 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
         if saved.get(k) != current[k] and not (finished and k == "num_workers")
     ]
     saved_run = state.get("run") or {}  # checkpoints from before run identities: settings only
-    describe = {"parameters": _parameters_change, "data": _data_change}
+    describe = {"parameters": tensor_shape_changes, "data": _data_change}
     changed += [
         describe[k](saved_run[k], run[k])
         if k in describe
@@ -400,9 +402,9 @@ def _leaves(tree: Any, path: str = "") -> dict[str, Any]:
     }
 
 
-def _parameters_change(saved: dict, current: dict) -> str:
-    """Which model tensors differ between a checkpoint and this run: a few names each of the
-    missing, the new and the reshaped ones."""
+def tensor_shape_changes(saved: dict, current: dict) -> str:
+    """Which model tensors differ between a checkpoint's and a model's ``{name: shape}``: a few
+    names each of the missing, the new and the reshaped ones."""
 
     def names(keys: list[str]) -> str:
         return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")

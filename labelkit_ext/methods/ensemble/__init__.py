@@ -183,7 +183,8 @@ def _print_report(fitted: EnsembleFit, config: EnsembleRunConfig) -> None:
         "\n\n".join(
             [
                 f"ensemble | {config.data.dataset} | {config.model} | baseline "
-                f"{config.train.epochs} epochs, sub-classifiers {config.sub_epochs} epochs",
+                f"{config.baseline or f'{config.train.epochs} epochs'}, sub-classifiers "
+                f"{config.sub_epochs} epochs",
                 *per_cluster,
                 overall_table(results["metrics"], selected),
                 grid_table([GridPoint(**p) for p in results["grid"]["val"]]),

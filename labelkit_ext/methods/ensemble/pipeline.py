@@ -146,7 +146,8 @@ def _baseline(
         return fitted.model, fitted.device, fitted.history, True
     if baseline is None:
         net = build_model(model, info.num_classes, info.in_channels, info.image_size)
-        baseline = load_baseline(net, baseline_file)
+        shape = (info.in_channels, info.image_size, info.image_size)
+        baseline = load_baseline(net, baseline_file, shape)
     if not hasattr(baseline, "label_embeddings"):
         raise UsageError("baseline must expose label_embeddings (a labelkit Classifier)")
     device = select_device(config.device, current_dist().local_rank)

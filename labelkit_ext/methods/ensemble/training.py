@@ -15,11 +15,13 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from labelkit_ext.engine import (
+    LAST_CHECKPOINT,
     Predictions,
     TrainConfig,
     current_dist,
     fit,
     predict,
+    tensor_shape_changes,
     write_json,
 )
 from labelkit_ext.errors import MissingFileError, UsageError, reading
@@ -89,26 +91,45 @@ def cluster_subset(dataset: Dataset, classes: Sequence[int]) -> Subset:
     return Subset(dataset, keep.nonzero().flatten().tolist())
 
 
-def load_baseline(model: Classifier, file: str | os.PathLike) -> Classifier:
+def load_baseline(
+    model: Classifier, file: str | os.PathLike, input_shape: Sequence[int] | None = None
+) -> Classifier:
     """Load trained weights into ``model`` from a labelkit checkpoint (e.g. the
     ``checkpoint_last.pt`` of ``labelkit run supervised``) or a state dict of the same model,
-    with ``weights_only=True``. Every tensor must fit: a baseline is not partially loaded."""
+    with ``weights_only=True``. Every tensor must fit: a baseline is not partially loaded. A
+    labelkit checkpoint trained on inputs other than ``input_shape`` (C, H, W) is refused too:
+    its weights may fit a size-agnostic network and still answer at chance."""
     path = Path(file).expanduser()
+    if path.is_dir():
+        raise UsageError(f"baseline {path} is a folder: pass the checkpoint file in it "
+                         f"(e.g. {path / LAST_CHECKPOINT})")  # fmt: skip
     if not path.is_file():
         raise MissingFileError(f"baseline checkpoint {path} not found")
     with reading(path, "a baseline: a labelkit checkpoint or a state dict of the model"):
         state = torch.load(path, map_location="cpu", weights_only=True)
+    run = {}
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+        run, state = state.get("run") or {}, state["model"]
     if not isinstance(state, dict):
         raise UsageError(f"baseline {path} holds no state dict")
+    shapes = {k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    wanted = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if shapes != wanted:
+        raise UsageError(
+            f"baseline {path} does not fit this run's model ({model.num_classes} classes): "
+            f"{tensor_shape_changes(shapes, wanted)}"
+        )
+    trained_on = run.get("input_shape")
+    if input_shape is not None and trained_on is not None and trained_on != list(input_shape):
+        raise UsageError(
+            f"baseline {path} was trained on inputs {trained_on}, this run's are "
+            f"{list(input_shape)}: pass a baseline trained at this --image-size"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UsageError(
-            f"baseline {path} does not fit the model ({model.num_classes} classes): {first}"
-        ) from exc
+        reason = " ".join(str(exc).split())
+        raise UsageError(f"baseline {path} does not fit this run's model: {reason}") from exc
     return model
 
 
