@@ -49,6 +49,7 @@ from labelkit_ext.methods.active import (
 from labelkit_ext.methods.active.strategies.bald import batchbald_greedy
 from labelkit_ext.methods.active.strategies.base import check_selection
 from labelkit_ext.methods.active.strategies.cluster_margin import round_robin, spherical_kmeans
+from labelkit_ext.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 BIG = 12.0  # a logit gap that makes a softmax one-hot for all practical purposes
@@ -351,6 +352,19 @@ def test_loop_runs_rounds_and_never_asks_twice(tmp_path):
     assert again.labeled == state.labeled and oracle.asked == 38
     longer = _embedding_loop(tmp_path, "coreset", rounds=4, oracle=oracle).run(resume=True)
     assert longer.labeled[:38] == state.labeled and len(longer.labeled) == 48 and oracle.asked == 48
+    # fewer rounds than done: its curve and the requested budget would disagree
+    with pytest.raises(StateError, match=r"has 4 rounds done: resume with rounds >= 4"):
+        _embedding_loop(tmp_path, "coreset", rounds=2, oracle=oracle).run(resume=True)
+
+
+@pytest.mark.parametrize("name", ["bald", "batchbald", "mean-std"])
+def test_mc_dropout_strategies_refuse_a_single_pass(tmp_path, name):
+    with pytest.raises(ValueError, match=rf"strategy '{name}' compares MC-dropout passes: "
+                       r"mc_samples must be >= 2, got 1"):  # fmt: skip
+        pool, pool_y, test, test_y = _embedding_pool()
+        learner = EmbeddingLearner(pool, test, test_y, 4, device="cpu", steps=5, dropout=0.2)
+        config = ActiveConfig(rounds=1, query_size=10, initial_size=8, mc_samples=1)
+        ActiveLoop(learner, build_strategy(name), SimulatedOracle(pool_y), config, tmp_path)
 
 
 def test_loop_refuses_to_overwrite_or_mix_runs(tmp_path):
@@ -386,7 +400,7 @@ def test_file_oracle_round_trips_and_resumes_when_answers_arrive(tmp_path):
     with open(folder / "queries.csv", newline="") as f:
         query = list(csv.DictReader(f))
     asked = [int(r["index"]) for r in query]
-    assert asked == initial_indices(300, 8, 0)
+    assert asked == initial_indices(300, 8, 0) and {r["round"] for r in query} == {"0"}
     assert all((folder / r["thumbnail"]).is_file() for r in query)
     # half the answers, as names and as numbers: saved, the run stops again for the rest
     _answer(
@@ -401,8 +415,10 @@ def test_file_oracle_round_trips_and_resumes_when_answers_arrive(tmp_path):
     with pytest.raises(AwaitingAnswers, match="waiting for 10 answer"):
         run()  # trained on the 8, queried 10 more
     with open(folder / "queries.csv", newline="") as f:
-        second = [int(r["index"]) for r in csv.DictReader(f)]
+        query = list(csv.DictReader(f))
+    second = [int(r["index"]) for r in query]
     assert len(second) == 10 and not set(second) & set(asked)
+    assert {r["round"] for r in query} == {"1"}  # the round its labels complete
     _answer(folder, [(i, names[int(pool_y[i])]) for i in asked + second])
     state = run()
     assert state.labeled == asked + second
@@ -413,6 +429,9 @@ def test_file_oracle_rejects_bad_answers(tmp_path):
     oracle = FileOracle(tmp_path, lambda i: torch.zeros(1, 4, 4, dtype=torch.uint8), ["a", "b"])
     _answer(tmp_path, [(0, "zebra")])
     with pytest.raises(ValueError, match="line 2: label 'zebra' is neither a class name"):
+        oracle.read_answers()
+    _answer(tmp_path, [(0, "a"), (1, "b"), (0, "0"), (0, "b")])  # the same label twice is fine
+    with pytest.raises(ValueError, match="line 5: index 0 is answered differently on line 2"):
         oracle.read_answers()
     (tmp_path / "answers.csv").write_text("idx,lbl\n0,a\n")
     with pytest.raises(ValueError, match="needs the columns 'index' and 'label'"):
@@ -528,8 +547,14 @@ def test_net_learner_scores_mc_dropout_and_resumes_a_round(tmp_path):
         NetLearner(splits, "resnet18", config, dropout=0.5)
     without = NetLearner(splits, "small-cnn", config)
     without.fit(idx, y, round=0)
-    with pytest.raises(ValueError, match="need dropout layers"):
+    with pytest.raises(ValueError, match="need dropout layers: build small-cnn with --dropout"):
         without.score(("mc_logits",), 2)
+    # a model without the option is told to change model, not to pass --dropout
+    resnet = NetLearner(splits, "resnet18", config)
+    resnet.model = build_model("resnet18", 10, 1, 8)
+    with pytest.raises(ValueError, match=r"resnet18 takes no --dropout: use a model among "
+                       r"\('small-cnn', 'wrn-28-10'\) with --dropout > 0"):  # fmt: skip
+        resnet.score(("mc_logits",), 2)
 
 
 TINY = ["--dataset", "digits", "--image-size", "8", "--epochs", "2", "--batch-size", "16",

@@ -375,6 +375,27 @@ def test_paired_test_against_a_hand_computed_t():
         paired_test([0.8, 0.9], [0.7])
 
 
+def test_summary_of_one_seed_has_no_std():
+    """A sample std of one seed is undefined: null in results.json, no "± 0.00" in the table."""
+    from labelkit_ext.methods.curriculum.report import schedule_table, summarise_runs
+
+    def run(schedule, seed, auc):
+        metrics = {"auc": auc, "per_class_auc": {"a": auc}}
+        return {"schedule": schedule, "seed": seed, "val": metrics, "test": metrics}
+
+    one = summarise_runs([run("1-stage", 0, 0.8), run("default", 0, 0.9)],
+                         ["1-stage", "default"], "1-stage", ["a"])  # fmt: skip
+    assert one["default"]["test_auc_std"] is None and one["default"]["val_auc_std"] is None
+    schedules = {n: {"stages": [n], "steps": [10]} for n in ("1-stage", "default")}
+    table = schedule_table(one, schedules, "1-stage")
+    assert "90.00" in table and "±" not in table
+    two = summarise_runs([run("1-stage", s, 0.8) for s in (0, 1)] +
+                         [run("default", 0, 0.9), run("default", 1, 0.7)],
+                         ["1-stage", "default"], "1-stage", ["a"])  # fmt: skip
+    assert two["default"]["test_auc_std"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    assert "80.00 ± 14.14" in schedule_table(two, schedules, "1-stage")
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 

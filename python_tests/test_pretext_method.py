@@ -576,3 +576,11 @@ def test_run_pretext_bad_options_are_clear_errors(tmp_path, capsys, option, mess
     err = capsys.readouterr().err
     assert err.startswith("labelkit: error:") and len(err.strip().splitlines()) == 1
     assert re.search(message, err)
+
+
+def test_label_fractions_are_shown_with_the_digits_they_need():
+    """A 0.001 % fraction was shown as "0%" in the table header and plot ticks."""
+    from labelkit_ext.methods.pretext.report import percent
+
+    fractions = (1.0, 0.1, 0.025, 0.00001)
+    assert [percent(f) for f in fractions] == ["100%", "10%", "2.5%", "0.001%"]

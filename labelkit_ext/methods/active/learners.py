@@ -225,10 +225,13 @@ class NetLearner(Learner):
         want_mc = "mc_logits" in needs
         dropouts = mc_dropout_modules(model) if want_mc else []
         if want_mc and not dropouts:
-            raise UsageError(
-                f"MC-dropout strategies need dropout layers: build {self.model_name} with "
-                f"--dropout > 0 (models taking it: {DROPOUT_MODELS})"
+            fix = (
+                f"build {self.model_name} with --dropout > 0"
+                if self.model_name in DROPOUT_MODELS
+                else f"{self.model_name} takes no --dropout: use a model among {DROPOUT_MODELS} "
+                "with --dropout > 0"
             )
+            raise UsageError(f"MC-dropout strategies need dropout layers: {fix}")
         head_only = _head_dropout(model, dropouts)
         logits, embeddings, mc = [], [], []
         model.eval()

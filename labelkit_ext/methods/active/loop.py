@@ -124,6 +124,11 @@ class ActiveLoop:
         fingerprint: dict[str, Any] | None = None,
         on_step: Callable[[str, ActiveState], None] | None = None,
     ) -> None:
+        if "mc_logits" in strategy.needs and config.mc_samples < 2:
+            raise UsageError(
+                f"strategy {strategy.name!r} compares MC-dropout passes: mc_samples must be "
+                f">= 2, got {config.mc_samples}"
+            )
         self.learner = learner
         self.strategy = strategy
         self.oracle = oracle
@@ -175,6 +180,11 @@ class ActiveLoop:
             state = load_state(
                 self.state_path, self.fingerprint, self.learner.pool_size, self.learner.num_classes
             )
+            if state.round > self.config.rounds:  # its records and results would disagree
+                raise StateError(
+                    f"{self.state_path} has {state.round} rounds done: resume with rounds >= "
+                    f"{state.round} (--rounds), or choose another --out"
+                )
             kept = {}
             if self.strategy_state_path.exists():
                 kept = load_checkpoint(self.strategy_state_path)["strategy"]
@@ -192,8 +202,10 @@ class ActiveLoop:
     def _ask(self, state: ActiveState) -> None:
         """Ask the oracle for the pending query; save what it answered; finish the round when
         the query is complete, else stop (``AwaitingAnswers``)."""
-        # Rank 0 alone asks (a file oracle writes the query), every rank gets its answers.
-        answers = on_main(lambda: self.oracle.answer(list(state.pending), state.round))
+        # Rank 0 alone asks (a file oracle writes the query), every rank gets its answers. The
+        # query's round is the one its labels complete: 0 for the initial set, then 1, 2, ...
+        completes = len(state.records)
+        answers = on_main(lambda: self.oracle.answer(list(state.pending), completes))
         unknown = [i for i, y in answers.items() if not 0 <= int(y) < self.learner.num_classes]
         if unknown:
             raise UsageError(

@@ -187,10 +187,12 @@ class FileOracle(Oracle):
         )
 
     def read_answers(self) -> dict[int, int]:
-        """Every answered row of answers.csv (rows with an empty label are skipped)."""
+        """Every answered row of answers.csv (rows with an empty label are skipped; an index
+        answered twice must have one label)."""
         if not self.answers_path.is_file():
             return {}
         answers: dict[int, int] = {}
+        first_line: dict[int, int] = {}
         with (
             reading(self.answers_path, "answers: a CSV with columns index, label"),
             open(self.answers_path, newline="") as f,
@@ -207,7 +209,14 @@ class FileOracle(Oracle):
                     index = int(row["index"])
                 except (TypeError, ValueError) as exc:
                     raise UsageError(f"{where}: index {row['index']!r} is not an integer") from exc
-                answers[index] = self.parse_label(label, where)
+                value = self.parse_label(label, where)
+                if index in answers and answers[index] != value:
+                    raise UsageError(
+                        f"{where}: index {index} is answered differently on line "
+                        f"{first_line[index]}; keep one answer"
+                    )
+                answers[index] = value
+                first_line.setdefault(index, line)
         return answers
 
     def answer(self, indices: Sequence[int], round: int) -> dict[int, int]:

@@ -48,9 +48,10 @@ def paired_test(scores: Sequence[float], reference: Sequence[float]) -> dict[str
     return result
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std; the std of one seed is undefined (None)."""
     v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 def summarise_runs(
@@ -91,8 +92,8 @@ def summarise_runs(
     return summary
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+def _pm(mean: float, std: float | None) -> str:
+    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
 def schedule_table(summary: dict[str, dict], schedules: dict[str, dict], reference: str) -> str:

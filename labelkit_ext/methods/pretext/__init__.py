@@ -54,6 +54,7 @@ from labelkit_ext.methods.pretext.pipeline import (
 )
 from labelkit_ext.methods.pretext.report import (
     fractions_table,
+    percent,
     plot_context_pair,
     plot_jigsaw_batch,
     summarize,
@@ -271,7 +272,7 @@ def run_pretext(
             f"\npretext | {config.data.dataset} | {config.model} | pretext "
             f"{config.pretext_epochs} epochs, head {config.eval_epochs} epochs, scratch "
             f"{train.epochs} epochs | {config.num_seeds} seed(s), test split\n\n"
-            f"linear evaluation with {fraction:.0%} of the labels (the original's Table 1)\n"
+            f"linear evaluation with {percent(fraction)} of the labels (the original's Table 1)\n"
             f"{table1(summary)}\n\n"
             f"test AUC % by share of labels\n{fractions_table(summary, 'auc')}\n\n"
             f"test accuracy % by share of labels\n{fractions_table(summary, 'accuracy')}"

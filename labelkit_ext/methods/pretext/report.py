@@ -22,6 +22,7 @@ __all__ = [
     "CONTEXT_POSITIONS",
     "fractions_table",
     "mean_std",
+    "percent",
     "plot_context_pair",
     "plot_jigsaw_batch",
     "plot_label_fractions",
@@ -36,6 +37,11 @@ CONTEXT_POSITIONS = (
     "top-left", "top", "top-right", "left", "right", "bottom-left", "bottom", "bottom-right",
 )  # fmt: skip
 METRICS = ("accuracy", "auc")
+
+
+def percent(fraction: float) -> str:
+    """A label fraction as a percentage with the digits it needs (50%, 2.5%, 0.001%)."""
+    return f"{100 * float(fraction):.3g}%"
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
@@ -120,7 +126,7 @@ def fractions_table(summary: dict, metric: str = "auc") -> str:
     sizes = [next(iter(summary["by_fraction"][f].values()))["train_size"] for f in fractions]
     headers = [
         "backbone",
-        *(f"{float(f):.0%} ({n} labels)" for f, n in zip(fractions, sizes, strict=True)),
+        *(f"{percent(f)} ({n} labels)" for f, n in zip(fractions, sizes, strict=True)),
     ]
     return format_table(rows, headers)
 
@@ -143,7 +149,7 @@ def plot_label_fractions(summary: dict, path: str | os.PathLike, title: str = ""
             style = "--" if b in ("supervised", "random init") else "-"
             ax.errorbar(fractions, mean, yerr=std, marker="o", capsize=3, ls=style, label=b)
         ax.set_xscale("log")
-        ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+        ax.set_xticks(fractions, [percent(f) for f in fractions])
         ax.set(
             xlabel="share of training labels",
             ylabel=f"test {metric}",
