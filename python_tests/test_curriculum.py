@@ -483,6 +483,11 @@ def test_fit_curriculum_equal_budgets_and_results(mosaic8, tmp_path):
     for a, b in zip(again.results["runs"], results["runs"], strict=True):
         assert a["test"]["auc"] == pytest.approx(b["test"]["auc"], abs=1e-7)
         assert [p["step"] for p in a["curve"]] == [p["step"] for p in b["curve"]]
+    # Validated every 3 steps instead of 2: named by the options, not as the stage's "epochs".
+    with pytest.raises(ValueError, match=r"\(validation chunks of the stage \(from --epochs, "
+                       r"--evals-per-epoch, --aux-share\)=6 -> 4, samples per chunk"):  # fmt: skip
+        fit_curriculum(mosaic8, CurriculumConfig(12, 3, schedules=("default",), seeds=(0,)),
+                       train, model_kwargs={"width": 4}, out_dir=tmp_path / "run", resume=True)  # fmt: skip
 
 
 def test_fit_curriculum_checks_before_training(mosaic8):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -471,6 +472,12 @@ def test_fine_tune_shares_repeated_clusters_skips_singletons_and_guards_resume(d
         fine_tune_subclassifiers(
             baseline, digits8.train, None, again, config, out_dir=tmp_path / "a", resume=True,
             log=lambda _: None,
+        )  # fmt: skip
+    # Another sub-classifier epoch count is named as the option that sets it.
+    with pytest.raises(ValueError, match=r"cannot resume .*cluster0.* \(sub_epochs=\d+ -> 7\)"):
+        fine_tune_subclassifiers(
+            baseline, digits8.train, digits8.val, again, replace(config, epochs=7),
+            out_dir=tmp_path / "a", resume=True, log=lambda _: None,
         )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,14 +349,16 @@ def data_fingerprint(dataset: Dataset) -> dict[str, Any] | None:
     return describe() if callable(describe) else None
 
 
-def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Path) -> None:
+def _check_resumable(
+    state: dict, config: TrainConfig, run: dict, checkpoint: Path, names: Mapping[str, str]
+) -> None:
     saved, current = state.get("config"), config.to_dict()
     if not isinstance(saved, dict):
         raise UsageError(f"cannot resume from {checkpoint}: it holds no training settings")
     # A finished checkpoint trains no further: the workers' augmentation streams do not matter.
     finished = int(state.get("epoch", 0)) >= config.epochs
     changed = [
-        f"{k}={saved.get(k)!r} -> {current[k]!r}"
+        f"{names.get(k, k)}={saved.get(k)!r} -> {current[k]!r}"
         for k in _FIT_TRAJECTORY_FIELDS
         if saved.get(k) != current[k] and not (finished and k == "num_workers")
     ]
@@ -365,7 +367,7 @@ def _check_resumable(state: dict, config: TrainConfig, run: dict, checkpoint: Pa
     changed += [
         describe[k](saved_run[k], run[k])
         if k in describe
-        else f"{k}={saved_run[k]!r} -> {run[k]!r}"
+        else f"{names.get(k, k)}={saved_run[k]!r} -> {run[k]!r}"
         for k in run
         if k in saved_run and saved_run[k] != run[k]
     ]
@@ -470,6 +472,7 @@ def fit(
     loss_fn: nn.Module | None = None,
     checkpoint_seconds: float = 0.0,
     identity: dict[str, Any] | None = None,
+    setting_names: Mapping[str, str] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``config.epochs`` epochs, validating after each.
 
@@ -485,6 +488,8 @@ def fit(
     A resume is refused (``UsageError`` naming what differs) when the checkpoint was trained
     with other settings, model or data (``run_identity``) or other ``identity``: JSON-like
     facts of the caller's own that the run depends on (a method's options outside ``config``).
+    ``setting_names`` renames ``config`` fields and identity keys in that message to the
+    options a user typed (``{"epochs": "sub_epochs"}``).
     """
     if not (isinstance(checkpoint_seconds, (int, float)) and 0 <= checkpoint_seconds < math.inf):
         raise ValueError(
@@ -502,7 +507,7 @@ def fit(
     run = {**run_identity(model, train_set, val_set, class_names), **(identity or {})}
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, map_location=device)
-        _check_resumable(state, config, run, checkpoint)
+        _check_resumable(state, config, run, checkpoint, setting_names or {})
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

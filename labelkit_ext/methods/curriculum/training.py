@@ -68,6 +68,14 @@ class FindingData:
         return len(self.names)
 
 
+# A stage's fit counts validation chunks as epochs and a chunk's samples as its training set:
+# a refused resume names them by the options they come from.
+STAGE_SETTING_NAMES = {
+    "epochs": "validation chunks of the stage (from --epochs, --evals-per-epoch, --aux-share)",
+    "train_samples": "samples per chunk (from --evals-per-epoch, --batch-size)",
+}
+
+
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
     """The dataset's ``targets``, else its items' targets stacked."""
     targets = getattr(dataset, "targets", None)
@@ -239,7 +247,7 @@ def train_schedule(
         )  # fmt: skip
         fitted = fit(
             net, stream, None, task.engine_task, stage_config, out_dir=folder, resume=resume,
-            class_names=task.class_names, callbacks=[monitor],
+            class_names=task.class_names, callbacks=[monitor], setting_names=STAGE_SETTING_NAMES,
         )  # fmt: skip
         net = fitted.model
         curve += monitor.records

@@ -91,6 +91,10 @@ def cluster_subset(dataset: Dataset, classes: Sequence[int]) -> Subset:
     return Subset(dataset, keep.nonzero().flatten().tolist())
 
 
+# The options behind a sub-classifier's TrainConfig, as a refused resume names them.
+SUB_SETTING_NAMES = {"epochs": "sub_epochs", "lr": "sub_lr"}
+
+
 def load_baseline(
     model: Classifier, file: str | os.PathLike, input_shape: Sequence[int] | None = None
 ) -> Classifier:
@@ -197,6 +201,7 @@ def fine_tune_subclassifiers(
             config,
             out_dir=folder,
             resume=resume,
+            setting_names=SUB_SETTING_NAMES,
         )
         sub = SubClassifier(
             k, classes, fitted.model, True, len(train), fitted.history, fitted.train_seconds

@@ -224,6 +224,7 @@ def _run_variant(
         class_names=info.class_names,
         # Its checkpoint holds the augmenter's weights too: a changed one is refused, as --mix.
         identity={"mix": mix, "augmenter": module_digest(augmenter)},
+        setting_names={"epochs": "finetune_epochs", "lr": "finetune_lr"},
     )
     record["stage3"] = {
         "history": fitted.history,
