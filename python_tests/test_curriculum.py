@@ -488,6 +488,12 @@ def test_fit_curriculum_equal_budgets_and_results(mosaic8, tmp_path):
                        r"--evals-per-epoch, --aux-share\)=6 -> 4, samples per chunk"):  # fmt: skip
         fit_curriculum(mosaic8, CurriculumConfig(12, 3, schedules=("default",), seeds=(0,)),
                        train, model_kwargs={"width": 4}, out_dir=tmp_path / "run", resume=True)  # fmt: skip
+    # Another split of the images: finished stages are not rescored on images they saw.
+    other = load_dataset("digit-mosaic", image_size=8, n_train=240, n_val=120, n_test=120,
+                         split_seed=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"\(other training samples or order \(another "):
+        fit_curriculum(other, config, train, model_kwargs={"width": 4},
+                       out_dir=tmp_path / "run", resume=True)  # fmt: skip
 
 
 def test_fit_curriculum_checks_before_training(mosaic8):

@@ -10,12 +10,15 @@ stage gets the rest, so every curriculum trains the target equally long.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from labelkit_ext.engine import data_fingerprint
 from labelkit_ext.errors import UsageError
+from labelkit_ext.fingerprint import tensor_digest
 from labelkit_ext.methods.curriculum.tasks import TASK_KINDS
 
 __all__ = [
@@ -142,6 +145,15 @@ class StageStream(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed stage must find unchanged (``engine.fit`` checks it): its rows and
+        labels, and the fingerprint of the images' data set (its split and transform)."""
+        return {
+            "rows": tensor_digest(self.rows),
+            "targets": tensor_digest(torch.as_tensor(self.targets)),
+            "of": data_fingerprint(self.dataset),
+        }
 
     def __len__(self) -> int:
         return self.items_per_epoch
