@@ -594,6 +594,12 @@ def test_run_active_cli_end_to_end(tmp_path, capsys):
     )
     assert main(args) == 2
     assert "pass --resume" in capsys.readouterr().err
+    # another augmentation or validation share is another run (states from before record
+    # neither: the defaults)
+    assert main([*args, "--resume", "--no-augment"]) == 2
+    assert "augment=None -> False" in capsys.readouterr().err
+    assert main([*args, "--resume", "--val-fraction", "0.2"]) == 2
+    assert "val_fraction=None -> 0.2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

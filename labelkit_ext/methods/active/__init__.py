@@ -261,9 +261,21 @@ def _fingerprint(config: ActiveRunConfig, data: DataConfig, dropout: float) -> d
             "model": config.model,
             "pretrained": config.pretrained,
             **train,
+            **_changed_data_defaults(data),
         }  # fmt: skip
     )
     return {**fields, "dropout": dropout, "oracle": config.oracle}
+
+
+def _changed_data_defaults(data: DataConfig) -> dict[str, Any]:
+    """The validation share (the pool's split) and augmentation, where not the defaults: a
+    resume with others is refused, and states saved before they were recorded still resume."""
+    defaults = DataConfig()
+    return {
+        k: getattr(data, k)
+        for k in ("val_fraction", "augment")
+        if getattr(data, k) != getattr(defaults, k)
+    }
 
 
 def run_active(
