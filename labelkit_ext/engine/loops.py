@@ -504,7 +504,11 @@ def fit(
     loss_fn = loss_fn or loss_for_task(task)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     result = FitResult(model=model, device=device)
-    run = {**run_identity(model, train_set, val_set, class_names), **(identity or {})}
+    run = (
+        {**run_identity(model, train_set, val_set, class_names), **(identity or {})}
+        if checkpoint
+        else {}
+    )
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, map_location=device)
         _check_resumable(state, config, run, checkpoint, setting_names or {})
