@@ -600,6 +600,8 @@ def test_run_active_cli_end_to_end(tmp_path, capsys):
     assert "augment=None -> False" in capsys.readouterr().err
     assert main([*args, "--resume", "--val-fraction", "0.2"]) == 2
     assert "val_fraction=None -> 0.2" in capsys.readouterr().err
+    assert main([*args, "--resume", "--num-workers", "2"]) == 2  # other augmentation streams
+    assert "num_workers=None -> 2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

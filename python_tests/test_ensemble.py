@@ -473,6 +473,12 @@ def test_fine_tune_shares_repeated_clusters_skips_singletons_and_guards_resume(d
             baseline, digits8.train, None, again, config, out_dir=tmp_path / "a", resume=True,
             log=lambda _: None,
         )  # fmt: skip
+    # Another baseline with the same clusters: its sub-classifiers start from other weights.
+    with pytest.raises(ValueError, match=r"cannot resume .*cluster0.* \(baseline weights="):
+        fine_tune_subclassifiers(
+            _tiny_model(9), digits8.train, digits8.val, again, config, out_dir=tmp_path / "a",
+            resume=True, log=lambda _: None,
+        )  # fmt: skip
     # Another sub-classifier epoch count is named as the option that sets it.
     with pytest.raises(ValueError, match=r"cannot resume .*cluster0.* \(sub_epochs=\d+ -> 7\)"):
         fine_tune_subclassifiers(

@@ -261,21 +261,20 @@ def _fingerprint(config: ActiveRunConfig, data: DataConfig, dropout: float) -> d
             "model": config.model,
             "pretrained": config.pretrained,
             **train,
-            **_changed_data_defaults(data),
+            **_changed_defaults(data, ("val_fraction", "augment")),
+            # each worker draws its own augmentation: another count trains other rounds
+            **_changed_defaults(t, ("num_workers",)),
         }  # fmt: skip
     )
     return {**fields, "dropout": dropout, "oracle": config.oracle}
 
 
-def _changed_data_defaults(data: DataConfig) -> dict[str, Any]:
-    """The validation share (the pool's split) and augmentation, where not the defaults: a
-    resume with others is refused, and states saved before they were recorded still resume."""
-    defaults = DataConfig()
-    return {
-        k: getattr(data, k)
-        for k in ("val_fraction", "augment")
-        if getattr(data, k) != getattr(defaults, k)
-    }
+def _changed_defaults(config: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fields ``names`` of ``config`` that are not their defaults: part of the fingerprint
+    (a resume with others is refused) without changing the fingerprint of states saved before
+    they were recorded, which then resume as before."""
+    defaults = type(config)()
+    return {k: getattr(config, k) for k in names if getattr(config, k) != getattr(defaults, k)}
 
 
 def run_active(

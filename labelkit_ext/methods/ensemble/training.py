@@ -25,6 +25,7 @@ from labelkit_ext.engine import (
     write_json,
 )
 from labelkit_ext.errors import MissingFileError, UsageError, reading
+from labelkit_ext.fingerprint import module_digest
 from labelkit_ext.methods.ensemble.clustering import cluster_members
 from labelkit_ext.models import Classifier
 
@@ -92,7 +93,7 @@ def cluster_subset(dataset: Dataset, classes: Sequence[int]) -> Subset:
 
 
 # The options behind a sub-classifier's TrainConfig, as a refused resume names them.
-SUB_SETTING_NAMES = {"epochs": "sub_epochs", "lr": "sub_lr"}
+SUB_SETTING_NAMES = {"epochs": "sub_epochs", "lr": "sub_lr", "baseline": "baseline weights"}
 
 
 def load_baseline(
@@ -176,6 +177,8 @@ def fine_tune_subclassifiers(
     """
     cache = {} if cache is None else cache
     subs = []
+    # A checkpoint fine-tuned from other baseline weights (another --baseline) is refused.
+    identity = {"baseline": module_digest(baseline)}
     for k, classes in enumerate(cluster_members(clusters)):
         train = cluster_subset(train_set, classes)
         if len(train) == 0:
@@ -201,6 +204,7 @@ def fine_tune_subclassifiers(
             config,
             out_dir=folder,
             resume=resume,
+            identity=identity,
             setting_names=SUB_SETTING_NAMES,
         )
         sub = SubClassifier(

@@ -24,7 +24,7 @@ from labelkit_ext.methods.pretext.evaluation import (
     train_scratch,
 )
 from labelkit_ext.methods.pretext.networks import Backbone, build_backbone
-from labelkit_ext.methods.pretext.report import summarize, write_plots
+from labelkit_ext.methods.pretext.report import percent, summarize, write_plots
 from labelkit_ext.methods.pretext.tasks import PRETEXT_TASKS, PretextSettings
 from labelkit_ext.methods.pretext.training import PretextFit, train_pretext
 
@@ -239,7 +239,7 @@ def run_study(
                     )
         if scratch_baseline:
             for f in fractions:
-                with stages(f"seed {seed}: supervised from scratch, {f:g} of the labels"):
+                with stages(f"seed {seed}: supervised from scratch, {percent(f)} of the labels"):
                     fit.evals[(SUPERVISED, seed, f)] = train_scratch(
                         splits,
                         model,
