@@ -44,6 +44,7 @@ from labelkit_ext.engine.loops import (
     loss_for_task,
     predict,
     prediction_metrics,
+    refuse_resume,
     tensor_shape_changes,
     train_one_epoch,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "plot_roc",
     "predict",
     "data_fingerprint",
+    "refuse_resume",
     "tensor_shape_changes",
     "prediction_metrics",
     "roc_auc_per_class",

@@ -58,6 +58,7 @@ __all__ = [
     "loss_for_task",
     "predict",
     "prediction_metrics",
+    "refuse_resume",
     "tensor_shape_changes",
     "train_one_epoch",
 ]
@@ -371,6 +372,11 @@ def _check_resumable(
         for k in run
         if k in saved_run and saved_run[k] != run[k]
     ]
+    refuse_resume(checkpoint, changed)
+
+
+def refuse_resume(checkpoint: Path, changed: Sequence[str]) -> None:
+    """The refusal of a resume from ``checkpoint`` naming what ``changed`` (none: no-op)."""
     if changed:
         raise UsageError(
             f"cannot resume from {checkpoint}: it was trained with other settings or data "

@@ -35,6 +35,7 @@ from labelkit_ext.engine import (
     grad_scaler,
     load_checkpoint,
     loader_over,
+    refuse_resume,
     save_checkpoint,
     seed_everything,
     select_device,
@@ -42,7 +43,6 @@ from labelkit_ext.engine import (
     shuffled_loader,
     sum_across_ranks,
 )
-from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.methods.pretext.tasks import (
     PretextSettings,
@@ -184,11 +184,7 @@ def _resume(
     changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
     if "data" in state and state["data"] != data:  # checkpoints before it: settings only
         changed.append("other training images (another --split-seed or data set?)")
-    if changed:
-        raise UsageError(
-            f"cannot resume from {checkpoint}: it was trained with other settings or data "
-            f"({', '.join(changed)}); resume with the same ones, or use another --out"
-        )
+    refuse_resume(checkpoint, changed)
     return state
 
 

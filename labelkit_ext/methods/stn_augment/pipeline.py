@@ -156,8 +156,8 @@ def _stage2(
 
 
 def _same_stage2_settings(saved: dict, config: AugmentConfig) -> bool:
-    # An augmenter saved before stage 2 took num_workers was loaded in the main process.
-    return {"num_workers": 0, **saved} == config.to_dict()
+    # A field added since the augmenter was saved had its default then (num_workers: 0).
+    return {**AugmentConfig().to_dict(), **saved} == config.to_dict()
 
 
 @torch.no_grad()
