@@ -286,6 +286,9 @@ def test_strategy_errors_are_clear():
         )
     with pytest.raises(ValueError, match="beta must be >= 0"):
         build_strategy("density", beta=-1.0)
+    # more clusters than the pool is refused, not cut to the pool's size
+    with pytest.raises(ValueError, match=r"num_clusters must be in \[1, 60\], got 61"):
+        select(build_strategy("cluster-margin", num_clusters=61), _ctx(_random_scores(), budget=2))
 
 
 # ---- state -----------------------------------------------------------------------------------------

@@ -416,6 +416,9 @@ def _one_line_error(argv: list[str], capsys) -> str:
           "--superclasses", "0"], "superclasses must be >= 2"),
         (["curriculum", "--epochs", "1", "--num-seeds", "1", "--schedules", "3-stage"],
          "--epochs 1 x --evals-per-epoch 2 give 2 validation chunk(s)"),
+        (["curriculum", "--schedules", "default", "2-stage", "--superclasses", "3"],
+         "--superclasses 3 groups the findings of a superclass stage, but no schedule has one "
+         "(default, 2-stage)"),
     ],
 )  # fmt: skip
 def test_bad_options_are_one_line_errors_naming_the_option(tmp_path, capsys, argv, message):
@@ -485,6 +488,14 @@ def test_a_query_larger_than_the_pool_is_refused(tmp_path, capsys):
     err = _one_line_error(argv, capsys)
     assert "query_size (2,000) is larger than the unlabeled pool: 1,293 images" in err
     assert not (tmp_path / "results.json").exists()
+
+
+def test_more_clusters_than_the_pool_is_refused_before_training(tmp_path, capsys):
+    argv = ["run", "active", "--strategies", "random,cluster-margin", "--num-seeds", "1",
+            "--clusters", "1294", "--epochs", "1", "--quiet", "--out", str(tmp_path)]  # fmt: skip
+    err = _one_line_error(argv, capsys)
+    assert "clusters (1,294) is more than the pool (1,293 images)" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "results.json").exists()
 
 
 def test_too_many_superclasses_names_the_option(tmp_path, capsys):

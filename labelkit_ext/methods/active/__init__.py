@@ -326,6 +326,11 @@ def run_active(
         extra = {"dataset": dataset_summary(splits)}
 
     check_pool(active, len(targets))  # now that the pool is known, before any training
+    if "cluster-margin" in strategies and (config.clusters or 0) > len(targets):
+        raise UsageError(
+            f"clusters ({config.clusters:,}) is more than the pool ({len(targets):,} images): "
+            "cluster-margin clusters the pool; lower --clusters"
+        )
 
     def make_oracle(seed: int, folder: Path) -> Oracle:
         if config.oracle == "simulated":

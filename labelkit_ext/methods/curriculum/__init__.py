@@ -187,6 +187,13 @@ class CurriculumRunConfig:
                     f"{chunks} validation chunk(s) and every stage needs one: raise --epochs "
                     "or --evals-per-epoch"
                 )
+        uses_groups = any("superclass" in parse_schedule(s) for s in self.schedules)
+        if self.superclasses is not None and not uses_groups:
+            raise UsageError(
+                f"--superclasses {self.superclasses} groups the findings of a superclass stage, "
+                f"but no schedule has one ({', '.join(self.schedules)}): add a schedule such as "
+                "3-stage or binary,superclass,multilabel, or leave --superclasses out"
+            )
 
     def data_config(self) -> DataConfig:
         """``data`` with this method's own default input size (digit-mosaic: 16 px)."""

@@ -111,7 +111,9 @@ class ClusterMarginStrategy(Strategy):
         logits = ctx.require("logits", self.name)
         embeddings = ctx.require("embeddings", self.name)
         if self.clusters is None:
-            k = min(self.num_clusters or ctx.budget, ctx.pool_size)
+            # The default follows the query, which may outgrow a small pool; an explicit
+            # num_clusters above the pool is refused by spherical_kmeans, never cut silently.
+            k = self.num_clusters or min(ctx.budget, ctx.pool_size)
             self.clusters = spherical_kmeans(embeddings, k, dist_info=ctx.dist_info).cpu()
         elif self.clusters.shape != (ctx.pool_size,):
             raise UsageError(
