@@ -17,6 +17,7 @@ from fixtures_data import SHARED_DATA, write_medmnist
 
 import labelkit_ext
 from labelkit_ext.cli import _usage_message, main
+from labelkit_ext.engine import LAST_CHECKPOINT, load_checkpoint
 from labelkit_ext.errors import MissingFileError, UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,12 @@ def test_run_supervised_end_to_end_and_resume(tmp_path, capsys):
     assert (
         again["resumed_from_epoch"] == 1 and again["metrics"]["test"] == results["metrics"]["test"]
     )
+    # ... but not with other initial weights: the report would name them, not the ones it used
+    weights = tmp_path / "weights.pt"
+    torch.save(load_checkpoint(out / LAST_CHECKPOINT)["model"], weights)
+    err = _one_line_error(["run", "supervised", *TINY, "--out", str(out), "--resume",
+                           "--pretrained", str(weights)], capsys)  # fmt: skip
+    assert "(--pretrained weights=None -> '" in err
 
 
 def test_run_pneumoniamnist_reports_auc(tmp_path, capsys):

@@ -29,6 +29,7 @@ from labelkit_ext.engine import (
     loader_over,
     on_main,
     predict,
+    progress_bar,
     save_checkpoint,
     seed_everything,
     select_device,
@@ -277,6 +278,31 @@ def test_tensor_datasets_are_indexed_a_batch_at_a_time_in_the_usual_order(
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     ordered = loader_over(dataset, SequentialSampler(dataset), batch_size=6)
     assert torch.equal(torch.cat([t for t, _ in ordered]), torch.stack([x for x, _ in dataset]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_progress_bar_runs_one_pass_of_its_loader_in_the_loaders_order(workers, monkeypatch):
+    """tqdm.auto calls iter() on what it wraps as it is built: handed the loader itself, every
+    epoch started its workers twice, and its order followed an extra draw from the generator,
+    so it changed with the number of workers."""
+    passes = []
+    plain_iter = DataLoader.__iter__
+
+    def counting_iter(self):
+        passes.append(1)
+        return plain_iter(self)
+
+    monkeypatch.setattr(DataLoader, "__iter__", counting_iter)
+    dataset = torch.utils.data.TensorDataset(torch.arange(20.0))
+    loader = shuffled_loader(dataset, DistInfo(), seed=3, batch_size=4, num_workers=workers)
+    shuffle_epoch(loader, 3, 0)
+    want = torch.cat([x for (x,) in loader])
+    for shown in (False, True):
+        shuffle_epoch(loader, 3, 0)
+        passes.clear()
+        got = torch.cat([x for (x,) in progress_bar(loader, "test", shown)])
+        assert len(passes) == 1
+        assert torch.equal(got, want)
 
 
 class _PerSampleTensors(torch.utils.data.TensorDataset):

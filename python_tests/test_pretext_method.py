@@ -423,6 +423,23 @@ def test_train_pretext_records_accuracy_and_resumes_like_an_uninterrupted_run(
         train(tmp_path / "cut", resume=True, images=fewer)
 
 
+def test_train_pretext_does_not_depend_on_the_number_of_workers(tiny_splits):
+    """The pretext images are not augmented and the labels are drawn in this process: loading
+    them in worker processes trains the same network (it did not, see engine.progress_bar)."""
+    from labelkit_ext.methods.pretext.training import train_pretext
+
+    states = []
+    for workers in (0, 2):
+        config = TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3,
+                             num_workers=workers, **CPU)  # fmt: skip
+        seed_everything(0)
+        backbone = build_backbone("small-cnn", 1, 28)
+        fitted = train_pretext("rotation", backbone, tiny_splits.train_eval, None, config)
+        states.append(_state(fitted.net))
+    for key, value in states[0].items():
+        assert torch.equal(states[1][key], value), key
+
+
 def test_pretext_loss_scaling_trains_the_float32_weights(
     tiny_splits, tmp_path, forced_loss_scaling
 ):
@@ -498,6 +515,44 @@ def test_run_pretext_under_torchrun_prints_and_writes_once(tmp_path):
 
 
 # -- the whole study -----------------------------------------------------------------------------
+
+
+def test_run_study_resume_reuses_finished_heads_and_scratch_networks(tiny_splits, tmp_path):
+    """A resumed study continues (or, finished, reuses) the heads and scratch networks of its
+    checkpoints instead of training every one of them again."""
+    quick = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
+
+    def study(**kwargs):
+        return run_study(tiny_splits, tasks=["rotation"], fractions=[0.5, 1.0],
+                         pretext_config=quick, eval_config=quick, scratch_config=quick,
+                         min_steps=2, out_dir=tmp_path, quiet=True, **kwargs)  # fmt: skip
+
+    first = study()
+    head = tmp_path / "seed0" / "eval" / "random-init" / "fraction-0.5"
+    assert (head / LAST_CHECKPOINT).is_file()
+    again = study(resume=True)
+    assert again.evals.keys() == first.evals.keys() and len(first.evals) == 3 * 2
+    for key, result in first.evals.items():
+        reused = again.evals[key]
+        assert result.resumed_from == 0 and reused.resumed_from == result.epochs, key
+        assert reused.metrics == result.metrics and reused.history == result.history, key
+    assert all(r["resumed_from"] == r["epochs"] > 0 for r in again.results["runs"])
+    with pytest.raises(UsageError, match=rf"{head / LAST_CHECKPOINT}: .*balanced"):
+        study(resume=True, balanced=False)  # another loss: not the same heads
+
+
+def test_a_head_is_not_resumed_on_another_backbone(tiny_splits, tmp_path):
+    quick = TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
+    for seed in (0, 1):
+        seed_everything(seed)
+        backbone = build_backbone("small-cnn", 1, 28)
+        features = extract_features(backbone, tiny_splits, quick)
+        run = {"out_dir": tmp_path, "resume": True, "features": features}
+        if seed == 0:
+            linear_eval(backbone, tiny_splits, quick, **run)
+            continue
+        with pytest.raises(UsageError, match=r"\(backbone weights='[0-9a-f]+' -> '[0-9a-f]+'"):
+            linear_eval(backbone, tiny_splits, quick, **run)
 
 
 def test_run_study_python_api_summarises_every_backbone_and_fraction(tiny_splits, tmp_path):

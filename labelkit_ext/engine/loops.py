@@ -57,6 +57,7 @@ __all__ = [
     "fit",
     "loss_for_task",
     "predict",
+    "progress_bar",
     "prediction_metrics",
     "refuse_resume",
     "tensor_shape_changes",
@@ -178,7 +179,7 @@ def train_one_epoch(
     ranks' samples under DDP)."""
     model.train()
     sums, decisions, seen = StepSums(device), 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(loader, desc, progress)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -202,6 +203,18 @@ def train_one_epoch(
         [*sums.read(), decisions, seen], dist_info or current_dist(), device
     )
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(decisions, 1)}
+
+
+def progress_bar(loader: DataLoader, desc: str, enabled: bool) -> tqdm:
+    """A tqdm bar over one pass of ``loader`` (shown when ``enabled``).
+
+    The bar is handed an iterator, not the loader: tqdm.auto's class calls ``iter()`` on what
+    it is given as it is built, and every ``iter()`` of a DataLoader starts its workers and
+    draws from its generator; the loop's own ``iter()`` then started a second pass, so each
+    epoch spawned its workers twice and its order shifted with the number of workers.
+    """
+    return tqdm(iter(loader), total=len(loader), desc=desc, leave=False, disable=not enabled,
+                dynamic_ncols=True)  # fmt: skip
 
 
 @torch.no_grad()
@@ -233,9 +246,7 @@ def predict(
     )
     model.eval()
     logits, targets = [], []
-    for images, target in tqdm(
-        loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True
-    ):
+    for images, target in progress_bar(loader, "eval", progress):
         with autocast_for(device, amp):
             logits.append(model(images.to(device, non_blocking=True)).float().cpu())
         targets.append(target)

@@ -25,6 +25,7 @@ from labelkit_ext.engine import (
     prediction_metrics,
     seed_everything,
 )
+from labelkit_ext.fingerprint import module_digest
 from labelkit_ext.methods.common import (
     DataConfig,
     check_run_config,
@@ -94,6 +95,9 @@ def fit_supervised(
         resume=resume,
         class_names=info.class_names,
         callbacks=callbacks,
+        # a finished run resumed with other --pretrained weights would report the old ones
+        identity={"pretrained": module_digest(net) if pretrained is not None else None},
+        setting_names={"pretrained": "--pretrained weights"},
     )
 
 

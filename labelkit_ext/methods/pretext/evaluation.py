@@ -4,6 +4,7 @@ subsets, and the supervised-from-scratch baseline it is compared with."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -16,12 +17,14 @@ from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import (
     Predictions,
     TrainConfig,
+    data_fingerprint,
     fit,
     predict,
     prediction_metrics,
     seed_everything,
     select_device,
 )
+from labelkit_ext.fingerprint import module_digest, tensor_digest
 from labelkit_ext.methods.pretext.networks import Backbone, LinearEvalModel, eval_head
 from labelkit_ext.models import build_model
 
@@ -39,6 +42,9 @@ __all__ = [
 
 # Where a trained head or network is scored; train features are what the head learns from.
 EVAL_SPLITS = ("val", "test")
+# With a checkpoint folder, a head or scratch network is saved at most this often (and after
+# its last epoch): a 1 % label subset trains hundreds of one-batch epochs.
+CHECKPOINT_SECONDS = 30.0
 
 
 @dataclass
@@ -52,6 +58,7 @@ class EvalResult:
     train_size: int = 0
     epochs: int = 0
     seconds: float = 0.0
+    resumed_from: int = 0
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
@@ -154,6 +161,15 @@ def _subset(dataset: Dataset, labeled: np.ndarray | None) -> Dataset:
     return dataset if labeled is None else Subset(dataset, labeled.tolist())
 
 
+def _checkpointing(
+    out_dir: str | os.PathLike | None, resume: bool, identity: dict, **setting_names: str
+) -> dict:
+    """``fit``'s checkpoint arguments: ``out_dir`` keeps the run (``resume`` continues or
+    reuses it), refused when ``identity`` differs (named by ``setting_names``)."""
+    return {"out_dir": out_dir, "resume": resume, "checkpoint_seconds": CHECKPOINT_SECONDS,
+            "identity": identity, "setting_names": setting_names}  # fmt: skip
+
+
 def linear_eval(
     backbone: Backbone,
     splits: DataSplits,
@@ -164,6 +180,8 @@ def linear_eval(
     balanced: bool = True,
     min_steps: int = 0,
     features: dict[str, Predictions] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> EvalResult:
     """Train the two-dense-layer head on the frozen ``backbone`` for ``config.epochs`` epochs
     (raised to ``min_steps`` steps, see ``epochs_for``) on the labeled training images
@@ -173,6 +191,9 @@ def linear_eval(
     it the head trains inside ``LinearEvalModel`` on the images themselves. The backbone's
     weights and BatchNorm statistics are unchanged either way. ``config.seed`` fixes the head's
     initialisation and the data order.
+
+    With ``out_dir`` the head is checkpointed (``engine.fit``); ``resume`` continues it, or
+    reuses a finished one, unless it was trained on another backbone, label subset or loss.
     """
     tic = time.perf_counter()
     info = splits.info
@@ -186,21 +207,30 @@ def linear_eval(
     head = eval_head(backbone.feature_dim, info.num_classes, hidden)
     model = LinearEvalModel(backbone, head)
     loss = balanced_loss(targets[index], info.task, device) if balanced else None
+    # Precomputed features carry no data fingerprint: what they were computed by and from.
+    identity = {
+        "backbone": module_digest(backbone),
+        "images": data_fingerprint(splits.train_eval),
+        "labeled": tensor_digest(torch.as_tensor(index)),
+        "balanced": balanced,
+    }
+    saving = _checkpointing(out_dir, resume, identity, backbone="backbone weights",
+                            epochs="eval_epochs (or min_steps)", lr="eval_lr")  # fmt: skip
     if features is not None:
         train_x = features["train"].logits[index]
         train_set = TensorDataset(train_x, features["train"].targets[index])
-        fitted = fit(head, train_set, None, info.task, config, loss_fn=loss)
+        fitted = fit(head, train_set, None, info.task, config, loss_fn=loss, **saving)
         eval_sets = {s: TensorDataset(features[s].logits, features[s].targets) for s in EVAL_SPLITS}
         metrics = _score(head, eval_sets, splits, config)
         model.to(device)
     else:
-        fitted = fit(
-            model, _subset(splits.train_eval, index), None, info.task, config, loss_fn=loss
-        )
+        train_set = _subset(splits.train_eval, index)
+        fitted = fit(model, train_set, None, info.task, config, loss_fn=loss, **saving)
         metrics = _score(model, {s: getattr(splits, s) for s in EVAL_SPLITS}, splits, config)
     return EvalResult(
-        model.eval(), metrics, fitted.history, len(index), config.epochs, time.perf_counter() - tic
-    )
+        model.eval(), metrics, fitted.history, len(index), config.epochs,
+        time.perf_counter() - tic, fitted.resumed_from,
+    )  # fmt: skip
 
 
 def train_scratch(
@@ -212,10 +242,12 @@ def train_scratch(
     balanced: bool = True,
     min_steps: int = 0,
     pretrained: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> EvalResult:
     """The supervised-from-scratch baseline: the whole network ``model`` trained on the labeled
     (augmented) training images, with the same loss, label subset and epoch rule as
-    ``linear_eval``, then scored on val and test."""
+    ``linear_eval``, then scored on val and test. ``out_dir`` and ``resume`` as there."""
     tic = time.perf_counter()
     info = splits.info
     targets = dataset_targets(splits.train)
@@ -227,9 +259,12 @@ def train_scratch(
     seed_everything(config.seed)
     net = build_model(model, info.num_classes, info.in_channels, info.image_size, pretrained)
     loss = balanced_loss(targets[index], info.task, device) if balanced else None
-    fitted = fit(net, _subset(splits.train, index), None, info.task, config, loss_fn=loss)
+    saving = _checkpointing(out_dir, resume, {"balanced": balanced, "pretrained": pretrained},
+                            epochs="epochs (or min_steps)")  # fmt: skip
+    fitted = fit(net, _subset(splits.train, index), None, info.task, config, loss_fn=loss,
+                 **saving)  # fmt: skip
     metrics = _score(fitted.model, {s: getattr(splits, s) for s in EVAL_SPLITS}, splits, config)
     return EvalResult(
         fitted.model.eval(), metrics, fitted.history, len(index), config.epochs,
-        time.perf_counter() - tic,
+        time.perf_counter() - tic, fitted.resumed_from,
     )  # fmt: skip

@@ -87,6 +87,13 @@ def _check(tasks: Sequence[str], seeds: Sequence[int], fractions: Sequence[float
             raise UsageError(f"label fractions must be in (0, 1], got {f}")
 
 
+def _eval_dir(out: Path | None, seed: int, backbone: str, fraction: float) -> Path | None:
+    """Where the head (or scratch network) of (backbone, seed, fraction) is checkpointed."""
+    if out is None:
+        return None
+    return out / f"seed{seed}" / "eval" / backbone.replace(" ", "-") / f"fraction-{fraction!r}"
+
+
 def _eval_record(backbone: str, seed: int, fraction: float, result: EvalResult) -> dict:
     return {
         "backbone": backbone,
@@ -95,6 +102,7 @@ def _eval_record(backbone: str, seed: int, fraction: float, result: EvalResult) 
         "train_size": result.train_size,
         "epochs": result.epochs,
         "seconds": result.seconds,
+        "resumed_from": result.resumed_from,
         "metrics": result.metrics,
         "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
     }
@@ -152,8 +160,9 @@ def run_study(
     subsets (``scratch_config``). The label subset of (seed, fraction) is shared by every
     backbone. Epochs are raised to ``min_steps`` optimiser steps for small subsets.
 
-    With ``out_dir``: pretext checkpoints (``resume`` continues them) and the trained backbones
-    (``<seed>/<task>/backbone.pt``), plots and results.json.
+    With ``out_dir``: checkpoints of the pretext networks, heads and scratch networks
+    (``resume`` continues them, and reuses finished ones), the trained backbones
+    (``seed<s>/<task>/backbone.pt``), plots and results.json.
     """
     started = time.perf_counter()
     _check(tasks, seeds, fractions)
@@ -236,6 +245,8 @@ def run_study(
                         balanced=balanced,
                         min_steps=min_steps,
                         features=features,
+                        out_dir=_eval_dir(out, seed, name, f),
+                        resume=resume,
                     )
         if scratch_baseline:
             for f in fractions:
@@ -247,6 +258,8 @@ def run_study(
                         labeled=subsets[f],
                         balanced=balanced,
                         min_steps=min_steps,
+                        out_dir=_eval_dir(out, seed, SUPERVISED, f),
+                        resume=resume,
                     )
         # Written after every seed: an interrupted study keeps the seeds it finished.
         fit.results = _results(fit, header, list(seeds[: seeds.index(seed) + 1]), stages.seconds)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
-from tqdm.auto import tqdm
 
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
@@ -35,6 +34,7 @@ from labelkit_ext.engine import (
     grad_scaler,
     load_checkpoint,
     loader_over,
+    progress_bar,
     refuse_resume,
     save_checkpoint,
     seed_everything,
@@ -148,7 +148,7 @@ def _train_epoch(
     net.train()
     sums, count, seen = StepSums(device), 0, 0
     progress = not config.quiet and info.is_main and sys.stderr.isatty()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(loader, desc, progress)
     for images, _ in bar:
         with autocast_for(device, config.amp):
             out = pretext_step(task, net, images.to(device), settings, generator, permutations,

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
-from tqdm.auto import tqdm
 
 from labelkit_ext.checks import check_fields
 from labelkit_ext.engine import (
@@ -28,6 +27,7 @@ from labelkit_ext.engine import (
     derive_seed,
     grad_scaler,
     index_sampler,
+    progress_bar,
     seed_everything,
     select_device,
     shuffled_loader,
@@ -265,8 +265,7 @@ def train_augmenter(
             sampler = index_sampler(loader)
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
-            bar = tqdm(loader, desc=f"stage 2 epoch {epoch}/{config.epochs}", leave=False,
-                       disable=not progress, dynamic_ncols=True)  # fmt: skip
+            bar = progress_bar(loader, f"stage 2 epoch {epoch}/{config.epochs}", progress)
             first_step = len(fitted.steps)
             for images, _ in bar:
                 x = images.to(device, non_blocking=True)
