@@ -96,7 +96,7 @@ def fit_supervised(
         class_names=info.class_names,
         callbacks=callbacks,
         # a finished run resumed with other --pretrained weights would report the old ones
-        identity={"pretrained": module_digest(net) if pretrained is not None else None},
+        identity={"pretrained": module_digest(net) if pretrained and out_dir else None},
         setting_names={"pretrained": "--pretrained weights"},
     )
 

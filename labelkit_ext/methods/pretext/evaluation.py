@@ -162,7 +162,7 @@ def _subset(dataset: Dataset, labeled: np.ndarray | None) -> Dataset:
 
 
 def _checkpointing(
-    out_dir: str | os.PathLike | None, resume: bool, identity: dict, **setting_names: str
+    out_dir: str | os.PathLike | None, resume: bool, identity: dict | None, **setting_names: str
 ) -> dict:
     """``fit``'s checkpoint arguments: ``out_dir`` keeps the run (``resume`` continues or
     reuses it), refused when ``identity`` differs (named by ``setting_names``)."""
@@ -207,8 +207,9 @@ def linear_eval(
     head = eval_head(backbone.feature_dim, info.num_classes, hidden)
     model = LinearEvalModel(backbone, head)
     loss = balanced_loss(targets[index], info.task, device) if balanced else None
-    # Precomputed features carry no data fingerprint: what they were computed by and from.
-    identity = {
+    # Precomputed features carry no data fingerprint: what they were computed by and from
+    # (hashed only when there is a checkpoint to compare it with).
+    identity = out_dir and {
         "backbone": module_digest(backbone),
         "images": data_fingerprint(splits.train_eval),
         "labeled": tensor_digest(torch.as_tensor(index)),
