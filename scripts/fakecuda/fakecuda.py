@@ -22,6 +22,7 @@ import functools
 import os
 import sys
 import traceback
+import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -502,6 +503,17 @@ def _plain_cuda(self, device=None, non_blocking=False, memory_format=torch.prese
     return _ToCUDA.apply(self)
 
 
+# The SMs the kernels see: the emulator's (CUEMU_SMS, default 2, as csrc/tests/cuemu reads it),
+# so a test sizing work to the device's grids sizes it to the emulated grids; else an H100's.
+_DEVICE_PROPERTIES = types.SimpleNamespace(
+    name="NVIDIA H100 80GB HBM3",
+    major=9,
+    minor=0,
+    total_memory=85_000_000_000,
+    multi_processor_count=max(1, int(os.environ.get("CUEMU_SMS", "2"))) if KERNELS else 132,
+)
+
+
 def install():
     if getattr(torch, "_fakecuda_installed", False):
         return
@@ -518,6 +530,7 @@ def install():
     c.synchronize = lambda device=None: None
     c.get_device_name = lambda device=None: "NVIDIA H100 80GB HBM3"
     c.get_device_capability = lambda device=None: (9, 0)
+    c.get_device_properties = lambda device=None: _DEVICE_PROPERTIES
     c.mem_get_info = lambda device=None: (84_000_000_000, 85_000_000_000)
     c.memory_allocated = lambda device=None: 0
     c.max_memory_allocated = lambda device=None: 1 << 20
