@@ -368,6 +368,33 @@ def test_help_and_info_import_no_torch(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
+def test_method_help_imports_no_heavy_libraries():
+    """`labelkit run <method> --help` imports every method to build its options; scikit-learn,
+    scipy, matplotlib and torchvision (seconds together) wait until a run uses them."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from labelkit_ext.cli import main\n"
+        "from labelkit_ext.methods import load_methods\n"
+        "names = sorted(load_methods())\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    for argv in [['run', '--help']] + [['run', n, '--help'] for n in names]:\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        "heavy = ('sklearn', 'scipy', 'matplotlib', 'torchvision')\n"
+        "print(' '.join(names), '|', ' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    methods, imported = done.stdout.split("|")
+    assert {"supervised", "active", "pretext"} <= set(methods.split())
+    assert imported.split() == []
+
+
 # ---- the user audit: every mistake is one `labelkit: error:` line (exit 2), before training ----
 
 

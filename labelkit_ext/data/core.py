@@ -11,9 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import GroupShuffleSplit, train_test_split
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from labelkit_ext.errors import UsageError, reading
 from labelkit_ext.fingerprint import tensor_digest
@@ -191,11 +189,14 @@ class ImageFileDataset(_SplitDataset):
 
     def load(self, i: int) -> torch.Tensor:
         """Image ``i`` as uint8 (1, image_size, image_size)."""
+        # Imported here, not at the top: `labelkit run --help` would wait for it.
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
         # PIL raises OSError (UnidentifiedImageError) for a truncated or non-image file.
         with reading(self.paths[i], "an image file"), Image.open(self.paths[i]) as im:
             # Some official NIH PNGs are RGBA; "L" makes every one single-channel.
             im = im.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
-            return TF.pil_to_tensor(im)
+            return pil_to_tensor(im)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.load(i)
@@ -288,6 +289,9 @@ def holdout_indices(
         raise UsageError(
             f"val_fraction={fraction} of {n} training samples leaves an empty train or val split"
         )
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from sklearn.model_selection import GroupShuffleSplit, train_test_split
+
     index = np.arange(n)
     if groups and len(set(groups)) < 2:
         raise UsageError(

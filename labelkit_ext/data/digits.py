@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 
 from labelkit_ext.data.core import ArraySplit, RawDataset, holdout_indices
 
@@ -16,6 +15,9 @@ TEST_FRACTION = 0.2
 
 def digit_arrays() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as uint8 (N, 1, 8, 8) images (0..16 ink scaled to 0..255) and labels."""
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from sklearn.datasets import load_digits
+
     bunch = load_digits()
     images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(bunch.target.astype(np.int64))

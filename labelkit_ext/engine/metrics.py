@@ -1,4 +1,7 @@
-"""Classification metrics for multi-class and multi-label outputs (scikit-learn ROC AUC)."""
+"""Classification metrics for multi-class and multi-label outputs (scikit-learn ROC AUC).
+
+scikit-learn is imported where it is used: it takes a second, and every method imports this
+module when ``labelkit run <method> --help`` builds its options (python_tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from labelkit_ext.errors import UsageError
 
@@ -34,6 +36,8 @@ def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int) -> float:
 def roc_auc_per_class(scores: np.ndarray, positives: np.ndarray) -> list[float | None]:
     """One-vs-rest ROC AUC per column of ``positives`` (N, K) 0/1; None where a column has
     only one value (the AUC is undefined)."""
+    from sklearn.metrics import roc_auc_score
+
     aucs: list[float | None] = []
     for k in range(positives.shape[1]):
         y = positives[:, k]
@@ -75,6 +79,8 @@ def classification_metrics(
     if len(names) != k:
         raise ValueError(f"class_names has {len(names)} names for {k} score columns")
     if task == "multiclass":
+        from sklearn.metrics import confusion_matrix
+
         targets = targets.astype(np.int64).reshape(-1)
         positives = np.eye(k, dtype=np.int64)[targets]
         pred = scores.argmax(axis=1)

@@ -1,4 +1,8 @@
-"""What a run leaves behind: results.json, PNG plots (matplotlib's Agg canvas) and text tables."""
+"""What a run leaves behind: results.json, PNG plots (matplotlib's Agg canvas) and text tables.
+
+matplotlib, scikit-learn and torchvision are imported where they are used: together they take
+seconds, and every method imports this module when ``labelkit run <method> --help`` builds its
+options (python_tests/test_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,18 +12,15 @@ import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
 import numpy as np
-import sklearn
 import torch
-import torchvision
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from sklearn.metrics import roc_curve
 
 from labelkit_ext.engine.checkpoint import temp_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "versions",
@@ -36,6 +37,10 @@ __all__ = [
 
 def versions() -> dict[str, Any]:
     """Versions of Python, the libraries and labelkit_ext (with its extension state)."""
+    import matplotlib
+    import sklearn
+    import torchvision
+
     import labelkit_ext
 
     return {
@@ -110,6 +115,8 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure for a PNG report."""
+    from matplotlib.figure import Figure
+
     # A bare Figure renders PNGs with the Agg canvas and leaves pyplot's global state alone.
     return Figure(figsize=(width, height), layout="tight")
 
@@ -124,6 +131,8 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Loss (train, val) and accuracy / AUC curves over epochs."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [r["epoch"] for r in history]
     fig = new_figure(10, 4)
     ax_loss, ax_score = fig.subplots(1, 2)
@@ -193,6 +202,8 @@ def plot_roc(
     title: str = "",
 ) -> Path:
     """ROC curves: the positive class of a binary task, else one-vs-rest for each class."""
+    from sklearn.metrics import roc_curve
+
     scores, targets = np.asarray(scores), np.asarray(targets)
     k = scores.shape[1]
     positives = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18
 
 from labelkit_ext.models.base import Classifier
 
@@ -16,6 +15,9 @@ def resnet18(num_classes: int, in_channels: int = 3, cifar_stem: bool = False) -
     ``cifar_stem`` swaps the 7x7 stride-2 conv and max-pool for a 3x3 stride-1 conv, the usual
     choice for 32x32 inputs (keeps spatial detail that the ImageNet stem would discard).
     """
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from torchvision.models import resnet18 as tv_resnet18
+
     net = tv_resnet18(weights=None)
     if cifar_stem:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import vgg16 as tv_vgg16
-from torchvision.models import vgg16_bn as tv_vgg16_bn
 
 from labelkit_ext.models.base import Classifier
 
@@ -20,6 +18,10 @@ def vgg16(
     with ``small_input`` it stops at global average pooling of the conv features (512-d),
     the usual CIFAR head, dropping the ~120M parameters sized for 224x224 inputs.
     """
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from torchvision.models import vgg16 as tv_vgg16
+    from torchvision.models import vgg16_bn as tv_vgg16_bn
+
     net = (tv_vgg16_bn if batch_norm else tv_vgg16)(weights=None)
     if in_channels != 3:
         net.features[0] = nn.Conv2d(in_channels, 64, 3, padding=1)

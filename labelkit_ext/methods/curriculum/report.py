@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from labelkit_ext.engine import format_table
 from labelkit_ext.engine.report import new_figure, save_figure
@@ -43,7 +42,10 @@ def paired_test(scores: Sequence[float], reference: Sequence[float]) -> dict[str
         "p": None,
     }
     if len(diffs) >= 2 and np.ptp(diffs) > 1e-12:  # equal up to rounding: no variance to test
-        test = stats.ttest_rel(a, b)
+        # Imported here, not at the top: `labelkit run --help` would wait for it.
+        from scipy.stats import ttest_rel
+
+        test = ttest_rel(a, b)
         result["t"], result["p"] = float(test.statistic), float(test.pvalue)
     return result
 

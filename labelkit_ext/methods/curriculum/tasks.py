@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.cluster import AgglomerativeClustering
 
 from labelkit_ext.engine import scores_from_logits
 from labelkit_ext.errors import UsageError
@@ -266,6 +265,9 @@ def cooccurrence_groups(findings: torch.Tensor, num_groups: int) -> torch.Tensor
             f"num_superclasses must be in [2, {k - 1}] for {k} findings, got {num_groups}"
         )
     distance = (1.0 - cooccurrence_similarity(y)).clamp_min(0.0).numpy()
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from sklearn.cluster import AgglomerativeClustering
+
     labels = AgglomerativeClustering(
         n_clusters=num_groups, metric="precomputed", linkage="average"
     ).fit_predict(distance)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.cluster import SpectralClustering
 from torch.nn import functional as F
 
 from labelkit_ext.errors import UsageError
@@ -80,6 +79,9 @@ def spectral_clusters(similarity: torch.Tensor, num_clusters: int, seed: int = 0
         raise UsageError(f"similarity must be square (C, C), got shape {tuple(similarity.shape)}")
     num_classes = similarity.shape[0]
     check_num_clusters(num_clusters, num_classes)
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from sklearn.cluster import SpectralClustering
+
     labels = SpectralClustering(
         n_clusters=int(num_clusters), affinity="precomputed", random_state=seed
     ).fit_predict(similarity_to_affinity(similarity))

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from labelkit_ext.engine import format_table, topk_accuracy
 from labelkit_ext.engine.report import new_figure, save_figure
@@ -106,6 +105,9 @@ def paired_comparison(
     right = prediction.cpu() == targets.cpu()
     fixed, broke = int((right & ~base_right).sum()), int((~right & base_right).sum())
     n = fixed + broke  # no discordant pair: nothing to test, p = 1
+    # Imported here, not at the top: `labelkit run --help` would wait for it.
+    from scipy.stats import binomtest
+
     p_value = binomtest(fixed, n, 0.5).pvalue if n else 1.0
     return {"fixed": fixed, "broke": broke, "mcnemar_p": float(p_value)}
 
