@@ -19,6 +19,7 @@ import labelkit_ext
 from labelkit_ext.cli import _usage_message, main
 from labelkit_ext.engine import LAST_CHECKPOINT, load_checkpoint
 from labelkit_ext.errors import MissingFileError, UsageError
+from labelkit_ext.methods import load_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--image-size", "8", "--epochs", "1", "--quiet"]
@@ -344,55 +345,43 @@ def test_exit_codes_of_the_command(tmp_path):
     assert "Traceback" not in usage.stderr
 
 
-def test_help_and_info_import_no_torch(tmp_path):
-    """`labelkit --help` and `labelkit info` import neither torch nor the methods, scikit-learn,
-    matplotlib or torchvision (they cost seconds at start; docs/cli.md has the timings)."""
+def _imported_by(argvs: list[list[str]], modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after ``main(argv)`` for each of
+    ``argvs`` in turn (help's exit and printing included)."""
     code = (
         "import sys, contextlib, io\n"
         "from labelkit_ext.cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    try:\n"
-        "        main(['--help'])\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        "    main(['info'])\n"
-        "heavy = ('torch', 'sklearn', 'matplotlib', 'torchvision', 'labelkit_ext.methods',\n"
-        "         'labelkit_ext.data', 'labelkit_ext._ext')\n"
-        "print([m for m in heavy if m in sys.modules])\n"
+        f"    for argv in {argvs!r}:\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit:\n"
+        "            pass\n"
+        f"print(' '.join(m for m in {modules!r} if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    return done.stdout.split()
+
+
+def test_help_and_info_import_no_torch():
+    """`labelkit --help` and `labelkit info` import neither torch nor the methods, scikit-learn,
+    matplotlib or torchvision (they cost seconds at start; docs/cli.md has the timings)."""
+    heavy = ("torch", "sklearn", "matplotlib", "torchvision", "labelkit_ext.methods")
+    ours = ("labelkit_ext.data", "labelkit_ext._ext")
+    assert _imported_by([["--help"], ["info"]], (*heavy, *ours)) == []
 
 
 def test_method_help_imports_no_heavy_libraries():
     """`labelkit run <method> --help` imports every method to build its options; scikit-learn,
     scipy, matplotlib and torchvision (seconds together) wait until a run uses them."""
-    code = (
-        "import sys, contextlib, io\n"
-        "from labelkit_ext.cli import main\n"
-        "from labelkit_ext.methods import load_methods\n"
-        "names = sorted(load_methods())\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    for argv in [['run', '--help']] + [['run', n, '--help'] for n in names]:\n"
-        "        try:\n"
-        "            main(argv)\n"
-        "        except SystemExit:\n"
-        "            pass\n"
-        "heavy = ('sklearn', 'scipy', 'matplotlib', 'torchvision')\n"
-        "print(' '.join(names), '|', ' '.join(m for m in heavy if m in sys.modules))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr
-    methods, imported = done.stdout.split("|")
-    assert {"supervised", "active", "pretext"} <= set(methods.split())
-    assert imported.split() == []
+    names = sorted(load_methods())
+    assert {"supervised", "active", "pretext"} <= set(names)
+    argvs = [["run", "--help"], *(["run", name, "--help"] for name in names)]
+    assert _imported_by(argvs, ("sklearn", "scipy", "matplotlib", "torchvision")) == []
 
 
 # ---- the user audit: every mistake is one `labelkit: error:` line (exit 2), before training ----
