@@ -624,11 +624,10 @@ def test_empty_cluster_of_a_masked_or_nan_row_has_zero_mass(device):
 def test_more_rows_than_one_cuda_grid():
     """Rows beyond the first grid's reach are handled by the grid-stride loops."""
     # A grid has at most 32 blocks of 256 threads per SM (csrc/ops/cuda/grid.h); the farthest
-    # reaching kernel, the packed backward, takes 4 floats a thread. Twice its reach, 2 logits a
-    # row: 4.3 M rows on an H100, 66 K on the 2 SMs `make racecheck` emulates.
-    reach = torch.cuda.get_device_properties(0).multi_processor_count * 32 * 256 * 4
-    floats = 2 * reach
-    x = make_logits((floats // 2, 2), torch.float32, "cuda").requires_grad_()
+    # reaching kernel, the packed backward, takes 4 floats a thread. Twice its reach in floats
+    # at 2 logits a row: 4.3 M rows on an H100, 66 K on the 2 SMs `make racecheck` emulates.
+    rows = torch.cuda.get_device_properties(0).multi_processor_count * 32 * 256 * 4
+    x = make_logits((rows, 2), torch.float32, "cuda").requires_grad_()
     clusters = torch.tensor([0, 1], device="cuda")
     out = entropy_gate(x, 0.5, clusters, num_clusters=2)
     ref = entropy_gate_ref(x.detach(), 0.5, clusters, 2)

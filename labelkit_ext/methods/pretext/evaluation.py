@@ -209,12 +209,16 @@ def linear_eval(
     loss = balanced_loss(targets[index], info.task, device) if balanced else None
     # Precomputed features carry no data fingerprint: what they were computed by and from
     # (hashed only when there is a checkpoint to compare it with).
-    identity = out_dir and {
-        "backbone": module_digest(backbone),
-        "images": data_fingerprint(splits.train_eval),
-        "labeled": tensor_digest(torch.as_tensor(index)),
-        "balanced": balanced,
-    }
+    identity = (
+        {
+            "backbone": module_digest(backbone),
+            "images": data_fingerprint(splits.train_eval),
+            "labeled": tensor_digest(torch.as_tensor(index)),
+            "balanced": balanced,
+        }
+        if out_dir
+        else None
+    )
     saving = _checkpointing(out_dir, resume, identity, backbone="backbone weights",
                             epochs="eval_epochs (or min_steps)", lr="eval_lr")  # fmt: skip
     if features is not None:
