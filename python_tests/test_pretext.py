@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -24,6 +26,7 @@ from labelkit_ext import (
     make_pretext_batch,
     rotate90,
 )
+from labelkit_ext.reference import pretext as pretext_ref
 from labelkit_ext.reference.pretext import (
     all_permutations,
     context_pair_ref,
@@ -230,6 +233,49 @@ def test_hamming_grid4_samples_candidates():
     assert torch.unique(perms, dim=0).shape[0] == 30
     assert torch.equal(perms, hamming_permutations(30, grid=4, seed=2, num_candidates=5000))
     assert hamming_distance_stats(perms).min_distance >= 13
+
+
+def sampled_hamming_oracle(n, grid, seed, criterion, num_candidates) -> torch.Tensor:
+    """hamming_oracle over a sampled candidate set (the op's own sampling, drawn as it does)."""
+    m = grid * grid
+    generator = torch.Generator().manual_seed(seed)
+    cands = pretext_ref.sampled_permutations(m, num_candidates, generator).long()
+    chosen = [int(torch.randint(len(cands), (1,), generator=generator))]
+    while len(chosen) < n:
+        dist = (cands[:, None, :] != cands[chosen][None, :, :]).sum(-1)  # [M, j]
+        score = (dist.min(1).values if criterion == "max" else dist.sum(1)).double()
+        score[chosen] = -1
+        chosen.append(int(score.argmax()))
+    return cands[chosen]
+
+
+@pytest.mark.parametrize("criterion", ["max", "mean"])
+@pytest.mark.parametrize("grid", [15, 16, 17])
+def test_hamming_large_grids(grid, criterion, monkeypatch):
+    """Past uint8's range: grid 16's 256 cells count distances up to 256, grid 17 numbers cells
+    up to 288. Rows stay permutations, 'max' stays max-min, and the column-by-column count
+    (large candidate sets) picks what the match table does."""
+    m = grid * grid
+    perms = hamming_permutations(8, grid=grid, seed=3, criterion=criterion, num_candidates=40)
+    assert torch.equal(perms.sort(1).values, torch.arange(m).expand(8, m))
+    assert torch.equal(perms, sampled_hamming_oracle(8, grid, 3, criterion, 40))
+    monkeypatch.setattr(pretext_ref, "EQ_TABLE_ENTRIES", 0)
+    by_column = hamming_permutations(8, grid=grid, seed=3, criterion=criterion, num_candidates=40)
+    assert torch.equal(by_column, perms)
+
+
+def test_hamming_memory_stays_linear_in_the_candidate_table():
+    """A 20 x 20 grid with 1,000 candidates is a 400,000-entry table; the old [m, m, M] match
+    table made it 160 MB (321 MiB at peak). A fresh interpreter measures the peak's growth."""
+    code = (
+        "import resource, torch, labelkit_ext\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "labelkit_ext.hamming_permutations(3, grid=20, num_candidates=1000)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) < 40 * 1024, out.stdout  # KiB
 
 
 def test_hamming_distance_stats_brute_force():

@@ -1131,7 +1131,7 @@ def test_hamming_permutations_fuzz(data):
     reference's set, ``[n, grid^2]`` int64 on the CPU, every row a permutation, no row twice
     (each pick is "among all candidates not yet chosen")."""
     op = "hamming_permutations"
-    grid = data.draw(st.sampled_from([2, 2, 3, 4] * 3 + [1, 0, True, 3.0]))
+    grid = data.draw(st.sampled_from([2, 2, 3, 4] * 3 + [16, 17, 1, 0, True, 3.0]))  # 16+: int16
     criterion = data.draw(st.sampled_from(["max", "mean"] * 4 + ["min", "MAX"]))
     seed = data.draw(
         st.one_of(

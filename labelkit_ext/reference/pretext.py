@@ -195,14 +195,21 @@ def all_permutations(m: int) -> torch.Tensor:
     return perms
 
 
+def cell_dtype(m: int) -> torch.dtype:
+    """The smallest integer dtype that holds cell numbers ``0..m-1`` and counts ``0..m``:
+    uint8 up to grid 15 (m <= 255), then int16 (up to grid 181), then int32."""
+    return torch.uint8 if m < 2**8 else torch.int16 if m < 2**15 else torch.int32
+
+
 def sampled_permutations(m: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` (< m!) distinct random permutations of ``0..m-1`` (``[count, m]`` uint8): the
-    first ``count`` distinct ones drawn with ``generator`` (more are drawn while repeats leave
-    fewer), sorted lexicographically, so deterministic for a seed."""
-    perms = torch.empty(0, m, dtype=torch.uint8)
+    """``count`` (< m!) distinct random permutations of ``0..m-1`` (``[count, m]``
+    :func:`cell_dtype`): the first ``count`` distinct ones drawn with ``generator`` (more are
+    drawn while repeats leave fewer), sorted lexicographically, so deterministic for a seed."""
+    dtype = cell_dtype(m)
+    perms = torch.empty(0, m, dtype=dtype)
     while True:
         keys = torch.rand(count, m, generator=generator)
-        perms = torch.cat([perms, keys.argsort(dim=1).to(torch.uint8)])
+        perms = torch.cat([perms, keys.argsort(dim=1).to(dtype)])
         rows, inverse = torch.unique(perms, dim=0, return_inverse=True)
         if rows.shape[0] >= count:
             break
@@ -212,47 +219,80 @@ def sampled_permutations(m: int, count: int, generator: torch.Generator) -> torc
     return rows[first.argsort()[:count].sort().values]
 
 
+# Largest [m, m, M] match table greedy_hamming_select builds (bytes at uint8): grid 3's 362,880
+# candidates take 29 MB, grid 4's default 100,000 take 26 MB; bigger sets compare column by column.
+EQ_TABLE_ENTRIES = 2**27
+
+
+def match_counter(candidates: torch.Tensor):
+    """A function of one row's cell values that returns, for every candidate row of
+    ``candidates [M, m]``, how many positions hold the same value (``[M]``, :func:`cell_dtype`;
+    the returned tensor is reused by the next call).
+
+    Small sets precompute ``eq[pos, value] = candidates[:, pos] == value`` so that a count is
+    ``m`` contiguous adds; larger ones (``m * m * M > EQ_TABLE_ENTRIES``) compare each position's
+    column instead: twice the work, memory ``O(M * m)`` instead of ``O(M * m^2)``.
+    """
+    M, m = candidates.shape
+    dtype = cell_dtype(m)
+    columns = candidates.t().contiguous()
+    matches = torch.empty(M, dtype=dtype)
+    if m * m * M <= EQ_TABLE_ENTRIES:
+        values = torch.arange(m, dtype=candidates.dtype)[:, None]
+        eq = torch.empty(m, m, M, dtype=dtype)
+        for pos in range(m):
+            eq[pos] = columns[pos] == values
+
+        def count(row: list[int]) -> torch.Tensor:
+            torch.add(eq[0, row[0]], eq[1, row[1]], out=matches)  # m >= 4 here (grid >= 2)
+            for pos in range(2, m):
+                matches.add_(eq[pos, row[pos]])
+            return matches
+
+        return count
+
+    hit = torch.empty(M, dtype=torch.bool)
+
+    def count_by_column(row: list[int]) -> torch.Tensor:
+        matches.zero_()
+        for pos in range(m):
+            matches.add_(torch.eq(columns[pos], row[pos], out=hit))
+        return matches
+
+    return count_by_column
+
+
 def greedy_hamming_select(
     candidates: torch.Tensor, n: int, first: int, criterion: str
 ) -> torch.Tensor:
     """Greedy max-min ('max') or max-mean ('mean') Hamming selection of ``n`` rows of
-    ``candidates [M, m]`` (uint8), starting with row ``first``. Returns the chosen row indices.
+    ``candidates [M, m]`` (:func:`cell_dtype`), starting with row ``first``. Returns the chosen
+    row indices.
 
     A running distance per candidate (minimum or sum over the chosen set) is updated with the
-    newly chosen row only: O(n * M * m) instead of recomputing the table every step. The
-    distance to one row is ``m - matches`` with matches summed from a precomputed
-    ``[m, m, M]`` table of ``candidates[:, pos] == value``. Ties go to the lowest row index.
+    newly chosen row only (:func:`match_counter`): O(n * M * m) instead of recomputing the table
+    every step. Ties go to the lowest row index.
     """
     M, m = candidates.shape
-    # eq[pos, value, i] = candidates[i, pos] == value
-    eq = (
-        torch.stack([candidates == v for v in range(m)])
-        .permute(2, 0, 1)
-        .to(torch.uint8)
-        .contiguous()
-    )
-    # 'max' keeps the running minimum in uint8 (distances are <= m <= 255 for grids <= 15);
-    # a chosen row is at distance 0 from itself and every other row at >= 2, so chosen rows
-    # never win again. 'mean' keeps an int32 sum and masks the chosen rows.
-    by_min = criterion == "max" and m < 256
+    count_matches = match_counter(candidates)
+    # 'max' keeps the running minimum in cell_dtype (distances are <= m); a chosen row is at
+    # distance 0 from itself and every other row at >= 2, so chosen rows never win again.
+    # 'mean' keeps an int32 sum (<= n * m <= 2^27) and masks the chosen rows.
+    by_min = criterion == "max"
     running = (
-        torch.full((M,), m, dtype=torch.uint8) if by_min else torch.zeros(M, dtype=torch.int32)
+        torch.full((M,), m, dtype=cell_dtype(m)) if by_min else torch.zeros(M, dtype=torch.int32)
     )
     taken = torch.zeros(M, dtype=torch.bool)
-    matches = torch.empty(M, dtype=torch.uint8)
     chosen = torch.empty(n, dtype=torch.int64)
     pick = first
     for step in range(n):
         chosen[step] = pick
         taken[pick] = True
-        values = candidates[pick].tolist()
-        torch.add(eq[0, values[0]], eq[1, values[1]], out=matches)  # in-place byte adds
-        for p in range(2, m):
-            matches.add_(eq[p, values[p]])
+        distance = m - count_matches(candidates[pick].tolist())
         if by_min:
-            torch.minimum(running, m - matches, out=running)
+            torch.minimum(running, distance, out=running)
         else:
-            running += m - matches.to(torch.int32)
+            running += distance
         if step + 1 < n:
             score = running if by_min else running.masked_fill(taken, -1)
             pick = int(score.argmax())
