@@ -19,7 +19,8 @@ Policies (docs/ops/scoring.md):
 - Ties: ``cosine_topk`` keeps the lower key index first; the greedy selections take the lowest
   index among equal distances.
 - Gradients: ``uncertainty`` is differentiable w.r.t. ``scores`` (logits or probabilities);
-  similarities, top-k and the selections return indices/rankings and are not differentiable.
+  similarities, top-k and the selections return indices/rankings and are not differentiable
+  (inputs may require grad, e.g. model outputs; the results do not).
 """
 
 from __future__ import annotations
@@ -303,7 +304,8 @@ def cosine_topk(
     if has_kernel(op, queries.device.type):
         values, indices = torch.ops.labelkit.cosine_topk(queries, keys, k, largest, eps, tile)
         return TopK(values, indices)
-    return cosine_topk_ref(queries, keys, k, largest, eps, tile or None)
+    with torch.no_grad():  # not differentiable on either path
+        return cosine_topk_ref(queries, keys, k, largest, eps, tile or None)
 
 
 def cosine_reduce(
@@ -332,7 +334,8 @@ def cosine_reduce(
     tile = _check_tile(tile_size, op)
     if has_kernel(op, queries.device.type):
         return torch.ops.labelkit.cosine_reduce(queries, keys, reduce, eps, tile)
-    return cosine_reduce_ref(queries, keys, reduce, eps, tile or None)
+    with torch.no_grad():  # not differentiable on either path
+        return cosine_reduce_ref(queries, keys, reduce, eps, tile or None)
 
 
 def kcenter_greedy(
@@ -526,10 +529,25 @@ def _uncertainty_backward(ctx, grad):
     )
 
 
+def _mark_non_differentiable(ctx, inputs, output):
+    """Similarities stream through the kernels without a graph: inputs that require grad (model
+    outputs) give results that do not, as from the reference under the wrapper's no_grad. Without
+    this the kernels' inner GEMMs would see those inputs and fail."""
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def _unreachable_backward(ctx, *grads):
+    raise RuntimeError("labelkit_ext: a non-differentiable cosine output reached backward")
+
+
 def _register_autograd() -> None:
     torch.library.register_autograd(
         "labelkit::uncertainty", _uncertainty_backward, setup_context=_uncertainty_setup
     )
+    for op in ("labelkit::cosine_topk", "labelkit::cosine_reduce"):
+        torch.library.register_autograd(
+            op, _unreachable_backward, setup_context=_mark_non_differentiable
+        )
     torch.library.register_autograd(
         "labelkit::_uncertainty_backward",
         no_double_backward("uncertainty", "labelkit_ext.reference.scoring.uncertainty_ref"),
