@@ -236,6 +236,20 @@ def test_uncertainty_special_values(device):
     assert uncertainty(x[:1], "entropy").item() == pytest.approx(math.log(2))
 
 
+def test_uncertainty_special_values_of_sampled_rows(device):
+    """One bad sample row spoils its sample for every MC method: a NaN, a +inf or no class left
+    (all -inf) gives NaN; a masked class does not. Kernel and reference agree."""
+    inf = math.inf
+    good = [[0.0, 1.0, 2.0], [2.0, 0.0, -inf], [1.0, 0.0, 0.0], [0.5, 0.5, 2.0]]
+    bad = [[0.0, 1.0, 2.0], [math.nan, 0.0, 0.0], [inf, 0.0, 0.0], [-inf, -inf, -inf]]
+    x = torch.tensor([good, bad], device=device).transpose(0, 1).contiguous()  # [S=4, N=2, C=3]
+    for m in MC_ONLY + ["variation_ratio"]:
+        for rows in ([0, 1, 2, 3], [0, 1], [0, 2], [0, 3]):  # each bad kind alone
+            out, ref = uncertainty(x[rows], m), uncertainty_ref(x[rows], m)
+            assert_close(out, ref)
+            assert torch.isfinite(out[0]) and out[1].isnan(), (m, rows, out)
+
+
 def test_uncertainty_noncontiguous_and_empty(device):
     x = randn(6, 20, scale=2.0, device=device).t()  # [20, 6], non-contiguous
     for m in SINGLE_METHODS:

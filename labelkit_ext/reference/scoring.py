@@ -76,15 +76,20 @@ def _top2(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _mc_variation_ratio(scores: torch.Tensor, from_logits: bool) -> torch.Tensor:
     """1 - (votes of the modal class) / S over the S sampled argmax predictions; NaN for a
-    sample with a NaN (or, for logits, +inf) score, as the other MC methods."""
+    sample with a NaN (or, for logits, +inf or an all ``-inf`` row) score, as the other MC
+    methods."""
     S, N, C = scores.shape
     dtype = accumulation_dtype(scores.dtype)
     votes = torch.zeros(N, C, dtype=dtype, device=scores.device)
     votes.scatter_add_(
         1, scores.argmax(-1).t(), torch.ones(N, S, dtype=dtype, device=scores.device)
     )
-    bad = scores.isnan() | (scores == float("inf")) if from_logits else scores.isnan()
-    return (1.0 - votes.amax(-1) / S).masked_fill(bad.any(-1).any(0), float("nan"))
+    if from_logits:
+        bad = (scores.isnan() | (scores == float("inf"))).any(-1)
+        bad |= (scores == float("-inf")).all(-1)  # no class left: softmax is undefined
+    else:
+        bad = scores.isnan().any(-1)
+    return (1.0 - votes.amax(-1) / S).masked_fill(bad.any(0), float("nan"))
 
 
 def uncertainty_ref(
