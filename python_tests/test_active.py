@@ -632,6 +632,38 @@ def test_run_active_on_an_embedding_pool(tmp_path, capsys):
     assert results["summary"]["coreset"]["labels"] == [20, 40, 60]
 
 
+@pytest.mark.parametrize(
+    "mend,message",
+    [
+        (lambda d: d.update(pool_targets=d["pool_targets"][:50]), "but 50 pool_targets"),
+        (
+            lambda d: d.update(pool_targets=torch.cat([d["pool_targets"]] * 2)),
+            "pool embeddings but",
+        ),
+        (lambda d: d.update(test_targets=d["test_targets"][1:]), "test embeddings but"),
+        (
+            lambda d: d.update(pool_targets=d["pool_targets"].float()),
+            "must be a 1-D integer tensor",
+        ),
+        (lambda d: d.update(pool_targets=d["pool_targets"] - 1), "holds a negative class (-1)"),
+        (lambda d: d.update(test=d["test"].tolist()), "'test' must be a tensor, got list"),
+    ],
+)
+def test_run_active_refuses_a_bad_embedding_file_before_any_round(tmp_path, capsys, mend, message):
+    """The oracle answers with pool_targets by row index: a short list failed mid-run with an
+    IndexError, a long one silently added classes."""
+    pool, pool_y, test, test_y = _embedding_pool()
+    data = {"pool": pool, "pool_targets": pool_y, "test": test, "test_targets": test_y}
+    mend(data)
+    file = tmp_path / "pool.pt"
+    torch.save(data, file)
+    out = tmp_path / "run"
+    assert main(["run", "active", "--embeddings", str(file), "--strategies", "margin",
+                 "--rounds", "1", "--num-seeds", "1", "--device", "cpu", "--quiet", "--out", str(out)]) == 2  # fmt: skip
+    assert message in capsys.readouterr().err
+    assert not list(out.rglob("state.json"))
+
+
 def test_run_active_with_the_file_oracle_stops_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "active", *TINY, "--strategies", "margin", "--num-seeds", "1", "--rounds", "1",

@@ -244,7 +244,30 @@ def load_embedding_pool(path: str) -> dict[str, torch.Tensor]:
     needed = ("pool", "pool_targets", "test", "test_targets")
     if not isinstance(data, dict) or any(k not in data for k in needed):
         raise UsageError(f"{file} must hold a dict with the tensors {needed}")
+    for name in needed:
+        if not isinstance(data[name], torch.Tensor):
+            raise UsageError(f"{file}: {name!r} must be a tensor, got {type(data[name]).__name__}")
+    for rows, targets in (("pool", "pool_targets"), ("test", "test_targets")):
+        _check_targets(file, data[rows], data[targets], rows, targets)
     return data
+
+
+def _check_targets(
+    file: Path, rows: torch.Tensor, targets: torch.Tensor, rows_name: str, targets_name: str
+) -> None:
+    """One integer class >= 0 per embedding row (the oracle answers with them by row index)."""
+    if targets.ndim != 1 or targets.is_floating_point() or targets.is_complex():
+        raise UsageError(
+            f"{file}: {targets_name!r} must be a 1-D integer tensor, got {targets.dtype} "
+            f"of shape {tuple(targets.shape)}"
+        )
+    if rows.ndim < 1 or len(targets) != len(rows):
+        raise UsageError(
+            f"{file}: {len(rows) if rows.ndim else 0} {rows_name} embeddings but "
+            f"{len(targets)} {targets_name}: one class per row"
+        )
+    if len(targets) and int(targets.min()) < 0:
+        raise UsageError(f"{file}: {targets_name!r} holds a negative class ({int(targets.min())})")
 
 
 def _fingerprint(config: ActiveRunConfig, data: DataConfig, dropout: float) -> dict[str, Any]:
