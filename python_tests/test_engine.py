@@ -505,6 +505,36 @@ def test_resume_refuses_another_worker_count(tmp_path, digits8):
     assert done.resumed_from == 2
 
 
+def _as_if_trained_by(checkpoint, world_size: int) -> None:
+    """Rewrite a checkpoint as one written under torchrun with ``world_size`` processes."""
+    state = load_checkpoint(checkpoint)
+    assert state["run"]["world_size"] == 1
+    state["run"]["world_size"] = world_size
+    save_checkpoint(checkpoint, state)
+
+
+def test_resume_refuses_another_process_count_until_finished(tmp_path, digits8):
+    """batch_size is per process: resumed under another torchrun count, a run continued on
+    another global batch (a different trajectory, silently); a finished one trains no further."""
+    config = TrainConfig(epochs=2, **TINY)
+
+    def stop_after_first(end):
+        if end.epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path,
+            callbacks=[stop_after_first])  # fmt: skip
+    _as_if_trained_by(tmp_path / "checkpoint_last.pt", 2)
+    with pytest.raises(UsageError, match=r"processes \(torchrun --nproc_per_node\)=2 -> 1"):
+        fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path, resume=True)
+    fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path / "done")
+    _as_if_trained_by(tmp_path / "done" / "checkpoint_last.pt", 2)
+    done = fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path / "done",
+               resume=True)  # fmt: skip
+    assert done.resumed_from == 2
+
+
 def test_resume_refuses_other_data_or_model_and_checkpoints_without_settings(tmp_path, digits8):
     """Settings alike, but another data set (size), image size or architecture: a clean refusal,
     not a run continuing from foreign weights or a load_state_dict traceback."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,7 +19,14 @@ from torchvision.transforms.v2 import functional as TF
 from labelkit_ext import hamming_permutations
 from labelkit_ext.cli import main
 from labelkit_ext.data import load_dataset
-from labelkit_ext.engine import LAST_CHECKPOINT, TrainConfig, fit, load_checkpoint, seed_everything
+from labelkit_ext.engine import (
+    LAST_CHECKPOINT,
+    TrainConfig,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.pretext import (
     PretextSettings,
@@ -421,6 +429,14 @@ def test_train_pretext_records_accuracy_and_resumes_like_an_uninterrupted_run(
     fewer = torch.utils.data.Subset(tiny_splits.train_eval, range(len(tiny_splits.train_eval) - 1))
     with pytest.raises(UsageError, match=r"\(other training images \(another --split-seed"):
         train(tmp_path / "cut", resume=True, images=fewer)
+    # Another process count (batch_size is per process), until the run is finished.
+    for folder, epoch in ((tmp_path / "cut", 1), (tmp_path / "full", 2)):
+        state = load_checkpoint(folder / LAST_CHECKPOINT)
+        state["epoch"], state["world_size"] = epoch, 2
+        save_checkpoint(folder / LAST_CHECKPOINT, state)
+    with pytest.raises(UsageError, match=r"processes \(torchrun --nproc_per_node\)=2 -> 1"):
+        train(tmp_path / "cut", resume=True)
+    assert train(tmp_path / "full", resume=True).resumed_from == 2
 
 
 def test_train_pretext_does_not_depend_on_the_number_of_workers(tiny_splits):
@@ -522,9 +538,9 @@ def test_run_study_resume_reuses_finished_heads_and_scratch_networks(tiny_splits
     checkpoints instead of training every one of them again."""
     quick = TrainConfig(epochs=2, batch_size=16, optimizer="adam", lr=1e-3, **CPU)
 
-    def study(**kwargs):
+    def study(pretext_config=quick, **kwargs):
         return run_study(tiny_splits, tasks=["rotation"], fractions=[0.5, 1.0],
-                         pretext_config=quick, eval_config=quick, scratch_config=quick,
+                         pretext_config=pretext_config, eval_config=quick, scratch_config=quick,
                          min_steps=2, out_dir=tmp_path, quiet=True, **kwargs)  # fmt: skip
 
     first = study()
@@ -539,6 +555,10 @@ def test_run_study_resume_reuses_finished_heads_and_scratch_networks(tiny_splits
     assert all(r["resumed_from"] == r["epochs"] > 0 for r in again.results["runs"])
     with pytest.raises(UsageError, match=rf"{head / LAST_CHECKPOINT}: .*balanced"):
         study(resume=True, balanced=False)  # another loss: not the same heads
+    # The pretext network's settings by their option names (--epochs is the scratch baseline's)
+    longer = replace(quick, epochs=3, lr=1e-2)
+    with pytest.raises(UsageError, match=r"\(pretext_epochs=2 -> 3, pretext_lr=0.001 -> 0.01\)"):
+        study(resume=True, pretext_config=longer)
 
 
 def test_a_head_is_not_resumed_on_another_backbone(tiny_splits, tmp_path):

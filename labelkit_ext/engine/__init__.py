@@ -31,6 +31,7 @@ from labelkit_ext.engine.distributed import (
 )
 from labelkit_ext.engine.loops import (
     LAST_CHECKPOINT,
+    WORLD_SIZE_LABEL,
     EpochEnd,
     FitResult,
     Predictions,
@@ -71,6 +72,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
     "TRAJECTORY_FIELDS",
+    "WORLD_SIZE_LABEL",
     "DistInfo",
     "EpochEnd",
     "FitResult",

@@ -329,6 +329,10 @@ def _start_epoch(loader: DataLoader, config: TrainConfig, epoch: int, info: Dist
 
 # Each worker draws the augmentation from its own seeded stream: another count, another run.
 _FIT_TRAJECTORY_FIELDS = (*TRAJECTORY_FIELDS, "num_workers")
+# What a finished checkpoint, which trains no further, may be resumed with another of: the worker
+# count, and the process count (batch_size is per process: another count, another global batch).
+_UNTIL_FINISHED = ("num_workers", "world_size")
+WORLD_SIZE_LABEL = "processes (torchrun --nproc_per_node)"
 
 
 def run_identity(
@@ -367,21 +371,22 @@ def _check_resumable(
     saved, current = state.get("config"), config.to_dict()
     if not isinstance(saved, dict):
         raise UsageError(f"cannot resume from {checkpoint}: it holds no training settings")
-    # A finished checkpoint trains no further: the workers' augmentation streams do not matter.
     finished = int(state.get("epoch", 0)) >= config.epochs
+    names = {"world_size": WORLD_SIZE_LABEL, **names}
     changed = [
         f"{names.get(k, k)}={saved.get(k)!r} -> {current[k]!r}"
         for k in _FIT_TRAJECTORY_FIELDS
-        if saved.get(k) != current[k] and not (finished and k == "num_workers")
+        if saved.get(k) != current[k] and not (finished and k in _UNTIL_FINISHED)
     ]
-    saved_run = state.get("run") or {}  # checkpoints from before run identities: settings only
+    # checkpoints from before run identities: settings only; before world_size: any count
+    saved_run = state.get("run") or {}
     describe = {"parameters": tensor_shape_changes, "data": _data_change}
     changed += [
         describe[k](saved_run[k], run[k])
         if k in describe
         else f"{names.get(k, k)}={saved_run[k]!r} -> {run[k]!r}"
         for k in run
-        if k in saved_run and saved_run[k] != run[k]
+        if k in saved_run and saved_run[k] != run[k] and not (finished and k in _UNTIL_FINISHED)
     ]
     refuse_resume(checkpoint, changed)
 
@@ -522,7 +527,11 @@ def fit(
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     result = FitResult(model=model, device=device)
     run = (
-        {**run_identity(model, train_set, val_set, class_names), **(identity or {})}
+        {
+            **run_identity(model, train_set, val_set, class_names),
+            "world_size": info.world_size,
+            **(identity or {}),
+        }
         if checkpoint
         else {}
     )

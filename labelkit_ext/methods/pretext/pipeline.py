@@ -43,6 +43,8 @@ RANDOM = "random init"  # the frozen, untrained backbone
 PRETRAINED = "pretrained"  # a backbone from a weights file (e.g. ImageNet), evaluated frozen
 SUPERVISED = "supervised"  # the whole network trained from scratch on the labels
 BACKBONE_FILE = "backbone.pt"  # a pretext-trained backbone, loadable with --pretrained
+# pretext_config's fields as `labelkit run pretext` names them (in a refused resume's message)
+PRETEXT_OPTION_NAMES = {"epochs": "pretext_epochs", "lr": "pretext_lr"}
 
 
 @dataclass
@@ -224,6 +226,7 @@ def run_study(
                     settings,
                     out_dir=task_dir,
                     resume=resume,
+                    setting_names=PRETEXT_OPTION_NAMES,
                 )
             fit.pretext[(task, seed)] = fitted
             if task_dir is not None and current_dist().is_main:

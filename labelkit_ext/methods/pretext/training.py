@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
     TRAJECTORY_FIELDS,
+    WORLD_SIZE_LABEL,
     DistInfo,
     StepSums,
     TrainConfig,
@@ -168,10 +170,17 @@ def _train_epoch(
 
 
 def _resume(
-    checkpoint: Path, task: str, settings: PretextSettings, config: TrainConfig, data: Any
+    checkpoint: Path,
+    task: str,
+    settings: PretextSettings,
+    config: TrainConfig,
+    data: Any,
+    world_size: int,
+    names: Mapping[str, str],
 ) -> dict | None:
     """The checkpoint's state, or None without one; another task, pretext settings, training
-    settings or training data (``data_fingerprint``) is refused, naming what changed."""
+    settings, process count (of an unfinished run) or training data (``data_fingerprint``) is
+    refused, naming what changed (``names``: config fields as the options a user typed)."""
     if not checkpoint.is_file():
         return None
     state = load_checkpoint(checkpoint)
@@ -181,7 +190,15 @@ def _resume(
              **{k: saved_config.get(k) for k in TRAJECTORY_FIELDS}}  # fmt: skip
     current = {"task": task, **settings.to_dict(),
                **{k: getattr(config, k) for k in TRAJECTORY_FIELDS}}  # fmt: skip
-    changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    # batch_size is per process; a finished run trains no further (checkpoints before: any)
+    if "world_size" in state and int(state["epoch"]) < config.epochs:
+        saved["world_size"], current["world_size"] = state["world_size"], world_size
+    names = {"world_size": WORLD_SIZE_LABEL, **names}
+    changed = [
+        f"{names.get(k, k)}={saved.get(k)!r} -> {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     if "data" in state and state["data"] != data:  # checkpoints before it: settings only
         changed.append("other training images (another --split-seed or data set?)")
     refuse_resume(checkpoint, changed)
@@ -198,6 +215,7 @@ def train_pretext(
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    setting_names: Mapping[str, str] | None = None,
 ) -> PretextFit:
     """Train ``backbone`` with ``task``'s head for ``config.epochs`` epochs on the images of
     ``train_set`` (its targets are ignored); report the pretext accuracy on ``val_set``.
@@ -205,7 +223,9 @@ def train_pretext(
     The data order, pretext labels, tile jitter and views of epoch ``e`` are drawn from
     ``(config.seed, e)`` alone, so a resumed run retraces an uninterrupted one. With
     ``out_dir`` the state is saved after every epoch (``checkpoint_last.pt``, loaded with
-    ``weights_only=True``) and ``resume`` continues from it. Under torchrun the net is wrapped
+    ``weights_only=True``) and ``resume`` continues from it; a resume with other settings is
+    refused, naming them (``setting_names``: ``config`` fields as the caller's options, e.g.
+    ``{"epochs": "pretext_epochs"}``). Under torchrun the net is wrapped
     in DDP and each rank trains on its share of the images (``batch_size`` per process; the
     contrastive task's negatives are the views of every rank, SimCLR's global batch); rank 0
     logs and writes checkpoints.
@@ -222,7 +242,11 @@ def train_pretext(
     fitted = PretextFit(task, net)
     checkpoint = Path(out_dir) / LAST_CHECKPOINT if out_dir is not None else None
     data = data_fingerprint(train_set)
-    state = _resume(checkpoint, task, settings, config, data) if resume and checkpoint else None
+    state = (
+        _resume(checkpoint, task, settings, config, data, info.world_size, setting_names or {})
+        if resume and checkpoint
+        else None
+    )
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -275,6 +299,7 @@ def train_pretext(
                     "settings": settings.to_dict(),
                     "config": config.to_dict(),
                     "data": data,
+                    "world_size": info.world_size,
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),  # {} when disabled
