@@ -280,6 +280,22 @@ def test_cli_and_python_defaults_are_the_same_run(name):
     )
 
 
+def test_strategies_take_commas_or_spaces():
+    """--strategies is one string of names; typed like every other list option (spaces), it was
+    'unrecognized arguments'."""
+    from labelkit_ext.cli import build_parser
+    from labelkit_ext.engine.options import config_from_args
+    from labelkit_ext.methods.active import ActiveRunConfig
+
+    def parsed(*values):
+        args = build_parser().parse_args(["run", "active", "--strategies", *values])
+        return config_from_args(ActiveRunConfig, args).strategies
+
+    assert parsed("entropy", "coreset") == parsed("entropy,coreset") == "entropy,coreset"
+    assert parsed("entropy,margin", "badge") == "entropy,margin,badge"
+    assert ActiveRunConfig(strategies="margin,badge").strategy_names() == ["margin", "badge"]
+
+
 def test_config_options_round_trip_lists_flags_and_nested_groups():
     from labelkit_ext.cli import build_parser
     from labelkit_ext.engine.options import config_from_args

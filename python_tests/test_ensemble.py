@@ -514,6 +514,16 @@ def test_load_baseline_from_a_checkpoint(tmp_path):
 # -- end to end ---------------------------------------------------------------------------------
 
 
+def test_grid_table_keeps_close_thresholds_apart():
+    """Entropy quantiles may agree to three digits: their columns get the digits that tell them
+    apart (the report printed e=2.27 twice)."""
+    from labelkit_ext.methods.ensemble.report import grid_table
+
+    grid = [GridPoint(2, e, 0.5, 0.5, 0.1) for e in (0.0, 2.2712, 2.2738, 3.3)]
+    header = grid_table(grid).splitlines()[0]
+    assert all(f"e={label}" in header for label in ("0", "2.271", "2.274", "3.3")), header
+
+
 def test_fit_ensemble_python_api_matches_its_ensembles(digits8):
     seed_everything(0)
     config = TrainConfig(epochs=2, **QUIET_CPU)
@@ -526,6 +536,8 @@ def test_fit_ensemble_python_api_matches_its_ensembles(digits8):
         quantiles=(0.5,),
         baseline=baseline,
     )
+    with pytest.raises(ValueError, match=r"at most one of baseline, baseline_file, pretrained"):
+        fit_ensemble(digits8, config=config, baseline=baseline, pretrained="weights.pt")
     results = fitted.results
     assert results["baseline"]["trained_here"] is False and "plots" not in results
     assert results["timings"]["total_seconds"] >= results["timings"]["grid search"] > 0
@@ -610,7 +622,10 @@ def test_run_ensemble_cli_end_to_end(tmp_path, capsys):
     assert again["metrics"]["test"]["baseline"] == results["metrics"]["test"]["baseline"]
     assert again["config"]["baseline_file"] == checkpoint
     assert main([*argv, "--pretrained", checkpoint]) == 2
-    assert "at most one of baseline, baseline_file, pretrained" in capsys.readouterr().err
+    assert (
+        "give --baseline (a trained baseline, used as is) or --pretrained"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ is the default of the Python API, so ``labelkit run m`` with no options and
 
 Field metadata: ``help``; ``choices`` (a sequence, or a callable returning one, called when the
 parser is built); ``metavar``; ``cli=False`` keeps a field out of the command line; on a nested
-config field, ``helps`` ({sub-field: help}) replaces the help of some of its options.
+config field, ``helps`` ({sub-field: help}) replaces the help of some of its options; on a ``str``
+field, ``join=","`` takes one or more values joined into it (``--strategies a b`` is
+``--strategies a,b``, as the list options take space-separated values).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def _add_field(
     if typing.get_origin(base) in (list, tuple):
         kwargs["nargs"] = "+"
         base = typing.get_args(base)[0]
+    elif "join" in meta:
+        kwargs["nargs"] = "+"
     if base not in (int, float, str):
         raise TypeError(f"option {field.name}: unsupported type {kind!r}")
     kwargs["type"] = base
@@ -144,17 +148,19 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
             values[field.name] = dataclasses.replace(
                 current,
                 **{
-                    f.name: _value(args, f.name, getattr(current, f.name))
+                    f.name: _value(args, f, getattr(current, f.name))
                     for f, _ in _fields(kind)
                     if f.init
                 },
             )
         else:
-            values[field.name] = _value(args, field.name, current)
+            values[field.name] = _value(args, field, current)
     return cls(**values)
 
 
-def _value(args: argparse.Namespace, name: str, default: Any) -> Any:
-    value = getattr(args, name, default)
+def _value(args: argparse.Namespace, field: dataclasses.Field, default: Any) -> Any:
+    value = getattr(args, field.name, default)
+    if "join" in field.metadata and isinstance(value, list):
+        return field.metadata["join"].join(value)
     # nargs="+" gives lists; a tuple-typed default stays a tuple so configs compare equal.
     return type(default)(value) if isinstance(default, tuple) and value is not None else value

@@ -139,7 +139,9 @@ class ActiveRunConfig:
         help="training of the learner every round",
     )
     strategies: str = option(
-        DEFAULT_STRATEGIES, f"comma-separated, from {', '.join(available_strategies())}"
+        DEFAULT_STRATEGIES,
+        f"comma- or space-separated, from {', '.join(available_strategies())}",
+        join=",",
     )
     num_seeds: int = option(2, "seeds seed, seed+1, ...")
     rounds: int = option(5, "queries after the initial set")

@@ -147,6 +147,11 @@ class EnsembleRunConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_run_config(self)
+        if self.baseline is not None and self.pretrained is not None:
+            raise UsageError(
+                "give --baseline (a trained baseline, used as is) or --pretrained (initial "
+                "weights of a baseline trained here), not both"
+            )
         if self.clusters is not None:
             if not self.clusters:
                 raise UsageError("clusters must hold at least one number of clusters")

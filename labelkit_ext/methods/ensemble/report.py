@@ -150,7 +150,17 @@ def grid_table(grid: Sequence[GridPoint]) -> str:
             body.append(
                 [f"S={s} {mode}", *(getattr(at[(s, e)], f"{mode}_accuracy") for e in thresholds)]
             )
-    return format_table(body, ["val accuracy", *(f"e={e:.3g}" for e in thresholds)])
+    return format_table(body, ["val accuracy", *(f"e={e}" for e in distinct_labels(thresholds))])
+
+
+def distinct_labels(values: Sequence[float], digits: int = 3) -> list[str]:
+    """``values`` with ``digits`` significant digits, or as many more as keep them apart (two
+    entropy quantiles can agree to three digits)."""
+    for d in range(digits, 18):
+        labels = [f"{v:.{d}g}" for v in values]
+        if len(set(labels)) == len(set(values)):
+            return labels
+    return [repr(v) for v in values]
 
 
 def plot_similarity(
