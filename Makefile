@@ -10,7 +10,7 @@ install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
 demo: install
-	$(PYTHON) -m labelkit_ext run supervised --dataset digits --out $(DEMO_OUT)
+	$(PYTHON) -m labelkit_ext run supervised --dataset digits --out $(DEMO_OUT) --overwrite
 
 # The whole suite: with the compiled kernels (required to load), again on the pure-PyTorch
 # fallback, then the C++ tests through ctest.

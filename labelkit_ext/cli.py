@@ -65,6 +65,13 @@ def _add_run(commands: argparse._SubParsersAction, with_methods: bool) -> None:
             action="store_true",
             help="continue from the run's checkpoints in OUT when they exist",
         )
+        group.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start from scratch in an OUT that holds a previous run: its results.json and "
+            "checkpoints are deleted first (other files stay); without it, or --resume, such an "
+            "OUT is refused",
+        )
 
 
 def _add_bench(commands: argparse._SubParsersAction) -> None:
@@ -147,6 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
     method = get_method(args.method)
     config = config_from_args(method.config, args)  # checks every option before any work
+    _check_fresh_out(args, config)
     init_distributed(config.train.device)
     try:
         method.run(config, args.out, resume=args.resume)
@@ -211,6 +219,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = " (the same command with --resume continues it)" if args.command == "run" else ""
         print(f"\nlabelkit: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+# What a run leaves in its folder: the record, the engine's and active learning's checkpoints.
+_RUN_FILES = ("results.json", "checkpoint_last.pt", "state.json")
+
+
+def _check_fresh_out(args: argparse.Namespace, config) -> None:
+    """A run without --resume into a folder holding another run's files would replace them
+    (hours of training) silently: refused, unless --overwrite deletes those files first (every
+    rank alike, before any trains: init_distributed waits for all of them)."""
+    from labelkit_ext.methods.common import default_run_dir
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in OUT, --overwrite replaces it: give one")
+    out = Path(args.out).expanduser() if args.out else default_run_dir(args.method, config.data)
+    if args.resume or not out.is_dir():
+        return
+    found = [f for name in _RUN_FILES for f in sorted(out.rglob(name))]
+    if found and not args.overwrite:
+        raise UsageError(
+            f"{out} holds a previous run ({found[0].relative_to(out)}): pass --resume to continue "
+            "or reuse it, --overwrite to start again from scratch, or another --out"
+        )
+    for file in found:
+        file.unlink(missing_ok=True)  # another rank may have taken it already
 
 
 def _usage_message(exc: Exception) -> str:

@@ -864,7 +864,10 @@ def test_torchrun_two_gloo_processes_with_a_simulated_and_a_file_oracle(tmp_path
     assert done.stdout.count("active | digits") == 1  # rank 0 alone prints
     again = _torchrun_active([*TINY, "--strategies", "margin,coreset", "--num-seeds", "1",
                               "--out", str(out)])  # fmt: skip
-    assert again.returncode != 0 and "exists: pass --resume" in again.stderr
+    assert (
+        again.returncode != 0
+        and "holds a previous run (results.json): pass --resume" in again.stderr
+    )
 
     out = tmp_path / "file"
     args = [*TINY, "--strategies", "margin", "--num-seeds", "1", "--rounds", "1",

@@ -87,6 +87,38 @@ def test_run_supervised_end_to_end_and_resume(tmp_path, capsys):
     err = _one_line_error(["run", "supervised", *TINY, "--out", str(out), "--resume",
                            "--pretrained", str(weights)], capsys)  # fmt: skip
     assert "(--pretrained weights=None -> '" in err
+    # Without --resume the finished run is not replaced silently; --overwrite starts afresh.
+    err = _one_line_error(["run", "supervised", *TINY, "--out", str(out)], capsys)
+    assert f"{out} holds a previous run (results.json): pass --resume" in err
+    assert (
+        "--resume continues the run in OUT, --overwrite replaces it: give one"
+        in _one_line_error(
+            ["run", "supervised", *TINY, "--out", str(out), "--resume", "--overwrite"], capsys
+        )
+    )
+    (out / "notes.txt").write_text("mine")
+    assert main(["run", "supervised", *TINY, "--out", str(out), "--overwrite"]) == 0
+    fresh = _results(out)
+    assert (
+        fresh["resumed_from_epoch"] == 0 and fresh["metrics"]["test"] == results["metrics"]["test"]
+    )
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
+
+
+def test_overwrite_starts_an_interrupted_active_run_afresh(tmp_path, capsys):
+    """A folder with checkpoints only (an interrupted run, active's per-seed state.json) counts
+    as a previous run too; --overwrite deletes them, so active starts again instead of refusing."""
+    out = tmp_path / "run"
+    state = out / "runs" / "margin" / "seed_0" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text("{}")
+    argv = ["run", "active", "--dataset", "digits", "--image-size", "8", "--epochs", "1",
+            "--strategies", "margin", "--num-seeds", "1", "--rounds", "1", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    err = _one_line_error(argv, capsys)
+    assert "holds a previous run (runs/margin/seed_0/state.json)" in err
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(state.read_text())["state"]["round"] == 1
 
 
 def test_run_pneumoniamnist_reports_auc(tmp_path, capsys):

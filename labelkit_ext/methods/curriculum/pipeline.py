@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,6 +128,23 @@ def _evaluate(run: ScheduleRun, data: FindingData, train: TrainConfig) -> tuple[
     return metrics, test_logits
 
 
+def _warn_unequal_targets(plan: dict[str, dict[str, list]], config: CurriculumConfig) -> None:
+    """Curricula (schedules with auxiliary stages) train their target stage equally long,
+    except that each auxiliary stage gets a chunk at least: with few chunks a longer
+    schedule's stages take more than ``aux_share`` of the budget and its target trains for
+    less, which a comparison must not hide."""
+    targets = {schedule: p["steps"][-1] for schedule, p in plan.items() if len(p["steps"]) > 1}
+    if len(set(targets.values())) > 1:
+        steps = ", ".join(f"{schedule} {n}" for schedule, n in targets.items())
+        warnings.warn(
+            f"the target stage trains for unequal steps ({steps}): with {config.total_steps // config.eval_every} "
+            f"chunks the one-chunk minimum of each auxiliary stage exceeds aux_share "
+            f"({config.aux_share}) of the budget; more chunks (--epochs, --evals-per-epoch) or a "
+            "larger --aux-share evens them",
+            stacklevel=3,
+        )
+
+
 def _log(message: str, quiet: bool) -> None:
     if not quiet and current_dist().is_main:
         print(f"[curriculum] {message}", flush=True)
@@ -163,6 +181,7 @@ def fit_curriculum(
         for kind in stage_plan["stages"]:
             if "error" in tasks[kind]:
                 raise UsageError(f"schedule {schedule!r}: {tasks[kind]['error']}")
+    _warn_unequal_targets(plan, config)
     out = Path(out_dir) if out_dir is not None else None
     runs, models = [], {}
     for seed in config.seeds:
