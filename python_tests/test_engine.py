@@ -483,9 +483,8 @@ def test_checkpoint_seconds_writes_fewer_checkpoints_and_always_the_last(
             fit(_model(), digits8.train, None, "multiclass", config, checkpoint_seconds=bad)
 
 
-def test_resume_refuses_another_worker_count(tmp_path, digits8):
-    """Workers draw the augmentation from their own streams: 1 worker is another run than 0,
-    unless the checkpoint is finished (nothing left to train)."""
+def _interrupted_after_one_epoch(digits8, out_dir) -> TrainConfig:
+    """A 2-epoch run stopped (Ctrl-C) after epoch 1's checkpoint; returns its config."""
     config = TrainConfig(epochs=2, **TINY)
 
     def stop_after_first(end):
@@ -493,8 +492,15 @@ def test_resume_refuses_another_worker_count(tmp_path, digits8):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path,
+        fit(_model(), digits8.train, None, "multiclass", config, out_dir=out_dir,
             callbacks=[stop_after_first])  # fmt: skip
+    return config
+
+
+def test_resume_refuses_another_worker_count(tmp_path, digits8):
+    """Workers draw the augmentation from their own streams: 1 worker is another run than 0,
+    unless the checkpoint is finished (nothing left to train)."""
+    config = _interrupted_after_one_epoch(digits8, tmp_path)
     one_worker = replace(config, num_workers=1)
     with pytest.raises(ValueError, match=r"num_workers=0 -> 1"):
         fit(_model(), digits8.train, None, "multiclass", one_worker, out_dir=tmp_path,
@@ -516,15 +522,7 @@ def _as_if_trained_by(checkpoint, world_size: int) -> None:
 def test_resume_refuses_another_process_count_until_finished(tmp_path, digits8):
     """batch_size is per process: resumed under another torchrun count, a run continued on
     another global batch (a different trajectory, silently); a finished one trains no further."""
-    config = TrainConfig(epochs=2, **TINY)
-
-    def stop_after_first(end):
-        if end.epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path,
-            callbacks=[stop_after_first])  # fmt: skip
+    config = _interrupted_after_one_epoch(digits8, tmp_path)
     _as_if_trained_by(tmp_path / "checkpoint_last.pt", 2)
     with pytest.raises(UsageError, match=r"processes \(torchrun --nproc_per_node\)=2 -> 1"):
         fit(_model(), digits8.train, None, "multiclass", config, out_dir=tmp_path, resume=True)
