@@ -242,8 +242,32 @@ def _check_fresh_out(args: argparse.Namespace, config) -> None:
             f"{out} holds a previous run ({found[0].relative_to(out)}): pass --resume to continue "
             "or reuse it, --overwrite to start again from scratch, or another --out"
         )
+    read = _read_files(config) & {f.resolve() for f in found}
+    if read:
+        raise UsageError(
+            f"--overwrite would delete {sorted(map(str, read))[0]}, which this run reads (an "
+            "option names it): copy it out of OUT first, or pass another --out"
+        )
     for file in found:
         file.unlink(missing_ok=True)  # another rank may have taken it already
+
+
+def _read_files(config) -> set[Path]:
+    """Every existing file a string option of ``config`` names (--baseline, --pretrained...)."""
+    import dataclasses
+
+    def strings(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str) and value:
+            yield value
+
+    paths = (Path(v).expanduser() for v in strings(dataclasses.asdict(config)))
+    return {p.resolve() for p in paths if p.is_file()}
 
 
 def _usage_message(exc: Exception) -> str:

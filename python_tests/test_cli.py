@@ -103,6 +103,11 @@ def test_run_supervised_end_to_end_and_resume(tmp_path, capsys):
         fresh["resumed_from_epoch"] == 0 and fresh["metrics"]["test"] == results["metrics"]["test"]
     )
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are deleted
+    # ... and never a file this run reads
+    err = _one_line_error(["run", "supervised", *TINY, "--out", str(out), "--overwrite",
+                           "--pretrained", str(out / LAST_CHECKPOINT)], capsys)  # fmt: skip
+    assert f"--overwrite would delete {(out / LAST_CHECKPOINT).resolve()}, which this run" in err
+    assert (out / LAST_CHECKPOINT).is_file()
 
 
 def test_overwrite_starts_an_interrupted_active_run_afresh(tmp_path, capsys):
