@@ -236,7 +236,10 @@ def _check_fresh_out(args: argparse.Namespace, config) -> None:
     out = Path(args.out).expanduser() if args.out else default_run_dir(args.method, config.data)
     if args.resume or not out.is_dir():
         return
-    found = [f for name in _RUN_FILES for f in sorted(out.rglob(name))]
+    found = sorted(
+        (f for f in out.rglob("*") if f.name in _RUN_FILES),
+        key=lambda f: (_RUN_FILES.index(f.name), f),  # one walk; results.json named first
+    )
     if found and not args.overwrite:
         raise UsageError(
             f"{out} holds a previous run ({found[0].relative_to(out)}): pass --resume to continue "

@@ -100,12 +100,18 @@ def rotate_oracle(images, k) -> np.ndarray:
     )
 
 
-def hamming_oracle(n: int, grid: int, seed: int, criterion: str) -> list[tuple[int, ...]]:
-    """The O(n^2 * M) greedy of the jigsaw paper's code: recompute every distance each step."""
+def hamming_oracle(
+    n: int, grid: int, seed: int, criterion: str, num_candidates: int | None = None
+) -> list[tuple[int, ...]]:
+    """The O(n^2 * M) greedy of the jigsaw paper's code: recompute every distance each step.
+    Candidates: every permutation, or ``num_candidates`` sampled as the op samples them."""
     m = grid * grid
-    cands = np.array(list(itertools.permutations(range(m))))
-    first = int(torch.randint(len(cands), (1,), generator=torch.Generator().manual_seed(seed)))
-    chosen = [first]
+    generator = torch.Generator().manual_seed(seed)
+    if num_candidates is None:
+        cands = np.array(list(itertools.permutations(range(m))))
+    else:
+        cands = pretext_ref.sampled_permutations(m, num_candidates, generator).long().numpy()
+    chosen = [int(torch.randint(len(cands), (1,), generator=generator))]
     while len(chosen) < n:
         dist = (cands[:, None, :] != cands[chosen][None, :, :]).sum(-1)  # [M, j]
         score = dist.min(1) if criterion == "max" else dist.mean(1)
@@ -235,20 +241,6 @@ def test_hamming_grid4_samples_candidates():
     assert hamming_distance_stats(perms).min_distance >= 13
 
 
-def sampled_hamming_oracle(n, grid, seed, criterion, num_candidates) -> torch.Tensor:
-    """hamming_oracle over a sampled candidate set (the op's own sampling, drawn as it does)."""
-    m = grid * grid
-    generator = torch.Generator().manual_seed(seed)
-    cands = pretext_ref.sampled_permutations(m, num_candidates, generator).long()
-    chosen = [int(torch.randint(len(cands), (1,), generator=generator))]
-    while len(chosen) < n:
-        dist = (cands[:, None, :] != cands[chosen][None, :, :]).sum(-1)  # [M, j]
-        score = (dist.min(1).values if criterion == "max" else dist.sum(1)).double()
-        score[chosen] = -1
-        chosen.append(int(score.argmax()))
-    return cands[chosen]
-
-
 @pytest.mark.parametrize("criterion", ["max", "mean"])
 @pytest.mark.parametrize("grid", [15, 16, 17])
 def test_hamming_large_grids(grid, criterion, monkeypatch):
@@ -258,7 +250,7 @@ def test_hamming_large_grids(grid, criterion, monkeypatch):
     m = grid * grid
     perms = hamming_permutations(8, grid=grid, seed=3, criterion=criterion, num_candidates=40)
     assert torch.equal(perms.sort(1).values, torch.arange(m).expand(8, m))
-    assert torch.equal(perms, sampled_hamming_oracle(8, grid, 3, criterion, 40))
+    assert [tuple(r) for r in perms.tolist()] == hamming_oracle(8, grid, 3, criterion, 40)
     monkeypatch.setattr(pretext_ref, "EQ_TABLE_ENTRIES", 0)
     by_column = hamming_permutations(8, grid=grid, seed=3, criterion=criterion, num_candidates=40)
     assert torch.equal(by_column, perms)

@@ -251,13 +251,9 @@ def match_counter(candidates: torch.Tensor):
 
         return count
 
-    hit = torch.empty(M, dtype=torch.bool)
-
     def count_by_column(row: list[int]) -> torch.Tensor:
-        matches.zero_()
-        for pos in range(m):
-            matches.add_(torch.eq(columns[pos], row[pos], out=hit))
-        return matches
+        same = columns == torch.tensor(row, dtype=columns.dtype)[:, None]  # [m, M]
+        return torch.sum(same, dim=0, dtype=dtype, out=matches)
 
     return count_by_column
 
