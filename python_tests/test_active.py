@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -45,6 +46,7 @@ from labelkit_ext.methods.active import (
     save_state,
     select,
     summarize_strategy,
+    summary_table,
 )
 from labelkit_ext.methods.active.strategies.bald import batchbald_greedy
 from labelkit_ext.methods.active.strategies.base import check_selection
@@ -520,11 +522,18 @@ def test_area_under_curve_and_labels_to_target_by_hand():
     records = {0: [{"labels": 10, "accuracy": 0.5}, {"labels": 20, "accuracy": 0.9, "selection_seconds": 1.0}],
                1: [{"labels": 10, "accuracy": 0.7}, {"labels": 20, "accuracy": 0.7}]}  # fmt: skip
     s = summarize_strategy(records, 0.8)
-    assert s["accuracy_mean"] == pytest.approx([0.6, 0.8]) and s["accuracy_std"] == pytest.approx(
-        [0.1, 0.1]
-    )
+    assert s["accuracy_mean"] == pytest.approx([0.6, 0.8])
+    spread = statistics.stdev([0.5, 0.7])  # the sample std over the seeds, as in every method
+    assert s["accuracy_std"] == pytest.approx([spread, spread])
+    assert s["final_accuracy_std"] == pytest.approx(statistics.stdev([0.9, 0.7]))
     assert s["aulc_mean"] == pytest.approx(0.7) and s["labels_to_target_per_seed"] == [20, None]
+    assert s["aulc_std"] == pytest.approx(statistics.stdev([0.7, 0.7]))
     assert s["seeds_reaching_target"] == 1 and math.isclose(s["mean_selection_seconds"], 1.0)
+    one = summarize_strategy({0: records[0]}, 0.8)  # one seed: no std, the table shows the mean
+    assert one["accuracy_std"] is None and one["final_accuracy_std"] is None
+    assert "0.9000 " in summary_table({"entropy": one}) and "±" not in summary_table(
+        {"entropy": one}
+    )
 
 
 # ---- networks and the CLI -------------------------------------------------------------------------

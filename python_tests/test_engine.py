@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 from dataclasses import replace
 
 import numpy as np
@@ -27,7 +28,9 @@ from labelkit_ext.engine import (
     grad_scaler,
     load_checkpoint,
     loader_over,
+    mean_std,
     on_main,
+    plus_minus,
     predict,
     progress_bar,
     save_checkpoint,
@@ -110,6 +113,16 @@ def test_report_helpers():
     }
     table = format_table([["val", 10, 0.5, None]], ["split", "n", "auc", "top5"])
     assert table.splitlines()[2] == "val    10  0.5000     -"
+
+
+def test_mean_std_is_the_sample_std_over_the_defined_values():
+    assert mean_std([0.5, None, 0.7, 0.9]) == pytest.approx(
+        (0.7, statistics.stdev([0.5, 0.7, 0.9]))
+    )
+    assert mean_std([0.8]) == (0.8, None)  # one seed measures no spread: none, not 0
+    assert mean_std([None]) == (None, None) and mean_std([]) == (None, None)
+    assert plus_minus(0.8612, 0.0021, scale=100) == "86.12 ± 0.21"
+    assert plus_minus(0.8612, None, digits=3) == "0.861" and plus_minus(None, None) == "-"
 
 
 # -- config, devices, seeding -----------------------------------------------------------------

@@ -58,9 +58,11 @@ from labelkit_ext.engine.metrics import (
 )
 from labelkit_ext.engine.report import (
     format_table,
+    mean_std,
     plot_confusion_matrix,
     plot_history,
     plot_roc,
+    plus_minus,
     to_jsonable,
     versions,
     write_json,
@@ -100,9 +102,11 @@ __all__ = [
     "load_checkpoint",
     "loss_for_task",
     "on_main",
+    "mean_std",
     "plot_confusion_matrix",
     "plot_history",
     "plot_roc",
+    "plus_minus",
     "predict",
     "data_fingerprint",
     "refuse_resume",

@@ -27,6 +27,8 @@ __all__ = [
     "to_jsonable",
     "write_json",
     "format_table",
+    "mean_std",
+    "plus_minus",
     "plot_history",
     "plot_confusion_matrix",
     "plot_roc",
@@ -111,6 +113,26 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof = 1) of the values that are not None: every
+    method's "mean ± std over seeds". The std of fewer than two values is None (undefined, not 0:
+    one seed measures no spread); both are None when no value is defined."""
+    defined = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if len(defined) == 0:
+        return None, None
+    return float(defined.mean()), float(defined.std(ddof=1)) if len(defined) > 1 else None
+
+
+def plus_minus(mean: float | None, std: float | None, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` (times ``scale``) for a table: the mean alone when the std is undefined,
+    '-' when the mean is."""
+    if mean is None:
+        return "-"
+    if std is None:
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def new_figure(width: float, height: float) -> Figure:

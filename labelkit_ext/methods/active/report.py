@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from labelkit_ext.engine import format_table
+from labelkit_ext.engine import format_table, mean_std, plus_minus
 from labelkit_ext.engine.report import new_figure, save_figure
 
 __all__ = [
@@ -40,20 +40,14 @@ def labels_to_reach(labels: Sequence[int], accuracy: Sequence[float], target: fl
     return None
 
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return None, None
-    return float(np.mean(defined)), float(np.std(defined))
-
-
 def summarize_strategy(
     records_by_seed: Mapping[int, Sequence[Mapping[str, Any]]], target: float | None
 ) -> dict[str, Any]:
     """Aggregate the per-round records of one strategy's runs (seed -> records).
 
     Curves are averaged over the seeds at each round (every seed labels the same number per
-    round); AULC and labels-to-target are computed per seed, then averaged.
+    round); AULC and labels-to-target are computed per seed, then averaged. Stds are sample
+    stds over the seeds (``mean_std``): None for one seed.
     """
     seeds = sorted(records_by_seed)
     rounds = min(len(records_by_seed[s]) for s in seeds)
@@ -65,16 +59,17 @@ def summarize_strategy(
         key: [r[key] for s in seeds for r in records_by_seed[s][:rounds] if r.get(key) is not None]
         for key in ("scoring_seconds", "selection_seconds", "train_seconds")
     }
-    aulc_mean, aulc_std = _mean_std(aulc)
+    aulc_mean, aulc_std = mean_std(aulc)
+    final_mean, final_std = mean_std(acc[:, -1].tolist())
     reached = [r for r in reach if r is not None]
     return {
         "seeds": seeds,
         "labels": labels,
         "accuracy_mean": acc.mean(axis=0).tolist(),
-        "accuracy_std": acc.std(axis=0).tolist(),
+        "accuracy_std": acc.std(axis=0, ddof=1).tolist() if len(seeds) > 1 else None,
         "accuracy_per_seed": acc.tolist(),
-        "final_accuracy_mean": float(acc[:, -1].mean()),
-        "final_accuracy_std": float(acc[:, -1].std()),
+        "final_accuracy_mean": final_mean,
+        "final_accuracy_std": final_std,
         "aulc_per_seed": aulc,
         "aulc_mean": aulc_mean,
         "aulc_std": aulc_std,
@@ -84,10 +79,6 @@ def summarize_strategy(
         "seeds_reaching_target": len(reached),
         **{f"mean_{k}": (float(np.mean(v)) if v else None) for k, v in timing.items()},
     }
-
-
-def _pm(mean: float | None, std: float | None) -> str:
-    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def summary_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
@@ -105,8 +96,8 @@ def summary_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
             [
                 name,
                 s["labels"][-1],
-                _pm(s["final_accuracy_mean"], s["final_accuracy_std"]),
-                _pm(s["aulc_mean"], s["aulc_std"]),
+                plus_minus(s["final_accuracy_mean"], s["final_accuracy_std"], digits=4),
+                plus_minus(s["aulc_mean"], s["aulc_std"], digits=4),
                 reach_text,
                 s["mean_scoring_seconds"],
                 s["mean_selection_seconds"],
@@ -126,15 +117,18 @@ def plot_learning_curves(
     title: str = "",
     target: float | None = None,
 ) -> Path:
-    """Test accuracy against labels per strategy: the mean over seeds with a ±1 std band."""
+    """Test accuracy against labels per strategy: the mean over seeds with a ±1 std band (none
+    for one seed)."""
     fig = new_figure(7.5, 5)
     ax = fig.subplots()
     for name, s in summaries.items():
         x = np.asarray(s["labels"])
-        mean, std = np.asarray(s["accuracy_mean"]), np.asarray(s["accuracy_std"])
+        mean = np.asarray(s["accuracy_mean"])
         (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{name} (AULC {s['aulc_mean']:.3f})"
                           if s["aulc_mean"] is not None else name)  # fmt: skip
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        if s["accuracy_std"] is not None:
+            std = np.asarray(s["accuracy_std"])
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     if target is not None:
         ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target:.0%}")
     seeds = max((len(s["seeds"]) for s in summaries.values()), default=0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from labelkit_ext.engine import format_table
+from labelkit_ext.engine import format_table, mean_std, plus_minus
 from labelkit_ext.engine.report import new_figure, save_figure
 
 __all__ = [
@@ -50,12 +50,6 @@ def paired_test(scores: Sequence[float], reference: Sequence[float]) -> dict[str
     return result
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample std; the std of one seed is undefined (None)."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
-
-
 def summarise_runs(
     runs: Sequence[dict], schedules: Sequence[str], reference: str, names: Sequence[str]
 ) -> dict[str, dict]:
@@ -78,8 +72,8 @@ def summarise_runs(
         for name in names:
             values = [r["test"]["per_class_auc"][name] for r in rs]
             per_finding[name] = None if any(v is None for v in values) else float(np.mean(values))
-        test_mean, test_std = _mean_std(test)
-        val_mean, val_std = _mean_std(val)
+        test_mean, test_std = mean_std(test)
+        val_mean, val_std = mean_std(val)
         summary[schedule] = {
             "seeds": [r["seed"] for r in rs],
             "test_auc": test,
@@ -94,10 +88,6 @@ def summarise_runs(
     return summary
 
 
-def _pm(mean: float, std: float | None) -> str:
-    return f"{100 * mean:.2f}" if std is None else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
 def schedule_table(summary: dict[str, dict], schedules: dict[str, dict], reference: str) -> str:
     """The original's Table 1: per schedule its stages, steps per stage, val and test mean AUC
     (x100, mean ± std over seeds), the improvement over ``reference`` and the paired p."""
@@ -109,8 +99,8 @@ def schedule_table(summary: dict[str, dict], schedules: dict[str, dict], referen
                 name,
                 " > ".join(schedules[name]["stages"]),
                 "/".join(str(n) for n in schedules[name]["steps"]),
-                _pm(s["val_auc_mean"], s["val_auc_std"]),
-                _pm(s["test_auc_mean"], s["test_auc_std"]),
+                plus_minus(s["val_auc_mean"], s["val_auc_std"], 100.0),
+                plus_minus(s["test_auc_mean"], s["test_auc_std"], 100.0),
                 "-" if name == reference else f"{s['improvement_points']:+.2f}",
                 "-" if paired is None or paired["p"] is None else f"{paired['p']:.3f}",
             ]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from labelkit_ext.data import DataSplits
-from labelkit_ext.engine import format_table
+from labelkit_ext.engine import format_table, mean_std, plus_minus
 from labelkit_ext.engine.report import new_figure, save_figure
 from labelkit_ext.methods.pretext.tasks import PretextSettings, jigsaw_permutations
 from labelkit_ext.ops.pretext import context_pair, jigsaw_tiles
@@ -21,7 +21,7 @@ from labelkit_ext.ops.pretext import context_pair, jigsaw_tiles
 __all__ = [
     "CONTEXT_POSITIONS",
     "fractions_table",
-    "mean_std",
+    "mean_and_std",
     "percent",
     "plot_context_pair",
     "plot_jigsaw_batch",
@@ -44,18 +44,16 @@ def percent(fraction: float) -> str:
     return f"{100 * float(fraction):.3g}%"
 
 
-def mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
-    """{"mean", "std"} (population std) of the defined values; None when there are none."""
-    defined = [float(v) for v in values if v is not None]
-    if not defined:
-        return {"mean": None, "std": None}
-    return {"mean": float(np.mean(defined)), "std": float(np.std(defined))}
+def mean_and_std(values: Sequence[float | None]) -> dict[str, float | None]:
+    """``engine.mean_std`` as {"mean", "std"}: the sample std, None for one seed."""
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std}
 
 
 def _final_pretext_accuracy(pretext: dict, task: str) -> dict[str, float | None]:
     finals = [seed["history"][-1].get("val_accuracy") for seed in pretext.get(task, {}).values()
               if seed["history"]]  # fmt: skip
-    return mean_std(finals)
+    return mean_and_std(finals)
 
 
 def summarize(
@@ -70,7 +68,7 @@ def summarize(
             mine = [r for r in runs if r["backbone"] == b and r["fraction"] == f]
             if not mine:
                 continue
-            cells[b] = {m: mean_std([r["metrics"]["test"][m] for r in mine]) for m in METRICS}
+            cells[b] = {m: mean_and_std([r["metrics"]["test"][m] for r in mine]) for m in METRICS}
             cells[b]["seeds"] = len(mine)
             cells[b]["train_size"] = mine[0]["train_size"]
         reference = cells.get("supervised")
@@ -91,10 +89,8 @@ def summarize(
     return {"by_fraction": by_fraction, "table1": table, "table1_fraction": max(fractions)}
 
 
-def _pm(stat: dict[str, float | None], scale: float = 100.0) -> str:
-    if stat["mean"] is None:
-        return "-"
-    return f"{scale * stat['mean']:.2f} ± {scale * stat['std']:.2f}"
+def _pm(stat: dict[str, float | None]) -> str:
+    return plus_minus(stat["mean"], stat["std"], scale=100.0)
 
 
 def _pct(value: float | None) -> str:

@@ -12,13 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from labelkit_ext.engine import format_table
+from labelkit_ext.engine import format_table, mean_std, plus_minus
 from labelkit_ext.engine.report import new_figure, save_figure
 
 __all__ = [
     "COLLAPSE_DEVIATION",
     "STAGE1_ROW",
-    "mean_std",
     "summary_rows",
     "summary_table",
     "plot_losses",
@@ -31,14 +30,6 @@ __all__ = [
 #: this: e.g. a 2-degree rotation (0.05) or a shift of 2.5 % of the width.
 COLLAPSE_DEVIATION = 0.05
 STAGE1_ROW = "stage 1 only"
-
-
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None for fewer than two values)."""
-    if len(values) == 0:
-        return None, None
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
 def _accuracy_stats(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
@@ -88,22 +79,14 @@ def summary_rows(runs: Mapping[str, Mapping[str, Any]], variants: Sequence[str])
     return rows
 
 
-def _pm(mean: float | None, std: float | None, scale: float = 1.0) -> str | None:
-    if mean is None:
-        return None
-    if std is None:
-        return f"{mean * scale:.2f}"
-    return f"{mean * scale:.2f} ± {std * scale:.2f}"
-
-
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The rows as text: accuracies in %, the paired gain in points, warp medians."""
     body = [
         [
             r["variant"],
-            _pm(r["val_accuracy_mean"], r["val_accuracy_std"], 100),
-            _pm(r["test_accuracy_mean"], r["test_accuracy_std"], 100),
-            _pm(r.get("test_gain_mean"), r.get("test_gain_std"), 100),
+            plus_minus(r["val_accuracy_mean"], r["val_accuracy_std"], 100),
+            plus_minus(r["test_accuracy_mean"], r["test_accuracy_std"], 100),
+            plus_minus(r.get("test_gain_mean"), r.get("test_gain_std"), 100),
             r.get("theta_deviation_median"),
             r.get("warped_entropy_median"),
             r.get("original_entropy_median"),
