@@ -1,8 +1,10 @@
 """Loads the compiled extension ``labelkit_ext._C`` and says what it provides.
 
-A leaf module: it imports only torch and the standard library, so every other module can ask
-``HAS_OPS`` / ``has_kernel`` without import cycles. Importing ``_C`` runs its static
-``TORCH_LIBRARY`` registrations, which define every ``torch.ops.labelkit.*`` op.
+Every other module can ask ``HAS_OPS`` / ``has_kernel`` without import cycles: this module
+imports only torch and the standard library until its last lines, which, once ``_C`` has loaded,
+import the op families (``register_ops``) so that every op's autograd formula and fake kernel is
+registered with it. Importing ``_C`` runs its static ``TORCH_LIBRARY`` registrations, which
+define every ``torch.ops.labelkit.*`` op.
 
 ``LABELKIT_EXT_LIBRARY=/path/to/liblabelkit_ops.so`` loads that libtorch-only build of csrc/
 (CMakeLists.txt) with ``torch.ops.load_library`` instead of ``_C``: `make sanitize` runs the
@@ -170,3 +172,10 @@ def _tag_compile_caches() -> None:
 
 if HAS_OPS:
     _tag_compile_caches()
+    # The ops are live from here on, so their autograd formulas and fake kernels must be too: a
+    # torch.ops.labelkit call made before its family's Python module was imported (a loaded
+    # torch.export program) would otherwise run without a gradient, silently. The families
+    # import this module's names, all defined above.
+    from labelkit_ext.ops import register_ops
+
+    register_ops()

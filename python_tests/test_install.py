@@ -87,6 +87,24 @@ def test_register_ops_registers_every_op_with_its_fake_kernel():
     subprocess.run([sys.executable, "-P", "-c", code], check=True, capture_output=True, text=True)
 
 
+@requires_ops
+def test_loading_the_extension_registers_every_autograd_formula():
+    """Once `_C` is loaded (here through `HAS_OPS`, as a loaded torch.export program would find
+    it), a direct `torch.ops.labelkit` call has its gradient without `register_ops()`: the ops
+    used to run with none until their family's module was imported (`.grad` stayed None)."""
+    code = (
+        "import torch, labelkit_ext\n"
+        "assert labelkit_ext.HAS_OPS\n"
+        "img = torch.rand(2, 1, 4, 4, requires_grad=True)\n"
+        "torch.ops.labelkit.rotate90(img, torch.tensor([1, 3])).sum().backward()\n"
+        "assert img.grad is not None and bool((img.grad == 1).all()), img.grad\n"
+        "x = torch.randn(3, 5, requires_grad=True)\n"
+        "torch.ops.labelkit.softmax_entropy(x)[0].sum().backward()\n"
+        "assert x.grad is not None and bool(x.grad.abs().sum() > 0)\n"
+    )
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, capture_output=True, text=True)
+
+
 def test_package_imports_lazily():
     """`import labelkit_ext` costs no torch import; each public name loads its module on first
     use and is then a plain module attribute (what torch.compile sees)."""
