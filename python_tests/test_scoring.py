@@ -273,6 +273,16 @@ def test_uncertainty_grad_matches_reference(device, dtype):
                 assert_close(a.grad, b.grad)
 
 
+def test_sampled_variation_ratio_is_not_differentiable(device):
+    """A vote count: no graph on either path (the kernel's used to require grad, with zero
+    gradients, where the reference's argmax gives a result without one)."""
+    mc = randn(4, 6, 3, scale=2.0, device=device).requires_grad_()
+    for f in (uncertainty, uncertainty_ref):
+        out = f(mc, "variation_ratio")
+        assert not out.requires_grad and out.grad_fn is None, f.__name__
+    assert uncertainty(mc[0], "variation_ratio").requires_grad  # [N, C]: 1 - max p
+
+
 def test_uncertainty_gradcheck(device):
     z = randn(6, 4, scale=2.0, dtype=torch.float64, device=device, seed=9)
     zm = randn(3, 5, 4, scale=2.0, dtype=torch.float64, device=device, seed=10)
@@ -670,7 +680,7 @@ def test_opcheck(device, requires_grad):
     ops = torch.ops.labelkit
     for m in SINGLE_METHODS:
         torch.library.opcheck(ops.uncertainty.default, (z, m, True))
-    for m in MC_ONLY:
+    for m in MC_ONLY + ["variation_ratio"]:
         torch.library.opcheck(ops.uncertainty.default, (zm, m, True))
     q, k = randn(7, 4, device=device), randn(9, 4, device=device, seed=1)
     torch.library.opcheck(

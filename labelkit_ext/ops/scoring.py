@@ -515,6 +515,10 @@ def _register_fake_kernels() -> None:
 
 def _uncertainty_setup(ctx, inputs, output):
     scores, method, from_logits = inputs
+    if method == "variation_ratio" and scores.dim() == 3:
+        # A vote count: no gradient, as from the reference (which ends in an argmax).
+        ctx.mark_non_differentiable(output)
+        return
     ctx.method = method
     ctx.from_logits = from_logits
     ctx.save_for_backward(scores)
