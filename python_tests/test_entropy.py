@@ -707,6 +707,24 @@ def test_compile_dynamic_shapes_match_eager():
         assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(eager_loss, x)[0])
 
 
+def test_compile_dynamic_takes_scalar_arguments():
+    """Under dynamic=True the threshold, base and eps arguments are symbolic floats: the
+    wrappers' finiteness checks used to stop fullgraph tracing (math.isfinite of one)."""
+    torch._dynamo.reset()
+
+    def fn(t, threshold, base, eps):
+        gate = entropy_gate(t, threshold)
+        return gate.uncertain, softmax_entropy(t, base=base), max_entropy_loss(t, eps=eps)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for rows, threshold, base, eps in ((5, 1.0, 2.0, 1e-6), (17, 0.5, 10.0, 1e-3)):
+        x = make_logits((rows, 9), torch.float32, seed=rows)
+        (uncertain, h, loss), want = compiled(x, threshold, base, eps), fn(x, threshold, base, eps)
+        assert torch.equal(uncertain, want[0])
+        assert_close(h, want[1])
+        assert_close(loss, want[2])
+
+
 def test_compile_requires_num_clusters():
     torch._dynamo.reset()
     clusters = torch.tensor([0, 1, 1])

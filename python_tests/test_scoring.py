@@ -707,7 +707,9 @@ def test_opcheck(device, requires_grad):
 
 
 @requires_ops
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("dynamic", [False, True])  # True: eps becomes a symbolic float
+def test_compile_fullgraph_matches_eager(dynamic):
+    torch._dynamo.reset()
     z = randn(20, 6, scale=2.0)
     q, k = randn(15, 8), randn(25, 8, seed=1)
 
@@ -718,9 +720,15 @@ def test_compile_fullgraph_matches_eager():
         picks = badge_select(torch.softmax(k[:, :5], 1), k, 4, seed=2**64 - 3)
         return u, top.values, top.indices, cosine_reduce(q, k, "mean"), centers, picks
 
-    compiled = torch.compile(fn, fullgraph=True)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
     for a, b in zip(compiled(z, q, k), fn(z, q, k), strict=True):
         torch.testing.assert_close(a, b)
+    if dynamic:  # another eps and other sizes through the same graph
+        eps = 1e-3
+        k = randn(31, 8, seed=3)
+        got = torch.compile(lambda q, k, eps: cosine_reduce(q, k, "max", eps=eps), fullgraph=True,
+                            dynamic=True)(q, k, eps)  # fmt: skip
+        torch.testing.assert_close(got, cosine_reduce(q, k, "max", eps=eps))
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])

@@ -31,6 +31,12 @@ def ints_where_possible(*values: object) -> tuple:
     return tuple(v if c is None else c for v, c in zip(values, converted, strict=True))
 
 
+def is_finite(value: float) -> bool:
+    """``math.isfinite``, also of the symbolic floats ``torch.compile(dynamic=True)`` makes of
+    float arguments (it cannot trace ``math.isfinite`` of one): inf - inf and NaN - NaN are NaN."""
+    return value - value == 0
+
+
 def as_float(value: object) -> float | None:
     """``value`` as a Python float if it is a real number (``int``, ``float``, ``np.float32``,
     ...), else None. Bools and tensors are not numbers here."""

@@ -17,7 +17,7 @@ import math
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
-from labelkit_ext.ops._args import as_float, as_int
+from labelkit_ext.ops._args import as_float, as_int, is_finite
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import EntropyGate
 from labelkit_ext.reference.entropy import (
@@ -80,7 +80,7 @@ def _check_base(base: float | None) -> float | None:
             f"softmax_entropy: base must be a number or None, got {type(base).__name__}"
         )
     base = value
-    if not (math.isfinite(base) and base > 0 and base != 1):
+    if not (is_finite(base) and base > 0 and base != 1):
         raise ValueError(f"softmax_entropy: base must be finite, > 0 and != 1, got {base}")
     return base
 
@@ -89,7 +89,7 @@ def _check_threshold(threshold: float) -> float:
     value = as_float(threshold)
     if value is None:
         raise TypeError(f"entropy_gate: threshold must be a number, got {type(threshold).__name__}")
-    if not math.isfinite(value):
+    if not is_finite(value):
         raise ValueError(f"entropy_gate: threshold must be finite, got {value}")
     return value
 
@@ -260,7 +260,7 @@ def max_entropy_loss(
             f"max_entropy_loss: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
         )
     value = as_float(eps)
-    if value is None or not (math.isfinite(value) and value > 0):
+    if value is None or not (is_finite(value) and value > 0):
         raise ValueError(f"max_entropy_loss: eps must be finite and > 0, got {eps!r}")
     eps = value
     _check_logits(logits, "max_entropy_loss", 1)

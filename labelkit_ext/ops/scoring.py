@@ -25,14 +25,13 @@ Policies (docs/ops/scoring.md):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
-from labelkit_ext.ops._args import as_float, as_int
+from labelkit_ext.ops._args import as_float, as_int, is_finite
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import TopK
 from labelkit_ext.reference.entropy import accumulation_dtype
@@ -106,7 +105,7 @@ def _check_int(value: object, name: str, op: str, low: int) -> int:
 
 def _check_eps(eps: object, op: str) -> float:
     value = as_float(eps)
-    if value is None or not (math.isfinite(value) and value > 0):
+    if value is None or not (is_finite(value) and value > 0):
         raise ValueError(f"{op}: eps must be a finite float > 0, got {eps!r}")
     return value
 
