@@ -138,8 +138,11 @@ def has_kernel(op: str, device_type: str) -> bool:
     """True when ``torch.ops.labelkit.<op>`` has a compiled kernel for ``device_type``.
 
     A static fact of the build (a frozen set read at import), so wrappers may branch on it
-    under ``torch.compile``.
+    under ``torch.compile``. On the meta device every compiled op has one: its fake kernel
+    (shapes without data, registered with the op), where the reference would need values.
     """
+    if device_type == "meta":
+        return (op, "cpu") in KERNELS or (op, "cuda") in KERNELS
     return (op, device_type) in KERNELS
 
 

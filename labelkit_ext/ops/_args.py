@@ -43,3 +43,10 @@ def as_float(value: object) -> float | None:
     if isinstance(value, (bool, np.bool_, torch.Tensor)) or not isinstance(value, numbers.Real):
         return None
     return float(value)
+
+
+def reads_data(tensor: torch.Tensor) -> bool:
+    """Whether an eager check may read ``tensor``'s values (a device sync): not while
+    torch.compile traces, and not on the meta device (shapes without data, as the fake kernels
+    see them). The kernels check what such a check would have caught."""
+    return not torch.compiler.is_compiling() and tensor.device.type != "meta"

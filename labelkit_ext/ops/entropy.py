@@ -17,7 +17,7 @@ import math
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
-from labelkit_ext.ops._args import as_float, as_int, is_finite
+from labelkit_ext.ops._args import as_float, as_int, is_finite, reads_data
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import EntropyGate
 from labelkit_ext.reference.entropy import (
@@ -134,11 +134,11 @@ def _resolve_num_clusters(clusters: torch.Tensor, num_clusters: int | None) -> i
             f"entropy_gate: num_clusters must be <= C = {C} (one cluster id per class), got "
             f"{num_clusters}"
         )
-    if torch.compiler.is_compiling():
+    if not reads_data(clusters):
         if num_clusters is None:
             raise ValueError(
-                "entropy_gate: pass num_clusters under torch.compile (it fixes the output shape; "
-                "reading it from clusters needs the data)"
+                "entropy_gate: pass num_clusters under torch.compile and on the meta device (it "
+                "fixes the output shape; reading it from clusters needs the data)"
             )
         return num_clusters
     lo, hi = (int(v) for v in torch.aminmax(clusters))

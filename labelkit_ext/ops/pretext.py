@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
-from labelkit_ext.ops._args import as_int, ints_where_possible
+from labelkit_ext.ops._args import as_int, ints_where_possible, reads_data
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.reference.pretext import (
     cell_size,
@@ -146,7 +146,7 @@ def _check_index(
         raise ValueError(
             f"{op}: {name} must be on the images' device ({images.device}), got {index.device}"
         )
-    if N and not torch.compiler.is_compiling():
+    if N and reads_data(index):
         lo, hi = (int(v) for v in torch.aminmax(index))
         if lo < 0 or hi >= high:
             bad = lo if lo < 0 else hi
@@ -173,7 +173,7 @@ def _check_permutations(
         raise ValueError(
             f"{op}: permutations must be on the images' device ({device}), got {permutations.device}"
         )
-    if not torch.compiler.is_compiling():
+    if reads_data(permutations):
         expected = torch.arange(m, device=permutations.device)
         ok = (permutations.sort(dim=1).values == expected).all(dim=1)
         if not bool(ok.all()):
@@ -214,7 +214,7 @@ def _check_offsets(
         raise ValueError(
             f"{op}: offsets must be on the images' device ({images.device}), got {offsets.device}"
         )
-    if N and not torch.compiler.is_compiling():
+    if N and reads_data(offsets):
         room = torch.tensor([cell[0] - tile, cell[1] - tile], device=offsets.device)
         bad = (offsets < 0) | (offsets > room)
         if bool(bad.any()):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from labelkit_ext._ext import HAS_OPS, has_kernel
-from labelkit_ext.ops._args import as_float, as_int, is_finite
+from labelkit_ext.ops._args import as_float, as_int, is_finite, reads_data
 from labelkit_ext.ops._autograd import no_double_backward
 from labelkit_ext.ops.types import TopK
 from labelkit_ext.reference.entropy import accumulation_dtype
@@ -85,7 +85,7 @@ def _check_float_tensor(
 
 def _check_finite(x: torch.Tensor, name: str, op: str) -> None:
     """Eager-only data check (a device sync); skipped while torch.compile traces."""
-    if torch.compiler.is_compiling() or x.numel() == 0:
+    if not reads_data(x) or x.numel() == 0:
         return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(
@@ -180,7 +180,7 @@ def _check_uncertainty_scores(scores: object, method: str, from_logits: bool) ->
 def _check_probabilities(p: torch.Tensor, name: str, op: str, when: str = "") -> None:
     """Every entry in [0, 1] (so finite): logits passed as probabilities fail here. Reads the
     data (a device sync), so it is skipped under torch.compile."""
-    if torch.compiler.is_compiling() or p.numel() == 0:
+    if not reads_data(p) or p.numel() == 0:
         return
     if not bool(((p >= 0) & (p <= 1)).all()):
         raise ValueError(f"{op}: {name} must be probabilities in [0, 1] (finite){when}")
@@ -212,7 +212,7 @@ def _check_labeled(labeled: object, N: int, device: torch.device, op: str) -> to
             f"{op}: labeled must be a 1-D int64 index tensor, got {idx.dtype} of shape {tuple(idx.shape)}"
         )
     idx = idx.to(device)
-    if torch.compiler.is_compiling() or idx.numel() == 0:
+    if not reads_data(idx) or idx.numel() == 0:
         return idx
     lo, hi = (int(v) for v in torch.aminmax(idx))
     if lo < 0 or hi >= N:
