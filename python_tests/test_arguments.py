@@ -9,6 +9,11 @@ import pytest
 import torch
 
 import labelkit_ext as lk
+from labelkit_ext.checks import check_seeds
+from labelkit_ext.data import load_dataset
+from labelkit_ext.engine import TrainConfig, fit, seed_everything
+from labelkit_ext.methods.curriculum import CurriculumConfig
+from labelkit_ext.models import build_model
 from labelkit_ext.nn import AffineWarp
 from labelkit_ext.ops._args import as_float, as_int, ints_where_possible
 
@@ -99,3 +104,40 @@ def test_scoring_ops_take_numpy_ints_and_index_arrays():
         lk.cosine_topk(pool, pool, True)
     with pytest.raises(TypeError, match="labeled must be an int64 tensor"):
         lk.kcenter_greedy(pool, 4, labeled=np.array([2.0, 7.0]))
+
+
+# ---- configs and methods: NumPy numbers become Python ones ----------------------------------------
+
+
+def test_configs_store_numpy_numbers_as_python_ones(tmp_path):
+    """A sweep over np.linspace / np.arange: the config holds Python numbers, so the checkpoint
+    that pickles it reads back under weights_only (it was refused as 'not a plain tensor/weights
+    file' at resume) and DataLoader takes the batch size."""
+    config = TrainConfig(epochs=1, batch_size=np.int64(16), lr=np.linspace(0.01, 0.1, 3)[1],
+                         seed=np.arange(3)[2], device="cpu", quiet=True)  # fmt: skip
+    assert (type(config.batch_size), type(config.lr), type(config.seed)) == (int, float, int)
+    assert config.lr == pytest.approx(0.055) and config.seed == 2
+    splits = load_dataset("digits", image_size=np.int64(8))
+    assert splits.info.image_size == 8 and type(splits.info.image_size) is int
+    for resume in (False, True):
+        torch.manual_seed(0)
+        model = build_model("small-cnn", num_classes=10, in_channels=1, image_size=8)
+        fit(model, splits.train, splits.val, "multiclass", config, out_dir=tmp_path, resume=resume)
+    curriculum = CurriculumConfig(total_steps=60, eval_every=10, seeds=np.arange(2))
+    assert curriculum.seeds == (0, 1) and all(type(s) is int for s in curriculum.seeds)
+    assert check_seeds(np.array([3, 1])) == [3, 1]
+    with pytest.raises(TypeError, match="seeds must be an int"):
+        check_seeds([0, 1.5])
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        check_seeds(np.array([2, 2]))
+    with pytest.raises(ValueError, match="at least one seed"):
+        check_seeds(np.array([], dtype=np.int64))
+
+
+def test_seed_everything_takes_numpy_ints():
+    seed_everything(np.int64(3))
+    a = torch.rand(2)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(2))
+    with pytest.raises(TypeError):
+        seed_everything(3.0)

@@ -212,8 +212,8 @@ def load_dataset(
     spec = _spec(name)
     _check_options(spec, options)
     if image_size is not None:
-        check_int("image_size", image_size, minimum=1)
-    check_seed("split_seed", split_seed)
+        image_size = check_int("image_size", image_size, minimum=1)
+    split_seed = check_seed("split_seed", split_seed)
     size = image_size or spec.default_image_size
     source = resolve_data_dir(data_dir)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import random
 
 import numpy as np
@@ -11,7 +12,9 @@ __all__ = ["derive_seed", "seed_everything"]
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU)."""
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every GPU).
+    ``seed`` is any integer, a NumPy one included (``random.seed`` refuses those)."""
+    seed = operator.index(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

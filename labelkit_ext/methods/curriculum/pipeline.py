@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from labelkit_ext.checks import check_fields
+from labelkit_ext.checks import check_fields, check_seeds
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import Predictions, TrainConfig, current_dist, predict, prediction_metrics
 from labelkit_ext.errors import UsageError
@@ -67,15 +67,13 @@ class CurriculumConfig:
     no_finding: int | str | None = None
 
     def __post_init__(self) -> None:
-        self.schedules, self.seeds = tuple(self.schedules), tuple(self.seeds)
+        self.schedules = tuple(self.schedules)
+        self.seeds = tuple(check_seeds(self.seeds))
         check_fields(self)
-        self.seeds = tuple(int(s) for s in self.seeds)  # numpy ints -> JSON-ready ints
         if self.num_superclasses is not None and self.num_superclasses < 2:
             raise UsageError(f"num_superclasses must be >= 2, got {self.num_superclasses}")
         if not self.schedules or len(set(self.schedules)) != len(self.schedules):
             raise UsageError(f"schedules must be distinct and at least one, got {self.schedules}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UsageError(f"seeds must be distinct and at least one, got {self.seeds}")
         for schedule in self.schedules:
             allocate_steps(len(parse_schedule(schedule)), self.total_steps, self.eval_every,
                            self.aux_share)  # fmt: skip

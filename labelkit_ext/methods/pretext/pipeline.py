@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from labelkit_ext.checks import check_seeds
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import TrainConfig, current_dist, save_checkpoint, seed_everything
 from labelkit_ext.errors import UsageError
@@ -76,17 +79,21 @@ class _Stages:
         self.log(f"{name}: {self.seconds[name]:.1f}s")
 
 
-def _check(tasks: Sequence[str], seeds: Sequence[int], fractions: Sequence[float]) -> None:
+def _check(
+    tasks: Sequence[str], seeds: Sequence[int], fractions: Sequence[float]
+) -> tuple[list[int], list[float]]:
+    """The seeds and label fractions as Python numbers (NumPy arrays and scalars accepted)."""
     unknown = [t for t in tasks if t not in PRETEXT_TASKS]
     if unknown:
         raise UsageError(f"tasks must be among {PRETEXT_TASKS}, got {unknown}")
-    if not seeds:
-        raise UsageError("seeds must hold at least one seed")
+    seeds = check_seeds(seeds)
+    fractions = np.asarray(fractions, dtype=np.float64).ravel().tolist()
     if not fractions:
         raise UsageError("fractions must hold at least one label fraction")
     for f in fractions:
         if not 0.0 < f <= 1.0:
             raise UsageError(f"label fractions must be in (0, 1], got {f}")
+    return seeds, fractions
 
 
 def _eval_dir(out: Path | None, seed: int, backbone: str, fraction: float) -> Path | None:
@@ -167,7 +174,7 @@ def run_study(
     (``seed<s>/<task>/backbone.pt``), plots and results.json.
     """
     started = time.perf_counter()
-    _check(tasks, seeds, fractions)
+    seeds, fractions = _check(tasks, seeds, fractions)
     settings = settings or PretextSettings()
     pretext_config = pretext_config or TrainConfig(epochs=8, optimizer="adam", lr=1e-3)
     eval_config = eval_config or TrainConfig(epochs=30, optimizer="adam", lr=1e-3)

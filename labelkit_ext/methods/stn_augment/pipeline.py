@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from labelkit_ext.checks import check_seeds
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import (
     TrainConfig,
@@ -238,15 +239,12 @@ def _run_variant(
 
 
 def _check_arguments(seeds: Sequence[int], mix: float, splits: DataSplits) -> list[int]:
-    if len(seeds) == 0:
-        raise UsageError("seeds must hold at least one seed")
-    if len(set(seeds)) != len(seeds):
-        raise UsageError(f"seeds must be distinct, got {list(seeds)}")
+    seeds = check_seeds(seeds)
     if not 0.0 < mix <= 1.0:
         raise UsageError(f"mix must be in (0, 1], got {mix}")
     if splits.info.task != "multiclass":
         raise UsageError(f"dataset must be multi-class, {splits.info.name} is {splits.info.task}")
-    return [int(s) for s in seeds]
+    return seeds
 
 
 def fit_stn_augment(
