@@ -26,6 +26,7 @@ from labelkit_ext.data import (
     MosaicStats,
     available_datasets,
     class_prior,
+    dataset_targets,
     default_data_dir,
     holdout_indices,
     load_dataset,
@@ -64,6 +65,24 @@ def test_digits_native_size_and_split_seed():
 
 
 # -- splits and transforms --------------------------------------------------------------------
+
+
+def test_dataset_targets_of_any_dataset():
+    """Every method reads targets this way: labelkit's sets, a TensorDataset, a Subset of
+    either, and a user's dataset with items only (read in turn, or None when that is not
+    allowed: the resume fingerprint never loads the samples)."""
+    splits = load_dataset("digits", image_size=8)
+    assert torch.equal(dataset_targets(splits.train), torch.as_tensor(splits.train.targets))
+    x, y = torch.rand(5, 1, 2, 2), torch.tensor([2, 0, 1, 1, 0])
+    tensors = torch.utils.data.TensorDataset(x, y)
+    assert torch.equal(dataset_targets(tensors), y)
+    subset = torch.utils.data.Subset(tensors, [4, 1, 2])
+    assert torch.equal(dataset_targets(subset), y[[4, 1, 2]])
+    items = [(x[i], int(y[i])) for i in range(5)]  # a list is a map-style dataset too
+    assert torch.equal(dataset_targets(items), y)
+    assert dataset_targets(items, read_items=False) is None
+    multi = [(x[i], torch.tensor([1.0, 0.0])) for i in range(2)]
+    assert dataset_targets(multi).shape == (2, 2)
 
 
 def test_holdout_is_stratified_grouped_and_checked():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from ddp_helpers import spawn
 from sklearn.metrics import roc_auc_score
-from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, TensorDataset
 
 from labelkit_ext.data import load_dataset
 from labelkit_ext.engine import (
@@ -605,6 +605,39 @@ def test_resume_refuses_another_split_augmentation_or_caller_identity(tmp_path, 
         resume(digits8, {"mix": 1.0})
     again = resume(load_dataset("digits", image_size=8))
     assert again.resumed_from == 1
+
+
+class _ItemsOnly(torch.utils.data.Dataset):
+    """A user's dataset with neither ``targets`` nor ``fingerprint()``."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.images, self.labels = images, targets
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def test_resume_checks_the_targets_of_a_users_own_dataset(tmp_path, digits8):
+    """A TensorDataset (or anything with ``targets``) is fingerprinted by its targets: other
+    labels of the same size are refused (they resumed silently). A dataset with neither targets
+    nor fingerprint() resumes with a warning that nothing was checked."""
+    images, targets = digits8.train.images[:64].float() / 255, digits8.train.targets[:64]
+    config = TrainConfig(epochs=1, **TINY)
+
+    def run(dataset, out, resume=False):
+        return fit(_model(), dataset, None, "multiclass", config, out_dir=out, resume=resume)
+
+    run(TensorDataset(images, targets), tmp_path / "tensors")
+    shuffled = targets[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(UsageError, match=r"other training samples or order"):
+        run(TensorDataset(images, shuffled), tmp_path / "tensors", resume=True)
+    assert run(TensorDataset(images, targets), tmp_path / "tensors", resume=True).resumed_from == 1
+    run(_ItemsOnly(images, targets), tmp_path / "items")
+    with pytest.warns(UserWarning, match="without knowing whether the training data are the same"):
+        run(_ItemsOnly(images, shuffled), tmp_path / "items", resume=True)
 
 
 # -- DDP on 2 gloo processes ------------------------------------------------------------------

@@ -11,6 +11,7 @@ from labelkit_ext.data.core import (
     ImageFileDataset,
     RawDataset,
     TensorImageDataset,
+    dataset_targets,
     holdout_indices,
     resize_images,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "build_transform",
     "channel_stats",
     "class_prior",
+    "dataset_targets",
     "default_data_dir",
     "holdout_indices",
     "load_dataset",

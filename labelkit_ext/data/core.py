@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from labelkit_ext.errors import UsageError, reading
 from labelkit_ext.fingerprint import tensor_digest
@@ -29,6 +29,7 @@ __all__ = [
     "memory_limit",
     "holdout_indices",
     "check_raw",
+    "dataset_targets",
 ]
 
 
@@ -142,6 +143,24 @@ def _check_targets(targets: torch.Tensor, task: str, k: int, where: str) -> None
             f"{where}: multi-label targets must be 0/1 rows of {k} labels, got shape "
             f"{tuple(targets.shape)} with values [{values}]"
         )
+
+
+def dataset_targets(dataset: Dataset, read_items: bool = True) -> torch.Tensor | None:
+    """Every target of ``dataset`` in order, for any map-style dataset: its ``targets``
+    attribute (labelkit_ext's data sets, torchvision's), a ``TensorDataset``'s second tensor, a
+    ``Subset``'s selection of its dataset's, else (``read_items``) each item's ``[1]`` read in
+    turn, which loads every sample; None when ``read_items`` is False and only that would do."""
+    if isinstance(dataset, Subset):
+        inner = dataset_targets(dataset.dataset, read_items)
+        return None if inner is None else inner[torch.as_tensor(np.asarray(dataset.indices))]
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
+        targets = dataset.tensors[1]
+    if targets is None:
+        if not read_items:
+            return None
+        targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+    return torch.as_tensor(np.asarray(targets) if isinstance(targets, list) else targets)
 
 
 class _SplitDataset(Dataset):

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler, Subset
 from tqdm.auto import tqdm
 
+from labelkit_ext.data.core import dataset_targets
 from labelkit_ext.engine.checkpoint import load_checkpoint, save_checkpoint
 from labelkit_ext.engine.config import (
     TRAJECTORY_FIELDS,
@@ -356,13 +358,18 @@ def run_identity(
 
 def data_fingerprint(dataset: Dataset) -> dict[str, Any] | None:
     """What identifies a training set: its own ``fingerprint()`` where it has one (the data
-    sets of ``labelkit_ext.data``: a digest of the targets in order and the transform), under
-    the digests of the indices of the ``Subset``s around it; None when nothing is known."""
+    sets of ``labelkit_ext.data``: a digest of the targets in order and the transform), else a
+    digest of the targets where they are known without loading the samples (a ``targets``
+    attribute, a ``TensorDataset``'s), under the digests of the indices of the ``Subset``s
+    around it; None when nothing is known."""
     if isinstance(dataset, Subset):
         indices = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
         return {"indices": tensor_digest(indices), "of": data_fingerprint(dataset.dataset)}
     describe = getattr(dataset, "fingerprint", None)
-    return describe() if callable(describe) else None
+    if callable(describe):
+        return describe()
+    targets = dataset_targets(dataset, read_items=False)
+    return None if targets is None else {"targets": tensor_digest(targets)}
 
 
 def _check_resumable(
@@ -389,6 +396,12 @@ def _check_resumable(
         if k in saved_run and saved_run[k] != run[k] and not (finished and k in _UNTIL_FINISHED)
     ]
     refuse_resume(checkpoint, changed)
+    if None in _leaves(run.get("data")).values():
+        warnings.warn(
+            f"resuming from {checkpoint} without knowing whether the training data are the same: "
+            "the dataset has no targets attribute or fingerprint() (engine.data_fingerprint)",
+            stacklevel=3,
+        )
 
 
 def refuse_resume(checkpoint: Path, changed: Sequence[str]) -> None:

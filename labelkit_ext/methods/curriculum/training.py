@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from labelkit_ext.data import DatasetInfo, DataSplits
+from labelkit_ext.data import DatasetInfo, DataSplits, dataset_targets
 from labelkit_ext.engine import (
     EpochEnd,
     Predictions,
@@ -41,7 +41,6 @@ __all__ = [
     "ScheduleRun",
     "check_multilabel",
     "finding_data",
-    "dataset_targets",
     "replace_head",
     "target_auc",
     "train_schedule",
@@ -74,14 +73,6 @@ STAGE_SETTING_NAMES = {
     "epochs": "validation chunks of the stage (from --epochs, --evals-per-epoch, --aux-share)",
     "train_samples": "samples per chunk (from --evals-per-epoch, --batch-size)",
 }
-
-
-def dataset_targets(dataset: Dataset) -> torch.Tensor:
-    """The dataset's ``targets``, else its items' targets stacked."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
-    return torch.as_tensor(targets)
 
 
 def check_multilabel(info: DatasetInfo) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from labelkit_ext.data import dataset_targets
 from labelkit_ext.engine import (
     LAST_CHECKPOINT,
     Predictions,
@@ -32,7 +33,6 @@ from labelkit_ext.models import Classifier
 __all__ = [
     "ClusterRestricted",
     "SubClassifier",
-    "dataset_targets",
     "cluster_subset",
     "load_baseline",
     "fine_tune_subclassifiers",
@@ -78,17 +78,10 @@ class SubClassifier:
     shared: bool = False  # the same classes were fine-tuned for another S: that model, shared
 
 
-def dataset_targets(dataset: Dataset) -> torch.Tensor:
-    """``(N,)`` int64 class targets: the dataset's ``targets``, else read item by item."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = [int(dataset[i][1]) for i in range(len(dataset))]
-    return torch.as_tensor(targets).to(torch.int64).reshape(-1)
-
-
 def cluster_subset(dataset: Dataset, classes: Sequence[int]) -> Subset:
     """The items of ``dataset`` whose class is in ``classes``, in dataset order."""
-    keep = torch.isin(dataset_targets(dataset), torch.as_tensor(list(classes), dtype=torch.int64))
+    targets = dataset_targets(dataset).to(torch.int64).reshape(-1)
+    keep = torch.isin(targets, torch.as_tensor(list(classes), dtype=torch.int64))
     return Subset(dataset, keep.nonzero().flatten().tolist())
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from labelkit_ext.data import DataSplits
+from labelkit_ext.data import DataSplits, dataset_targets
 from labelkit_ext.engine import (
     Predictions,
     TrainConfig,
@@ -32,7 +32,6 @@ __all__ = [
     "EVAL_SPLITS",
     "EvalResult",
     "balanced_loss",
-    "dataset_targets",
     "epochs_for",
     "extract_features",
     "label_fraction_indices",
@@ -59,14 +58,6 @@ class EvalResult:
     epochs: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
-
-
-def dataset_targets(dataset: Dataset) -> torch.Tensor:
-    """All targets of a dataset from ``splits`` (its ``targets`` attribute)."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        raise ValueError("the dataset has no `targets` attribute (use a labelkit_ext data set)")
-    return torch.as_tensor(targets)
 
 
 def label_fraction_indices(targets: torch.Tensor, fraction: float, seed: int) -> np.ndarray:

@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 
 from labelkit_ext.checks import check_seeds
-from labelkit_ext.data import DataSplits
+from labelkit_ext.data import DataSplits, dataset_targets
 from labelkit_ext.engine import TrainConfig, current_dist, save_checkpoint, seed_everything
 from labelkit_ext.errors import UsageError
 from labelkit_ext.methods.common import dataset_summary, write_results
 from labelkit_ext.methods.pretext.evaluation import (
     EvalResult,
-    dataset_targets,
     extract_features,
     label_fraction_indices,
     linear_eval,
