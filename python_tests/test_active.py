@@ -372,6 +372,22 @@ def test_mc_dropout_strategies_refuse_a_single_pass(tmp_path, name):
         ActiveLoop(learner, build_strategy(name), SimulatedOracle(pool_y), config, tmp_path)
 
 
+def test_loop_checks_its_pool_and_oracle_before_any_round(tmp_path):
+    """The Python API checks what `labelkit run active` does: a query larger than the unlabeled
+    pool (it labelled the whole pool in one round), and a simulated oracle holding other
+    targets than the pool's (an IndexError mid-run, or silently other images' labels)."""
+    pool, pool_y, test, test_y = _embedding_pool()
+    learner = EmbeddingLearner(pool, test, test_y, 4, device="cpu", steps=5)
+    config = ActiveConfig(rounds=1, query_size=300, initial_size=8)
+    with pytest.raises(ValueError, match=r"query_size \(300\) is larger than the unlabeled pool"):
+        ActiveLoop(learner, build_strategy("entropy"), SimulatedOracle(pool_y), config, tmp_path)
+    config = ActiveConfig(rounds=1, query_size=10, initial_size=8)
+    for wrong in (test_y, torch.cat([pool_y, test_y])):
+        with pytest.raises(ValueError, match=rf"has {len(wrong)} targets for a pool of 300"):
+            ActiveLoop(learner, build_strategy("entropy"), SimulatedOracle(wrong), config, tmp_path)
+    assert not (tmp_path / "state.json").exists()
+
+
 def test_loop_refuses_to_overwrite_or_mix_runs(tmp_path):
     _embedding_loop(tmp_path, rounds=1).run()
     with pytest.raises(StateError, match="pass --resume"):

@@ -129,6 +129,8 @@ class ActiveLoop:
                 f"strategy {strategy.name!r} compares MC-dropout passes: mc_samples must be "
                 f">= 2, got {config.mc_samples}"
             )
+        check_pool(config, learner.pool_size)
+        oracle.check_pool(learner.pool_size)
         self.learner = learner
         self.strategy = strategy
         self.oracle = oracle

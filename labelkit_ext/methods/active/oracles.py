@@ -64,6 +64,9 @@ class Oracle(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
+    def check_pool(self, pool_size: int) -> None:  # noqa: B027 (optional: most answer any pool)
+        """Refuse a pool this oracle cannot answer for (``ActiveLoop`` asks before any round)."""
+
 
 class SimulatedOracle(Oracle):
     """Answers every query at once with the data set's true labels."""
@@ -76,6 +79,15 @@ class SimulatedOracle(Oracle):
             )
         self.targets = targets.long()
         self.asked = 0  # how many labels were revealed (tests check nothing is asked twice)
+
+    def check_pool(self, pool_size: int) -> None:
+        """One label per pool sample: other targets (the test split's, say) would answer out of
+        range, or silently with labels of other images."""
+        if len(self.targets) != pool_size:
+            raise UsageError(
+                f"SimulatedOracle has {len(self.targets):,} targets for a pool of {pool_size:,} "
+                "samples: pass the pool's own targets, one per sample in pool order"
+            )
 
     def answer(self, indices: Sequence[int], round: int) -> dict[int, int]:
         self.asked += len(indices)
