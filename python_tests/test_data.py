@@ -541,3 +541,29 @@ def test_real_cifar10_subset():
     splits = load_dataset("cifar10", SHARED_DATA)
     assert len(splits.train) + len(splits.val) == 5438 and len(splits.test) == 1017
     assert splits.info.class_names[:2] == ("airplane", "automobile")
+
+
+def test_the_own_data_and_model_example_of_the_docs_runs(monkeypatch, capsys):
+    """docs/data.md's example as a user pastes it: DataSplits of TensorDatasets, a torchvision
+    network registered as a model, the ensemble run on them (and the registry left as it was)."""
+    import re
+
+    from labelkit_ext.models import registry
+
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "data.md").read_text()
+    code = re.search(r"## Your own data and model.*?```python\n(.*?)```", doc, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "docs/data.md", "exec"), namespace)
+    fit = namespace["fit"]
+    assert fit.results["config"]["model"] == "mobilenet-v3-small"
+    assert fit.results["dataset"]["name"] == "my-xrays"
+    assert "num_clusters" in capsys.readouterr().out  # the printed selection
+    with pytest.raises(ValueError, match="exists already: pass replace=True"):
+        registry.register_model(registry.MODELS["mobilenet-v3-small"])
+    not_wrapped = registry.ModelSpec(
+        "plain", "no Classifier", lambda c, ch, small: torch.nn.Linear(2, c)
+    )
+    registry.register_model(not_wrapped)
+    with pytest.raises(TypeError, match="not a Classifier"):
+        registry.build_model("plain", 3)

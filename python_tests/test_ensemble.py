@@ -540,6 +540,7 @@ def test_fit_ensemble_python_api_matches_its_ensembles(digits8):
         fit_ensemble(digits8, config=config, baseline=baseline, pretrained="weights.pt")
     results = fitted.results
     assert results["baseline"]["trained_here"] is False and "plots" not in results
+    assert results["config"]["model"] == "Classifier"  # the module given, not the default name
     assert results["timings"]["total_seconds"] >= results["timings"]["grid search"] > 0
     for mode in ("hard", "soft"):
         ensemble = getattr(fitted, mode).eval()

@@ -9,6 +9,7 @@ from labelkit_ext.models.registry import (
     build_model,
     check_model_input,
     load_pretrained,
+    register_model,
 )
 from labelkit_ext.models.resnet import resnet18
 from labelkit_ext.models.small_cnn import small_cnn
@@ -23,6 +24,7 @@ __all__ = [
     "build_model",
     "check_model_input",
     "load_pretrained",
+    "register_model",
     "resnet18",
     "small_cnn",
     "vgg16",

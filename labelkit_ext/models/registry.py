@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "check_model_input",
     "load_pretrained",
+    "register_model",
 ]
 
 # Inputs up to this size get the small-image variants (CIFAR stem, pooled VGG head).
@@ -80,6 +81,24 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def register_model(spec: ModelSpec, *, replace: bool = False) -> ModelSpec:
+    """Add your own model under ``spec.name``: every method's ``model=`` then takes it.
+
+    ``spec.build(num_classes, in_channels, small_input, **kwargs)`` returns a ``Classifier``
+    (your feature extractor, its output width, and the final linear layer the methods read);
+    ``small_input`` is True for inputs of at most 64 px. A taken name is refused unless
+    ``replace``. Returns ``spec``.
+    """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+    if not callable(spec.build):
+        raise TypeError(f"ModelSpec {spec.name!r}: build must be callable, got {spec.build!r}")
+    if spec.name in MODELS and not replace:
+        raise UsageError(f"model {spec.name!r} exists already: pass replace=True to replace it")
+    MODELS[spec.name] = spec
+    return spec
+
+
 def available_models() -> list[str]:
     """Names accepted by ``build_model`` and ``--model``."""
     return sorted(MODELS)
@@ -114,6 +133,11 @@ def build_model(
         raise UsageError(f"in_channels must be >= 1, got {in_channels}")
     spec = MODELS[name]
     model = spec.build(num_classes, in_channels, image_size <= SMALL_INPUT, **kwargs)
+    if not isinstance(model, Classifier):
+        raise TypeError(
+            f"model {name!r}: build returned a {type(model).__name__}, not a Classifier (wrap "
+            "your network: Classifier(features, feature_dim, num_classes), docs/models.md)"
+        )
     if pretrained is not None:
         load_pretrained(model, pretrained, spec.torchvision_head)
     return model

@@ -414,7 +414,8 @@ def fit_ensemble(
     results: dict[str, Any] = {
         "method": "ensemble",
         "config": {
-            "model": model,
+            # a baseline module given: its class (``model`` built nothing here)
+            "model": model if baseline is None else type(baseline).__name__,
             "pretrained": pretrained,
             "baseline_file": baseline_file,
             "train": config.to_dict(),
