@@ -286,6 +286,15 @@ def test_pretext_nets_share_one_backbone_over_their_inputs():
         net(_images(2, 7))
     with pytest.raises(ValueError, match="odd grid"):
         build_pretext_net("context", backbone, PretextSettings(grid=4))
+    # Your own backbone: it states its output width (it used to fail with AttributeError).
+    own = torch.nn.Sequential(torch.nn.Conv2d(1, 5, 3), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())  # fmt: skip
+    with pytest.raises(TypeError, match=r"int feature_dim >= 1 \(a Sequential has None\)"):
+        build_pretext_net("rotation", own, settings)
+    own.feature_dim = 5
+    assert build_pretext_net("jigsaw", own, settings)(
+        _images(18, 7).reshape(2, 9, 1, 7, 7)
+    ).shape == (2, 100)
 
 
 # -- linear evaluation: the backbone is frozen ---------------------------------------------------

@@ -25,7 +25,12 @@ from labelkit_ext.engine import (
     select_device,
 )
 from labelkit_ext.fingerprint import module_digest, tensor_digest
-from labelkit_ext.methods.pretext.networks import Backbone, LinearEvalModel, eval_head
+from labelkit_ext.methods.pretext.networks import (
+    Backbone,
+    LinearEvalModel,
+    eval_head,
+    feature_dim,
+)
 from labelkit_ext.models import build_model
 
 __all__ = [
@@ -195,7 +200,7 @@ def linear_eval(
     )
     device = select_device(config.device)
     seed_everything(config.seed)
-    head = eval_head(backbone.feature_dim, info.num_classes, hidden)
+    head = eval_head(feature_dim(backbone), info.num_classes, hidden)
     model = LinearEvalModel(backbone, head)
     loss = balanced_loss(targets[index], info.task, device) if balanced else None
     # Precomputed features carry no data fingerprint: what they were computed by and from

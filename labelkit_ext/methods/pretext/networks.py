@@ -18,6 +18,7 @@ __all__ = [
     "LinearEvalModel",
     "build_backbone",
     "eval_head",
+    "feature_dim",
     "mlp",
 ]
 
@@ -33,6 +34,20 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """The width D of ``backbone``'s flat ``(N, D)`` output, which it must state: a
+    ``Backbone`` (``build_backbone``, for a registered model too) or any module with an int
+    ``feature_dim`` attribute."""
+    dim = getattr(backbone, "feature_dim", None)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise TypeError(
+            f"backbone must state its output width as an int feature_dim >= 1 (a {type(backbone).__name__}"
+            f" has {dim!r}): use build_backbone(model, ...) (models.register_model adds yours), "
+            "or set backbone.feature_dim = D for a module mapping images to (N, D)"
+        )
+    return dim
 
 
 def build_backbone(
@@ -74,7 +89,7 @@ class PretextNet(nn.Module):
             raise ValueError(f"num_inputs must be >= 1, got {num_inputs}")
         self.backbone = backbone
         self.num_inputs = num_inputs
-        self.head = mlp(num_inputs * backbone.feature_dim, hidden, num_outputs)
+        self.head = mlp(num_inputs * feature_dim(backbone), hidden, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_inputs == 1:
@@ -83,9 +98,9 @@ class PretextNet(nn.Module):
             raise ValueError(
                 f"expected (N, {self.num_inputs}, C, h, w) inputs, got shape {tuple(x.shape)}"
             )
-        n, k = x.shape[:2]
+        n = x.shape[0]
         features = self.backbone(x.flatten(0, 1))  # (N * K, D), sample-major
-        return self.head(features.reshape(n, k * self.backbone.feature_dim))
+        return self.head(features.reshape(n, -1))  # (N, K * D), slot-major per sample
 
 
 class FrozenBackbone(nn.Module):
