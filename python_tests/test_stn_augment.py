@@ -338,6 +338,20 @@ def test_augment_config_rejects_bad_values():
         AugmentConfig(num_workers=-1)
 
 
+def test_an_augment_config_of_your_own_must_use_the_classifiers_device(monkeypatch, digits8):
+    """AugmentConfig's device defaults to 'auto': on a GPU machine, with config.device='cpu', stage
+    2 moved the shared stage-1 classifier to the GPU. Refused before any training (a pretend GPU
+    stands in for 'auto')."""
+    from labelkit_ext.methods.stn_augment import pipeline
+
+    devices = {"auto": torch.device("cuda", 0), "cpu": torch.device("cpu")}
+    monkeypatch.setattr(pipeline, "select_device", lambda spec: devices[spec])
+    with pytest.raises(ValueError, match=r"augment_config.device='auto' \(cuda:0\) is not "
+                       r"config.device='cpu' \(cpu\)"):  # fmt: skip
+        pipeline.fit_stn_augment(digits8, config=TrainConfig(device="cpu", quiet=True),
+                                 augment_config=AugmentConfig(lambda_me=1.0))  # fmt: skip
+
+
 class _WorkerOnly(torch.utils.data.Dataset):
     """Training images that refuse to be loaded outside a DataLoader worker process."""
 

@@ -25,6 +25,7 @@ from labelkit_ext.engine import (
     prediction_metrics,
     save_checkpoint,
     seed_everything,
+    select_device,
 )
 from labelkit_ext.errors import UsageError
 from labelkit_ext.fingerprint import module_digest
@@ -247,6 +248,18 @@ def _check_arguments(seeds: Sequence[int], mix: float, splits: DataSplits) -> li
     return seeds
 
 
+def _check_same_device(config: TrainConfig, augment_config: AugmentConfig) -> None:
+    """Stage 2 trains against the stage-1 classifier where it is: an ``AugmentConfig`` of your
+    own (its device defaults to 'auto') must resolve to the same device as ``config``."""
+    stage1, stage2 = select_device(config.device), select_device(augment_config.device)
+    if stage1 != stage2:
+        raise UsageError(
+            f"augment_config.device={augment_config.device!r} ({stage2}) is not config.device="
+            f"{config.device!r} ({stage1}): stage 2 trains against the stage-1 classifier on its "
+            "device; give both the same device"
+        )
+
+
 def fit_stn_augment(
     splits: DataSplits,
     *,
@@ -283,6 +296,8 @@ def fit_stn_augment(
     finetune_config = finetune_config or replace(
         config, epochs=DEFAULT_FINETUNE_EPOCHS, lr=DEFAULT_FINETUNE_LR
     )
+    if augment_config is not None:
+        _check_same_device(config, augment_config)
     augment_config = augment_config or AugmentConfig(
         batch_size=config.batch_size, device=config.device, amp=config.amp, quiet=config.quiet,
         num_workers=config.num_workers,
