@@ -406,6 +406,29 @@ def _answer(folder: Path, rows: list[tuple[int, str]]) -> None:
         writer.writerows(rows)
 
 
+def test_file_oracle_thumbnails_show_uint8_as_is_and_stretch_other_dtypes(tmp_path):
+    """Normalised float images (what a model eats) were cast straight to uint8: wrapped noise.
+    They are stretched from their own min..max; uint8 is shown as given; a wrong shape is a
+    clear error."""
+    from PIL import Image
+
+    ramp = torch.linspace(0, 1, 64).reshape(1, 8, 8)
+    images = {0: ramp * 4.0 - 2.0, 1: (ramp * 255).round().to(torch.uint8), 2: torch.zeros(3, 8, 8)}
+    oracle = FileOracle(tmp_path, lambda i: images[i], ["a", "b"])
+    oracle.write_query([0, 1, 2], 0)
+
+    def pixels(i):
+        picture = Image.open(tmp_path / "thumbnails" / f"{i}.png")
+        return np.asarray(picture)[:: picture.height // 8, :: picture.width // 8]  # one per pixel
+
+    expected = (ramp[0] * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(pixels(0), expected) and np.array_equal(pixels(1), expected)
+    assert pixels(2).shape == (8, 8, 3) and not pixels(2).any()  # constant: black, not NaN
+    oracle = FileOracle(tmp_path / "bad", lambda i: torch.zeros(8, 8), ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[C, H, W\] tensor with C 1 or 3, got \(8, 8\)"):
+        oracle.write_query([0], 0)
+
+
 def test_file_oracle_round_trips_and_resumes_when_answers_arrive(tmp_path):
     pool, pool_y, *_ = _embedding_pool()
     folder = tmp_path / "oracle"

@@ -118,8 +118,26 @@ def _write_atomic_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence
     os.replace(tmp, path)
 
 
+def _displayable(image: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[C, H, W]`` (C = 1 or 3) to show a person: uint8 as given; any other dtype
+    (normalised floats, 16-bit scans) stretched from its own min..max to 0..255 (casting
+    normalised floats to uint8 wrapped them into noise)."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise UsageError(
+            f"FileOracle: image(i) must return a [C, H, W] tensor with C 1 or 3, got {shape}"
+        )
+    image = image.detach().cpu()
+    if image.dtype == torch.uint8:
+        return image
+    values = image.double()
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else torch.zeros_like(values)
+    return (scaled * 255).round().to(torch.uint8)
+
+
 def _save_thumbnail(image: torch.Tensor, path: Path) -> None:
-    array = image.detach().cpu().to(torch.uint8).numpy()
+    array = _displayable(image).numpy()
     array = array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0))
     picture = Image.fromarray(np.ascontiguousarray(array))
     scale = max(1, -(-THUMBNAIL_MIN_SIDE // max(picture.size)))
@@ -138,6 +156,8 @@ class FileOracle(Oracle):
     (copying queries.csv and filling the label column works). Labels may be class names or
     class numbers. ``answer`` polls every ``poll_seconds`` for up to ``wait_seconds`` (0: look
     once) and returns the answers found for the query; rows for other indices are ignored.
+    ``image(i)`` returns pool image ``i`` as ``[C, H, W]`` (C = 1 or 3): uint8 is shown as is,
+    other dtypes (normalised floats) stretched from their own min..max.
     """
 
     def __init__(
