@@ -640,6 +640,29 @@ def test_resume_checks_the_targets_of_a_users_own_dataset(tmp_path, digits8):
         run(_ItemsOnly(images, shuffled), tmp_path / "items", resume=True)
 
 
+def test_fit_refuses_targets_the_loss_cannot_take_before_training(digits8):
+    """A class id past the model's outputs, float class ids, or integer multi-hot rows failed
+    mid-epoch inside the loss ("Target 3 is out of bounds", a dtype error)."""
+    images = digits8.train.images[:16].float() / 255
+    config = TrainConfig(epochs=1, **TINY)
+    model = _model()  # 10 outputs
+    cases = [
+        ("multiclass", torch.full((16,), 10), r"train_set: targets must be classes in \[0, 10\)"
+                                              r" for a model of 10 outputs, got values in \[10, 10\]"),
+        ("multiclass", torch.zeros(16), "one integer class per sample, got torch.float32"),
+        ("multilabel", torch.zeros(16, 10, dtype=torch.int64), r"float 0/1 rows of 10 labels, got "
+                                                                r"torch.int64 of shape \(16, 10\)"),
+        ("multilabel", torch.zeros(16, 3), r"float 0/1 rows of 10 labels, got torch.float32 of shape"),
+    ]  # fmt: skip
+    for task, targets, message in cases:
+        with pytest.raises(UsageError, match=message):
+            fit(model, TensorDataset(images, targets), None, task, config)
+    bad_val = TensorDataset(images, torch.full((16,), -1))
+    with pytest.raises(UsageError, match=r"val_set: targets must be classes in \[0, 10\)"):
+        fit(model, TensorDataset(images, torch.zeros(16, dtype=torch.int64)), bad_val, "multiclass",
+            config)  # fmt: skip
+
+
 # -- DDP on 2 gloo processes ------------------------------------------------------------------
 
 

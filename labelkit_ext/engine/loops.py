@@ -53,6 +53,7 @@ __all__ = [
     "StepSums",
     "amp_dtype",
     "autocast_for",
+    "check_targets",
     "data_fingerprint",
     "grad_scaler",
     "evaluate",
@@ -96,6 +97,39 @@ class FitResult:
     device: torch.device = torch.device("cpu")
     resumed_from: int = 0  # epochs already done in the checkpoint resumed from
     train_seconds: float = 0.0
+
+
+def check_targets(
+    dataset: Dataset | None, task: str, num_classes: int | None, name: str = "dataset"
+) -> None:
+    """Refuse targets the task's loss cannot take, before any training (they failed mid-epoch
+    with "Target 3 is out of bounds" or a dtype error): ``multiclass`` one integer class in
+    [0, num_classes) per sample, ``multilabel`` float 0/1 rows of num_classes labels. Checked
+    where the targets are known without loading the samples (``data.dataset_targets``)."""
+    targets = None if dataset is None else dataset_targets(dataset, read_items=False)
+    if targets is None or targets.numel() == 0:
+        return
+    if task == "multiclass":
+        if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise UsageError(
+                f"{name}: multiclass targets must be one integer class per sample, got "
+                f"{targets.dtype} of shape {tuple(targets.shape)} (multi-hot rows: task='multilabel')"
+            )
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            raise UsageError(
+                f"{name}: targets must be classes in [0, {num_classes}) for a model of "
+                f"{num_classes} outputs, got values in [{low}, {high}]"
+            )
+    elif task == "multilabel":
+        width = targets.shape[-1] if targets.dim() == 2 else None
+        if not targets.dtype.is_floating_point or (
+            num_classes is not None and width != num_classes
+        ):
+            raise UsageError(
+                f"{name}: multilabel targets must be float 0/1 rows of {num_classes} labels, got "
+                f"{targets.dtype} of shape {tuple(targets.shape)} (integer rows: .float())"
+            )
 
 
 def loss_for_task(task: str) -> nn.Module:
@@ -530,6 +564,9 @@ def fit(
         raise ValueError(
             f"checkpoint_seconds must be a finite number >= 0, got {checkpoint_seconds!r}"
         )
+    if loss_fn is None:
+        for name, dataset in (("train_set", train_set), ("val_set", val_set)):
+            check_targets(dataset, task, getattr(model, "num_classes", None), name)
     info = current_dist()
     device = select_device(config.device, info.local_rank)
     model = model.to(device)
