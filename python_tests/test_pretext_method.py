@@ -297,6 +297,27 @@ def test_pretext_nets_share_one_backbone_over_their_inputs():
     ).shape == (2, 100)
 
 
+def test_square_only_tasks_refuse_other_images_before_training(tmp_path):
+    """Rotation and the contrastive views turn the image about its center: non-square images
+    are refused up front (they failed in the first batch, after the earlier tasks trained)."""
+    from labelkit_ext.data import DatasetInfo, DataSplits
+    from labelkit_ext.methods.pretext import train_pretext
+
+    wide = torch.utils.data.TensorDataset(
+        torch.rand(8, 1, 12, 18), torch.zeros(8, dtype=torch.int64)
+    )
+    info = DatasetInfo("wide", "multiclass", ("a", "b"), 1, 18, (0.0,), (1.0,))
+    splits = DataSplits(wide, wide, wide, wide, info)
+    quick = TrainConfig(epochs=1, batch_size=4, **CPU)
+    for task in ("rotation", "contrastive"):
+        with pytest.raises(ValueError, match=rf"the {task} pretext needs square images, got 12x18"):
+            run_study(splits, tasks=["jigsaw", task], pretext_config=quick, eval_config=quick,
+                      scratch_config=quick, out_dir=tmp_path, quiet=True)  # fmt: skip
+        with pytest.raises(ValueError, match="needs square images"):
+            train_pretext(task, build_backbone("small-cnn", 1, 18), wide, None, quick)
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
 # -- linear evaluation: the backbone is frozen ---------------------------------------------------
 
 

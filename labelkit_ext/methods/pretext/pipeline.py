@@ -27,7 +27,7 @@ from labelkit_ext.methods.pretext.evaluation import (
 )
 from labelkit_ext.methods.pretext.networks import Backbone, build_backbone
 from labelkit_ext.methods.pretext.report import percent, summarize, write_plots
-from labelkit_ext.methods.pretext.tasks import PRETEXT_TASKS, PretextSettings
+from labelkit_ext.methods.pretext.tasks import PRETEXT_TASKS, PretextSettings, check_task_images
 from labelkit_ext.methods.pretext.training import PretextFit, train_pretext
 
 __all__ = [
@@ -181,6 +181,8 @@ def run_study(
     info = splits.info
     if "context" in tasks and settings.grid % 2 == 0:
         raise UsageError(f"the context task needs an odd grid, got {settings.grid}")
+    for task in tasks:
+        check_task_images(task, splits.train_eval)
     tile = settings.tile_for(info.image_size) if {"jigsaw", "context"} & set(tasks) else None
     out = Path(out_dir) if out_dir is not None else None
     stages = _Stages(quiet)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from labelkit_ext.checks import check_fields
 from labelkit_ext.engine.distributed import current_dist, gather_rows
@@ -37,6 +38,7 @@ __all__ = [
     "StepOutput",
     "ViewParams",
     "build_pretext_net",
+    "check_task_images",
     "contrastive_views",
     "default_tile_size",
     "jigsaw_permutations",
@@ -134,6 +136,22 @@ def _num_outputs(task: str, settings: PretextSettings) -> tuple[int, int]:
     if task == "contrastive":
         return 1, settings.projection_dim
     raise ValueError(f"task must be one of {PRETEXT_TASKS}, got {task!r}")
+
+
+#: Tasks that turn the image about its center (rotate90, the views' rotations): square only.
+SQUARE_TASKS = ("rotation", "contrastive")
+
+
+def check_task_images(task: str, dataset: Dataset) -> None:
+    """Refuse, before any training, images ``task`` cannot take: non-square ones for the
+    rotation and contrastive tasks (they failed in the first batch)."""
+    if task in SQUARE_TASKS and len(dataset):
+        h, w = dataset[0][0].shape[-2:]
+        if h != w:
+            raise UsageError(
+                f"the {task} pretext needs square images, got {h}x{w}: crop or resize them "
+                "(jigsaw and context take any shape)"
+            )
 
 
 def build_pretext_net(task: str, backbone: Backbone, settings: PretextSettings) -> PretextNet:

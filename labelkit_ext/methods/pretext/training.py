@@ -49,6 +49,7 @@ from labelkit_ext.methods.pretext.networks import Backbone, PretextNet
 from labelkit_ext.methods.pretext.tasks import (
     PretextSettings,
     build_pretext_net,
+    check_task_images,
     jigsaw_permutations,
     pretext_step,
 )
@@ -231,6 +232,7 @@ def train_pretext(
     logs and writes checkpoints.
     """
     settings = settings or PretextSettings()
+    check_task_images(task, train_set)
     info = current_dist()
     device = select_device(config.device)
     seed_everything(config.seed)  # the head's initialisation
