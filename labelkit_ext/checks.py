@@ -14,6 +14,7 @@ import math
 import numbers
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -70,11 +71,11 @@ def check_seed(name: str, value: Any) -> int:
 
 
 def check_seeds(seeds: Any, name: str = "seeds") -> list[int]:
-    """``seeds`` (a sequence or 1-D array of integers, NumPy ones included) as a list of
-    distinct Python ints in [0, 2**32), at least one."""
-    if isinstance(seeds, np.ndarray):
+    """``seeds`` (any iterable of integers: a list, a range, a generator, a 1-D NumPy array or
+    tensor) as a list of distinct Python ints in [0, 2**32), at least one."""
+    if hasattr(seeds, "ndim") and hasattr(seeds, "tolist"):  # NumPy array, tensor
         seeds = seeds.tolist() if seeds.ndim == 1 else seeds
-    if not isinstance(seeds, (tuple, list, range)):
+    if isinstance(seeds, (str, bytes, Mapping)) or not isinstance(seeds, Iterable):
         raise TypeError(f"{name} must be a sequence of ints, got {seeds!r}")
     values = [check_seed(name, seed) for seed in seeds]
     if not values:

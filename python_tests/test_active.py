@@ -388,6 +388,37 @@ def test_loop_checks_its_pool_and_oracle_before_any_round(tmp_path):
     assert not (tmp_path / "state.json").exists()
 
 
+def test_labeled_subset_states_its_answers_for_the_engine():
+    """A round's training set states the oracle's answers (fit checks them before training)
+    and fingerprints images and answers (a resumed round needs both unchanged)."""
+    from labelkit_ext.engine import check_targets, data_fingerprint
+    from labelkit_ext.methods.active import LabeledSubset
+
+    pool = torch.utils.data.TensorDataset(torch.rand(6, 1, 4, 4), torch.arange(6) % 3)
+    subset = LabeledSubset(pool, [4, 1], [2, 0])
+    assert subset.targets.tolist() == [2, 0]
+    fingerprints = {str(data_fingerprint(LabeledSubset(pool, i, y)))
+                    for i, y in (([4, 1], [2, 0]), ([4, 1], [2, 1]), ([4, 2], [2, 0]))}  # fmt: skip
+    assert len(fingerprints) == 3 and None not in data_fingerprint(subset).values()
+    with pytest.raises(ValueError, match=r"targets must be classes in \[0, 2\)"):
+        check_targets(subset, "multiclass", 2, "train_set")
+
+
+def test_an_oracle_of_your_own_need_not_subclass_oracle(tmp_path):
+    class Mine:  # answers like SimulatedOracle, without the base class
+        def __init__(self, targets):
+            self.targets = targets
+
+        def answer(self, indices, round):
+            return {i: int(self.targets[i]) for i in indices}
+
+        def describe(self):
+            return "mine"
+
+    state = _embedding_loop(tmp_path, rounds=1, oracle=Mine(_embedding_pool()[1])).run()
+    assert len(state.labeled) == 18
+
+
 def test_loop_refuses_to_overwrite_or_mix_runs(tmp_path):
     _embedding_loop(tmp_path, rounds=1).run()
     with pytest.raises(StateError, match="pass --resume"):
@@ -425,7 +456,7 @@ def test_file_oracle_thumbnails_show_uint8_as_is_and_stretch_other_dtypes(tmp_pa
     assert np.array_equal(pixels(0), expected) and np.array_equal(pixels(1), expected)
     assert pixels(2).shape == (8, 8, 3) and not pixels(2).any()  # constant: black, not NaN
     oracle = FileOracle(tmp_path / "bad", lambda i: torch.zeros(8, 8), ["a", "b"])
-    with pytest.raises(ValueError, match=r"\[C, H, W\] tensor with C 1 or 3, got \(8, 8\)"):
+    with pytest.raises(ValueError, match=r"\[C, H, W\] tensor with C 1, 3 or 4, got \(8, 8\)"):
         oracle.write_query([0], 0)
 
 

@@ -125,7 +125,10 @@ def test_configs_store_numpy_numbers_as_python_ones(tmp_path):
         fit(model, splits.train, splits.val, "multiclass", config, out_dir=tmp_path, resume=resume)
     curriculum = CurriculumConfig(total_steps=60, eval_every=10, seeds=np.arange(2))
     assert curriculum.seeds == (0, 1) and all(type(s) is int for s in curriculum.seeds)
-    assert check_seeds(np.array([3, 1])) == [3, 1]
+    assert check_seeds(np.array([3, 1])) == [3, 1] == check_seeds(torch.tensor([3, 1]))
+    assert check_seeds(s for s in (2, 0)) == [2, 0] and check_seeds(range(2)) == [0, 1]
+    with pytest.raises(TypeError, match="seeds must be a sequence of ints"):
+        check_seeds("01")
     with pytest.raises(TypeError, match="seeds must be an int"):
         check_seeds([0, 1.5])
     with pytest.raises(ValueError, match="seeds must be distinct"):

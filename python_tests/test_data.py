@@ -83,6 +83,39 @@ def test_dataset_targets_of_any_dataset():
     assert dataset_targets(items, read_items=False) is None
     multi = [(x[i], torch.tensor([1.0, 0.0])) for i in range(2)]
     assert dataset_targets(multi).shape == (2, 2)
+    assert torch.equal(dataset_targets(torch.utils.data.Subset(tensors, [])), y[:0])
+    assert dataset_targets([]).shape == (0,)
+
+
+class _Counted(torch.utils.data.Dataset):
+    """Items only, counting the reads; ``targets`` / ``target_transform`` set per test."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.reads = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        self.reads += 1
+        return torch.zeros(1), i % 3
+
+
+def test_dataset_targets_trusts_only_what_matches_the_items():
+    """A Subset of an items-only dataset reads its own items alone; torchvision's raw
+    ``targets`` under a ``target_transform`` and attributes one tensor cannot hold (ragged
+    label lists, names) are not taken as the targets."""
+    counted = _Counted(50)
+    assert dataset_targets(torch.utils.data.Subset(counted, [4, 8])).tolist() == [1, 2]
+    assert counted.reads == 2
+    remapped = _Counted(3)
+    remapped.targets, remapped.target_transform = [3, 5, 7], lambda y: y
+    assert dataset_targets(remapped, read_items=False) is None
+    assert dataset_targets(remapped).tolist() == [0, 1, 2]  # what the items say
+    for odd in ([[0, 2], [1], [2]], ["a", "b", "c"]):
+        ragged = _Counted(3)
+        ragged.targets = odd
+        assert dataset_targets(ragged, read_items=False) is None
 
 
 def test_holdout_is_stratified_grouped_and_checked():

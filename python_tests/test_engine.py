@@ -636,8 +636,23 @@ def test_resume_checks_the_targets_of_a_users_own_dataset(tmp_path, digits8):
         run(TensorDataset(images, shuffled), tmp_path / "tensors", resume=True)
     assert run(TensorDataset(images, targets), tmp_path / "tensors", resume=True).resumed_from == 1
     run(_ItemsOnly(images, targets), tmp_path / "items")
-    with pytest.warns(UserWarning, match="without knowing whether the training data are the same"):
+    with pytest.warns(UserWarning, match="without knowing whether all of the training data are"):
         run(_ItemsOnly(images, shuffled), tmp_path / "items", resume=True)
+
+
+def test_resume_of_a_checkpoint_that_recorded_no_data_digest_warns(tmp_path, digits8, monkeypatch):
+    """A TensorDataset's checkpoint from before the engine digested its targets recorded None:
+    resuming it is allowed with a warning (it was refused as 'other training samples')."""
+    from labelkit_ext.engine import loops
+
+    dataset = TensorDataset(digits8.train.images[:32].float() / 255, digits8.train.targets[:32])
+    config = TrainConfig(epochs=1, **TINY)
+    with monkeypatch.context() as patch:
+        patch.setattr(loops, "data_fingerprint", lambda dataset: None)
+        fit(_model(), dataset, None, "multiclass", config, out_dir=tmp_path)
+    with pytest.warns(UserWarning, match="now, or when the checkpoint was written"):
+        again = fit(_model(), dataset, None, "multiclass", config, out_dir=tmp_path, resume=True)
+    assert again.resumed_from == 1
 
 
 def test_fit_refuses_targets_the_loss_cannot_take_before_training(digits8):
@@ -649,10 +664,11 @@ def test_fit_refuses_targets_the_loss_cannot_take_before_training(digits8):
     cases = [
         ("multiclass", torch.full((16,), 10), r"train_set: targets must be classes in \[0, 10\)"
                                               r" for a model of 10 outputs, got values in \[10, 10\]"),
-        ("multiclass", torch.zeros(16), "one integer class per sample, got torch.float32"),
-        ("multilabel", torch.zeros(16, 10, dtype=torch.int64), r"float 0/1 rows of 10 labels, got "
+        ("multiclass", torch.zeros(16), "one int64 class per sample .* got torch.float32"),
+        ("multiclass", torch.zeros(16, dtype=torch.int32), r"got torch.int32 of shape \(16,\) \(.long\(\)\)"),
+        ("multilabel", torch.zeros(16, 10, dtype=torch.int64), r"float rows of 10 labels, got "
                                                                 r"torch.int64 of shape \(16, 10\)"),
-        ("multilabel", torch.zeros(16, 3), r"float 0/1 rows of 10 labels, got torch.float32 of shape"),
+        ("multilabel", torch.zeros(16, 3), r"float rows of 10 labels, got torch.float32 of shape"),
     ]  # fmt: skip
     for task, targets, message in cases:
         with pytest.raises(UsageError, match=message):

@@ -193,7 +193,9 @@ def test_large_cpu_outputs_ask_for_huge_pages(switch, expected):
 
 
 def _every_public_op(device: str) -> dict[str, object]:
-    """One call of every public op on small inputs made on ``device`` (same shapes anywhere)."""
+    """One call of every public op on small inputs made on ``device`` (the same inputs on
+    every call: seeded)."""
+    torch.manual_seed(0)
 
     def t(*shape, dtype=torch.float32):
         return torch.rand(*shape).to(device=device, dtype=dtype)
@@ -238,6 +240,26 @@ def test_every_op_runs_on_the_meta_device_with_the_shapes_of_a_real_call():
         assert len(got) == len(want) > 0, name
         for g, w in zip(got, want, strict=True):
             assert g.device.type == "meta" and (g.shape, g.dtype) == (w.shape, w.dtype), name
+
+
+def test_every_op_gives_the_same_answer_in_inference_mode_and_deterministic_mode():
+    """torch.inference_mode and use_deterministic_algorithms(True): every public op runs and
+    gives the bits it gives without them (kernel or fallback, whichever this build routes)."""
+    plain = _every_public_op("cpu")
+    with torch.inference_mode():
+        inference = _every_public_op("cpu")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        deterministic = _every_public_op("cpu")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in plain:
+        for other in (inference, deterministic):
+            got, want = _tensors(other[name]), _tensors(plain[name])
+            assert len(got) == len(want) > 0, name
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w), name
 
 
 class _Exported(torch.nn.Module):

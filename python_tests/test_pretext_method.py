@@ -292,6 +292,7 @@ def test_pretext_nets_share_one_backbone_over_their_inputs():
     with pytest.raises(TypeError, match=r"int feature_dim >= 1 \(a Sequential has None\)"):
         build_pretext_net("rotation", own, settings)
     own.feature_dim = 5
+    assert build_pretext_net("jigsaw", own, settings)(torch.empty(0, 9, 1, 7, 7)).shape == (0, 100)
     assert build_pretext_net("jigsaw", own, settings)(
         _images(18, 7).reshape(2, 9, 1, 7, 7)
     ).shape == (2, 100)

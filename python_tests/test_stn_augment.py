@@ -338,6 +338,15 @@ def test_augment_config_rejects_bad_values():
         AugmentConfig(num_workers=-1)
 
 
+def test_numpy_seeds_and_mix_become_python_numbers(digits8):
+    """mix is recorded in the stage-3 checkpoints, read back with weights_only: a NumPy scalar
+    there made them unreadable at resume."""
+    from labelkit_ext.methods.stn_augment.pipeline import _check_arguments
+
+    seeds, mix = _check_arguments(np.arange(2), np.float64(0.5), digits8)
+    assert seeds == [0, 1] and type(mix) is float and all(type(s) is int for s in seeds)
+
+
 def test_an_augment_config_of_your_own_must_use_the_classifiers_device(monkeypatch, digits8):
     """AugmentConfig's device defaults to 'auto': on a GPU machine, with config.device='cpu', stage
     2 moved the shared stage-1 classifier to the GPU. Refused before any training (a pretend GPU

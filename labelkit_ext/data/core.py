@@ -146,21 +146,38 @@ def _check_targets(targets: torch.Tensor, task: str, k: int, where: str) -> None
 
 
 def dataset_targets(dataset: Dataset, read_items: bool = True) -> torch.Tensor | None:
-    """Every target of ``dataset`` in order, for any map-style dataset: its ``targets``
-    attribute (labelkit_ext's data sets, torchvision's), a ``TensorDataset``'s second tensor, a
-    ``Subset``'s selection of its dataset's, else (``read_items``) each item's ``[1]`` read in
-    turn, which loads every sample; None when ``read_items`` is False and only that would do."""
+    """Every target of ``dataset`` in order, for any map-style dataset: what it states (its
+    ``targets`` attribute, as labelkit_ext's and torchvision's data sets have; a
+    ``TensorDataset``'s second tensor; a ``Subset``'s selection of those), else (``read_items``)
+    each item's ``[1]`` read in turn, which loads those samples; None when ``read_items`` is
+    False and only that would do."""
+    stated = _stated_targets(dataset)
+    if stated is not None or not read_items:
+        return stated
+    if len(dataset) == 0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
+
+
+def _stated_targets(dataset: Dataset) -> torch.Tensor | None:
+    """The targets ``dataset`` states without loading samples, as one tensor; None where it
+    states none, or states something else than its items give (a ``target_transform``, as
+    torchvision applies in ``__getitem__``) or than one tensor can hold (ragged lists, names)."""
     if isinstance(dataset, Subset):
-        inner = dataset_targets(dataset.dataset, read_items)
-        return None if inner is None else inner[torch.as_tensor(np.asarray(dataset.indices))]
+        inner = _stated_targets(dataset.dataset)
+        indices = torch.as_tensor(np.asarray(dataset.indices, dtype=np.int64))
+        return None if inner is None else inner[indices]
+    if getattr(dataset, "target_transform", None) is not None:
+        return None
     targets = getattr(dataset, "targets", None)
     if targets is None and isinstance(dataset, TensorDataset) and len(dataset.tensors) > 1:
         targets = dataset.tensors[1]
     if targets is None:
-        if not read_items:
-            return None
-        targets = torch.stack([torch.as_tensor(dataset[i][1]) for i in range(len(dataset))])
-    return torch.as_tensor(np.asarray(targets) if isinstance(targets, list) else targets)
+        return None
+    try:
+        return torch.as_tensor(np.asarray(targets) if isinstance(targets, list) else targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 class _SplitDataset(Dataset):

@@ -103,17 +103,18 @@ def check_targets(
     dataset: Dataset | None, task: str, num_classes: int | None, name: str = "dataset"
 ) -> None:
     """Refuse targets the task's loss cannot take, before any training (they failed mid-epoch
-    with "Target 3 is out of bounds" or a dtype error): ``multiclass`` one integer class in
-    [0, num_classes) per sample, ``multilabel`` float 0/1 rows of num_classes labels. Checked
-    where the targets are known without loading the samples (``data.dataset_targets``)."""
+    with "Target 3 is out of bounds" or a dtype error): ``multiclass`` one int64 (or uint8)
+    class in [0, num_classes) per sample, ``multilabel`` float rows of num_classes labels.
+    Checked where the targets are known without loading the samples (``data.dataset_targets``)."""
     targets = None if dataset is None else dataset_targets(dataset, read_items=False)
     if targets is None or targets.numel() == 0:
         return
     if task == "multiclass":
-        if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.uint8):
+            hint = ".long()" if targets.dim() == 1 else "multi-hot rows: task='multilabel'"
             raise UsageError(
-                f"{name}: multiclass targets must be one integer class per sample, got "
-                f"{targets.dtype} of shape {tuple(targets.shape)} (multi-hot rows: task='multilabel')"
+                f"{name}: multiclass targets must be one int64 class per sample (what "
+                f"cross-entropy takes), got {targets.dtype} of shape {tuple(targets.shape)} ({hint})"
             )
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or (num_classes is not None and high >= num_classes):
@@ -127,7 +128,7 @@ def check_targets(
             num_classes is not None and width != num_classes
         ):
             raise UsageError(
-                f"{name}: multilabel targets must be float 0/1 rows of {num_classes} labels, got "
+                f"{name}: multilabel targets must be float rows of {num_classes} labels, got "
                 f"{targets.dtype} of shape {tuple(targets.shape)} (integer rows: .float())"
             )
 
@@ -429,11 +430,12 @@ def _check_resumable(
         for k in run
         if k in saved_run and saved_run[k] != run[k] and not (finished and k in _UNTIL_FINISHED)
     ]
-    refuse_resume(checkpoint, changed)
-    if None in _leaves(run.get("data")).values():
+    refuse_resume(checkpoint, [c for c in changed if c])
+    if "data" in run and _partly_unknown(saved_run.get("data", run["data"]), run["data"]):
         warnings.warn(
-            f"resuming from {checkpoint} without knowing whether the training data are the same: "
-            "the dataset has no targets attribute or fingerprint() (engine.data_fingerprint)",
+            f"resuming from {checkpoint} without knowing whether all of the training data are the "
+            "same: the dataset (now, or when the checkpoint was written) has no targets "
+            "attribute or fingerprint() (engine.data_fingerprint)",
             stacklevel=3,
         )
 
@@ -447,10 +449,20 @@ def refuse_resume(checkpoint: Path, changed: Sequence[str]) -> None:
         )
 
 
+def _partly_unknown(saved: dict | None, current: dict | None) -> bool:
+    """Whether either fingerprint has an unknown part (None): a dataset without targets or
+    fingerprint(), now or in a checkpoint written before the engine digested such targets."""
+    return None in _leaves(saved).values() or None in _leaves(current).values()
+
+
 def _data_change(saved: dict | None, current: dict | None) -> str:
-    """What differs between two ``data_fingerprint``s: the samples, the transform, or both."""
+    """What differs between two ``data_fingerprint``s: the samples, the transform, or both
+    ('' for none). Where either has an unknown part, only the parts both know are compared
+    (an older checkpoint of a TensorDataset recorded None for what is now a digest)."""
     a, b = _leaves(saved), _leaves(current)
     keys = sorted(a.keys() | b.keys())
+    if _partly_unknown(saved, current):
+        keys = [k for k in keys if a.get(k) is not None and b.get(k) is not None]
     parts = []
     if any(a.get(k) != b.get(k) for k in keys if not k.endswith("transform")):
         parts.append("other training samples or order (another --split-seed or data set?)")

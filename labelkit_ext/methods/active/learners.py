@@ -27,6 +27,7 @@ from labelkit_ext.engine import (
     TrainConfig,
     autocast_for,
     current_dist,
+    data_fingerprint,
     derive_seed,
     fit,
     gather_shards,
@@ -36,6 +37,7 @@ from labelkit_ext.engine import (
     select_device,
 )
 from labelkit_ext.errors import UsageError
+from labelkit_ext.fingerprint import tensor_digest
 from labelkit_ext.methods.active.strategies import PoolScores
 from labelkit_ext.models import build_model
 
@@ -105,6 +107,18 @@ class LabeledSubset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, _ = self.dataset[self.indices[i]]
         return image, self.labels[i]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The oracle's labels, in order (what ``engine.fit`` checks before training)."""
+        return self.labels
+
+    def fingerprint(self) -> dict:
+        """Which pool images, with which answers, of which pool: what a resumed round's
+        training must find unchanged."""
+        indices = torch.as_tensor(self.indices, dtype=torch.int64)
+        return {"indices": tensor_digest(indices), "labels": tensor_digest(self.labels),
+                "of": data_fingerprint(self.dataset)}  # fmt: skip
 
 
 def mc_dropout_modules(model: nn.Module) -> list[nn.Module]:

@@ -130,7 +130,8 @@ class ActiveLoop:
                 f">= 2, got {config.mc_samples}"
             )
         check_pool(config, learner.pool_size)
-        oracle.check_pool(learner.pool_size)
+        if hasattr(oracle, "check_pool"):  # an oracle of your own need not subclass Oracle
+            oracle.check_pool(learner.pool_size)
         self.learner = learner
         self.strategy = strategy
         self.oracle = oracle

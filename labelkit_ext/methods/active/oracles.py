@@ -119,13 +119,13 @@ def _write_atomic_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence
 
 
 def _displayable(image: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[C, H, W]`` (C = 1 or 3) to show a person: uint8 as given; any other dtype
+    """uint8 ``[C, H, W]`` (C = 1, 3 or 4: gray, RGB, RGBA) to show a person: uint8 as given; any other dtype
     (normalised floats, 16-bit scans) stretched from its own min..max to 0..255 (casting
     normalised floats to uint8 wrapped them into noise)."""
-    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3):
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise UsageError(
-            f"FileOracle: image(i) must return a [C, H, W] tensor with C 1 or 3, got {shape}"
+            f"FileOracle: image(i) must return a [C, H, W] tensor with C 1, 3 or 4, got {shape}"
         )
     image = image.detach().cpu()
     if image.dtype == torch.uint8:
@@ -156,7 +156,7 @@ class FileOracle(Oracle):
     (copying queries.csv and filling the label column works). Labels may be class names or
     class numbers. ``answer`` polls every ``poll_seconds`` for up to ``wait_seconds`` (0: look
     once) and returns the answers found for the query; rows for other indices are ignored.
-    ``image(i)`` returns pool image ``i`` as ``[C, H, W]`` (C = 1 or 3): uint8 is shown as is,
+    ``image(i)`` returns pool image ``i`` as ``[C, H, W]`` (C = 1, 3 or 4): uint8 is shown as is,
     other dtypes (normalised floats) stretched from their own min..max.
     """
 

@@ -89,7 +89,8 @@ class PretextNet(nn.Module):
             raise ValueError(f"num_inputs must be >= 1, got {num_inputs}")
         self.backbone = backbone
         self.num_inputs = num_inputs
-        self.head = mlp(num_inputs * feature_dim(backbone), hidden, num_outputs)
+        self.width = num_inputs * feature_dim(backbone)  # the head's input
+        self.head = mlp(self.width, hidden, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_inputs == 1:
@@ -100,7 +101,7 @@ class PretextNet(nn.Module):
             )
         n = x.shape[0]
         features = self.backbone(x.flatten(0, 1))  # (N * K, D), sample-major
-        return self.head(features.reshape(n, -1))  # (N, K * D), slot-major per sample
+        return self.head(features.reshape(n, self.width))  # (N, K * D), slot-major per sample
 
 
 class FrozenBackbone(nn.Module):

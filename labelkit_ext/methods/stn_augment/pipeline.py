@@ -239,13 +239,15 @@ def _run_variant(
     return record, net
 
 
-def _check_arguments(seeds: Sequence[int], mix: float, splits: DataSplits) -> list[int]:
+def _check_arguments(
+    seeds: Sequence[int], mix: float, splits: DataSplits
+) -> tuple[list[int], float]:
     seeds = check_seeds(seeds)
     if not 0.0 < mix <= 1.0:
         raise UsageError(f"mix must be in (0, 1], got {mix}")
     if splits.info.task != "multiclass":
         raise UsageError(f"dataset must be multi-class, {splits.info.name} is {splits.info.task}")
-    return seeds
+    return seeds, float(mix)  # mix is recorded in checkpoints read with weights_only: no NumPy
 
 
 def _check_same_device(config: TrainConfig, augment_config: AugmentConfig) -> None:
@@ -303,7 +305,7 @@ def fit_stn_augment(
         num_workers=config.num_workers,
     )  # fmt: skip
     names = check_variants(variants)
-    seeds = _check_arguments(seeds, mix, splits)
+    seeds, mix = _check_arguments(seeds, mix, splits)
     bounds = bounds or AffineBounds()
     out = Path(out_dir) if out_dir is not None else None
     info = splits.info
