@@ -42,12 +42,14 @@ def _executable(path: Path, text: str) -> None:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """A scratch checkout: the script, two empty benchmarks, and a fake CUDA_HOME/bin."""
+    """A scratch checkout: the script, two empty GPU benchmarks and a CPU one (no --device),
+    and a fake CUDA_HOME/bin."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "gpu_check.sh", tmp_path / "scripts")
     (tmp_path / "bench").mkdir()
     for name in ("entropy", "affine"):
         (tmp_path / "bench" / f"bench_{name}.py").write_text("from common import add_common_args\n")
+    (tmp_path / "bench" / "bench_transforms.py").write_text('p.add_argument("--sizes")\n')
     bin_dir = tmp_path / "cuda" / "bin"
     bin_dir.mkdir(parents=True)
     _executable(bin_dir / "python", FAKE_PYTHON)
@@ -126,6 +128,7 @@ def test_a_failed_build_stops_the_run(tree: Path) -> None:
         (["test-cuda@soon"], "the cap after @ must be a whole number of seconds"),
         (["test-cuda", "--deadline", "-5"], "--deadline needs a whole number of seconds"),
         (["bench:nothing"], "no bench/bench_nothing.py"),
+        (["bench:transforms"], "bench/bench_transforms.py has no --device (a CPU benchmark)"),
     ],
 )
 def test_bad_arguments_are_refused_before_anything_runs(tree: Path, args, message) -> None:
@@ -133,3 +136,13 @@ def test_bad_arguments_are_refused_before_anything_runs(tree: Path, args, messag
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (tree / "calls.log").exists()
+
+
+def test_bench_runs_every_gpu_benchmark_and_not_the_cpu_one(tree: Path) -> None:
+    """`bench` expands to the scripts that take --device: bench_transforms.py (CPU DataLoader
+    transforms) failed the step with 'unrecognized arguments: --device cuda'."""
+    proc = _run(tree, "build", "bench")
+    assert proc.returncode == 0, proc.stderr
+    calls = (tree / "calls.log").read_text()
+    assert "bench/bench_entropy.py" in calls and "bench/bench_affine.py" in calls
+    assert "bench_transforms" not in calls

@@ -14,9 +14,10 @@
 # Knobs: GPU_BACKGROUND_STATE (default /tmp/labelkit_gpu_check), and gpu_check.sh's own, with
 # defaults for a short lease here: GPU_CHECK_STEP_TIMEOUT 600 (a step without @SECONDS),
 # GPU_CHECK_NO_COMPILE 1 (the GPU targets compare with eager and kornia, not compile),
-# GPU_CHECK_BENCH_ARGS "--min-run-time 0.1" (GPU calls take milliseconds: 0.1 s of timed calls
-# per figure is plenty) and GPU_CHECK_BENCH_ARGS_ENTROPY "--c 100,1000,32000" (the sizes where
-# the HBM target means something; C = 10 is 2.6 MB of logits).
+# GPU_CHECK_BENCH_ARGS_{ENTROPY,AFFINE,PRETEXT,ACTIVE} "--min-run-time 0.1" (GPU calls take
+# milliseconds: 0.1 s of timed calls per figure is plenty; bench_scoring.py has --runs instead),
+# entropy's with "--c 100,1000,32000" before it (the sizes where the HBM target means
+# something; C = 10 is 2.6 MB of logits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +39,11 @@ start() {
     export PYTHONPATH="$STATE/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   export GPU_CHECK_STEP_TIMEOUT=${GPU_CHECK_STEP_TIMEOUT:-600} GPU_CHECK_NO_COMPILE=${GPU_CHECK_NO_COMPILE:-1}
-  export GPU_CHECK_BENCH_ARGS=${GPU_CHECK_BENCH_ARGS---min-run-time 0.1}
-  export GPU_CHECK_BENCH_ARGS_ENTROPY=${GPU_CHECK_BENCH_ARGS_ENTROPY---c 100,1000,32000}
+  # --min-run-time per script: bench_scoring.py times --runs calls instead (and refuses the flag)
+  export GPU_CHECK_BENCH_ARGS_ENTROPY=${GPU_CHECK_BENCH_ARGS_ENTROPY---c 100,1000,32000 --min-run-time 0.1}
+  export GPU_CHECK_BENCH_ARGS_AFFINE=${GPU_CHECK_BENCH_ARGS_AFFINE---min-run-time 0.1}
+  export GPU_CHECK_BENCH_ARGS_PRETEXT=${GPU_CHECK_BENCH_ARGS_PRETEXT---min-run-time 0.1}
+  export GPU_CHECK_BENCH_ARGS_ACTIVE=${GPU_CHECK_BENCH_ARGS_ACTIVE---min-run-time 0.1}
   [ $# -gt 0 ] || set -- lease
   setsid nohup bash -c 'bash scripts/gpu_check.sh "$@"; echo $? > "'"$STATE"'/rc"' gpu_check \
     "$@" --archive "$ARCHIVE" > "$CONSOLE" 2>&1 < /dev/null &

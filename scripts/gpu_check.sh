@@ -38,8 +38,10 @@
 # a CUDA toolkit (CUDA_HOME, default /usr/local/cuda) with nvcc and compute-sanitizer. No network.
 # Knobs: PYTHON, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default: this GPU's arch),
 # MAX_JOBS (default: all cores), GPU_CHECK_FUZZ_EXAMPLES (default 300), GPU_CHECK_SANITIZER_FUZZ_EXAMPLES (default 15),
-# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script, e.g. "--min-run-time 0.1"),
-# GPU_CHECK_BENCH_ARGS_<NAME> (for bench_<name>.py only, e.g. GPU_CHECK_BENCH_ARGS_ENTROPY),
+# GPU_CHECK_BENCH_ARGS (extra arguments for every bench script run; their flags differ, see each
+# one's --help, so prefer the per-script variable),
+# GPU_CHECK_BENCH_ARGS_<NAME> (for bench_<name>.py only, e.g.
+# GPU_CHECK_BENCH_ARGS_ENTROPY="--min-run-time 0.1", GPU_CHECK_BENCH_ARGS_SCORING="--runs 2"),
 # GPU_CHECK_KERNEL_FILTER (compute-sanitizer --kernel-name; default kns=labelkit, "" = all),
 # GPU_CHECK_STEP_TIMEOUT (seconds one step may run, then it is stopped and marked TIMEOUT;
 # default 0 = no limit), GPU_CHECK_NO_COMPILE=1 (skip the torch.compile providers: on a GPU each
@@ -56,6 +58,8 @@ ALL=(build test-cuda memcheck bench:affine bench:entropy bench:pretext test fuzz
 LEASE=(build test-cuda@180 bench:entropy@110 bench:affine@80 bench:pretext@60 memcheck@240 test
   racecheck synccheck fuzz bench:scoring bench:active)
 STEPS=()
+# The GPU benchmarks: those with --device (bench_transforms.py times CPU DataLoader transforms).
+takes_device() { grep -q -e '"--device"' -e add_common_args "$1"; }
 COPY_TO=""
 ARCHIVE=""
 DEADLINE=${GPU_CHECK_DEADLINE:-0}
@@ -63,7 +67,7 @@ while [ $# -gt 0 ]; do
   case "${1%@*}" in
     build | test-cuda | test | fuzz | memcheck | racecheck | synccheck | bench:*) STEPS+=("$1") ;;
     sanitize) STEPS+=(memcheck racecheck synccheck) ;;
-    bench) for f in bench/bench_*.py; do f=${f#bench/bench_}; STEPS+=("bench:${f%.py}"); done ;;
+    bench) for f in bench/bench_*.py; do takes_device "$f" && f=${f#bench/bench_} && STEPS+=("bench:${f%.py}"); done ;;
     all) STEPS+=("${ALL[@]}") ;;
     lease) STEPS+=("${LEASE[@]}"); [ "$DEADLINE" -gt 0 ] || DEADLINE=630 ;;
     --deadline) DEADLINE=${2:?--deadline needs SECONDS}; shift ;;
@@ -83,7 +87,8 @@ for step in "${STEPS[@]}"; do
   fi
   step=${step%@*}
   case "$step" in
-    bench:*) [ -f "bench/bench_${step#bench:}.py" ] || { echo "gpu_check: no bench/bench_${step#bench:}.py" >&2; exit 2; } ;;
+    bench:*) [ -f "bench/bench_${step#bench:}.py" ] || { echo "gpu_check: no bench/bench_${step#bench:}.py" >&2; exit 2; }
+      takes_device "bench/bench_${step#bench:}.py" || { echo "gpu_check: bench/bench_${step#bench:}.py has no --device (a CPU benchmark)" >&2; exit 2; } ;;
   esac
 done
 
