@@ -4,7 +4,8 @@
     python bench/targets.py bench/results/nvidia-h100-80gb-hbm3 [--all]
 
 Each target is a rule over the `ours` rows of one CSV, each row measured beside its baselines in
-one run (issue 7: affine.csv, issue 8: pretext.csv, issue 15: entropy.csv). A folder named
+one run (issue 7: affine.csv, issue 8: pretext.csv, issue 15: entropy.csv); a row with a wrong
+answer (correct=False) or timed on the fallback (ours_native=False) misses whatever its figure. A folder named
 cpu-* is held to the CPU targets, any other to the GPU ones. Prints a table per folder (rows
 meeting the target / rows it applies to, and the worst row); --all lists every missing row.
 Exit status 1 when some row misses a target, 2 when a folder has no results.
@@ -37,13 +38,31 @@ class Target:
     minimum: float
     required: bool = True  # False: rows without the figure (baseline not run) do not count
 
-    def misses(self, rows: Sequence[dict]) -> tuple[list[dict], list[tuple[dict, float | None]]]:
-        """(rows it applies to, [(row, value)] of those below the minimum or not measured)."""
+    def misses(self, rows: Sequence[dict]) -> tuple[list[dict], list[tuple[dict, str]]]:
+        """(rows it applies to, [(row, why)] of those below the minimum, not measured, or not
+        counting: a wrong answer, or the fallback timed instead of the kernel)."""
         mine = [r for r in rows if r.get("provider") == "ours" and self.applies(r)]
         if not self.required:
             mine = [r for r in mine if self.value(r) is not None]
-        low = [(r, v) for r in mine if (v := self.value(r)) is None or v < self.minimum]
+        low = []
+        for row in mine:
+            value, why = self.value(row), _disqualified(row)
+            if why is None and value is None:
+                why = "not measured"
+            elif why is None and value < self.minimum:
+                why = f"{value:.3g}"
+            if why is not None:
+                low.append((row, why))
         return mine, low
+
+
+def _disqualified(row: dict) -> str | None:
+    """Why a row's figure does not count whatever it is (columns a CSV lacks say nothing)."""
+    if str(row.get("correct")) == "False":
+        return "wrong answer (correct=False)"
+    if str(row.get("ours_native")) == "False":
+        return "the fallback ran, not the kernel (ours_native=False)"
+    return None
 
 
 def _num(key: str) -> Callable[[dict], float | None]:
@@ -109,7 +128,7 @@ def describe(row: dict) -> str:
 class Outcome:
     target: Target
     rows: int
-    missed: list[tuple[dict, float | None]]
+    missed: list[tuple[dict, str]]  # (row, why: its figure, "not measured", or a disqualification)
 
 
 def check(folder: Path) -> list[Outcome] | None:
@@ -124,6 +143,14 @@ def check(folder: Path) -> list[Outcome] | None:
     return outcomes or None
 
 
+def _rank(why: str) -> float:
+    """Worst first: disqualified and unmeasured rows, then the lowest figure."""
+    try:
+        return float(why)
+    except ValueError:
+        return float("-inf")
+
+
 def report(folder: Path, outcomes: Sequence[Outcome], every: bool) -> str:
     lines = [
         f"## {folder.name}",
@@ -135,14 +162,13 @@ def report(folder: Path, outcomes: Sequence[Outcome], every: bool) -> str:
         met = o.rows - len(o.missed)
         worst = ""
         if o.missed:
-            row, v = min(o.missed, key=lambda m: float("-inf") if m[1] is None else m[1])
-            worst = f"{describe(row)}: {'not measured' if v is None else f'{v:.3g}'}"
+            row, why = min(o.missed, key=lambda m: _rank(m[1]))
+            worst = f"{describe(row)}: {why}"
         lines.append(f"| {o.target.issue} | {o.target.text} | {met}/{o.rows} | {worst} |")
     if every:
         for o in outcomes:
-            for row, v in o.missed:
-                shown = "not measured" if v is None else f"{v:.3g}"
-                lines.append(f"- issue {o.target.issue}, {o.target.text}: {describe(row)}: {shown}")
+            for row, why in o.missed:
+                lines.append(f"- issue {o.target.issue}, {o.target.text}: {describe(row)}: {why}")
     return "\n".join(lines)
 
 

@@ -132,9 +132,9 @@ def test_targets_cpu_and_gpu_rules(tmp_path, capsys):
     ])  # fmt: skip
     (bandwidth,) = targets.check(gpu)
     assert bandwidth.target.issue == 8 and bandwidth.rows == 3
-    assert sorted((r["image"], v) for r, v in bandwidth.missed) == [
-        ("1x128x128", None),
-        ("1x28x28", 79.0),
+    assert sorted((r["image"], why) for r, why in bandwidth.missed) == [
+        ("1x128x128", "not measured"),
+        ("1x28x28", "79"),
     ]
 
     assert targets.main([str(gpu), "--all"]) == 1
@@ -145,6 +145,24 @@ def test_targets_cpu_and_gpu_rules(tmp_path, capsys):
     )
     (tmp_path / "empty").mkdir()
     assert targets.main([str(tmp_path / "empty")]) == 2
+
+
+def test_targets_do_not_count_wrong_answers_or_the_fallback(tmp_path):
+    """A fast row with a wrong answer, or one that timed the fallback instead of the kernel,
+    misses its target whatever its figure (targets.py used to read only the figure)."""
+    cpu = tmp_path / "cpu-test"
+    base = dict(op="softmax_entropy", mode="backward", dtype="float32", n=1024, c=10,
+                provider="ours", speedup_vs_compile=9.0, peak_mem_mb=0.03)  # fmt: skip
+    _write(cpu, "entropy.csv", [
+        dict(base, correct="True", ours_native="True"),
+        dict(base, c=100, correct="False", ours_native="True"),
+        dict(base, c=1000, correct="True", ours_native="False"),
+    ])  # fmt: skip
+    speed = next(o for o in targets.check(cpu) if o.target.text.startswith("backward >= 1.5x"))
+    assert [(r["c"], why) for r, why in speed.missed] == [
+        (100, "wrong answer (correct=False)"),
+        (1000, "the fallback ran, not the kernel (ours_native=False)"),
+    ]
 
 
 def test_targets_read_every_committed_results_folder():
