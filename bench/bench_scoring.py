@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -160,11 +161,11 @@ def measure(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    q25, q50, q75 = np.percentile(times, [25, 50, 75])
     row = {
         "provider": name,
-        "time_ms": round(times[len(times) // 2], 2),
-        "iqr_ms": round(times[-1] - times[0], 2),
+        "time_ms": round(float(q50), 2),
+        "iqr_ms": round(float(q75 - q25), 2),  # interquartile range, as the other benchmarks
         "samples": runs,
         "other_cpu_pct": other.percent,
     }
@@ -173,7 +174,7 @@ def measure(
             common.peak_memory_mb(common.Task(run=lambda _: fn()), device), 1
         )
     common.release_memory(device)
-    print(f"  {name:8s} {row['time_ms']:10.1f} ms  (range {row['iqr_ms']:.1f})  "
+    print(f"  {name:8s} {row['time_ms']:10.1f} ms  (IQR {row['iqr_ms']:.1f})  "
           f"peak {row.get('peak_mem_mb', '-')} MiB  other cpu {other.percent}%", flush=True)  # fmt: skip
     return row
 

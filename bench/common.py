@@ -256,9 +256,15 @@ def _cpu_seconds() -> tuple[float, float, float] | None:
     return time.monotonic(), busy, t.user + t.system
 
 
+#: /proc/stat counts in clock ticks (10 ms): a shorter window than this is no measurement.
+MIN_CPU_WINDOW_S = 0.2
+
+
 class OtherCpu:
     """Context manager: the share (%) of all cores that *other* processes used while it was open,
-    ``None`` where /proc/stat is missing. Above a few % the CPU timings are suspect."""
+    in [0, 100]; ``None`` where /proc/stat is missing or the window was under
+    ``MIN_CPU_WINDOW_S`` (ticks of 10 ms over a millisecond gave figures of several hundred %).
+    Above a few % the CPU timings are suspect."""
 
     percent: float | None = None
 
@@ -268,10 +274,11 @@ class OtherCpu:
 
     def __exit__(self, *exc) -> None:
         end = _cpu_seconds()
-        if self._start is None or end is None or end[0] <= self._start[0]:
+        if self._start is None or end is None or end[0] - self._start[0] < MIN_CPU_WINDOW_S:
             return
         wall, busy, mine = (e - s for e, s in zip(end, self._start, strict=True))
-        self.percent = round(max(0.0, 100 * (busy - mine) / (wall * (os.cpu_count() or 1))), 1)
+        share = 100 * (busy - mine) / (wall * (os.cpu_count() or 1))
+        self.percent = round(min(100.0, max(0.0, share)), 1)
 
 
 def warn_if_busy(device: torch.device, seconds: float = 1.0, threshold: float = 10.0) -> None:
