@@ -99,6 +99,7 @@ def ours(strategy: str, pool: dict, budget: int, device: torch.device) -> Callab
 
 
 def _numpy_inputs(pool: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # float64, as the peers' NumPy code computes; ours runs float32 (docs/methods/active.md).
     probs = pool["logits"].double().softmax(1).numpy()
     mask = np.ones(len(probs), dtype=bool)
     mask[pool["labeled"].numpy()] = False
