@@ -55,14 +55,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--n", type=common.int_list, default=[50_000, 200_000], help="pool sizes")
+    p.add_argument("--n", type=common.size_list, default=[50_000, 200_000], help="pool sizes")
     p.add_argument("--d", type=int, default=128, help="embedding size")
     p.add_argument("--c", type=int, default=10, help="classes")
     p.add_argument("--labeled", type=int, default=1_000, help="already labeled samples")
     p.add_argument("--budget", type=int, default=100, help="samples selected")
     p.add_argument("--strategies", type=common.choice_list(STRATEGIES), default=list(STRATEGIES))
     p.add_argument("--peers", type=common.choice_list(PEERS), default=list(PEERS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=common.device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--min-run-time", type=float, default=0.5)
     p.add_argument(
         "--min-samples",

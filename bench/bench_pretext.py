@@ -291,7 +291,9 @@ def parse_args(argv):
     p.add_argument("--skip-hamming", action="store_true")
     p.add_argument("--skip-tiles", action="store_true")
     p.add_argument("--naive-max", type=int, default=100, help="largest n run by the naive hamming")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=common.device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=Path, default=common.RESULTS_DIR)

@@ -69,12 +69,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["mixture", "gaussian"],
     )
     p.add_argument(
-        "--mc", type=common.int_list, default=[20, 65_536, 10], help="S,N,C of the uncertainty case"
+        "--mc",
+        type=common.size_list,
+        default=[20, 65_536, 10],
+        help="S,N,C of the uncertainty case",
     )
     p.add_argument(
         "--full-limit-gb", type=float, default=4.0, help="run 'full' only if N*M*4 bytes fit"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device", type=common.device_arg, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     p.add_argument("--runs", type=int, default=3, help="timed calls per provider (median reported)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--seed", type=int, default=0)

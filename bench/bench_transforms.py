@@ -41,8 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sizes", type=common.int_list, default=[16, 32, 224], help="image sizes")
-    p.add_argument("--channels", type=common.int_list, default=[1, 3], help="channel counts")
+    p.add_argument("--sizes", type=common.size_list, default=[16, 32, 224], help="image sizes")
+    p.add_argument("--channels", type=common.size_list, default=[1, 3], help="channel counts")
     p.add_argument("--images", type=int, default=512, help="images per timed pass")
     p.add_argument("--repeats", type=int, default=5, help="timed passes (the best is kept)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

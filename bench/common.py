@@ -63,14 +63,33 @@ TOLERANCES = {
 # ----------------------------------------------------------------------------- arguments
 
 
-def int_list(text: str) -> list[int]:
-    """'1,024, 65536' -> [1024, 65536]; underscores allowed ('65_536')."""
+def int_list(text: str, minimum: int = 0) -> list[int]:
+    """'1024, 65_536' -> [1024, 65536] (underscores allowed), each >= ``minimum``."""
     try:
-        return [int(t.replace("_", "")) for t in text.split(",") if t.strip()]
+        values = [int(t.replace("_", "")) for t in text.split(",") if t.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"expected a comma list of integers, got {text!r}"
         ) from exc
+    if any(v < minimum for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+    return values
+
+
+def size_list(text: str) -> list[int]:
+    """A comma list of sizes (rows, columns, pixels, channels): integers >= 1."""
+    return int_list(text, minimum=1)
+
+
+def device_arg(text: str) -> str:
+    """An argparse ``type`` for --device: cpu, cuda or cuda:<i> (checked before any work)."""
+    try:
+        kind = torch.device(text).type
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<i>, got {text!r}") from exc
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:<i>, got {text!r}")
+    return text
 
 
 def choice_list(choices: Iterable[str]) -> Callable[[str], list[str]]:
@@ -99,13 +118,13 @@ def add_common_args(
     join = ",".join
     parser.add_argument(
         "--n",
-        type=int_list,
+        type=size_list,
         default=list(n),
         help=f"rows, comma list (default {join(map(str, n))})",
     )
     parser.add_argument(
         "--c",
-        type=int_list,
+        type=size_list,
         default=list(c),
         help=f"columns, comma list (default {join(map(str, c))})",
     )
@@ -128,6 +147,7 @@ def add_common_args(
     )
     parser.add_argument(
         "--device",
+        type=device_arg,
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu | cuda | cuda:<i>",
     )

@@ -3,6 +3,7 @@ tiny sizes (no torch.compile, so the whole file stays well under 30 s on 2 CPU c
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import os
@@ -33,6 +34,16 @@ def test_list_parsers():
     assert common.choice_list(common.MODES)("forward,full") == ["forward", "full"]
     with pytest.raises(Exception, match="choose from"):
         common.choice_list(common.MODES)("sideways")
+    # Bad sizes and devices are argparse errors before any work (they were tracebacks).
+    assert common.int_list("0,10") == [0, 10] and common.size_list("1,2") == [1, 2]
+    with pytest.raises(argparse.ArgumentTypeError, match="expected integers >= 1, got '0'"):
+        common.size_list("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="expected integers >= 0, got '-3'"):
+        common.int_list("-3")
+    assert common.device_arg("cuda:1") == "cuda:1"
+    for bad in ("tpu", "gpu"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected cpu, cuda or cuda:<i>"):
+            common.device_arg(bad)
 
 
 def test_cap_rows():
