@@ -1,5 +1,6 @@
-"""Benchmark the pretext-task ops: ours vs a per-image Python loop (the VISSL / original jigsaw
-data-loader style) vs the vectorised PyTorch reference (an advanced-indexing gather; plus
+"""Benchmark the pretext-task ops: ours (the kernel as make_pretext_batch runs it) and api (the
+public op, which first checks its arguments) vs a per-image Python loop (the VISSL / original
+jigsaw data-loader style) vs the vectorised PyTorch reference (an advanced-indexing gather; plus
 unfold + gather for centred tiles) vs torch.compile of the reference vs ``copy``, a clone of the
 output (the floor of anything returning a fresh tensor of that size); and
 ``hamming_permutations`` vs the straightforward O(n^2 * 9!) greedy.
@@ -129,6 +130,7 @@ def tile_cases(args, device, dtype):
             args_ = (x, pidx, perms, GRID, t, offsets, True, norm)
             providers = {
                 "ours": lambda a=args_: _grid_tiles(*a),
+                "api": lambda a=args_: labelkit_ext.jigsaw_tiles(*a[:6], a[7]),
                 "loop": lambda a=args_: loop_tiles(*a),
                 "eager": lambda a=args_: grid_tiles_ref(*a),
                 "compile": lambda a=args_: COMPILED["tiles"](*a),
@@ -144,6 +146,7 @@ def tile_cases(args, device, dtype):
             t,
             {
                 "ours": lambda a=cargs: _grid_tiles(*a),
+                "api": lambda a=cargs: labelkit_ext.context_pair(a[0], a[1], *a[3:6]),
                 "loop": lambda a=cargs: loop_tiles(*a[:7]),
                 "eager": lambda a=cargs: grid_tiles_ref(*a),
                 "compile": lambda a=cargs: COMPILED["tiles"](*a),
@@ -171,7 +174,10 @@ def tile_cases(args, device, dtype):
 WARM_UP_BYTES = 64 << 20
 WARM_UP_CALLS = 10
 COMPILED: dict[str, Callable] = {}
-PROVIDERS = ("ours", "loop", "eager", "unfold", "compile", "copy")
+# "ours" is the kernel as make_pretext_batch (the training loop's call) runs it, on indices it
+# drew itself; "api" the public jigsaw_tiles / context_pair, which first check the caller's
+# indices, permutations and offsets (a few small ops; host syncs on a GPU).
+PROVIDERS = ("ours", "api", "loop", "eager", "unfold", "compile", "copy")
 
 
 def run_tiles(args, device, env, save) -> tuple[list[dict], list[str]]:
@@ -193,6 +199,8 @@ def run_tiles(args, device, env, save) -> tuple[list[dict], list[str]]:
                 fn = providers[name]
                 try:
                     got = fn()
+                    if isinstance(got, tuple):  # context_pair's (center, neighbour)
+                        got = torch.stack(got, 1)
                     if case.endswith("+norm"):  # standardised tiles: rounding differs by provider
                         torch.testing.assert_close(got, reference)
                     else:
