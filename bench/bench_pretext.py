@@ -6,9 +6,10 @@ output (the floor of anything returning a fresh tensor of that size); and
 ``hamming_permutations`` vs the straightforward O(n^2 * 9!) greedy.
 
     python bench/bench_pretext.py                          # the issue's sizes
-    python bench/bench_pretext.py --n 64 --no-compile --skip-hamming
+    python bench/bench_pretext.py --n 64 --no-compile --skip-hamming --out /tmp/bench
 
-Writes ``<out>/<device>/pretext.csv`` and ``pretext.md`` (default out: bench/results). Forward
+Writes ``<out>/<device>/pretext.csv`` and ``pretext.md`` (default out: bench/results), merging
+into what is there (re-measured rows replaced, others kept: pass another --out to start afresh). Forward
 only (pretext inputs carry no gradient in training). Sizes are ``C x S x S`` images, N per batch;
 tile sizes follow the jigsaw paper (64 px tiles in 85 px cells of a 255 px image) and scale
 down for the smaller images. ``jitter`` cases use random per-tile offsets (what
@@ -313,12 +314,29 @@ def parse_args(argv):
 
 def report(rows: Sequence[dict]) -> str:
     cols = (
-        ("op", "op"), ("case", "case"), ("image", "image"), ("dtype", "dtype"), ("provider", "provider"),
+        ("op", "op"), ("case", "case"), ("image", "image"), ("n", "N"), ("dtype", "dtype"),
+        ("provider", "provider"),
         ("time_ms", "ms"), ("gbps", "GB/s"), ("peak_mem_mb", "peak MiB"), ("speedup_vs_loop", "vs loop"),
         ("speedup_vs_eager", "vs eager"), ("speedup_vs_unfold", "vs unfold"),
         ("speedup_vs_compile", "vs compile"), ("speedup_vs_copy", "vs copy"),
     )  # fmt: skip
     return common.markdown_table([r for r in rows if r["op"] != "hamming_permutations"], cols)
+
+
+def markdown(rows: Sequence[dict], env: dict) -> str:
+    """pretext.md: the tile ops' table (every N its rows hold) and the hamming table."""
+    tiles = [r for r in rows if r["op"] != "hamming_permutations"]
+    ham = [r for r in rows if r["op"] == "hamming_permutations"]
+    ham_table = common.markdown_table(
+        ham, (("case", "case"), ("provider", "provider"), ("time_ms", "ms"), ("speedup_vs_loop", "naive / this"),
+              ("tile", "set distances")),
+    )  # fmt: skip
+    sizes = ", ".join(str(n) for n in sorted({r["n"] for r in tiles})) or "-"
+    return (
+        f"# pretext ops on {env['device']} (N={sizes}, torch {env['torch']}, "
+        f"{env['threads']} threads)\n\nRatios are from one run, side by side; `other_cpu_pct` in the "
+        f"CSV says how busy the machine was.\n\n{report(rows)}\n\n## hamming_permutations (grid 3)\n\n{ham_table}\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,18 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.skip_hamming:
         rows += run_hamming(args, env)
     rows = save(rows)
-    table = report(rows)
-    ham = [r for r in rows if r["op"] == "hamming_permutations"]
-    ham_table = common.markdown_table(
-        ham, (("case", "case"), ("provider", "provider"), ("time_ms", "ms"), ("speedup_vs_loop", "naive / this"),
-              ("tile", "set distances")),
-    )  # fmt: skip
-    (out_dir / "pretext.md").write_text(
-        f"# pretext ops on {env['device']} (N={args.n}, torch {env['torch']}, "
-        f"{env['threads']} threads)\n\nRatios are from one run, side by side; `other_cpu_pct` in the "
-        f"CSV says how busy the machine was.\n\n{table}\n\n## hamming_permutations (grid 3)\n\n{ham_table}\n"
-    )
-    print(f"\n{table}\n\n{ham_table}\nwrote {csv_path}")
+    text = markdown(rows, env)
+    (out_dir / "pretext.md").write_text(text)
+    print(f"\n{text}\nwrote {csv_path}")
     for f in failures:
         print(f"MISMATCH {f}", file=sys.stderr)
     return 1 if failures else 0
