@@ -130,7 +130,7 @@ class ActiveLoop:
                 f">= 2, got {config.mc_samples}"
             )
         check_pool(config, learner.pool_size)
-        if hasattr(oracle, "check_pool"):  # an oracle of your own need not subclass Oracle
+        if hasattr(oracle, "check_pool"):  # optional: an oracle that can refuse a pool
             oracle.check_pool(learner.pool_size)
         self.learner = learner
         self.strategy = strategy

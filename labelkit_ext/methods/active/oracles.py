@@ -64,9 +64,6 @@ class Oracle(ABC):
     def describe(self) -> str:
         return type(self).__name__
 
-    def check_pool(self, pool_size: int) -> None:  # noqa: B027 (optional: most answer any pool)
-        """Refuse a pool this oracle cannot answer for (``ActiveLoop`` asks before any round)."""
-
 
 class SimulatedOracle(Oracle):
     """Answers every query at once with the data set's true labels."""
