@@ -34,6 +34,7 @@ __all__ = [
     "plot_roc",
     "new_figure",
     "save_figure",
+    "unit_range",
 ]
 
 
@@ -133,6 +134,14 @@ def plus_minus(mean: float | None, std: float | None, scale: float = 1.0, digits
     if std is None:
         return f"{scale * mean:.{digits}f}"
     return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def unit_range(values: torch.Tensor) -> torch.Tensor:
+    """``values`` stretched from their own min..max to [0, 1] in float64 (a constant: zeros),
+    to show an image whatever its dtype or normalisation."""
+    x = values.detach().cpu().double()
+    low, high = x.min(), x.max()
+    return (x - low) / (high - low) if high > low else torch.zeros_like(x)
 
 
 def new_figure(width: float, height: float) -> Figure:

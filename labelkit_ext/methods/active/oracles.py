@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from labelkit_ext.engine.checkpoint import temp_path
+from labelkit_ext.engine.report import unit_range
 from labelkit_ext.errors import UsageError, reading
 
 __all__ = [
@@ -127,10 +128,7 @@ def _displayable(image: torch.Tensor) -> torch.Tensor:
     image = image.detach().cpu()
     if image.dtype == torch.uint8:
         return image
-    values = image.double()
-    low, high = values.min(), values.max()
-    scaled = (values - low) / (high - low) if high > low else torch.zeros_like(values)
-    return (scaled * 255).round().to(torch.uint8)
+    return (unit_range(image) * 255).round().to(torch.uint8)
 
 
 def _save_thumbnail(image: torch.Tensor, path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from labelkit_ext.data import DataSplits
 from labelkit_ext.engine import format_table, mean_std, plus_minus
-from labelkit_ext.engine.report import new_figure, save_figure
+from labelkit_ext.engine.report import new_figure, save_figure, unit_range
 from labelkit_ext.methods.pretext.tasks import PretextSettings, jigsaw_permutations
 from labelkit_ext.ops.pretext import context_pair, jigsaw_tiles
 
@@ -186,8 +186,7 @@ def plot_pretext_curves(pretext: dict, path: str | os.PathLike, title: str = "")
 
 def _display(image: torch.Tensor) -> np.ndarray:
     """(C, h, w) -> (h, w) or (h, w, 3) in [0, 1] (min-max over the whole picture)."""
-    x = image.float()
-    x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-8)
+    x = unit_range(image)
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
 
